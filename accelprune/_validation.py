@@ -1,0 +1,67 @@
+"""Input checks shared by every public function.
+
+Bad input gets a ValueError or TypeError that names the argument and the problem, before any
+work is done and without touching the caller's data.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+
+def as_float64_array(x, name: str, *, ndim: int | tuple[int, ...]) -> np.ndarray:
+    """``x`` as a C-contiguous float64 array (a copy when needed), checked for shape and finiteness.
+
+    Accepts numpy arrays, lists and CPU torch tensors of any real floating or integer dtype.
+    """
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
+    ndims = (ndim,) if isinstance(ndim, int) else ndim
+    if arr.ndim not in ndims:
+        want = " or ".join(f"{d}-D" for d in ndims)
+        raise ValueError(f"{name} must be {want}, got shape {arr.shape}")
+    if arr.size and not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return np.ascontiguousarray(arr, dtype=np.float64)
+
+
+def as_int_array(x, name: str, *, ndim: int) -> np.ndarray:
+    """``x`` as an int64 array; floats, bools and other dtypes are rejected (no silent casts)."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+        raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def check_int(value, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    """An integer within [low, high] (either bound optional)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def check_fraction(value, name: str, *, allow_zero: bool = True, allow_one: bool = False) -> float:
+    """A finite float in [0, 1) by default; the bounds' openness is configurable."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    ok_low = value > 0 or (allow_zero and value == 0)
+    ok_high = value < 1 or (allow_one and value == 1)
+    if not (np.isfinite(value) and ok_low and ok_high):
+        lo = "[0" if allow_zero else "(0"
+        hi = "1]" if allow_one else "1)"
+        raise ValueError(f"{name} must be in {lo}, {hi}, got {value}")
+    return value

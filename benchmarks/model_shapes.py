@@ -1,0 +1,19 @@
+"""Weight shapes of real models, for benchmarks that need only shapes (no weights downloaded)."""
+from __future__ import annotations
+
+import torch
+
+
+def conv_weights(model_name: str, *, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    """(name, weight) of every Conv2d in a randomly initialised torchvision model."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, model_name)(weights=None)
+    return [(n, m.weight.detach()) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def ward_problems(weight: torch.Tensor):
+    """The REPrune clustering problems of one conv: (c_in, n_out, kh*kw) float64 numpy array."""
+    n, c = weight.shape[:2]
+    return weight.reshape(n, c, -1).permute(1, 0, 2).contiguous().double().numpy()
