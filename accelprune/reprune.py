@@ -23,12 +23,14 @@ import math
 from typing import NamedTuple, Sequence
 
 import numpy as np
+import torch
+import torch_pruning as tp
 
 from accelprune._validation import as_float64_array, check_fraction, check_int
 from accelprune.cluster import cut_linkage, ward_linkage_batched
 from accelprune.coverage import max_coverage
 
-__all__ = ["Selection", "reprune_select", "layer_keep_counts"]
+__all__ = ["Selection", "reprune_select", "layer_keep_counts", "REPruneImportance"]
 
 BACKENDS = ("auto", "native", "reference")
 
@@ -175,3 +177,54 @@ def _tie_fraction(values: np.ndarray) -> np.ndarray:
         out[i] = (seen[u] + 0.5) / counts[u]
         seen[u] += 1
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch-Pruning adapter
+
+
+class REPruneImportance(tp.importance.Importance):
+    """REPrune's selection as a Torch-Pruning importance, for ``tp.pruner.MetaPruner``.
+
+    A pruner removes the lowest-scored channels; this importance scores the filters REPrune keeps
+    highest, in selection order (the first selected scores highest), and the others below them
+    (by their L1 norm, scaled into [0, 0.5]). With the same ``pruning_ratio`` r as a one-step
+    MetaPruner (local pruning, the default), the pruner keeps exactly the REPrune selection for
+    ``k = int(n * (1 - r))``, the count MetaPruner keeps.
+
+    Producers of a group (its Conv/Linear layers whose outputs are pruned, ``groups == 1``) are
+    pooled as in :func:`reprune_select` with a list of weights. Groups without one score None
+    (MetaPruner then skips them).
+    """
+
+    def __init__(self, pruning_ratio: float = 0.5, *, tie_break: str = "random", seed: int = 0,
+                 backend: str = "auto"):
+        self.pruning_ratio = check_fraction(pruning_ratio, "pruning_ratio")
+        self.tie_break, self.seed, self.backend = tie_break, seed, backend
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor | None:
+        n = len(group[0].idxs)
+        weights = []
+        for i, (dep, idxs) in enumerate(group):
+            layer = dep.layer
+            if dep.pruning_fn not in (tp.prune_conv_out_channels, tp.prune_linear_out_channels):
+                continue
+            if getattr(layer, "transposed", False) or getattr(layer, "groups", 1) != 1:
+                continue
+            root_idxs = group[i].root_idxs
+            if root_idxs is None or sorted(root_idxs) != list(range(n)):
+                continue
+            w = layer.weight.detach()[list(idxs)]
+            aligned = torch.empty_like(w)
+            aligned[list(root_idxs)] = w  # row p: the filter of root channel p
+            weights.append(aligned.cpu())
+        if not weights:
+            return None
+        k = max(1, int(n * (1 - self.pruning_ratio)))  # MetaPruner keeps int(n * (1 - r))
+        kept = reprune_select(weights, min(k, n), tie_break=self.tie_break, seed=self.seed,
+                              backend=self.backend)
+        l1 = sum(w.abs().flatten(1).sum(1).double() for w in weights)
+        scores = 0.5 * l1 / l1.max().clamp_min(1e-300)
+        scores[torch.from_numpy(kept)] = 1.0 + torch.arange(len(kept), 0, -1, dtype=torch.float64)
+        return scores.float()

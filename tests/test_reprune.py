@@ -1,0 +1,275 @@
+"""REPrune: per-layer selection, the global BN threshold, optimizer-state carry-over, the
+Torch-Pruning adapter, and the pipeline on real models (ALGORITHMS.md section 3)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.cluster.hierarchy as sch
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+import torchvision
+
+from accelprune.optim_state import track_parameters
+from accelprune.reprune import REPruneImportance, layer_keep_counts, reprune_select
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Rows of a and b group the same points together (numbering may differ)."""
+    return all(np.array_equal(x[:, None] == x[None, :], y[:, None] == y[None, :]) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def resnet18_convs():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    return {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+# ---------------------------------------------------------------------------------------------
+# reprune_select
+
+
+@pytest.mark.parametrize("layer,k", [("layer1.0.conv1", 32), ("layer2.0.conv2", 77),
+                                     ("layer2.0.downsample.0", 100), ("layer1.1.conv2", 1)])
+def test_native_and_reference_select_the_same_filters(resnet18_convs, layer, k):
+    w = resnet18_convs[layer]
+    fast = reprune_select(w, k, seed=1, return_details=True)
+    ref = reprune_select(w, k, seed=1, backend="reference", return_details=True)
+    np.testing.assert_array_equal(fast.kept, ref.kept)
+    assert fast.height == pytest.approx(ref.height, rel=1e-12)
+    assert _same_partition(fast.labels, ref.labels)
+    assert fast.covered == ref.covered
+
+
+def test_parity_with_tied_kernels():
+    # integer kernels: many equal merge heights, where merge order may legitimately differ
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randint(-2, 3, (40, 6, 3, 3), generator=gen).float()
+    for k in (5, 20, 39):
+        for tie_break in ("random", "index"):
+            fast = reprune_select(w, k, tie_break=tie_break, return_details=True)
+            ref = reprune_select(w, k, tie_break=tie_break, backend="reference", return_details=True)
+            np.testing.assert_array_equal(fast.kept, ref.kept)
+            assert _same_partition(fast.labels, ref.labels)
+
+
+def test_selection_follows_the_spec(resnet18_convs):
+    """h_l, the cut and the greedy, recomputed independently with scipy."""
+    w = resnet18_convs["layer1.0.conv2"][:24, :10]  # (24, 10, 3, 3)
+    n, k = 24, 9
+    sel = reprune_select(w, k, tie_break="index", backend="reference", return_details=True)
+    problems = w.reshape(n, 10, 9).permute(1, 0, 2).double().numpy()
+    Zs = [sch.linkage(p, "ward") for p in problems]
+    h = max(Z[n - k - 1, 2] for Z in Zs)
+    assert sel.height == h
+    expected = np.stack([sch.fcluster(Z, h, "distance") for Z in Zs])
+    assert _same_partition(sel.labels, expected)
+    assert all(len(np.unique(row)) <= k for row in sel.labels)
+    # greedy with index ties, spelled out
+    covered, chosen = set(), []
+    for _ in range(k):
+        gain = {i: len({(j, expected[j, i]) for j in range(10)} - covered) for i in range(n) if i not in chosen}
+        best = max(gain, key=lambda i: (gain[i], -i))
+        chosen.append(best)
+        covered |= {(j, expected[j, best]) for j in range(10)}
+    assert sel.kept.tolist() == chosen
+    assert sel.covered == len(covered)
+
+
+def test_select_output_and_input_untouched(resnet18_convs):
+    w = resnet18_convs["layer1.0.conv1"]
+    before = w.clone()
+    kept = reprune_select(w, 20, seed=5)
+    assert torch.equal(w, before)
+    assert kept.dtype == np.int64 and kept.shape == (20,)
+    assert len(set(kept.tolist())) == 20 and kept.min() >= 0 and kept.max() < 64
+    np.testing.assert_array_equal(kept, reprune_select(w.numpy(), 20, seed=5))  # numpy in, same out
+
+
+def test_k_equal_n_keeps_all_and_linear_weights_work():
+    w = torch.randn(12, 7)
+    np.testing.assert_array_equal(reprune_select(w, 12), np.arange(12))
+    kept = reprune_select(w, 4, return_details=True)
+    assert len(kept.kept) == 4 and kept.labels.shape == (7, 12)
+
+
+def test_coupled_weights_share_one_selection():
+    torch.manual_seed(0)
+    a, b = torch.randn(16, 8, 3, 3), torch.randn(16, 4, 1, 1)
+    sel = reprune_select([a, b], 6, return_details=True)
+    assert sel.labels.shape == (12, 16)
+    ref = reprune_select([a, b], 6, backend="reference", return_details=True)
+    np.testing.assert_array_equal(sel.kept, ref.kept)
+
+
+@pytest.mark.parametrize("k", [0, -1, 13])
+def test_select_rejects_k_out_of_range(k):
+    with pytest.raises(ValueError, match="k must be in"):
+        reprune_select(torch.randn(12, 3, 3, 3), k)
+
+
+def test_select_rejects_bad_input():
+    w = torch.randn(8, 3, 3, 3)
+    with pytest.raises(TypeError, match="k must be an integer"):
+        reprune_select(w, 2.0)
+    bad = w.clone()
+    bad[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        reprune_select(bad, 2)
+    with pytest.raises(ValueError, match="backend"):
+        reprune_select(w, 2, backend="numba")
+    with pytest.raises(ValueError, match="number of filters"):
+        reprune_select([w, torch.randn(9, 3, 3, 3)], 2)
+    with pytest.raises(ValueError, match="at least one filter"):
+        reprune_select(torch.randn(8, 0, 3, 3), 2)
+    with pytest.raises(ValueError, match="must be"):
+        reprune_select(torch.randn(8), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# the global BN threshold
+
+
+def test_keep_counts_reach_the_target_exactly_when_floors_allow():
+    rng = np.random.default_rng(0)
+    widths = [16, 32, 64, 8]
+    scores = [rng.random(n) for n in widths]
+    for target in (120, 60, 30, 20):
+        k, gamma = layer_keep_counts(scores, widths, target, min_keep_ratio=0.05)
+        assert sum(k) == target
+        # the threshold rule: below γ* pruned, above kept (unless the floor holds the layer)
+        for s, n, kl in zip(scores, widths, k):
+            floor = max(1, int(np.ceil(0.05 * n)))
+            assert kl == max(floor, n - int((s <= gamma).sum()))
+
+
+def test_keep_counts_never_go_below_target_and_keep_floors():
+    widths = [10, 20]
+    scores = [np.full(10, 1e-3), np.linspace(0.5, 1.0, 20)]  # layer 0: every γ below any threshold
+    k, _ = layer_keep_counts(scores, widths, 8, min_keep_ratio=0.2)
+    assert k[0] == 2  # its floor: ceil(0.2 * 10)
+    assert k == [2, 6]
+    k, _ = layer_keep_counts(scores, widths, 1, min_keep_ratio=0.2)  # floors stop it: 2 + 4 > 1
+    assert k == [2, 4]
+
+
+def test_keep_counts_spread_equal_scores_in_proportion():
+    widths = [16, 32, 64]
+    k, _ = layer_keep_counts([np.ones(n) for n in widths], widths, 56, min_keep_ratio=0.05)
+    assert k == [8, 16, 32]
+
+
+def test_keep_counts_measure_against_original_widths():
+    # a layer already pruned from 40 to 30: floor is a share of 40, nothing to do at its target
+    k, gamma = layer_keep_counts([np.ones(30)], [40], 30, min_keep_ratio=0.5)
+    assert k == [30] and gamma == -np.inf
+    k, _ = layer_keep_counts([np.ones(30)], [40], 10, min_keep_ratio=0.5)
+    assert k == [20]
+
+
+def test_keep_counts_reject_bad_input():
+    with pytest.raises(ValueError, match="target"):
+        layer_keep_counts([np.ones(4)], [4], -1)
+    with pytest.raises(ValueError, match="widths"):
+        layer_keep_counts([np.ones(4)], [4, 4], 2)
+    with pytest.raises(ValueError, match="NaN"):
+        layer_keep_counts([np.array([1.0, np.nan])], [2], 1)
+    with pytest.raises(ValueError, match="original width"):
+        layer_keep_counts([np.ones(5)], [4], 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer state through Torch-Pruning surgery
+
+
+class _Tiny(nn.Module):
+    """conv-bn-relu twice, then a classifier: small enough to be instant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64)
+        self.conv2, self.bn2 = nn.Conv2d(64, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _small_net():
+    torch.manual_seed(0)
+    return _Tiny()
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam])
+def test_optimizer_state_of_kept_channels_is_carried_exactly(opt_cls):
+    model, x = _small_net(), torch.randn(2, 3, 8, 8)
+    kwargs = {"momentum": 0.9} if opt_cls is torch.optim.SGD else {}
+    opt = opt_cls(model.parameters(), lr=0.01, **kwargs)
+    model(x).sum().backward()
+    opt.step()
+    conv1, conv2 = model.conv1, model.conv2
+    old_state = {name: {k: v.clone() for k, v in opt.state[p].items()}
+                 for name, p in [("c1", conv1.weight), ("c2", conv2.weight), ("fc", model.fc.weight)]}
+    old_grad = conv1.weight.grad.clone()
+    fc_weight = model.fc.weight
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    pruned = [1, 5, 7, 63]
+    keep = [i for i in range(64) if i not in pruned]
+    with track_parameters(model) as tracker:
+        graph.get_pruning_group(conv1, tp.prune_conv_out_channels, idxs=pruned).prune()
+    assert tracker.remap(opt) is opt
+    new1, new2 = model.conv1.weight, model.conv2.weight
+    for key, value in old_state["c1"].items():
+        expected = value[keep] if value.dim() else value
+        assert torch.equal(opt.state[new1][key], expected), key
+    for key, value in old_state["c2"].items():
+        expected = value[:, keep] if value.dim() else value
+        assert torch.equal(opt.state[new2][key], expected), key
+    assert torch.equal(new1.grad, old_grad[keep])  # real gradients travel too
+    assert model.fc.weight is fc_weight  # untouched parameters keep their state
+    assert all(torch.equal(opt.state[fc_weight][key], value) for key, value in old_state["fc"].items())
+    ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert ids == {id(p) for p in model.parameters()}
+    opt.zero_grad()
+    model(x).sum().backward()
+    opt.step()  # a training step on the new parameters works
+
+
+def test_tracker_restores_gradients_when_surgery_fails():
+    model, x = _small_net(), torch.randn(2, 3, 8, 8)
+    model(x).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="boom"):
+        with track_parameters(model):
+            raise RuntimeError("boom")
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch-Pruning adapter
+
+
+def _rows_kept(old: torch.Tensor, new: torch.Tensor) -> list[int]:
+    """Which rows of old survive in new (weights are random: rows are unique)."""
+    return sorted(int((old - row).abs().flatten(1).sum(1).argmin()) for row in new)
+
+
+@pytest.mark.parametrize("ratio", [0.4, 0.75])
+def test_metapruner_with_reprune_importance_keeps_the_reprune_selection(ratio):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 20, 3, padding=1), nn.BatchNorm2d(20), nn.ReLU(),
+                        nn.Conv2d(20, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5))
+    w0, w3 = net[0].weight.detach().clone(), net[3].weight.detach().clone()
+    x = torch.randn(1, 3, 16, 16)
+    pruner = tp.pruner.MetaPruner(net, x, importance=REPruneImportance(ratio, seed=3),
+                                  pruning_ratio=ratio, ignored_layers=[net[8]])
+    pruner.step()
+    k0, k3 = int(20 * (1 - ratio)), int(24 * (1 - ratio))
+    kept0 = _rows_kept(w0, net[0].weight.detach())
+    assert kept0 == sorted(reprune_select(w0, k0, seed=3).tolist())
+    # conv 3's importance was computed before anything was pruned: on its original weights
+    assert _rows_kept(w3[:, kept0], net[3].weight.detach()) == sorted(reprune_select(w3, k3, seed=3).tolist())
