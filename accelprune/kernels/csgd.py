@@ -1,0 +1,344 @@
+"""The Centripetal SGD gradient transform (ALGORITHMS.md §4), in place on ``.grad``.
+
+For a param W viewed as (n, F) rows (row = output channel) with gradient G and a clustering of
+its rows, C-SGD replaces G, between ``backward()`` and ``optimizer.step()``, by
+
+    G' = M·G + D·W,    M[a, b] = 1/|H| if a, b in one cluster H,    D = (η + ε)·I − ε·M
+
+which is, row by row, ``G'_a = mean_H(G) + η·W_a + ε·(W_a − mean_H(W))``. The dense form costs
+O(n²·F) and is kept only as a reference (:func:`csgd_transform_dense_ref`, the benchmark
+baseline). Everything else works on the O(n·F) segment form, rewritten as
+
+    G'_a = mean_H(G − ε·W) + (η + ε)·W_a
+
+so one segmented mean (of G − ε·W) is enough. Paths:
+
+* ``"triton"``: one fused launch over all params (per dtype present), from a :class:`CSGDPlan`'s
+  index tables (rows grouped by cluster);
+* ``"torch"``: the same segment form with ``index_add_`` / ``index_select`` per param (the CPU
+  path);
+* :func:`csgd_transform_ref`: a readable loop over clusters; :func:`csgd_transform_dense_ref`.
+
+NaN/Inf in gradients are *not* rejected: they propagate into G' as they would through the
+optimizer, so mixed-precision training (``GradScaler``) still sees them and skips the step.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from accelprune._validation import as_int_array
+from accelprune.kernels._common import (
+    acc_dtype,
+    check_float_tensor,
+    common_device,
+    device_context,
+    per_param_coefficient,
+    rows_dense,
+    same_layout,
+    select_backend,
+    upload_int64,
+)
+
+__all__ = [
+    "CSGDPlan",
+    "csgd_transform_",
+    "csgd_transform_ref",
+    "csgd_transform_dense_ref",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan: cluster index structures, built once per clustering
+
+
+class CSGDPlan:
+    """The clusters of a list of params, preprocessed once for :func:`csgd_transform_`.
+
+    The C-SGD pipeline applies the transform at every step while the clusters stay fixed, so
+    the label renumbering, cluster sizes and the Triton index tables are computed here once
+    (device copies are made lazily, on first use per device) instead of at every call.
+
+    Args:
+        params: the params (or their shapes), each (n, ...) with n rows = output channels.
+        clusters: one 1-D integer array per param, length n, values >= 0 (any numbering; need
+            not be contiguous). Tensors (any device), numpy arrays or lists.
+    """
+
+    def __init__(self, params, clusters):
+        if isinstance(params, torch.Tensor) or not isinstance(params, (list, tuple)):
+            raise TypeError(f"params must be a list or tuple, got {type(params).__name__}")
+        if len(params) == 0:
+            raise ValueError("params is empty; pass at least one param")
+        if isinstance(clusters, torch.Tensor) or not isinstance(clusters, (list, tuple)):
+            raise TypeError("clusters must be a list or tuple with one 1-D integer array per "
+                            f"param, got {type(clusters).__name__}")
+        if len(clusters) != len(params):
+            raise ValueError(f"got {len(clusters)} cluster arrays for {len(params)} params")
+        self.shapes = [tuple(p.shape) if isinstance(p, torch.Tensor) else tuple(p) for p in params]
+        self.labels: list[np.ndarray] = []  # per param: (n,) int64 cluster ids 0..k-1
+        self.sizes: list[np.ndarray] = []  # per param: (k,) int64 cluster sizes
+        for i, (shape, c) in enumerate(zip(self.shapes, clusters)):
+            if len(shape) == 0 or int(np.prod(shape)) == 0:
+                raise ValueError(f"params[{i}] must be non-empty with at least one dimension, "
+                                 f"got shape {shape}")
+            ids = as_int_array(c, f"clusters[{i}]", ndim=1)
+            if len(ids) != shape[0]:
+                raise ValueError(f"clusters[{i}] has {len(ids)} entries but params[{i}] has "
+                                 f"{shape[0]} rows (shape {shape})")
+            if ids.min() < 0:
+                raise ValueError(f"clusters[{i}] has negative cluster ids (min {ids.min()})")
+            _, labels = np.unique(ids, return_inverse=True)
+            labels = labels.reshape(-1).astype(np.int64)
+            self.labels.append(labels)
+            self.sizes.append(np.bincount(labels).astype(np.int64))
+        self._torch_index: dict = {}
+        self._triton_index: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __repr__(self) -> str:
+        clusters = sum(len(s) for s in self.sizes)
+        rows = sum(s[0] for s in self.shapes)
+        return f"CSGDPlan({len(self)} params, {rows} rows in {clusters} clusters)"
+
+    # -- torch path ---------------------------------------------------------------------------
+
+    def torch_index(self, i: int, device: torch.device, dtype: torch.dtype):
+        """(labels (n,) int64, 1/size (k,) of ``dtype``) of param ``i`` on ``device``, cached."""
+        key = (i, device, dtype)
+        if key not in self._torch_index:
+            labels = torch.from_numpy(self.labels[i]).to(device)
+            inv_size = torch.from_numpy(1.0 / self.sizes[i]).to(device=device, dtype=dtype)
+            self._torch_index[key] = (labels, inv_size)
+        return self._torch_index[key]
+
+    def all_singletons(self, i: int) -> bool:
+        return len(self.sizes[i]) == self.shapes[i][0]
+
+    # -- triton path --------------------------------------------------------------------------
+
+    def triton_tables(self, device: torch.device, block: int):
+        """Index tables for the fused kernel, on ``device`` (built once per device).
+
+        Returns ``(members, clusters, tasks, task_param)``: ``members`` the row indices of every
+        param grouped by cluster (clusters in ascending size order, so tasks that pack several
+        clusters loop over similar sizes); ``clusters`` (C, 2) (start in members, size);
+        ``tasks`` (T, 6) (param, first cluster, n clusters, span, first column, largest size);
+        ``task_param`` the host copy of the tasks' param column, for per-dtype launches.
+        """
+        key = (device, block)
+        if key not in self._triton_index:
+            members, clusters, tasks = [], [], []
+            member_base = cluster_base = 0
+            for p, (shape, labels, sizes) in enumerate(zip(self.shapes, self.labels, self.sizes)):
+                n, k = shape[0], len(sizes)
+                row_len = int(np.prod(shape)) // n
+                by_size = np.argsort(sizes, kind="stable")
+                rank = np.empty(k, dtype=np.int64)
+                rank[by_size] = np.arange(k)
+                members.append(np.argsort(rank[labels], kind="stable"))
+                sorted_sizes = sizes[by_size]
+                starts = member_base + np.concatenate([[0], np.cumsum(sorted_sizes)[:-1]])
+                clusters.append(np.stack([starts, sorted_sizes], axis=1))
+                tasks.append(_csgd_tasks(p, cluster_base, sorted_sizes, row_len, block))
+                member_base += n
+                cluster_base += k
+            tasks = np.concatenate(tasks)
+            self._triton_index[key] = (
+                upload_int64(np.concatenate(members), device),
+                upload_int64(np.concatenate(clusters), device),
+                upload_int64(tasks, device),
+                tasks[:, 0].copy(),
+            )
+        return self._triton_index[key]
+
+
+def _csgd_tasks(p: int, cluster_base: int, sorted_sizes: np.ndarray, row_len: int,
+                block: int) -> np.ndarray:
+    """The (T, 6) task rows of one param (see :func:`~._triton_kernels.csgd_kernel`)."""
+    k = len(sorted_sizes)
+    if row_len > block:  # one cluster per task, several column chunks per cluster
+        chunks = -(-row_len // block)
+        cluster = np.repeat(np.arange(k), chunks)
+        col0 = np.tile(np.arange(chunks) * block, k)
+        return np.stack([np.full_like(cluster, p), cluster_base + cluster, np.ones_like(cluster),
+                         np.full_like(cluster, block), col0, sorted_sizes[cluster]], axis=1)
+    per_task = block // row_len  # several whole clusters per task
+    first = np.arange(0, k, per_task)
+    count = np.minimum(per_task, k - first)
+    largest = sorted_sizes[first + count - 1]  # sizes ascend within the param
+    return np.stack([np.full_like(first, p), cluster_base + first, count,
+                     np.full_like(first, row_len), np.zeros_like(first), largest], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks
+
+
+def _check_call(params, clusters, weight_decay, centripetal):
+    plan = clusters if isinstance(clusters, CSGDPlan) else CSGDPlan(params, clusters)
+    if isinstance(params, torch.Tensor) or not isinstance(params, (list, tuple)):
+        raise TypeError(f"params must be a list or tuple, got {type(params).__name__}")
+    if len(params) != len(plan):
+        raise ValueError(f"the plan has {len(plan)} params but {len(params)} were passed")
+    grads, seen = [], set()
+    for i, p in enumerate(params):
+        check_float_tensor(p, f"params[{i}]")
+        if tuple(p.shape) != plan.shapes[i]:
+            raise ValueError(f"params[{i}] has shape {tuple(p.shape)} but the plan was built for "
+                             f"{plan.shapes[i]}")
+        g = p.grad
+        if g is None:
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) has no .grad; call backward() "
+                             "first, or leave params without gradients out")
+        check_float_tensor(g, f"params[{i}].grad")
+        if g.shape != p.shape:
+            raise ValueError(f"params[{i}].grad has shape {tuple(g.shape)}, param has "
+                             f"{tuple(p.shape)}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"params[{i}].grad has dtype {g.dtype}, param has {p.dtype}")
+        if g.data_ptr() in seen:
+            raise ValueError(f"params[{i}] appears twice (or shares its .grad with another param)")
+        seen.add(g.data_ptr())
+        grads.append(g)
+    device = common_device(list(params) + grads, "params and their grads")
+    etas = per_param_coefficient(weight_decay, "weight_decay", len(params))
+    epss = per_param_coefficient(centripetal, "centripetal", len(params))
+    return plan, device, etas, epss
+
+
+# ---------------------------------------------------------------------------------------------
+# references
+
+
+def csgd_transform_ref(params, clusters, *, weight_decay, centripetal) -> None:
+    """Readable segment form, one cluster at a time: the oracle for :func:`csgd_transform_`.
+
+    ``G'_a = mean_H(G) + η·W_a + ε·(W_a − mean_H(W))`` for every row a of every cluster H,
+    computed in float32 (float64 for float64 params) and written into each ``param.grad``.
+    """
+    plan, _, etas, epss = _check_call(params, clusters, weight_decay, centripetal)
+    with torch.no_grad():
+        for p, labels, eta, eps in zip(params, plan.labels, etas, epss):
+            n = p.shape[0]
+            W = p.detach().reshape(n, -1).to(acc_dtype(p.dtype))
+            G = p.grad.reshape(n, -1).to(W.dtype)
+            new = torch.empty_like(G)
+            labels = torch.from_numpy(labels).to(p.device)
+            for h in torch.unique(labels):
+                rows = torch.nonzero(labels == h).squeeze(1)
+                W_h, G_h = W[rows], G[rows]
+                new[rows] = G_h.mean(0) + eta * W_h + eps * (W_h - W_h.mean(0))
+            p.grad.copy_(new.view_as(p.grad))
+
+
+def dense_operators(labels: torch.Tensor, eta: float, eps: float, dtype=torch.float32):
+    """The dense (n, n) matrices ``M`` and ``D = (η + ε)·I − ε·M`` of one param's clustering."""
+    same = (labels[:, None] == labels[None, :]).to(dtype)
+    M = same / same.sum(dim=1, keepdim=True)
+    D = (eta + eps) * torch.eye(len(labels), dtype=dtype, device=labels.device) - eps * M
+    return M, D
+
+
+def csgd_transform_dense_ref(params, clusters, *, weight_decay, centripetal) -> None:
+    """The paper's dense form ``G' = M·G + D·W`` (O(n²·F) per param): reference and baseline."""
+    plan, _, etas, epss = _check_call(params, clusters, weight_decay, centripetal)
+    with torch.no_grad():
+        for p, labels, eta, eps in zip(params, plan.labels, etas, epss):
+            n = p.shape[0]
+            dtype = acc_dtype(p.dtype)
+            M, D = dense_operators(torch.from_numpy(labels).to(p.device), eta, eps, dtype)
+            W = p.detach().reshape(n, -1).to(dtype)
+            G = p.grad.reshape(n, -1).to(dtype)
+            p.grad.copy_((M @ G + D @ W).view_as(p.grad))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch segment form (the CPU path)
+
+
+def _csgd_transform_torch(params, plan: CSGDPlan, etas, epss) -> None:
+    for i, (p, eta, eps) in enumerate(zip(params, etas, epss)):
+        W, G = p.detach(), p.grad
+        if plan.all_singletons(i):  # every row its own cluster: G' = G + η·W
+            G.add_(W, alpha=eta)
+            continue
+        dtype = acc_dtype(p.dtype)
+        labels, inv_size = plan.torch_index(i, p.device, dtype)
+        W_acc = W.to(dtype)
+        shifted = torch.add(G.to(dtype), W_acc, alpha=-eps)  # G − ε·W
+        centre = shifted.new_zeros((len(inv_size), *p.shape[1:])).index_add_(0, labels, shifted)
+        centre.mul_(inv_size.view(-1, *[1] * (p.dim() - 1)))  # mean_H(G − ε·W)
+        torch.index_select(centre, 0, labels, out=shifted)
+        torch.add(shifted, W_acc, alpha=eta + eps, out=G)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused Triton path
+
+
+def _csgd_transform_triton(params, plan: CSGDPlan, etas, epss, device) -> None:
+    from accelprune.kernels import _triton_kernels as tk
+
+    kernel = tk.for_current_mode(tk.csgd_kernel)
+    members, clusters, tasks, task_param = plan.triton_tables(device, tk.CS_BLOCK)
+
+    # Rows must be dense blocks with one layout in W and G; otherwise work on copies.
+    weights, grads, copied_back = [], [], []
+    for p in params:
+        W, G = rows_dense(p.detach()), p.grad
+        if not (same_layout(W, G) and rows_dense(G) is G):
+            W, G = W.contiguous(), G.contiguous()
+            copied_back.append((p.grad, G))
+        weights.append(W)
+        grads.append(G)
+
+    table = np.array([[W.data_ptr(), G.data_ptr(), W.numel() // W.shape[0], 0, 0]
+                      for W, G in zip(weights, grads)], dtype=np.int64)
+    table[:, 3:] = np.array([etas, epss], dtype=np.float64).T.view(np.int64)
+    param_table = upload_int64(table, device)
+
+    dtypes = [W.dtype for W in weights]
+    with device_context(device):
+        for dtype in dict.fromkeys(dtypes):
+            if len(set(dtypes)) == 1:
+                launch_tasks = tasks
+            else:  # mixed precision: one launch per dtype, over that dtype's tasks
+                in_group = np.array([d == dtype for d in dtypes])[task_param]
+                launch_tasks = tasks[torch.from_numpy(np.flatnonzero(in_group)).to(device)]
+            first = dtypes.index(dtype)
+            kernel[(len(launch_tasks),)](param_table, launch_tasks, clusters, members,
+                                         weights[first], ACC=tk.acc_type(dtype), BLOCK=tk.CS_BLOCK)
+    for grad, work in copied_back:
+        grad.copy_(work)
+
+
+# ---------------------------------------------------------------------------------------------
+# public dispatcher
+
+
+def csgd_transform_(params, clusters, *, weight_decay, centripetal, backend: str = "auto") -> None:
+    """Apply the C-SGD gradient transform in place on every ``param.grad``.
+
+    Call it after ``loss.backward()`` and before ``optimizer.step()`` (with the optimizer's own
+    weight decay off for these params: η is applied here).
+
+    Args:
+        params: list of tensors with ``.grad`` set: conv / linear weights, biases, BN γ and β,
+            mixed freely; rows (dim 0) are output channels. All on one device.
+        clusters: a :class:`CSGDPlan` for these params (build it once: the clusters do not
+            change during training), or one 1-D integer array of cluster ids per param (a plan
+            is then built on every call).
+        weight_decay: η, one float or one per param (e.g. 0 for BN γ/β).
+        centripetal: ε, one float or one per param (e.g. 0.1·ε for biases and BN).
+        backend: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` (CUDA, or
+            CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (segment form with index_add).
+    """
+    plan, device, etas, epss = _check_call(params, clusters, weight_decay, centripetal)
+    with torch.no_grad():
+        if select_backend(backend, device) == "torch":
+            _csgd_transform_torch(params, plan, etas, epss)
+        else:
+            _csgd_transform_triton(params, plan, etas, epss, device)
