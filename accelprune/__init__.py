@@ -10,5 +10,13 @@ from accelprune.cluster import (
     ward_linkage_batched_ref,
     ward_linkage_ref,
 )
+from accelprune.kernels import (  # Triton is imported lazily, on the first kernel launch
+    CSGDPlan,
+    csgd_transform_,
+    csgd_transform_dense_ref,
+    csgd_transform_ref,
+    filter_scores,
+    filter_scores_ref,
+)
 
 __version__ = "0.1.0"

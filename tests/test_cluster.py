@@ -1,0 +1,263 @@
+"""Ward clustering: the native engine against scipy, on random, tied and bad input."""
+import numpy as np
+import pytest
+import scipy.cluster.hierarchy as sch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from accelprune import (
+    cut_linkage,
+    cut_linkage_ref,
+    ward_linkage,
+    ward_linkage_batched,
+    ward_linkage_batched_ref,
+    ward_linkage_ref,
+)
+from accelprune._backend import available
+
+pytestmark = pytest.mark.skipif(not available("native"), reason="accelprune._native not built")
+
+
+def untied_cut_heights(heights, count=4):
+    """Cut heights halfway between well-separated consecutive merge heights."""
+    h = np.unique(heights)
+    gaps = np.flatnonzero(np.diff(h) > 1e-6 * max(h[-1], 1.0))
+    picks = gaps[np.linspace(0, len(gaps) - 1, min(count, len(gaps))).astype(int)] if len(gaps) else []
+    return [(h[i] + h[i + 1]) / 2 for i in picks]
+
+
+def assert_same_dendrogram(Z, R):
+    """Same heights (rtol 1e-9) and the same partitions at every untied cut."""
+    assert Z.shape == R.shape
+    np.testing.assert_allclose(Z[:, 2], R[:, 2], rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(Z[:, 3], R[:, 3])
+    for h in untied_cut_heights(R[:, 2]):
+        np.testing.assert_array_equal(cut_linkage(Z, height=h), cut_linkage_ref(R, height=h))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 257, 600])
+@pytest.mark.parametrize("d", [1, 2, 9, 49])
+def test_matches_scipy_on_random_points(n, d):
+    X = np.random.default_rng(n * 100 + d).standard_normal((n, d))
+    Z = ward_linkage(X)
+    assert Z.dtype == np.float64 and Z.shape == (n - 1, 4)
+    if n == 1:
+        return
+    R = sch.linkage(X, "ward")
+    assert_same_dendrogram(Z, R)
+    # Without ties the children match too (smaller id first, scipy's ids).
+    np.testing.assert_array_equal(Z[:, :2], R[:, :2])
+
+
+@pytest.mark.parametrize("layout", ["float32", "fortran", "strided", "list", "torch"])
+def test_accepts_any_layout_and_dtype(layout):
+    X = np.random.default_rng(1).standard_normal((40, 5))
+    variants = {
+        "float32": lambda: X.astype(np.float32),
+        "fortran": lambda: np.asfortranarray(X),
+        "strided": lambda: np.repeat(X, 2, axis=1)[:, ::2],
+        "list": lambda: X.tolist(),
+        "torch": lambda: __import__("torch").from_numpy(X),
+    }
+    Y = variants[layout]()
+    expected = sch.linkage(np.asarray(Y, dtype=np.float64), "ward")
+    assert_same_dendrogram(ward_linkage(Y), expected)
+
+
+def test_batched_equals_one_by_one_and_any_thread_count():
+    X = np.random.default_rng(2).standard_normal((13, 50, 4))
+    single = np.stack([ward_linkage(x) for x in X])
+    for threads in (1, 2, 3):
+        np.testing.assert_array_equal(ward_linkage_batched(X, n_threads=threads), single)
+    np.testing.assert_allclose(ward_linkage_batched(X, backend="reference")[..., 2], single[..., 2],
+                               rtol=1e-9)
+
+
+def test_one_dimensional_fast_path_large_n():
+    """1x1 conv kernels: n up to 2048 scalars, with duplicates."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((3, 2048, 1))
+    X[1, ::7] = 0.25  # many exact duplicates
+    Z = ward_linkage_batched(X)
+    for z, x in zip(Z, X):
+        assert_same_dendrogram(z, sch.linkage(x, "ward"))
+
+
+def naive_ward_costs(X, clusters):
+    """All pairwise Ward merge costs between the current clusters (index lists)."""
+    costs = {}
+    for a in range(len(clusters)):
+        for b in range(a + 1, len(clusters)):
+            A, B = X[clusters[a]], X[clusters[b]]
+            diff = A.mean(0) - B.mean(0)
+            costs[a, b] = len(A) * len(B) / (len(A) + len(B)) * float(diff @ diff)
+    return costs
+
+
+@pytest.mark.parametrize("d", [1, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ties_every_merge_is_a_global_minimum(d, seed):
+    """Integer data, many equal distances: each merge must still be a cheapest one."""
+    X = np.random.default_rng(seed).integers(0, 4, size=(40, d)).astype(np.float64)
+    Z = ward_linkage(X)
+    n = len(X)
+    members = {i: [i] for i in range(n)}
+    first_tied_choice = np.inf  # height of the first step where several pairs cost the minimum
+    for row, (a, b, height, size) in enumerate(Z):
+        current = list(members.values())
+        costs = naive_ward_costs(X, current)
+        best = min(costs.values())
+        n_cheapest = sum(c <= best * (1 + 1e-9) + 1e-12 for c in costs.values())
+        if best > 1e-12 and n_cheapest > 1:
+            first_tied_choice = min(first_tied_choice, height)
+        merged = members[int(a)] + members[int(b)]
+        diff = X[members[int(a)]].mean(0) - X[members[int(b)]].mean(0)
+        cost = len(members[int(a)]) * len(members[int(b)]) / len(merged) * float(diff @ diff)
+        assert cost == pytest.approx(best, rel=1e-9, abs=1e-12), f"merge {row} is not a minimum"
+        assert height == pytest.approx(np.sqrt(2 * cost), rel=1e-9, abs=1e-12)
+        assert size == len(merged)
+        del members[int(a)], members[int(b)]
+        members[n + row] = merged
+    # Partitions agree with scipy at untied cut heights below the first tied choice: up to there
+    # the tree is unique (equal-mean clusters all merge at height 0, in whatever order); past a
+    # tied choice both trees are valid Ward trees and may part ways.
+    R = sch.linkage(X, "ward")
+    cuts = [c for c in untied_cut_heights(R[:, 2], count=n) if c < first_tied_choice]
+    assert cuts, "the instance should leave some untied cut to compare"
+    for c in cuts:
+        np.testing.assert_array_equal(cut_linkage(Z, height=c), cut_linkage_ref(R, height=c))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 60),
+    d=st.integers(1, 6),
+    scale=st.sampled_from([1e-3, 1.0, 1e4]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_property_parity(n, d, scale, seed):
+    X = np.random.default_rng(seed).standard_normal((n, d)) * scale
+    assert_same_dendrogram(ward_linkage(X), sch.linkage(X, "ward"))
+
+
+# ---------------------------------------------------------------------------------------------
+# cuts
+
+
+@pytest.mark.parametrize("n", [2, 5, 30, 200])
+def test_cut_matches_fcluster(n):
+    X = np.random.default_rng(n).standard_normal((n, 3))
+    R = sch.linkage(X, "ward")
+    for k in sorted({1, 2, n // 2 + 1, n - 1, n}):
+        labels = cut_linkage(R, n_clusters=k)
+        assert labels.dtype == np.int32
+        np.testing.assert_array_equal(labels, cut_linkage_ref(R, n_clusters=k))
+        assert labels.max() + 1 == k  # untied heights: exactly k clusters
+    for h in [0.0, *R[:, 2], R[-1, 2] * 2]:
+        np.testing.assert_array_equal(cut_linkage(R, height=h), cut_linkage_ref(R, height=h))
+
+
+def test_cut_labels_in_order_of_first_appearance():
+    Z = ward_linkage(np.array([[5.0], [0.0], [5.1], [0.1]]))
+    np.testing.assert_array_equal(cut_linkage(Z, n_clusters=2), [0, 1, 0, 1])
+
+
+def test_cut_tied_heights_give_fewer_clusters_like_scipy():
+    X = np.array([[0.0], [1.0], [10.0], [11.0]])  # two merges at exactly the same height
+    Z = ward_linkage(X)
+    np.testing.assert_array_equal(cut_linkage(Z, n_clusters=3), cut_linkage_ref(Z, n_clusters=3))
+
+
+def test_cut_batched_with_per_problem_heights_and_counts():
+    X = np.random.default_rng(4).standard_normal((6, 25, 2))
+    Z = ward_linkage_batched(X)
+    heights = Z[:, 10, 2] * 1.0000001
+    np.testing.assert_array_equal(cut_linkage(Z, height=heights), cut_linkage_ref(Z, height=heights))
+    counts = np.arange(1, 7)
+    np.testing.assert_array_equal(cut_linkage(Z, n_clusters=counts), cut_linkage_ref(Z, n_clusters=counts))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize(
+    "X, message",
+    [
+        (np.array([[0.0, np.nan], [1.0, 2.0]]), "NaN or Inf"),
+        (np.array([[0.0, np.inf], [1.0, 2.0]]), "NaN or Inf"),
+        (np.zeros((0, 3)), "no points"),
+        (np.zeros((4, 0)), "dimension 0"),
+        (np.zeros(5), "2-D"),
+        (np.zeros((2, 2, 2)), "2-D"),
+        (np.array([[1e200, 0.0], [0.0, 1.0]]), "beyond"),
+    ],
+)
+def test_bad_points_raise_value_error(X, message):
+    with pytest.raises(ValueError, match=message):
+        ward_linkage(X)
+
+
+def test_bad_dtype_raises_type_error():
+    with pytest.raises(TypeError, match="numeric"):
+        ward_linkage(np.array([["a", "b"], ["c", "d"]]))
+    with pytest.raises(TypeError, match="numeric"):
+        ward_linkage(np.ones((3, 2), dtype=complex))
+
+
+def test_batched_rejects_wrong_ndim_and_empty_batch():
+    with pytest.raises(ValueError, match="3-D"):
+        ward_linkage_batched(np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="no problems"):
+        ward_linkage_batched(np.zeros((0, 4, 2)))
+    with pytest.raises(ValueError, match="n_threads"):
+        ward_linkage_batched(np.zeros((1, 4, 2)), n_threads=0)
+
+
+def test_bad_cut_arguments():
+    Z = ward_linkage(np.random.default_rng(5).standard_normal((10, 2)))
+    with pytest.raises(ValueError, match="exactly one"):
+        cut_linkage(Z)
+    with pytest.raises(ValueError, match="exactly one"):
+        cut_linkage(Z, height=1.0, n_clusters=2)
+    for k in (0, 11, -1):
+        with pytest.raises(ValueError, match="n_clusters"):
+            cut_linkage(Z, n_clusters=k)
+    with pytest.raises(TypeError, match="n_clusters"):
+        cut_linkage(Z, n_clusters=2.5)
+    with pytest.raises(ValueError, match="height"):
+        cut_linkage(Z, height=-1.0)
+    with pytest.raises(ValueError, match="4 columns"):
+        cut_linkage(Z[:, :3], height=1.0)
+
+
+def test_invalid_linkage_matrix_is_rejected_by_the_native_check():
+    Z = ward_linkage(np.random.default_rng(6).standard_normal((6, 2)))
+    broken = Z.copy()
+    broken[0, 0] = 42  # a cluster that does not exist
+    with pytest.raises(ValueError, match="does not exist"):
+        cut_linkage(broken, height=1.0)
+    reused = Z.copy()
+    reused[1, :2] = reused[0, :2]  # the same clusters merged twice
+    with pytest.raises(ValueError, match="twice"):
+        cut_linkage(reused, n_clusters=2)
+
+
+def test_inputs_are_never_modified():
+    X = np.random.default_rng(7).standard_normal((5, 30, 3))
+    X_copy = X.copy()
+    Z = ward_linkage_batched(X)
+    np.testing.assert_array_equal(X, X_copy)
+    Z_copy = Z.copy()
+    cut_linkage(Z, height=np.full(5, 1.0))
+    cut_linkage(Z, n_clusters=3)
+    np.testing.assert_array_equal(Z, Z_copy)
+
+
+def test_backend_argument():
+    X = np.random.default_rng(8).standard_normal((12, 2))
+    np.testing.assert_allclose(ward_linkage(X, backend="reference"), ward_linkage_ref(X))
+    np.testing.assert_allclose(ward_linkage(X, backend="native"), ward_linkage_ref(X), rtol=1e-9)
+    with pytest.raises(ValueError, match="unknown backend"):
+        ward_linkage(X, backend="gpu")
+    np.testing.assert_allclose(ward_linkage_batched_ref(X[None])[0], ward_linkage_ref(X))
