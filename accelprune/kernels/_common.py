@@ -85,6 +85,8 @@ def per_param_coefficient(value, name: str, count: int) -> list[float]:
     """A non-negative finite float, or a sequence of ``count`` of them, as a list."""
     values = [value] * count if isinstance(value, numbers.Number) else value
     try:
+        if isinstance(values, (str, bytes)):
+            raise TypeError
         values = list(values)
     except TypeError:
         raise TypeError(f"{name} must be a number or a sequence of numbers, got "

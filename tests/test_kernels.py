@@ -1,0 +1,596 @@
+"""Tests for accelprune.kernels: batched importance scores and the C-SGD gradient transform.
+
+The Triton kernels run on the CPU through the Triton interpreter (small shapes: a few programs
+per call). The interpreter is switched on only inside the tests that need it (``interpreter``
+context), never for the whole session, so other test modules are unaffected. GPU parity tests
+run when CUDA is present (marker ``gpu``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import accelprune._backend as backend_mod
+from accelprune.kernels import (
+    CSGDPlan,
+    csgd_transform_,
+    csgd_transform_dense_ref,
+    csgd_transform_ref,
+    filter_scores,
+    filter_scores_ref,
+)
+from accelprune.kernels import csgd as csgd_mod
+from accelprune.kernels import importance as importance_mod
+from accelprune.kernels._common import select_backend
+
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none here)")
+
+
+@contextlib.contextmanager
+def interpreter():
+    """TRITON_INTERPRET=1 for the duration of the block only (restored even on failure)."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def assert_close_to_fp64(ours, ref, exact64, *, rel_atol=1e-5):
+    """flash-attention's rule: |ours − fp64| <= 2·|ref − fp64| + atol (atol relative to scale)."""
+    ours, ref, exact64 = ours.double(), ref.double(), exact64.double()
+    atol = rel_atol * exact64.abs().clamp_min(1.0)
+    bound = 2 * (ref - exact64).abs() + atol
+    err = (ours - exact64).abs()
+    assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
+
+
+def scores_fp64(tensors, kind, grads=None):
+    """Scores straight from the definitions, in float64 (the ground truth)."""
+    out = []
+    for i, w in enumerate(tensors):
+        rows = w.double().reshape(w.shape[0], -1)
+        if kind == "taylor":
+            rows = rows * grads[i].double().reshape(w.shape[0], -1)
+        out.append(rows.pow(2).sum(1).sqrt() if kind == "l2" else rows.abs().sum(1))
+    return out
+
+
+def mixed_tensors(dtype=torch.float32, seed=0):
+    """A conv with rows longer than one column block and more rows than one row block, a
+    channels_last conv, a linear, a non-contiguous (transposed) linear and a 1-D param."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    return [
+        randn(20, 6, 5, 5),
+        randn(9, 4, 3, 3).contiguous(memory_format=torch.channels_last),
+        randn(7, 3),
+        randn(11, 5).t(),
+        randn(9),
+    ]
+
+
+def with_grads(params, seed=1, integer=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for p in params:
+        q = p.detach().clone().requires_grad_()
+        if integer:
+            q.grad = torch.randint(-4, 5, p.shape, generator=g).to(p.dtype)
+        else:
+            q.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        out.append(q)
+    return out
+
+
+def clone_params(params):
+    out = []
+    for p in params:
+        q = p.detach().clone().requires_grad_()
+        q.grad = p.grad.clone()
+        out.append(q)
+    return out
+
+
+def csgd_params(dtype=torch.float32, seed=0):
+    """Conv weight + BN γ/β + bias of one layer, a linear with rows longer than the kernel's
+    block (several column chunks) and a channels_last conv."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    params = [
+        randn(12, 3, 3, 3),
+        randn(12),
+        randn(12),
+        randn(12),
+        randn(6, 1100),
+        randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last),
+    ]
+    clusters = [
+        torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 4, 5]),
+        torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 4, 5]),
+        torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 4, 5]),
+        torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 4, 5]),
+        torch.tensor([9, 3, 9, 3, 7, 9]),  # ids need not be 0..k-1
+        torch.arange(8) // 2,
+    ]
+    return with_grads(params, seed + 1), clusters
+
+
+COEFS = dict(weight_decay=[1e-2, 0.0, 0.0, 0.0, 3e-2, 1e-2], centripetal=[0.3, 0.03, 0.03, 0.03, 0.5, 0.2])
+
+
+def csgd_fp64_truth(params, clusters, **coefs):
+    ps64 = [p.detach().double().requires_grad_() for p in params]
+    for q, p in zip(ps64, params):
+        q.grad = p.grad.double()
+    csgd_transform_ref(ps64, clusters, **coefs)
+    return [q.grad for q in ps64]
+
+
+# ---------------------------------------------------------------------------------------------
+# import hygiene
+
+
+def test_import_does_not_load_triton_or_initialise_cuda():
+    code = (
+        "import sys, torch, accelprune, accelprune.kernels\n"
+        "assert 'triton' not in sys.modules, 'triton imported eagerly'\n"
+        "assert not torch.cuda.is_initialized(), 'CUDA initialised on import'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+
+
+def test_select_backend_auto_uses_triton_only_on_cuda(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select_backend("auto", torch.device("cpu")) == "torch"
+    assert select_backend("auto", torch.device("cuda")) == "triton"
+    assert select_backend("torch", torch.device("cuda")) == "torch"
+    assert select_backend("triton", torch.device("cpu")) == "triton"
+
+
+def test_select_backend_without_triton_falls_back_or_raises(monkeypatch):
+    monkeypatch.setattr(backend_mod, "available", lambda fast: False)
+    assert select_backend("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(RuntimeError, match="triton"):
+        select_backend("triton", torch.device("cuda"))
+
+
+def test_explicit_triton_on_cpu_without_interpreter_raises(no_interpreter):
+    w = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        filter_scores([w], backend="triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        csgd_transform_([_one_param()], [torch.zeros(6, dtype=torch.long)], weight_decay=0.0,
+                        centripetal=0.1, backend="triton")
+
+
+@pytest.mark.parametrize("bad", ["reference", "cuda", 3])
+def test_unknown_backend_rejected(bad):
+    with pytest.raises((ValueError, TypeError)):
+        filter_scores([torch.randn(3, 2)], backend=bad)
+
+
+def test_auto_on_cpu_runs_the_torch_path_even_under_the_interpreter(monkeypatch):
+    calls = []
+    monkeypatch.setattr(importance_mod, "_filter_scores_triton", lambda *a: calls.append("scores"))
+    monkeypatch.setattr(csgd_mod, "_csgd_transform_triton", lambda *a: calls.append("csgd"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    w = torch.randn(5, 2)
+    assert torch.equal(filter_scores([w])[0], w.abs().sum(1))
+    params, clusters = csgd_params()
+    csgd_transform_(params, clusters, backend="auto", **COEFS)
+    assert calls == []
+    filter_scores([w], backend="triton")
+    csgd_transform_(params, clusters, backend="triton", **COEFS)
+    assert calls == ["scores", "csgd"]
+
+
+# ---------------------------------------------------------------------------------------------
+# filter_scores: parity
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2", "taylor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_filter_scores_triton_matches_reference(kind, dtype):
+    tensors = mixed_tensors(dtype)
+    grads = [p.grad for p in with_grads(tensors)] if kind == "taylor" else None
+    ref = filter_scores_ref(tensors, kind=kind, grads=grads)
+    with interpreter():
+        ours = filter_scores(tensors, kind=kind, grads=grads, backend="triton")
+    truth = scores_fp64(tensors, kind, grads)
+    assert len(ours) == len(tensors)
+    for o, r, t, w in zip(ours, ref, truth, tensors):
+        assert o.dtype == torch.float32 and o.shape == (w.shape[0],)
+        assert_close_to_fp64(o, r, t)
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2", "taylor"])
+def test_filter_scores_exact_on_integer_data(kind):
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randint(-3, 4, s, generator=g).float() for s in [(20, 6, 5, 5), (7, 3), (9,)]]
+    grads = [torch.randint(-3, 4, t.shape, generator=g).float() for t in tensors]
+    grads = grads if kind == "taylor" else None
+    ref = filter_scores_ref(tensors, kind=kind, grads=grads)
+    with interpreter():
+        ours = filter_scores(tensors, kind=kind, grads=grads, backend="triton")
+    for o, r, t in zip(ours, ref, scores_fp64(tensors, kind, grads)):
+        assert torch.equal(o, r)
+        assert torch.equal(r, t.float())
+
+
+def test_filter_scores_abs_is_magnitude_of_1d_params():
+    gammas = [torch.randn(9), torch.randn(33).half()]
+    ref = filter_scores_ref(gammas, kind="abs")
+    with interpreter():
+        ours = filter_scores(gammas, kind="abs", backend="triton")
+    for o, r, gamma in zip(ours, ref, gammas):
+        assert torch.equal(o, gamma.float().abs())
+        assert torch.equal(r, gamma.float().abs())
+
+
+def test_filter_scores_mixed_dtypes_in_one_call():
+    tensors = [torch.randn(5, 4), torch.randn(3, 8).half(), torch.randn(6, dtype=torch.float64)]
+    with interpreter():
+        ours = filter_scores(tensors, kind="l2", backend="triton")
+    for o, r, t in zip(ours, filter_scores_ref(tensors, kind="l2"), scores_fp64(tensors, "l2")):
+        assert_close_to_fp64(o, r, t)
+
+
+def test_filter_scores_does_not_modify_inputs():
+    tensors = mixed_tensors()
+    grads = [p.grad for p in with_grads(tensors)]
+    before = [t.clone() for t in tensors + grads]
+    with interpreter():
+        filter_scores(tensors, kind="taylor", grads=grads, backend="triton")
+    filter_scores(tensors, kind="taylor", grads=grads, backend="torch")
+    for t, b in zip(tensors + grads, before):
+        assert torch.equal(t, b)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    shapes=st.lists(
+        st.one_of(
+            st.tuples(st.integers(1, 40)),
+            st.tuples(st.integers(1, 40), st.integers(1, 300)),
+            st.tuples(st.integers(1, 20), st.integers(1, 8), st.integers(1, 3), st.integers(1, 3)),
+        ),
+        min_size=1, max_size=4,
+    ),
+    kind=st.sampled_from(["l1", "l2", "taylor"]),
+    seed=st.integers(0, 2**16),
+)
+def test_filter_scores_random_shapes(shapes, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) for s in shapes] if kind == "taylor" else None
+    ref = filter_scores_ref(tensors, kind=kind, grads=grads)
+    with interpreter():
+        ours = filter_scores(tensors, kind=kind, grads=grads, backend="triton")
+    for o, r, t in zip(ours, ref, scores_fp64(tensors, kind, grads)):
+        assert_close_to_fp64(o, r, t)
+
+
+# ---------------------------------------------------------------------------------------------
+# filter_scores: bad input
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_filter_scores_rejects_non_finite(path):
+    w = torch.randn(4, 3)
+    w[2, 1] = float("nan")
+    with interpreter(), pytest.raises(ValueError, match=r"tensors\[1\].*not finite"):
+        filter_scores([torch.randn(2), w], backend=path)
+    g = torch.randn(4, 3)
+    g[0, 0] = float("inf")
+    with interpreter(), pytest.raises(ValueError, match="not finite"):
+        filter_scores([torch.randn(4, 3)], kind="taylor", grads=[g], backend=path)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: filter_scores(torch.randn(3, 2)), TypeError, "list or tuple"),
+        (lambda: filter_scores([]), ValueError, "empty"),
+        (lambda: filter_scores([torch.randn(3, 2)], kind="l3"), ValueError, "unknown kind"),
+        (lambda: filter_scores([torch.randn(3, 2)], kind="abs"), ValueError, "1-D"),
+        (lambda: filter_scores([torch.randn(3, 2)], kind="taylor"), ValueError, "needs grads"),
+        (lambda: filter_scores([torch.randn(3, 2)], kind="taylor", grads=[torch.randn(2, 3)]),
+         ValueError, "shape"),
+        (lambda: filter_scores([torch.randn(3, 2)], kind="taylor", grads=[]), ValueError, "grads"),
+        (lambda: filter_scores([torch.randn(3, 2)], kind="taylor", grads=[torch.randn(3, 2).half()]),
+         TypeError, "dtype"),
+        (lambda: filter_scores([torch.randn(3, 2)], grads=[torch.randn(3, 2)]), ValueError, "taylor"),
+        (lambda: filter_scores([torch.ones(3, 2, dtype=torch.int64)]), TypeError, "float"),
+        (lambda: filter_scores([torch.randn(0, 4)]), ValueError, "empty"),
+        (lambda: filter_scores([torch.tensor(1.0)]), ValueError, "scalar"),
+        (lambda: filter_scores([np.ones((3, 2))]), TypeError, "torch.Tensor"),
+        (lambda: filter_scores([torch.randn(3, 2), torch.randn(3, 2, device="meta")]),
+         ValueError, "one device"),
+    ],
+)
+def test_filter_scores_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------
+# C-SGD: parity between the paths
+
+
+def test_csgd_paths_agree_with_fp64_reference():
+    params, clusters = csgd_params()
+    truth = csgd_fp64_truth(params, clusters, **COEFS)
+    ref, torch_path, dense, fused = (clone_params(params) for _ in range(4))
+    csgd_transform_ref(ref, clusters, **COEFS)
+    csgd_transform_(torch_path, clusters, backend="torch", **COEFS)
+    csgd_transform_dense_ref(dense, clusters, **COEFS)
+    with interpreter():
+        csgd_transform_(fused, clusters, backend="triton", **COEFS)
+    for i, t in enumerate(truth):
+        for result in (torch_path, dense, fused):
+            assert_close_to_fp64(result[i].grad, ref[i].grad, t)
+        assert torch.equal(fused[i].detach(), params[i].detach())  # weights untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_csgd_low_and_double_precision(dtype):
+    params, clusters = csgd_params(dtype)
+    truth = csgd_fp64_truth(params, clusters, **COEFS)
+    ref, torch_path, fused = (clone_params(params) for _ in range(3))
+    csgd_transform_ref(ref, clusters, **COEFS)
+    csgd_transform_(torch_path, clusters, backend="torch", **COEFS)
+    with interpreter():
+        csgd_transform_(fused, clusters, backend="triton", **COEFS)
+    for i, t in enumerate(truth):
+        assert ref[i].grad.dtype == dtype
+        rel = 1e-12 if dtype == torch.float64 else 1e-6
+        # both round the float32 result once to dtype; allow that one rounding step
+        ulp = (t.abs() * torch.finfo(dtype).eps).clamp_min(torch.finfo(dtype).tiny)
+        for result in (torch_path, fused):
+            err = (result[i].grad.double() - t).abs()
+            bound = 2 * (ref[i].grad.double() - t).abs() + ulp + rel
+            assert bool((err <= bound).all())
+
+
+def test_csgd_exact_on_dyadic_data():
+    """Integer weights/grads, clusters of size 1, 2, 4 and dyadic η, ε: every path is exact."""
+    g = torch.Generator().manual_seed(5)
+    params = [torch.randint(-8, 9, (8, 2, 3, 3), generator=g).float(),
+              torch.randint(-8, 9, (8,), generator=g).float(),
+              torch.randint(-8, 9, (4, 1030), generator=g).float()]
+    params = with_grads(params, integer=True)
+    clusters = [torch.tensor([0, 1, 1, 2, 2, 2, 2, 3]), torch.tensor([0, 1, 1, 2, 2, 2, 2, 3]),
+                torch.tensor([5, 5, 0, 1])]
+    coefs = dict(weight_decay=0.5, centripetal=[0.25, 0.125, 0.75])
+    truth = csgd_fp64_truth(params, clusters, **coefs)
+    results = [clone_params(params) for _ in range(4)]
+    csgd_transform_ref(results[0], clusters, **coefs)
+    csgd_transform_(results[1], clusters, backend="torch", **coefs)
+    csgd_transform_dense_ref(results[2], clusters, **coefs)
+    with interpreter():
+        csgd_transform_(results[3], clusters, backend="triton", **coefs)
+    for result in results:
+        for q, t in zip(result, truth):
+            assert torch.equal(q.grad.double(), t)
+
+
+def test_csgd_plan_gives_the_same_result_as_raw_clusters():
+    params, clusters = csgd_params()
+    plan = CSGDPlan(params, clusters)
+    a, b, c = (clone_params(params) for _ in range(3))
+    csgd_transform_(a, clusters, backend="torch", **COEFS)
+    csgd_transform_(b, plan, backend="torch", **COEFS)
+    assert all(torch.equal(x.grad, y.grad) for x, y in zip(a, b))
+    with interpreter():
+        csgd_transform_(c, plan, backend="triton", **COEFS)
+        d = clone_params(params)
+        csgd_transform_(d, plan, backend="triton", **COEFS)  # cached tables reused
+    assert all(torch.equal(x.grad, y.grad) for x, y in zip(c, d))
+
+
+def test_csgd_non_contiguous_grad_is_written_in_place():
+    w = torch.randn(6, 4).requires_grad_()
+    w.grad = torch.randn(4, 6).t()  # same shape, transposed strides
+    grad = w.grad
+    expected = clone_params([w])
+    csgd_transform_ref(expected, [torch.tensor([0, 0, 1, 1, 1, 2])], weight_decay=0.1, centripetal=0.2)
+    with interpreter():
+        csgd_transform_([w], [torch.tensor([0, 0, 1, 1, 1, 2])], weight_decay=0.1, centripetal=0.2,
+                        backend="triton")
+    assert w.grad is grad
+    torch.testing.assert_close(w.grad, expected[0].grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# C-SGD: the invariants of ALGORITHMS.md §4
+
+
+def check_csgd_invariants(before, after, labels, eta, eps):
+    W = before.detach().reshape(len(labels), -1).double()
+    G = before.grad.reshape(len(labels), -1).double()
+    G_new = after.grad.reshape(len(labels), -1).double()
+    scale = 1e-5 * (1 + W.abs().max() + G.abs().max())
+    for h in torch.unique(labels):
+        rows = torch.nonzero(labels == h).squeeze(1)
+        if len(rows) == 1:  # singleton: plain weight decay
+            torch.testing.assert_close(G_new[rows], G[rows] + eta * W[rows], atol=scale, rtol=0)
+            continue
+        a = rows[0]
+        for b in rows[1:]:
+            torch.testing.assert_close(G_new[a] - G_new[b], (eta + eps) * (W[a] - W[b]),
+                                       atol=scale, rtol=0)
+        # the cluster's mean gradient is mean(G) + η·mean(W): the pull toward the centre sums to 0
+        torch.testing.assert_close(G_new[rows].mean(0), G[rows].mean(0) + eta * W[rows].mean(0),
+                                   atol=scale, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_csgd_invariants(path):
+    params, clusters = csgd_params()
+    after = clone_params(params)
+    with interpreter():
+        csgd_transform_(after, clusters, backend=path, **COEFS)
+    plan = CSGDPlan(params, clusters)
+    for i in range(len(params)):
+        check_csgd_invariants(params[i], after[i], torch.from_numpy(plan.labels[i]),
+                              COEFS["weight_decay"][i], COEFS["centripetal"][i])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 24),
+    inner=st.sampled_from([(), (5,), (3, 2, 2)]),
+    k=st.integers(1, 24),
+    eta=st.floats(0, 0.1),
+    eps=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+)
+def test_csgd_torch_path_random(n, inner, k, eta, eps, seed):
+    g = torch.Generator().manual_seed(seed)
+    (p,) = with_grads([torch.randn((n, *inner), generator=g)], seed=seed + 1)
+    labels = torch.randint(0, k, (n,), generator=g)
+    after, ref = clone_params([p]), clone_params([p])
+    csgd_transform_(after, [labels], weight_decay=eta, centripetal=eps, backend="torch")
+    csgd_transform_ref(ref, [labels], weight_decay=eta, centripetal=eps)
+    truth = csgd_fp64_truth([p], [labels], weight_decay=eta, centripetal=eps)
+    assert_close_to_fp64(after[0].grad, ref[0].grad, truth[0])
+    check_csgd_invariants(p, after[0], labels, eta, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# C-SGD: bad input
+
+
+def _one_param(n=6, grad=True):
+    p = torch.randn(n, 3).requires_grad_()
+    if grad:
+        p.grad = torch.randn(n, 3)
+    return p
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: ([_one_param()], [torch.zeros(5, dtype=torch.long)]), ValueError, "5 entries"),
+        (lambda: ([_one_param()], [torch.tensor([0, 1, -1, 0, 1, 2])]), ValueError, "negative"),
+        (lambda: ([_one_param()], [torch.zeros(6)]), TypeError, "integer"),
+        (lambda: ([_one_param()], [torch.zeros(6, 1, dtype=torch.long)]), ValueError, "1-D"),
+        (lambda: ([_one_param(grad=False)], [torch.zeros(6, dtype=torch.long)]), ValueError,
+         "no .grad"),
+        (lambda: ([_one_param(), _one_param()], [torch.zeros(6, dtype=torch.long)]), ValueError,
+         "1 cluster arrays for 2"),
+        (lambda: ([], []), ValueError, "empty"),
+        (lambda: (_one_param(), [torch.zeros(6, dtype=torch.long)]), TypeError, "list or tuple"),
+        (lambda: ([torch.randn(0, 3)], [torch.zeros(0, dtype=torch.long)]), ValueError, "non-empty"),
+    ],
+)
+def test_csgd_bad_input(make, error, match):
+    params, clusters = make()
+    before = [p.grad.clone() if isinstance(p, torch.Tensor) and p.grad is not None else None
+              for p in (params if isinstance(params, list) else [])]
+    with pytest.raises(error, match=match):
+        csgd_transform_(params, clusters, weight_decay=0.0, centripetal=0.1)
+    for p, b in zip(params if isinstance(params, list) else [], before):
+        if b is not None:
+            assert torch.equal(p.grad, b)  # nothing touched before the error
+
+
+def test_csgd_rejects_duplicates_bad_coefficients_and_plan_mismatch():
+    p = _one_param()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match="twice"):
+        csgd_transform_([p, p], [labels, labels], weight_decay=0.0, centripetal=0.1)
+    with pytest.raises(ValueError, match="centripetal"):
+        csgd_transform_([p], [labels], weight_decay=0.0, centripetal=-0.1)
+    with pytest.raises(ValueError, match="weight_decay"):
+        csgd_transform_([p], [labels], weight_decay=[0.0, 0.1], centripetal=0.1)
+    with pytest.raises(ValueError, match="finite"):
+        csgd_transform_([p], [labels], weight_decay=float("nan"), centripetal=0.1)
+    with pytest.raises(TypeError, match="weight_decay"):
+        csgd_transform_([p], [labels], weight_decay="0.1", centripetal=0.1)
+    plan = CSGDPlan([torch.empty(6, 4)], [labels])
+    with pytest.raises(ValueError, match="plan was built for"):
+        csgd_transform_([p], plan, weight_decay=0.0, centripetal=0.1)
+    m = torch.randn(6, 3, device="meta").requires_grad_()
+    m.grad = torch.randn(6, 3, device="meta")
+    with pytest.raises(ValueError, match="one device"):
+        csgd_transform_([p, m], [labels, labels], weight_decay=0.0, centripetal=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU parity (real kernels)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["l1", "l2", "taylor"])
+def test_gpu_filter_scores_parity(kind):
+    tensors = [t.cuda() for t in mixed_tensors()] + [torch.randn(512, 256, 3, 3, device="cuda")]
+    grads = [torch.randn_like(t) for t in tensors] if kind == "taylor" else None
+    ours = filter_scores(tensors, kind=kind, grads=grads)  # auto -> triton on CUDA
+    ref = filter_scores_ref(tensors, kind=kind, grads=grads)
+    for o, r, t in zip(ours, ref, scores_fp64(tensors, kind, grads)):
+        assert o.is_cuda
+        assert_close_to_fp64(o, r, t)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_csgd_parity(monkeypatch):
+    calls = []
+    real = csgd_mod._csgd_transform_triton
+    monkeypatch.setattr(csgd_mod, "_csgd_transform_triton", lambda *a: calls.append(1) or real(*a))
+    params, clusters = csgd_params()
+    big = torch.randn(256, 128, 3, 3).requires_grad_()
+    big.grad = torch.randn_like(big)
+    params, clusters = params + [big], clusters + [torch.randint(0, 100, (256,))]
+    coefs = dict(weight_decay=COEFS["weight_decay"] + [1e-3],
+                 centripetal=COEFS["centripetal"] + [0.05])
+    truth = csgd_fp64_truth(params, clusters, **coefs)
+    ref = clone_params(params)
+    csgd_transform_ref(ref, clusters, **coefs)
+    gpu = [p.detach().cuda().requires_grad_() for p in params]
+    for q, p in zip(gpu, params):
+        q.grad = p.grad.cuda()
+    csgd_transform_(gpu, CSGDPlan(gpu, clusters), **coefs)  # auto -> triton on CUDA
+    assert calls == [1]
+    for q, r, t in zip(gpu, ref, truth):
+        assert_close_to_fp64(q.grad.cpu(), r.grad, t)
