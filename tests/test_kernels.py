@@ -119,7 +119,8 @@ def clone_params(params):
 
 def csgd_params(dtype=torch.float32, seed=0):
     """Conv weight + BN γ/β + bias of one layer, a linear with rows longer than the kernel's
-    block (several column chunks) and a channels_last conv."""
+    block (several column chunks), a channels_last conv with a channels_last gradient (used in
+    place) and one with a contiguous gradient (worked on through copies)."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -132,6 +133,7 @@ def csgd_params(dtype=torch.float32, seed=0):
         randn(12),
         randn(6, 1100),
         randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last),
+        randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last),
     ]
     clusters = [
         torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 4, 5]),
@@ -140,11 +142,15 @@ def csgd_params(dtype=torch.float32, seed=0):
         torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 4, 5]),
         torch.tensor([9, 3, 9, 3, 7, 9]),  # ids need not be 0..k-1
         torch.arange(8) // 2,
+        torch.tensor([0, 1, 0, 1, 0, 1, 2, 3]),
     ]
-    return with_grads(params, seed + 1), clusters
+    params = with_grads(params, seed + 1)
+    params[5].grad = params[5].grad.contiguous(memory_format=torch.channels_last)
+    return params, clusters
 
 
-COEFS = dict(weight_decay=[1e-2, 0.0, 0.0, 0.0, 3e-2, 1e-2], centripetal=[0.3, 0.03, 0.03, 0.03, 0.5, 0.2])
+COEFS = dict(weight_decay=[1e-2, 0.0, 0.0, 0.0, 3e-2, 1e-2, 0.1],
+             centripetal=[0.3, 0.03, 0.03, 0.03, 0.5, 0.2, 0.7])
 
 
 def csgd_fp64_truth(params, clusters, **coefs):
@@ -335,9 +341,10 @@ def test_filter_scores_rejects_non_finite(path):
         (lambda: filter_scores([torch.randn(3, 2)], kind="taylor", grads=[torch.randn(2, 3)]),
          ValueError, "shape"),
         (lambda: filter_scores([torch.randn(3, 2)], kind="taylor", grads=[]), ValueError, "grads"),
-        (lambda: filter_scores([torch.randn(3, 2)], kind="taylor", grads=[torch.randn(3, 2).half()]),
-         TypeError, "dtype"),
-        (lambda: filter_scores([torch.randn(3, 2)], grads=[torch.randn(3, 2)]), ValueError, "taylor"),
+        (lambda: filter_scores([torch.randn(3, 2)], kind="taylor",
+                               grads=[torch.randn(3, 2).half()]), TypeError, "dtype"),
+        (lambda: filter_scores([torch.randn(3, 2)], grads=[torch.randn(3, 2)]),
+         ValueError, "taylor"),
         (lambda: filter_scores([torch.ones(3, 2, dtype=torch.int64)]), TypeError, "float"),
         (lambda: filter_scores([torch.randn(0, 4)]), ValueError, "empty"),
         (lambda: filter_scores([torch.tensor(1.0)]), ValueError, "scalar"),
@@ -359,11 +366,14 @@ def test_csgd_paths_agree_with_fp64_reference():
     params, clusters = csgd_params()
     truth = csgd_fp64_truth(params, clusters, **COEFS)
     ref, torch_path, dense, fused = (clone_params(params) for _ in range(4))
+    grad_objects = [q.grad for q in fused + torch_path]
     csgd_transform_ref(ref, clusters, **COEFS)
     csgd_transform_(torch_path, clusters, backend="torch", **COEFS)
     csgd_transform_dense_ref(dense, clusters, **COEFS)
     with interpreter():
         csgd_transform_(fused, clusters, backend="triton", **COEFS)
+    assert all(q.grad is g for q, g in zip(fused + torch_path, grad_objects))  # in place
+    assert fused[5].grad.is_contiguous(memory_format=torch.channels_last)  # written in place
     for i, t in enumerate(truth):
         for result in (torch_path, dense, fused):
             assert_close_to_fp64(result[i].grad, ref[i].grad, t)
@@ -431,10 +441,10 @@ def test_csgd_non_contiguous_grad_is_written_in_place():
     w.grad = torch.randn(4, 6).t()  # same shape, transposed strides
     grad = w.grad
     expected = clone_params([w])
-    csgd_transform_ref(expected, [torch.tensor([0, 0, 1, 1, 1, 2])], weight_decay=0.1, centripetal=0.2)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    csgd_transform_ref(expected, [labels], weight_decay=0.1, centripetal=0.2)
     with interpreter():
-        csgd_transform_([w], [torch.tensor([0, 0, 1, 1, 1, 2])], weight_decay=0.1, centripetal=0.2,
-                        backend="triton")
+        csgd_transform_([w], [labels], weight_decay=0.1, centripetal=0.2, backend="triton")
     assert w.grad is grad
     torch.testing.assert_close(w.grad, expected[0].grad)
 
@@ -519,7 +529,8 @@ def _one_param(n=6, grad=True):
          "1 cluster arrays for 2"),
         (lambda: ([], []), ValueError, "empty"),
         (lambda: (_one_param(), [torch.zeros(6, dtype=torch.long)]), TypeError, "list or tuple"),
-        (lambda: ([torch.randn(0, 3)], [torch.zeros(0, dtype=torch.long)]), ValueError, "non-empty"),
+        (lambda: ([torch.randn(0, 3)], [torch.zeros(0, dtype=torch.long)]), ValueError,
+         "non-empty"),
     ],
 )
 def test_csgd_bad_input(make, error, match):

@@ -1,4 +1,4 @@
-"""The Triton kernels behind :mod:`accelprune.kernels` (imported lazily: this module imports Triton).
+"""The Triton kernels behind :mod:`accelprune.kernels` (this module imports Triton: import lazily).
 
 Both kernels are *ragged*: one launch covers many tensors of different shapes. The launcher
 packs, per tensor, its data address and shape into a small int64 table, and the kernel turns an

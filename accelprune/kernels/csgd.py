@@ -291,7 +291,8 @@ def _csgd_transform_triton(params, plan: CSGDPlan, etas, epss, device) -> None:
         W, G = rows_dense(p.detach()), p.grad
         if not (same_layout(W, G) and rows_dense(G) is G):
             W, G = W.contiguous(), G.contiguous()
-            copied_back.append((p.grad, G))
+            if G is not p.grad:
+                copied_back.append((p.grad, G))
         weights.append(W)
         grads.append(G)
 

@@ -130,7 +130,8 @@ def _filter_scores_triton(tensors, grads, kind, device) -> list[torch.Tensor]:
     from accelprune.kernels import _triton_kernels as tk
 
     kernel = tk.for_current_mode(tk.filter_scores_kernel)
-    kind_id = {"l1": tk.KIND_L1, "l2": tk.KIND_L2, "abs": tk.KIND_ABS, "taylor": tk.KIND_TAYLOR}[kind]
+    kind_ids = {"l1": tk.KIND_L1, "l2": tk.KIND_L2, "abs": tk.KIND_ABS, "taylor": tk.KIND_TAYLOR}
+    kind_id = kind_ids[kind]
     n_rows = [t.shape[0] for t in tensors]
     out = torch.empty(sum(n_rows), dtype=torch.float32, device=device)
     out_offsets = np.cumsum([0, *n_rows[:-1]])
@@ -168,7 +169,8 @@ def _filter_scores_triton(tensors, grads, kind, device) -> list[torch.Tensor]:
 # public dispatcher
 
 
-def filter_scores(tensors, *, kind: str = "l1", grads=None, backend: str = "auto") -> list[torch.Tensor]:
+def filter_scores(tensors, *, kind: str = "l1", grads=None,
+                  backend: str = "auto") -> list[torch.Tensor]:
     """One score per output channel for each tensor in ``tensors``.
 
     Args:
