@@ -436,7 +436,8 @@ def test_csgd_plan_gives_the_same_result_as_raw_clusters():
     assert all(torch.equal(x.grad, y.grad) for x, y in zip(c, d))
 
 
-def test_csgd_non_contiguous_grad_is_written_in_place():
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_csgd_non_contiguous_grad_is_written_in_place(path):
     w = torch.randn(6, 4).requires_grad_()
     w.grad = torch.randn(4, 6).t()  # same shape, transposed strides
     grad = w.grad
@@ -444,7 +445,7 @@ def test_csgd_non_contiguous_grad_is_written_in_place():
     labels = torch.tensor([0, 0, 1, 1, 1, 2])
     csgd_transform_ref(expected, [labels], weight_decay=0.1, centripetal=0.2)
     with interpreter():
-        csgd_transform_([w], [labels], weight_decay=0.1, centripetal=0.2, backend="triton")
+        csgd_transform_([w], [labels], weight_decay=0.1, centripetal=0.2, backend=path)
     assert w.grad is grad
     torch.testing.assert_close(w.grad, expected[0].grad)
 

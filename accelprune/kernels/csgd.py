@@ -260,6 +260,11 @@ def csgd_transform_dense_ref(params, clusters, *, weight_decay, centripetal) -> 
 
 
 def _csgd_transform_torch(params, plan: CSGDPlan, etas, epss) -> None:
+    """Per param: two segment sums into (k, F) cluster tables, then one gather into G.
+
+    No (n, F) temporary for float32/float64 params: the cluster sums are taken before G is
+    overwritten, and G is then rebuilt in place (index_select into it, plus (η + ε)·W).
+    """
     for i, (p, eta, eps) in enumerate(zip(params, etas, epss)):
         W, G = p.detach(), p.grad
         if plan.all_singletons(i):  # every row its own cluster: G' = G + η·W
@@ -267,12 +272,17 @@ def _csgd_transform_torch(params, plan: CSGDPlan, etas, epss) -> None:
             continue
         dtype = acc_dtype(p.dtype)
         labels, inv_size = plan.torch_index(i, p.device, dtype)
-        W_acc = W.to(dtype)
-        shifted = torch.add(G.to(dtype), W_acc, alpha=-eps)  # G − ε·W
-        centre = shifted.new_zeros((len(inv_size), *p.shape[1:])).index_add_(0, labels, shifted)
+        W_acc, G_acc = W.to(dtype), G.to(dtype)  # no copies for float32 / float64
+        table_shape = (len(inv_size), *p.shape[1:])
+        centre = G_acc.new_zeros(table_shape).index_add_(0, labels, G_acc)
+        w_sums = W_acc.new_zeros(table_shape).index_add_(0, labels, W_acc)
+        centre.add_(w_sums, alpha=-eps)
         centre.mul_(inv_size.view(-1, *[1] * (p.dim() - 1)))  # mean_H(G − ε·W)
-        torch.index_select(centre, 0, labels, out=shifted)
-        torch.add(shifted, W_acc, alpha=eta + eps, out=G)
+        if G.dtype == dtype:
+            torch.index_select(centre, 0, labels, out=G)
+            G.add_(W, alpha=eta + eps)
+        else:  # float16 / bfloat16: finish in float32, round once
+            G.copy_(centre.index_select(0, labels).add_(W_acc, alpha=eta + eps))
 
 
 # ---------------------------------------------------------------------------------------------
