@@ -1,0 +1,424 @@
+"""What pruning bought: parameters, MACs, measured latency, per-layer widths, plots.
+
+``accelprune.report(before, after, example_inputs)`` compares two models (keep a
+``copy.deepcopy`` of the model before pruning it) and returns a :class:`Report`: ``print`` it for
+a table, ``.to_dict()`` / ``.to_json()`` for machines, ``.plot_widths(path)`` for a figure.
+
+This module is ``reporting`` rather than ``report`` so that the function ``accelprune.report``
+does not collide with a submodule of the same name (importing a submodule rebinds the package
+attribute, which would silently replace the function).
+
+MACs come from Torch-Pruning's counter (:func:`torch_pruning.utils.count_ops_and_params`), so
+numbers agree with what Torch-Pruning users quote. Its convention, per input sample: a conv
+counts k_h·k_w·(c_in/groups)·c_out·H_out·W_out (+ c_out·H_out·W_out for a bias), a Linear
+in·out (+ out for a bias), a BatchNorm 2·numel (affine), a ReLU / pooling numel of its
+output / input. Parameters are ``sum(p.numel() for p in model.parameters())``; under
+``torch.nn.utils.prune`` masks that counts the dense ``weight_orig``, so ``nonzero_params`` is
+reported beside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from accelprune._validation import check_int
+
+__all__ = [
+    "LayerWidth",
+    "Report",
+    "layer_widths",
+    "measure_latency",
+    "model_stats",
+    "plot_importance",
+    "plot_layer_widths",
+    "report",
+]
+
+_WIDTH_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                 nn.ConvTranspose3d, nn.Linear)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _check_model(model, name: str = "model") -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _check_inputs(example_inputs):
+    """example_inputs: a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
+    if isinstance(example_inputs, torch.Tensor):
+        return example_inputs
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        return tuple(example_inputs)
+    if isinstance(example_inputs, dict) and example_inputs:
+        return example_inputs
+    raise TypeError("example_inputs must be a tensor, a non-empty tuple/list of positional inputs "
+                    f"or a non-empty dict of keyword inputs, got {type(example_inputs).__name__}")
+
+
+def _call(model: nn.Module, inputs):
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs)
+
+
+class _eval_mode:
+    """Put a model in eval mode for a measurement and restore every module's flag afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for m, flag in self.flags:
+            m.training = flag
+
+
+# -- numbers -------------------------------------------------------------------------------------
+
+def model_stats(model: nn.Module, example_inputs) -> dict:
+    """``{"params": int, "macs": int, "nonzero_params": int}`` of ``model`` for one sample.
+
+    MACs are per input sample (the batch of ``example_inputs`` is divided out), counted by
+    Torch-Pruning's op counter (see the module docstring for its convention). The model is not
+    modified (the counter works on a deep copy) and its train/eval flags are kept.
+    """
+    import torch_pruning as tp
+
+    _check_model(model)
+    inputs = _check_inputs(example_inputs)
+    with torch.no_grad(), _eval_mode(model):
+        macs, params = tp.utils.count_ops_and_params(model, inputs)
+    nonzero = sum(int(torch.count_nonzero(p.detach() * m)) for p, m in _effective_weights(model))
+    return {"params": int(params), "macs": int(round(macs)), "nonzero_params": nonzero}
+
+
+def _effective_weights(model: nn.Module):
+    """(parameter, mask) pairs covering every parameter once; mask is 1 unless the parameter is
+    the ``*_orig`` of a ``torch.nn.utils.prune`` reparametrisation."""
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            mask = getattr(module, name[:-5] + "_mask", None) if name.endswith("_orig") else None
+            yield p, (mask if isinstance(mask, torch.Tensor) else 1)
+
+
+def measure_latency(model: nn.Module, example_inputs, *, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall-clock seconds of one forward pass (eval mode, ``torch.inference_mode``).
+
+    Medians of repeats are used because the machine may be shared and noisy. CUDA work is
+    synchronised before each clock read. The model's train/eval flags are restored.
+    """
+    _check_model(model)
+    inputs = _check_inputs(example_inputs)
+    repeats = check_int(repeats, "repeats", low=1)
+    warmup = check_int(warmup, "warmup", low=0)
+    tensors = [inputs] if isinstance(inputs, torch.Tensor) else list(
+        inputs.values() if isinstance(inputs, dict) else inputs)
+    cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    times = []
+    with torch.inference_mode(), _eval_mode(model):
+        for _ in range(warmup):
+            _call(model, inputs)
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            _call(model, inputs)
+            sync()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@dataclasses.dataclass
+class LayerWidth:
+    """One Conv/Linear layer's input and output width before and after (None: layer absent)."""
+    name: str
+    kind: str
+    in_before: int | None
+    out_before: int | None
+    in_after: int | None
+    out_after: int | None
+
+    @property
+    def kept_out(self) -> float | None:
+        """Fraction of output channels kept."""
+        if not self.out_before or self.out_after is None:
+            return None
+        return self.out_after / self.out_before
+
+
+def layer_widths(model: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """``{module name: (type name, input width, output width)}`` of every Conv / Linear layer."""
+    _check_model(model)
+    widths = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            widths[name] = (type(m).__name__, m.in_features, m.out_features)
+        elif isinstance(m, _WIDTH_LAYERS):
+            widths[name] = (type(m).__name__, m.in_channels, m.out_channels)
+    return widths
+
+
+def _match_layers(before: nn.Module, after: nn.Module) -> list[LayerWidth]:
+    """Layers matched by module name (surgery keeps names), in the order of ``before`` and then
+    any layers only ``after`` has."""
+    wb, wa = layer_widths(before), layer_widths(after)
+    rows = []
+    for name in list(wb) + [n for n in wa if n not in wb]:
+        kb, ib, ob = wb.get(name, (None, None, None))
+        ka, ia, oa = wa.get(name, (None, None, None))
+        rows.append(LayerWidth(name, kb or ka, ib, ob, ia, oa))
+    return rows
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+def _ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+@dataclasses.dataclass
+class Report:
+    """Before/after comparison; see :func:`report`. Ratios are before / after (> 1 is better)."""
+    before: dict
+    after: dict
+    latency_before: float | None
+    latency_after: float | None
+    layers: list[LayerWidth]
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+
+    @property
+    def compression(self) -> float | None:
+        """Parameter compression ratio, params_before / params_after."""
+        return _ratio(self.before["params"], self.after["params"])
+
+    @property
+    def mac_reduction(self) -> float | None:
+        """Theoretical speed-up, MACs_before / MACs_after."""
+        return _ratio(self.before["macs"], self.after["macs"])
+
+    @property
+    def speedup(self) -> float | None:
+        """Measured speed-up, latency_before / latency_after (None when latency was skipped)."""
+        return _ratio(self.latency_before, self.latency_after)
+
+    def to_dict(self) -> dict:
+        return {
+            "before": dict(self.before, latency_s=self.latency_before, accuracy=self.accuracy_before),
+            "after": dict(self.after, latency_s=self.latency_after, accuracy=self.accuracy_after),
+            "compression": self.compression,
+            "mac_reduction": self.mac_reduction,
+            "speedup": self.speedup,
+            "layers": [dataclasses.asdict(row) for row in self.layers],
+        }
+
+    def to_json(self, path: str | os.PathLike | None = None, *, indent: int = 2) -> str:
+        """The :meth:`to_dict` form as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        return text
+
+    def plot_widths(self, path: str | os.PathLike) -> str:
+        """Bar chart of kept output channels per layer, before vs after; see :func:`plot_layer_widths`."""
+        return plot_layer_widths(self, path)
+
+    def __str__(self) -> str:
+        def fmt_ratio(r):
+            return "-" if r is None else f"{r:.2f}x"
+
+        def fmt_ms(s):
+            return "-" if s is None else f"{s * 1e3:.3f} ms"
+
+        def fmt_acc(a):
+            return "-" if a is None else f"{a:.4g}"
+
+        summary = [
+            ("params", _human(self.before["params"]), _human(self.after["params"]), fmt_ratio(self.compression)),
+            ("nonzero params", _human(self.before["nonzero_params"]), _human(self.after["nonzero_params"]),
+             fmt_ratio(_ratio(self.before["nonzero_params"], self.after["nonzero_params"]))),
+            ("MACs", _human(self.before["macs"]), _human(self.after["macs"]), fmt_ratio(self.mac_reduction)),
+            ("latency (median)", fmt_ms(self.latency_before), fmt_ms(self.latency_after), fmt_ratio(self.speedup)),
+        ]
+        if self.accuracy_before is not None or self.accuracy_after is not None:
+            summary.append(("accuracy", fmt_acc(self.accuracy_before), fmt_acc(self.accuracy_after), ""))
+        lines = _table(("", "before", "after", "before/after"), summary)
+        layer_rows = []
+        for row in self.layers:
+            kept = row.kept_out
+            layer_rows.append((row.name, row.kind or "-", _width(row.in_before, row.out_before),
+                               _width(row.in_after, row.out_after),
+                               "-" if kept is None else f"{100 * kept:.1f}%"))
+        if layer_rows:
+            lines += [""] + _table(("layer", "type", "in->out before", "in->out after", "kept out"),
+                                   layer_rows)
+        return "\n".join(lines)
+
+
+def _human(n) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f}{unit}"
+    return str(n)
+
+
+def _width(i, o) -> str:
+    return "-" if i is None else f"{i}->{o}"
+
+
+def _table(header, rows) -> list[str]:
+    cols = list(zip(header, *rows))
+    widths = [max(len(str(c)) for c in col) for col in cols]
+    out = ["  ".join(str(c).ljust(w) if k == 0 else str(c).rjust(w)
+                     for k, (c, w) in enumerate(zip(r, widths))) for r in [header, *rows]]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return out
+
+
+def report(before: nn.Module, after: nn.Module, example_inputs, *, latency: bool = True,
+           repeats: int = 20, warmup: int = 3, evaluate: Callable[[nn.Module], float] | None = None,
+           accuracy: tuple[float, float] | None = None) -> Report:
+    """Compare a model ``before`` and ``after`` pruning on the same ``example_inputs``.
+
+    latency: measure CPU/GPU latency (median of ``repeats`` after ``warmup``); False skips it.
+    evaluate: optional ``fn(model) -> accuracy``, called on both models; or give
+        ``accuracy=(before, after)`` when the numbers are already known (not both).
+    Neither model is modified. Layers are matched by module name.
+    """
+    _check_model(before, "before")
+    _check_model(after, "after")
+    if not isinstance(latency, bool):
+        raise TypeError(f"latency must be a bool, got {type(latency).__name__}")
+    if evaluate is not None and accuracy is not None:
+        raise ValueError("give either evaluate or accuracy, not both")
+    if evaluate is not None and not callable(evaluate):
+        raise TypeError(f"evaluate must be callable, got {type(evaluate).__name__}")
+    acc = (None, None)
+    if accuracy is not None:
+        if not (isinstance(accuracy, (tuple, list)) and len(accuracy) == 2):
+            raise TypeError("accuracy must be a pair (before, after)")
+        acc = tuple(_finite(a, "accuracy") for a in accuracy)
+    elif evaluate is not None:
+        acc = (_finite(evaluate(before), "evaluate(before)"), _finite(evaluate(after), "evaluate(after)"))
+    stats_b, stats_a = model_stats(before, example_inputs), model_stats(after, example_inputs)
+    lat_b = lat_a = None
+    if latency:
+        lat_b = measure_latency(before, example_inputs, repeats=repeats, warmup=warmup)
+        lat_a = measure_latency(after, example_inputs, repeats=repeats, warmup=warmup)
+    return Report(stats_b, stats_a, lat_b, lat_a, _match_layers(before, after), *acc)
+
+
+def _finite(value, name: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+# -- plots ---------------------------------------------------------------------------------------
+
+def _figure(figsize):
+    # A bare Figure with the Agg canvas, not pyplot: no global backend switch, no window, no
+    # figure left open in pyplot's registry; works headless.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def plot_layer_widths(rep: Report, path: str | os.PathLike) -> str:
+    """Grouped bars of output channels per Conv/Linear layer, before vs after; saved to ``path``
+    (format from its suffix, e.g. ``.png``). Returns the path as a string."""
+    if not isinstance(rep, Report):
+        raise TypeError(f"expected a Report from accelprune.report(), got {type(rep).__name__}")
+    rows = rep.layers
+    x = range(len(rows))
+    fig, ax = _figure((max(6.0, 0.35 * len(rows) + 2), 4))
+    ax.bar([i - 0.2 for i in x], [r.out_before or 0 for r in rows], width=0.4, label="before")
+    ax.bar([i + 0.2 for i in x], [r.out_after or 0 for r in rows], width=0.4, label="after")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([r.name for r in rows], rotation=90, fontsize=7)
+    ax.set_ylabel("output channels")
+    ax.set_title("Kept channels per layer")
+    ax.legend()
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return str(path)
+
+
+def plot_importance(scores, path: str | os.PathLike, *, threshold: float | None = None,
+                    prune_ratio: float | None = None, bins: int = 30, title: str | None = None) -> str:
+    """Histogram of a layer's per-filter importance with the prune threshold marked (seed 001's
+    figure), saved to ``path``.
+
+    scores: 1-D scores, or a Conv/Linear module (then its filters' L1 norms, Σ|W_i|).
+    threshold: the score at or below which filters are pruned; or ``prune_ratio`` in [0, 1): the
+        threshold is the score of the ``round(prune_ratio * n)``-th smallest filter. Neither: no line.
+    """
+    from accelprune._validation import as_float64_array, check_fraction
+
+    if isinstance(scores, nn.Module):
+        if not isinstance(scores, _WIDTH_LAYERS):
+            raise TypeError(f"plot_importance takes a Conv/Linear module or 1-D scores, got {type(scores).__name__}")
+        w = scores.weight.detach()
+        if isinstance(scores, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            w = w.transpose(0, 1)  # transposed convs store (in, out, ...)
+        scores = w.flatten(1).abs().sum(1)
+    values = as_float64_array(scores, "scores", ndim=1)
+    if values.size == 0:
+        raise ValueError("scores is empty")
+    if threshold is not None and prune_ratio is not None:
+        raise ValueError("give either threshold or prune_ratio, not both")
+    if prune_ratio is not None:
+        ratio = check_fraction(prune_ratio, "prune_ratio")
+        k = int(round(ratio * values.size))
+        threshold = float(np.sort(values)[k - 1]) if k > 0 else None
+    elif threshold is not None:
+        threshold = _finite(threshold, "threshold")
+    bins = check_int(bins, "bins", low=1)
+    fig, ax = _figure((6, 4))
+    ax.hist(values, bins=bins, color="tab:blue", alpha=0.8)
+    if threshold is not None:
+        pruned = int((values <= threshold).sum())
+        ax.axvline(threshold, color="r", linestyle="--",
+                   label=f"threshold {threshold:.4g} ({pruned}/{values.size} pruned)")
+        ax.legend()
+    ax.set_xlabel("filter importance (L1 norm)")
+    ax.set_ylabel("filters")
+    ax.set_title(title or "Filter importance distribution")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return str(path)
