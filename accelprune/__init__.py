@@ -18,5 +18,7 @@ from accelprune.kernels import (  # Triton is imported lazily, on the first kern
     filter_scores,
     filter_scores_ref,
 )
+from accelprune.reporting import Report, measure_latency, model_stats, report
+from accelprune.schedule import SCHEDULES, SparsitySchedule, sparsity_at
 
 __version__ = "0.1.0"
