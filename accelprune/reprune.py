@@ -156,11 +156,9 @@ def layer_keep_counts(scores: Sequence, original_widths: Sequence[int], target: 
     tie_rank = np.concatenate([_tie_fraction(s) for s in layers])
     order = np.lexsort((tie_rank, value))  # ascending score, ties spread over layers
     # Only a layer's first n - k_min channels in this order can go; the rest are its floor.
+    by_layer = np.argsort(layer[order], kind="stable")  # global order, grouped by layer
     rank_in_layer = np.empty(len(order), dtype=np.int64)
-    seen = np.zeros(len(layers), dtype=np.int64)
-    for pos, l in enumerate(layer[order]):
-        rank_in_layer[pos] = seen[l]
-        seen[l] += 1
+    rank_in_layer[by_layer] = np.arange(len(order)) - np.repeat(np.cumsum(widths) - widths, widths)
     removable = order[rank_in_layer < (np.array(widths) - np.array(floors))[layer[order]]]
     removed = removable[:to_remove]
     counts = np.bincount(layer[removed], minlength=len(layers))
@@ -170,12 +168,11 @@ def layer_keep_counts(scores: Sequence, original_widths: Sequence[int], target: 
 
 def _tie_fraction(values: np.ndarray) -> np.ndarray:
     """Rank of each value among the equal values of its array, as (c + 0.5) / t."""
+    order = np.argsort(values, kind="stable")
+    _, first, inverse, counts = np.unique(values[order], return_index=True, return_inverse=True,
+                                          return_counts=True)
     out = np.empty(len(values))
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    seen = np.zeros(len(counts), dtype=np.int64)
-    for i, u in enumerate(inverse):
-        out[i] = (seen[u] + 0.5) / counts[u]
-        seen[u] += 1
+    out[order] = (np.arange(len(values)) - first[inverse] + 0.5) / counts[inverse]
     return out
 
 
