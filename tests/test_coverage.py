@@ -1,0 +1,293 @@
+"""Greedy maximum coverage: the Numba path against the set-based reference, and the properties
+the selection must have whatever the implementation (ALGORITHMS.md section 2)."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from accelprune import coverage
+from accelprune._backend import available
+from accelprune.cluster import cut_linkage, ward_linkage_batched
+from accelprune.coverage import CoverageResult, max_coverage, max_coverage_ref
+
+needs_numba = pytest.mark.skipif(not available("numba"), reason="numba is not installed")
+
+
+def assert_same(result: CoverageResult, expected: CoverageResult) -> None:
+    np.testing.assert_array_equal(result.selected, expected.selected)
+    np.testing.assert_array_equal(result.gains, expected.gains)
+    assert result.covered == expected.covered
+    assert result.selected.dtype == np.int64 and result.gains.dtype == np.int64
+
+
+def pairs_covered(labels: np.ndarray, selected) -> int:
+    """How many distinct (channel, cluster) pairs the selected filters cover."""
+    return len({(j, labels[j, i]) for i in selected for j in range(labels.shape[0])})
+
+
+@st.composite
+def instances(draw, max_channels=8, max_filters=12):
+    """Small label matrices with few clusters per channel, so that ties are everywhere."""
+    c_in = draw(st.integers(1, max_channels))
+    n = draw(st.integers(1, max_filters))
+    n_clusters = draw(st.integers(1, 4))
+    flat = draw(st.lists(st.integers(0, n_clusters - 1), min_size=c_in * n, max_size=c_in * n))
+    k = draw(st.integers(1, n))
+    return np.array(flat, dtype=np.int64).reshape(c_in, n), k
+
+
+def ward_cut_labels(c_in: int, n: int, d: int, k: int, seed: int) -> np.ndarray:
+    """REPrune's labels for one layer (ALGORITHMS.md section 3, step 2): Ward-cluster every
+    channel's kernels, cut all channels at the layer-wide height of merge n - k."""
+    X = np.random.default_rng(seed).standard_normal((c_in, n, d))
+    Z = ward_linkage_batched(X, backend="auto")
+    height = Z[:, n - k - 1, 2].max()
+    return cut_linkage(Z, height=np.full(c_in, height), backend="auto")
+
+
+# ---------------------------------------------------------------------------------------------
+# parity with the reference
+
+
+@needs_numba
+@settings(max_examples=150, deadline=None)
+@given(instances(), st.sampled_from(["random", "index"]), st.integers(0, 2**32))
+def test_numba_equals_reference_on_small_instances(instance, tie_break, seed):
+    labels, k = instance
+    expected = max_coverage_ref(labels, k, tie_break=tie_break, seed=seed)
+    assert_same(max_coverage(labels, k, tie_break=tie_break, seed=seed, backend="numba"), expected)
+    assert_same(coverage._max_coverage_numpy(labels, k, tie_break=tie_break, seed=seed), expected)
+
+
+@needs_numba
+@pytest.mark.parametrize("tie_break", ["random", "index"])
+@pytest.mark.parametrize(
+    ("c_in", "n", "k", "n_clusters"),
+    [
+        (1, 1, 1, 1),
+        (1, 512, 512, 300),
+        (512, 1, 1, 1),
+        (3, 64, 32, 20),
+        (64, 256, 200, 128),
+        (512, 512, 12, 256),
+        (40, 96, 96, 2),  # everything covered early: the rest is decided by ties alone
+    ],
+)
+def test_numba_equals_reference_across_shapes(c_in, n, k, n_clusters, tie_break):
+    labels = np.random.default_rng(c_in * 1000 + n).integers(0, n_clusters, (c_in, n))
+    expected = max_coverage_ref(labels, k, tie_break=tie_break, seed=7)
+    assert_same(max_coverage(labels, k, tie_break=tie_break, seed=7, backend="numba"), expected)
+
+
+@needs_numba
+@pytest.mark.parametrize("tie_break", ["random", "index"])
+def test_numba_equals_numpy_greedy_on_a_large_instance(tie_break):
+    # k = n = 512 over 512 channels is too slow for the set-based reference; the NumPy greedy,
+    # itself checked against the reference above, stands in for it
+    labels = np.random.default_rng(3).integers(0, 200, (512, 512))
+    expected = coverage._max_coverage_numpy(labels, 512, tie_break=tie_break, seed=1)
+    assert_same(max_coverage(labels, 512, tie_break=tie_break, seed=1, backend="numba"), expected)
+
+
+@needs_numba
+@pytest.mark.parametrize("tie_break", ["random", "index"])
+@pytest.mark.parametrize(
+    ("c_in", "n", "d", "k"),
+    [(1, 8, 9, 4), (16, 32, 9, 16), (64, 64, 1, 32), (96, 128, 9, 64), (32, 128, 1, 1),
+     (8, 64, 9, 63)],
+)
+def test_numba_equals_reference_on_ward_cut_labels(c_in, n, d, k, tie_break):
+    labels = ward_cut_labels(c_in, n, d, k, seed=c_in + n)
+    expected = max_coverage_ref(labels, k, tie_break=tie_break, seed=3)
+    assert_same(max_coverage(labels, k, tie_break=tie_break, seed=3), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# properties of the selection
+
+
+@needs_numba
+@settings(max_examples=100, deadline=None)
+@given(instances(max_channels=10, max_filters=16), st.sampled_from(["random", "index"]))
+def test_selection_properties(instance, tie_break):
+    labels, k = instance
+    result = max_coverage(labels, k, tie_break=tie_break, seed=5)
+    c_in, n = labels.shape
+    assert result.selected.shape == (k,) and result.gains.shape == (k,)
+    assert len(set(result.selected.tolist())) == k
+    assert ((result.selected >= 0) & (result.selected < n)).all()
+    assert result.gains[0] == c_in  # the first filter covers one new pair per channel
+    assert (np.diff(result.gains) <= 0).all()  # coverage is submodular
+    assert result.covered == result.gains.sum() == pairs_covered(labels, result.selected)
+    for step in range(1, k):  # each gain is what that filter newly covered
+        before = pairs_covered(labels, result.selected[:step])
+        assert pairs_covered(labels, result.selected[: step + 1]) - before == result.gains[step]
+
+
+@settings(max_examples=60, deadline=None)
+@given(instances(max_channels=4, max_filters=7))
+def test_greedy_is_within_1_minus_1_over_e_of_the_optimum(instance):
+    labels, k = instance
+    subsets = itertools.combinations(range(labels.shape[1]), k)
+    best = max(pairs_covered(labels, subset) for subset in subsets)
+    for backend in (["numba", "reference"] if available("numba") else ["reference"]):
+        result = max_coverage(labels, k, backend=backend)
+        assert best >= result.covered >= (1 - 1 / math.e) * best
+
+
+@needs_numba
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+def test_ties_follow_the_documented_priority_order(backend):
+    # every filter covers the same pairs: after the first step all gains are 0 and every pick is
+    # a tie, so the selection is the priority order itself
+    labels = np.zeros((3, 10), dtype=np.int64)
+    for seed in (0, 1, 2):
+        result = max_coverage(labels, 6, tie_break="random", seed=seed, backend=backend)
+        priority = np.random.default_rng(seed).permutation(10)
+        np.testing.assert_array_equal(result.selected, priority[:6])
+        np.testing.assert_array_equal(result.gains, [3, 0, 0, 0, 0, 0])
+    result = max_coverage(labels, 6, tie_break="index", backend=backend)
+    np.testing.assert_array_equal(result.selected, np.arange(6))
+
+
+@needs_numba
+def test_random_ties_depend_on_the_seed_and_nothing_else():
+    labels = np.random.default_rng(0).integers(0, 3, (4, 40))
+    runs = {seed: max_coverage(labels, 20, seed=seed).selected.tolist() for seed in range(6)}
+    assert len({tuple(s) for s in runs.values()}) > 1
+    assert max_coverage(labels, 20, seed=4).selected.tolist() == runs[4]
+
+
+@needs_numba
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+def test_the_best_filter_wins_over_the_tie_break(backend):
+    # filter 4 is in a cluster of its own in every channel: once another filter is taken, it
+    # covers 6 new pairs and every other filter at most 1, whatever the priority order says
+    labels = np.zeros((6, 8), dtype=np.int64)
+    labels[:, 4] = 1
+    labels[0, 7] = 2
+    result = max_coverage(labels, 3, tie_break="index", backend=backend)
+    assert result.selected.tolist() == [0, 4, 7] and result.gains.tolist() == [6, 6, 1]
+    for seed in range(5):
+        result = max_coverage(labels, 3, seed=seed, backend=backend)
+        if result.selected[0] not in (4, 7):
+            assert result.selected[1:].tolist() == [4, 7]
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+@needs_numba
+def test_cluster_ids_need_not_be_contiguous():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 5, (20, 30))
+    expected = max_coverage(labels, 12)
+    spread = np.array([7, 10**12, 3, 2**40, 99])
+    assert_same(max_coverage(spread[labels], 12), expected)  # a different id for each cluster
+    assert_same(max_coverage(labels * 1000 + 17, 12), expected)
+    assert_same(max_coverage_ref(spread[labels], 12), expected)
+
+
+@needs_numba
+def test_accepts_other_integer_dtypes_lists_and_tensors():
+    torch = pytest.importorskip("torch")
+    labels = np.random.default_rng(4).integers(0, 6, (9, 17))
+    expected = max_coverage(labels, 8)
+    strided = np.repeat(labels, 2, axis=1)[:, ::2]
+    for variant in (labels.astype(np.int32), labels.astype(np.uint8), labels.tolist(),
+                    torch.from_numpy(labels), np.asfortranarray(labels), strided):
+        assert_same(max_coverage(variant, 8), expected)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+def test_input_is_not_modified(dtype, backend):
+    labels = np.random.default_rng(5).integers(0, 9, (12, 20)).astype(dtype)
+    views = [labels, np.asfortranarray(labels), labels[:, ::-1]]
+    copies = [v.copy() for v in views]
+    for view, copy in zip(views, copies):
+        max_coverage(view, 10, backend=backend)
+        np.testing.assert_array_equal(view, copy)
+        assert view.dtype == dtype
+
+
+@needs_numba
+def test_result_does_not_depend_on_thread_count_and_restores_it():
+    numba = pytest.importorskip("numba")
+    labels = np.random.default_rng(6).integers(0, 128, (512, 256))  # big enough to use threads
+    before = numba.get_num_threads()
+    results = [max_coverage(labels, 128, n_threads=t) for t in (1, 2, 3)]
+    for result in results[1:]:
+        assert_same(result, results[0])
+    assert numba.get_num_threads() == before
+
+
+@needs_numba
+def test_wide_slot_path_gives_the_same_result(monkeypatch):
+    # layers with more than 2**28 kernels use int64 slots; force that path on a small layer
+    labels = np.random.default_rng(8).integers(0, 7, (30, 40))
+    expected = max_coverage(labels, 25)
+    monkeypatch.setattr(coverage, "_INT32_SLOT_KERNELS", 10)
+    assert_same(max_coverage(labels, 25), expected)
+
+
+def test_backends_agree_and_reference_backend_is_the_reference():
+    labels = np.random.default_rng(9).integers(0, 4, (6, 15))
+    expected = max_coverage_ref(labels, 9)
+    assert_same(max_coverage(labels, 9, backend="reference"), expected)
+    assert_same(max_coverage(labels, 9, backend="auto"), expected)
+
+
+def test_result_is_a_named_tuple():
+    selected, gains, covered = max_coverage([[0, 0, 1], [2, 3, 3]], 2, tie_break="index")
+    assert selected.tolist() == [0, 2] and gains.tolist() == [2, 2] and covered == 4
+
+
+GOOD = np.zeros((2, 3), dtype=np.int64)
+
+
+@pytest.mark.parametrize("fn", [max_coverage, max_coverage_ref])
+@pytest.mark.parametrize(
+    ("labels", "k", "kwargs", "error", "match"),
+    [
+        (GOOD.astype(float), 1, {}, TypeError, "labels must be an integer array"),
+        (GOOD.astype(bool), 1, {}, TypeError, "labels must be an integer array"),
+        (np.array([["a", "b"]]), 1, {}, TypeError, "labels must be an integer array"),
+        (np.zeros(3, dtype=np.int64), 1, {}, ValueError, "labels must be 2-D"),
+        (np.zeros((1, 2, 3), dtype=np.int64), 1, {}, ValueError, "labels must be 2-D"),
+        (np.zeros((0, 3), dtype=np.int64), 1, {}, ValueError, "labels is empty"),
+        (np.zeros((3, 0), dtype=np.int32), 1, {}, ValueError, "labels is empty"),
+        (np.array([[0, -1, 2]]), 1, {}, ValueError, "non-negative"),
+        (GOOD, 0, {}, ValueError, r"k must be in \[1, 3\]"),
+        (GOOD, 4, {}, ValueError, r"k must be in \[1, 3\]"),
+        (GOOD, 1.0, {}, TypeError, "k must be an integer"),
+        (GOOD, True, {}, TypeError, "k must be an integer"),
+        (GOOD, 1, {"tie_break": "first"}, ValueError, "unknown tie_break 'first'"),
+        (GOOD, 1, {"tie_break": None}, TypeError, "tie_break must be a string"),
+        (GOOD, 1, {"seed": -1}, ValueError, "seed must be in"),
+        (GOOD, 1, {"seed": 0.5}, TypeError, "seed must be an integer"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(fn, labels, k, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fn(labels, k, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"backend": "cuda"}, ValueError, "unknown backend 'cuda'"),
+        ({"backend": 1}, TypeError, "backend must be a string"),
+        ({"n_threads": 0}, ValueError, "n_threads must be >= 1"),
+    ],
+)
+def test_bad_options_raise_a_clear_error(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        max_coverage(GOOD, 1, **kwargs)
