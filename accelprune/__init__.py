@@ -10,6 +10,7 @@ from accelprune.cluster import (
     ward_linkage_batched_ref,
     ward_linkage_ref,
 )
+from accelprune.coverage import CoverageResult, max_coverage, max_coverage_ref  # numba: lazily
 from accelprune.kernels import (  # Triton is imported lazily, on the first kernel launch
     CSGDPlan,
     csgd_transform_,
