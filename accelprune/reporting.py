@@ -95,7 +95,7 @@ class _eval_mode:
 def model_stats(model: nn.Module, example_inputs) -> dict:
     """``{"params": int, "macs": int, "nonzero_params": int}`` of ``model`` for one sample.
 
-    MACs are per input sample (the batch of ``example_inputs`` is divided out), counted by
+    MACs are per input sample (counted on the first sample of ``example_inputs``) by
     Torch-Pruning's op counter (see the module docstring for its convention). The model is not
     modified (the counter works on a deep copy) and its train/eval flags are kept.
     """
@@ -104,9 +104,22 @@ def model_stats(model: nn.Module, example_inputs) -> dict:
     _check_model(model)
     inputs = _check_inputs(example_inputs)
     with torch.no_grad(), _eval_mode(model):
-        macs, params = tp.utils.count_ops_and_params(model, inputs)
+        macs, params = tp.utils.count_ops_and_params(model, _first_sample(inputs))
     nonzero = sum(int(torch.count_nonzero(p.detach() * m)) for p, m in _effective_weights(model))
     return {"params": int(params), "macs": int(round(macs)), "nonzero_params": nonzero}
+
+
+def _first_sample(inputs):
+    """The inputs cut to one sample: the counter adds a Linear's bias once per batch, not per
+    sample, so only a batch of one gives exact per-sample MACs (and it is cheaper)."""
+    def cut(t):
+        return t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+
+    if isinstance(inputs, torch.Tensor):
+        return cut(inputs)
+    if isinstance(inputs, dict):
+        return {k: cut(v) for k, v in inputs.items()}
+    return tuple(cut(t) for t in inputs)
 
 
 def _effective_weights(model: nn.Module):
