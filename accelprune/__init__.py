@@ -19,6 +19,9 @@ from accelprune.kernels import (  # Triton is imported lazily, on the first kern
     filter_scores,
     filter_scores_ref,
 )
+from accelprune.fusion import find_conv_bn_pairs, fuse_conv_bn
+from accelprune.lottery import LotteryTicket, iterative_magnitude_pruning
+from accelprune.masks import gradient_magnitude_prune, magnitude_prune, make_permanent, weight_sparsity
 from accelprune.reporting import Report, measure_latency, model_stats, report
 from accelprune.schedule import SCHEDULES, SparsitySchedule, sparsity_at
 
