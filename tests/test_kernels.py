@@ -1,13 +1,17 @@
 """Tests for accelprune.kernels: batched importance scores and the C-SGD gradient transform.
 
-The Triton kernels run on the CPU through the Triton interpreter (small shapes: a few programs
-per call). The interpreter is switched on only inside the tests that need it (``interpreter``
-context), never for the whole session, so other test modules are unaffected. GPU parity tests
-run when CUDA is present (marker ``gpu``).
+The Triton kernels are tested on the CPU through the Triton interpreter, with small shapes (a
+few programs per launch). Triton picks interpreter or compiler once, when it is imported
+(``triton.jit`` reads ``TRITON_INTERPRET`` at decoration time, also for its own ``tl.*``
+helpers), and the two modes cannot be mixed in one process. So the tests that launch kernels on
+CPU tensors run in a child pytest process started with ``TRITON_INTERPRET=1``
+(:func:`test_triton_kernels_under_the_interpreter`); in the main process they skip, and the
+environment of the main process, shared with other test modules, is never changed. The main
+process also compiles the kernels for an H100 (sm_90) without a GPU, and GPU parity tests run
+when CUDA is present (marker ``gpu``).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -31,27 +35,40 @@ from accelprune.kernels import csgd as csgd_mod
 from accelprune.kernels import importance as importance_mod
 from accelprune.kernels._common import select_backend
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none here)")
+# Set by test_triton_kernels_under_the_interpreter for its child process, before Triton loads.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_cuda = pytest.mark.skipif(not HAS_CUDA or INTERPRETED,
+                                reason="needs a CUDA device (none here) and compiled Triton")
 
 
-@contextlib.contextmanager
-def interpreter():
-    """TRITON_INTERPRET=1 for the duration of the block only (restored even on failure)."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+def need_triton_on_cpu():
+    """Skip unless this process runs Triton in the interpreter (the child process does)."""
+    if not INTERPRETED:
+        pytest.skip("launches Triton on CPU tensors: runs in the TRITON_INTERPRET=1 child process "
+                    "of test_triton_kernels_under_the_interpreter")
 
 
 @pytest.fixture
 def no_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def test_triton_kernels_under_the_interpreter():
+    """Run this module again in a child process with TRITON_INTERPRET=1 set from the start."""
+    if INTERPRETED:
+        pytest.skip("this is the child process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-x", "-rs",
+         "-p", "no:cacheprovider"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    output = result.stdout[-6000:] + result.stderr[-2000:]
+    assert result.returncode == 0, output
+    assert "passed" in output and "TRITON_INTERPRET=1 child process" not in output, output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,8 +189,7 @@ def test_import_does_not_load_triton_or_initialise_cuda():
         "assert not torch.cuda.is_initialized(), 'CUDA initialised on import'\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
@@ -235,11 +251,11 @@ def test_auto_on_cpu_runs_the_torch_path_even_under_the_interpreter(monkeypatch)
 @pytest.mark.parametrize("kind", ["l1", "l2", "taylor"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_filter_scores_triton_matches_reference(kind, dtype):
+    need_triton_on_cpu()
     tensors = mixed_tensors(dtype)
     grads = [p.grad for p in with_grads(tensors)] if kind == "taylor" else None
     ref = filter_scores_ref(tensors, kind=kind, grads=grads)
-    with interpreter():
-        ours = filter_scores(tensors, kind=kind, grads=grads, backend="triton")
+    ours = filter_scores(tensors, kind=kind, grads=grads, backend="triton")
     truth = scores_fp64(tensors, kind, grads)
     assert len(ours) == len(tensors)
     for o, r, t, w in zip(ours, ref, truth, tensors):
@@ -249,42 +265,42 @@ def test_filter_scores_triton_matches_reference(kind, dtype):
 
 @pytest.mark.parametrize("kind", ["l1", "l2", "taylor"])
 def test_filter_scores_exact_on_integer_data(kind):
+    need_triton_on_cpu()
     g = torch.Generator().manual_seed(3)
     tensors = [torch.randint(-3, 4, s, generator=g).float() for s in [(20, 6, 5, 5), (7, 3), (9,)]]
     grads = [torch.randint(-3, 4, t.shape, generator=g).float() for t in tensors]
     grads = grads if kind == "taylor" else None
     ref = filter_scores_ref(tensors, kind=kind, grads=grads)
-    with interpreter():
-        ours = filter_scores(tensors, kind=kind, grads=grads, backend="triton")
+    ours = filter_scores(tensors, kind=kind, grads=grads, backend="triton")
     for o, r, t in zip(ours, ref, scores_fp64(tensors, kind, grads)):
         assert torch.equal(o, r)
         assert torch.equal(r, t.float())
 
 
 def test_filter_scores_abs_is_magnitude_of_1d_params():
+    need_triton_on_cpu()
     gammas = [torch.randn(9), torch.randn(33).half()]
     ref = filter_scores_ref(gammas, kind="abs")
-    with interpreter():
-        ours = filter_scores(gammas, kind="abs", backend="triton")
+    ours = filter_scores(gammas, kind="abs", backend="triton")
     for o, r, gamma in zip(ours, ref, gammas):
         assert torch.equal(o, gamma.float().abs())
         assert torch.equal(r, gamma.float().abs())
 
 
 def test_filter_scores_mixed_dtypes_in_one_call():
+    need_triton_on_cpu()
     tensors = [torch.randn(5, 4), torch.randn(3, 8).half(), torch.randn(6, dtype=torch.float64)]
-    with interpreter():
-        ours = filter_scores(tensors, kind="l2", backend="triton")
+    ours = filter_scores(tensors, kind="l2", backend="triton")
     for o, r, t in zip(ours, filter_scores_ref(tensors, kind="l2"), scores_fp64(tensors, "l2")):
         assert_close_to_fp64(o, r, t)
 
 
 def test_filter_scores_does_not_modify_inputs():
+    need_triton_on_cpu()
     tensors = mixed_tensors()
     grads = [p.grad for p in with_grads(tensors)]
     before = [t.clone() for t in tensors + grads]
-    with interpreter():
-        filter_scores(tensors, kind="taylor", grads=grads, backend="triton")
+    filter_scores(tensors, kind="taylor", grads=grads, backend="triton")
     filter_scores(tensors, kind="taylor", grads=grads, backend="torch")
     for t, b in zip(tensors + grads, before):
         assert torch.equal(t, b)
@@ -304,12 +320,12 @@ def test_filter_scores_does_not_modify_inputs():
     seed=st.integers(0, 2**16),
 )
 def test_filter_scores_random_shapes(shapes, kind, seed):
+    need_triton_on_cpu()
     g = torch.Generator().manual_seed(seed)
     tensors = [torch.randn(s, generator=g) for s in shapes]
     grads = [torch.randn(s, generator=g) for s in shapes] if kind == "taylor" else None
     ref = filter_scores_ref(tensors, kind=kind, grads=grads)
-    with interpreter():
-        ours = filter_scores(tensors, kind=kind, grads=grads, backend="triton")
+    ours = filter_scores(tensors, kind=kind, grads=grads, backend="triton")
     for o, r, t in zip(ours, ref, scores_fp64(tensors, kind, grads)):
         assert_close_to_fp64(o, r, t)
 
@@ -320,13 +336,15 @@ def test_filter_scores_random_shapes(shapes, kind, seed):
 
 @pytest.mark.parametrize("path", ["torch", "triton"])
 def test_filter_scores_rejects_non_finite(path):
+    if path == "triton":
+        need_triton_on_cpu()
     w = torch.randn(4, 3)
     w[2, 1] = float("nan")
-    with interpreter(), pytest.raises(ValueError, match=r"tensors\[1\].*not finite"):
+    with pytest.raises(ValueError, match=r"tensors\[1\].*not finite"):
         filter_scores([torch.randn(2), w], backend=path)
     g = torch.randn(4, 3)
     g[0, 0] = float("inf")
-    with interpreter(), pytest.raises(ValueError, match="not finite"):
+    with pytest.raises(ValueError, match="not finite"):
         filter_scores([torch.randn(4, 3)], kind="taylor", grads=[g], backend=path)
 
 
@@ -363,6 +381,7 @@ def test_filter_scores_bad_input(call, error, match):
 
 
 def test_csgd_paths_agree_with_fp64_reference():
+    need_triton_on_cpu()
     params, clusters = csgd_params()
     truth = csgd_fp64_truth(params, clusters, **COEFS)
     ref, torch_path, dense, fused = (clone_params(params) for _ in range(4))
@@ -370,8 +389,7 @@ def test_csgd_paths_agree_with_fp64_reference():
     csgd_transform_ref(ref, clusters, **COEFS)
     csgd_transform_(torch_path, clusters, backend="torch", **COEFS)
     csgd_transform_dense_ref(dense, clusters, **COEFS)
-    with interpreter():
-        csgd_transform_(fused, clusters, backend="triton", **COEFS)
+    csgd_transform_(fused, clusters, backend="triton", **COEFS)
     assert all(q.grad is g for q, g in zip(fused + torch_path, grad_objects))  # in place
     assert fused[5].grad.is_contiguous(memory_format=torch.channels_last)  # written in place
     for i, t in enumerate(truth):
@@ -382,13 +400,13 @@ def test_csgd_paths_agree_with_fp64_reference():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_csgd_low_and_double_precision(dtype):
+    need_triton_on_cpu()
     params, clusters = csgd_params(dtype)
     truth = csgd_fp64_truth(params, clusters, **COEFS)
     ref, torch_path, fused = (clone_params(params) for _ in range(3))
     csgd_transform_ref(ref, clusters, **COEFS)
     csgd_transform_(torch_path, clusters, backend="torch", **COEFS)
-    with interpreter():
-        csgd_transform_(fused, clusters, backend="triton", **COEFS)
+    csgd_transform_(fused, clusters, backend="triton", **COEFS)
     for i, t in enumerate(truth):
         assert ref[i].grad.dtype == dtype
         rel = 1e-12 if dtype == torch.float64 else 1e-6
@@ -402,6 +420,7 @@ def test_csgd_low_and_double_precision(dtype):
 
 def test_csgd_exact_on_dyadic_data():
     """Integer weights/grads, clusters of size 1, 2, 4 and dyadic η, ε: every path is exact."""
+    need_triton_on_cpu()
     g = torch.Generator().manual_seed(5)
     params = [torch.randint(-8, 9, (8, 2, 3, 3), generator=g).float(),
               torch.randint(-8, 9, (8,), generator=g).float(),
@@ -415,37 +434,37 @@ def test_csgd_exact_on_dyadic_data():
     csgd_transform_ref(results[0], clusters, **coefs)
     csgd_transform_(results[1], clusters, backend="torch", **coefs)
     csgd_transform_dense_ref(results[2], clusters, **coefs)
-    with interpreter():
-        csgd_transform_(results[3], clusters, backend="triton", **coefs)
+    csgd_transform_(results[3], clusters, backend="triton", **coefs)
     for result in results:
         for q, t in zip(result, truth):
             assert torch.equal(q.grad.double(), t)
 
 
 def test_csgd_plan_gives_the_same_result_as_raw_clusters():
+    need_triton_on_cpu()
     params, clusters = csgd_params()
     plan = CSGDPlan(params, clusters)
     a, b, c = (clone_params(params) for _ in range(3))
     csgd_transform_(a, clusters, backend="torch", **COEFS)
     csgd_transform_(b, plan, backend="torch", **COEFS)
     assert all(torch.equal(x.grad, y.grad) for x, y in zip(a, b))
-    with interpreter():
-        csgd_transform_(c, plan, backend="triton", **COEFS)
-        d = clone_params(params)
-        csgd_transform_(d, plan, backend="triton", **COEFS)  # cached tables reused
+    csgd_transform_(c, plan, backend="triton", **COEFS)
+    d = clone_params(params)
+    csgd_transform_(d, plan, backend="triton", **COEFS)  # cached tables reused
     assert all(torch.equal(x.grad, y.grad) for x, y in zip(c, d))
 
 
 @pytest.mark.parametrize("path", ["torch", "triton"])
 def test_csgd_non_contiguous_grad_is_written_in_place(path):
+    if path == "triton":
+        need_triton_on_cpu()
     w = torch.randn(6, 4).requires_grad_()
     w.grad = torch.randn(4, 6).t()  # same shape, transposed strides
     grad = w.grad
     expected = clone_params([w])
     labels = torch.tensor([0, 0, 1, 1, 1, 2])
     csgd_transform_ref(expected, [labels], weight_decay=0.1, centripetal=0.2)
-    with interpreter():
-        csgd_transform_([w], [labels], weight_decay=0.1, centripetal=0.2, backend=path)
+    csgd_transform_([w], [labels], weight_decay=0.1, centripetal=0.2, backend=path)
     assert w.grad is grad
     torch.testing.assert_close(w.grad, expected[0].grad)
 
@@ -475,10 +494,11 @@ def check_csgd_invariants(before, after, labels, eta, eps):
 
 @pytest.mark.parametrize("path", ["torch", "triton"])
 def test_csgd_invariants(path):
+    if path == "triton":
+        need_triton_on_cpu()
     params, clusters = csgd_params()
     after = clone_params(params)
-    with interpreter():
-        csgd_transform_(after, clusters, backend=path, **COEFS)
+    csgd_transform_(after, clusters, backend=path, **COEFS)
     plan = CSGDPlan(params, clusters)
     for i in range(len(params)):
         check_csgd_invariants(params[i], after[i], torch.from_numpy(plan.labels[i]),
@@ -565,6 +585,66 @@ def test_csgd_rejects_duplicates_bad_coefficients_and_plan_mismatch():
     m.grad = torch.randn(6, 3, device="meta")
     with pytest.raises(ValueError, match="one device"):
         csgd_transform_([p, m], [labels, labels], weight_decay=0.0, centripetal=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled (not interpreted) kernels: lower them for an H100 without a GPU
+
+
+def _compile_for_sm90(kernel, pointer_args, constexprs):
+    """Run Triton's real pipeline (TTIR -> PTX -> cubin via the bundled ptxas) for sm_90.
+
+    The interpreter does not exercise lowering (pointer casts, constexpr branches, IEEE sqrt);
+    this catches kernels that run interpreted but would not compile for a GPU.
+    """
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as exc:  # pragma: no cover - depends on the installed Triton
+        pytest.skip(f"Triton's ahead-of-time compiler API is unavailable: {exc}")
+    signature = {**pointer_args, **{name: "constexpr" for name in constexprs}}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs),
+                              target=GPUTarget("cuda", 90, 32))
+    return compiled.asm["ptx"]
+
+
+@pytest.mark.skipif(INTERPRETED, reason="needs Triton in compiler mode (main process only)")
+def test_kernels_compile_for_sm90(monkeypatch, tmp_path):
+    import triton.language as tl
+
+    from accelprune.kernels import _triton_kernels as tk
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # cold and private: really compiles
+    for elem, acc, kinds in [("bf16", tl.float32, range(4)), ("fp64", tl.float64, [tk.KIND_L2])]:
+        for kind in kinds:
+            ptx = _compile_for_sm90(
+                tk.filter_scores_kernel,
+                {"table_ptr": "*i64", "task_ptr": "*i64", "out_ptr": "*fp32", "X0": f"*{elem}",
+                 "G0": f"*{elem}"},
+                {"KIND": kind, "ACC": acc, "BLOCK_R": tk.FS_BLOCK_R, "BLOCK_F": tk.FS_BLOCK_F},
+            )
+            if kind == tk.KIND_L2:
+                assert ("sqrt.rn.f64" if elem == "fp64" else "sqrt.rn.f32") in ptx
+    for elem, acc in [("fp32", tl.float32), ("fp16", tl.float32), ("fp64", tl.float64)]:
+        _compile_for_sm90(
+            tk.csgd_kernel,
+            {"param_ptr": "*i64", "task_ptr": "*i64", "cluster_ptr": "*i64", "member_ptr": "*i64",
+             "W0": f"*{elem}"},
+            {"ACC": acc, "BLOCK": tk.CS_BLOCK},
+        )
+
+
+@pytest.mark.skipif(INTERPRETED, reason="needs Triton imported in compiler mode")
+def test_interpreter_requested_after_triton_was_imported_gives_a_clear_error(monkeypatch):
+    from accelprune.kernels import _triton_kernels  # noqa: F401  (imports Triton, compiler mode)
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # too late: Triton is already loaded
+    with pytest.raises(RuntimeError, match="before Triton is first imported"):
+        filter_scores([torch.randn(4, 3)], backend="triton")
+    with pytest.raises(RuntimeError, match="before Triton is first imported"):
+        csgd_transform_([_one_param()], [torch.zeros(6, dtype=torch.long)], weight_decay=0.0,
+                        centripetal=0.1, backend="triton")
 
 
 # ---------------------------------------------------------------------------------------------

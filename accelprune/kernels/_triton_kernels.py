@@ -134,25 +134,28 @@ def csgd_kernel(param_ptr, task_ptr, cluster_ptr, member_ptr, W0, ACC: tl.conste
 
 
 # ---------------------------------------------------------------------------------------------
-# interpreter switching
-
-_retargeted: dict = {}
+# interpreter mode
 
 
-def for_current_mode(kernel):
-    """``kernel`` decorated for the mode Triton is in now (compiled, or interpreted on the CPU).
+def interpreted() -> bool:
+    """Whether these kernels run in the Triton interpreter (decided when Triton was imported)."""
+    return isinstance(filter_scores_kernel, InterpretedFunction)
 
-    ``triton.jit`` reads ``TRITON_INTERPRET`` once, when it decorates. Tests switch the
-    interpreter on for a few calls only (so it never leaks into other tests), hence the raw
-    function is re-decorated, once per mode, when the mode differs from the import-time one.
+
+def check_launchable(device) -> None:
+    """Raise a clear error instead of Triton's own when CPU tensors meet compiled kernels.
+
+    Triton decides interpreter or compiler when it is imported: ``triton.jit`` reads
+    ``TRITON_INTERPRET`` at decoration time, for these kernels and for Triton's own helpers
+    (``tl.zeros``, ...). Setting the variable later, in a process that already imported Triton,
+    does not switch modes (and mixing both modes in one process breaks Triton 3.x).
     """
-    interpret = bool(triton.knobs.runtime.interpret)
-    if isinstance(kernel, InterpretedFunction) == interpret:
-        return kernel
-    key = (kernel.fn, interpret)
-    if key not in _retargeted:
-        _retargeted[key] = triton.jit(kernel.fn)
-    return _retargeted[key]
+    if device.type == "cpu" and not interpreted():
+        raise RuntimeError(
+            "backend='triton' on CPU tensors needs the Triton interpreter, but Triton was imported "
+            "without it; set TRITON_INTERPRET=1 in the environment before Triton is first imported "
+            "(e.g. when starting the process)"
+        )
 
 
 def acc_type(dtype):

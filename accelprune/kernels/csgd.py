@@ -292,7 +292,8 @@ def _csgd_transform_torch(params, plan: CSGDPlan, etas, epss) -> None:
 def _csgd_transform_triton(params, plan: CSGDPlan, etas, epss, device) -> None:
     from accelprune.kernels import _triton_kernels as tk
 
-    kernel = tk.for_current_mode(tk.csgd_kernel)
+    tk.check_launchable(device)
+    kernel = tk.csgd_kernel
     members, clusters, tasks, task_param = plan.triton_tables(device, tk.CS_BLOCK)
 
     # Rows must be dense blocks with one layout in W and G; otherwise work on copies.

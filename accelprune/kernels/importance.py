@@ -129,7 +129,8 @@ def _row_block_tasks(n_rows: tuple[int, ...], block_r: int) -> np.ndarray:
 def _filter_scores_triton(tensors, grads, kind, device) -> list[torch.Tensor]:
     from accelprune.kernels import _triton_kernels as tk
 
-    kernel = tk.for_current_mode(tk.filter_scores_kernel)
+    tk.check_launchable(device)
+    kernel = tk.filter_scores_kernel
     kind_ids = {"l1": tk.KIND_L1, "l2": tk.KIND_L2, "abs": tk.KIND_ABS, "taylor": tk.KIND_TAYLOR}
     kind_id = kind_ids[kind]
     n_rows = [t.shape[0] for t in tensors]
