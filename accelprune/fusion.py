@@ -66,18 +66,18 @@ def _is_masked(module: nn.Module) -> bool:
 
 
 def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(conv name, bn name)`` of every pair that :func:`fuse_conv_bn` would fuse, in forward order.
+    """``(conv name, bn name)`` of every pair :func:`fuse_conv_bn` would fuse, in forward order.
 
     Raises ValueError when torch.fx cannot trace the model (see the module docstring).
     """
     _check_model(model)
     try:
         graph = fx.Tracer().trace(model)
-    except Exception as exc:  # fx raises several types (TraceError, TypeError, NotImplementedError...)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError)
         raise ValueError(
             f"cannot find conv-bn pairs: torch.fx could not trace {type(model).__name__} "
-            f"({type(exc).__name__}: {exc}); pass pairs=[(conv_name, bn_name), ...] to fuse_conv_bn "
-            "explicitly") from exc
+            f"({type(exc).__name__}: {exc}); pass pairs=[(conv_name, bn_name), ...] to "
+            "fuse_conv_bn explicitly") from exc
     modules = dict(model.named_modules())
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     pairs = []
@@ -138,7 +138,8 @@ def _check_pairs(model: nn.Module, pairs) -> list[tuple[str, str]]:
     modules = dict(model.named_modules())
     checked, seen = [], set()
     for item in pairs:
-        if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(s, str) for s in item)):
+        is_pair = isinstance(item, (tuple, list)) and len(item) == 2
+        if not (is_pair and all(isinstance(s, str) for s in item)):
             raise TypeError(f"pairs must hold (conv_name, bn_name) string pairs, got {item!r}")
         conv_name, bn_name = item
         for name in item:

@@ -56,7 +56,8 @@ def _normalise_state(model: nn.Module, state) -> dict[str, torch.Tensor]:
     """A detached copy of ``state`` (a state_dict, pruned or not) under the model's plain names,
     checked against the model for missing keys and shapes."""
     if not isinstance(state, Mapping):
-        raise TypeError(f"rewind_state must be a state_dict (a mapping), got {type(state).__name__}")
+        raise TypeError("rewind_state must be a state_dict (a mapping), got "
+                        f"{type(state).__name__}")
     plain = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
@@ -67,11 +68,13 @@ def _normalise_state(model: nn.Module, state) -> dict[str, torch.Tensor]:
     target = _plain_state(model)
     missing = [k for k in target if k not in plain]
     if missing:
-        raise ValueError(f"rewind_state lacks {len(missing)} entries of the model, e.g. {missing[:3]}")
+        raise ValueError(f"rewind_state lacks {len(missing)} entries of the model, "
+                         f"e.g. {missing[:3]}")
     for key, tensor in target.items():
         if plain[key].shape != tensor.shape:
-            raise ValueError(f"rewind_state[{key!r}] has shape {tuple(plain[key].shape)}, the model "
-                             f"has {tuple(tensor.shape)} (was the model pruned structurally since?)")
+            raise ValueError(f"rewind_state[{key!r}] has shape {tuple(plain[key].shape)}, the "
+                             f"model has {tuple(tensor.shape)} (was the model pruned "
+                             "structurally since?)")
     return {k: plain[k] for k in target}
 
 
@@ -87,7 +90,8 @@ class LotteryTicket:
         Conv/Linear weights.
     """
 
-    def __init__(self, model: nn.Module, *, rewind_state=None, scope: str = "global", parameters=None):
+    def __init__(self, model: nn.Module, *, rewind_state=None, scope: str = "global",
+                 parameters=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if scope not in SCOPES:
@@ -147,9 +151,9 @@ class LotteryTicket:
 _BELOW_ONE = 1.0 - 1e-12
 
 
-def iterative_magnitude_pruning(model: nn.Module, train_fn: Callable[[nn.Module], object], rounds: int,
-                                fraction_per_round: float, *, rewind_to=None, scope: str = "global",
-                                parameters=None) -> LotteryTicket:
+def iterative_magnitude_pruning(model: nn.Module, train_fn: Callable[[nn.Module], object],
+                                rounds: int, fraction_per_round: float, *, rewind_to=None,
+                                scope: str = "global", parameters=None) -> LotteryTicket:
     """Frankle & Carbin's IMP: ``rounds`` times train, prune ``fraction_per_round`` of the
     remaining weights, rewind.
 

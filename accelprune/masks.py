@@ -49,12 +49,15 @@ _DEFAULT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvT
 
 def is_reparametrised(module: nn.Module, name: str) -> bool:
     """Whether ``module.<name>`` is under a ``torch.nn.utils.prune`` mask."""
-    return prune.is_pruned(module) and hasattr(module, name + "_orig") and hasattr(module, name + "_mask")
+    return (prune.is_pruned(module) and hasattr(module, name + "_orig")
+            and hasattr(module, name + "_mask"))
 
 
 def dense_parameter(module: nn.Module, name: str) -> nn.Parameter:
     """The trainable Parameter behind ``module.<name>``: ``<name>_orig`` when masked."""
-    return getattr(module, name + "_orig") if is_reparametrised(module, name) else getattr(module, name)
+    if is_reparametrised(module, name):
+        return getattr(module, name + "_orig")
+    return getattr(module, name)
 
 
 def _mask(module: nn.Module, name: str) -> torch.Tensor | None:
@@ -100,14 +103,15 @@ def resolve_parameters(model: nn.Module, parameters=None) -> list[tuple[nn.Modul
                     and isinstance(item[1], str):
                 module, name = item
             else:
-                raise TypeError(f"cannot prune {item!r}: expected a (module, name) pair, a module or "
-                                "a module name")
+                raise TypeError(f"cannot prune {item!r}: expected a (module, name) pair, a module "
+                                "or a module name")
             if id(module) not in inside:
                 raise ValueError(f"{type(module).__name__} module is not part of the model")
             param = getattr(module, name + "_orig", None) if is_reparametrised(module, name) \
                 else getattr(module, name, None)
             if not isinstance(param, nn.Parameter):
-                raise ValueError(f"{type(module).__name__} module has no parameter {name!r} to prune")
+                raise ValueError(f"{type(module).__name__} module has no parameter {name!r} "
+                                 "to prune")
             pairs.append((module, name))
     if not pairs:
         raise ValueError("nothing to prune: the model has no Conv/Linear weights "

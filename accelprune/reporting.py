@@ -131,7 +131,8 @@ def _effective_weights(model: nn.Module):
             yield p, (mask if isinstance(mask, torch.Tensor) else 1)
 
 
-def measure_latency(model: nn.Module, example_inputs, *, repeats: int = 20, warmup: int = 3) -> float:
+def measure_latency(model: nn.Module, example_inputs, *, repeats: int = 20,
+                    warmup: int = 3) -> float:
     """Median wall-clock seconds of one forward pass (eval mode, ``torch.inference_mode``).
 
     Medians of repeats are used because the machine may be shared and noisy. CUDA work is
@@ -240,7 +241,8 @@ class Report:
 
     def to_dict(self) -> dict:
         return {
-            "before": dict(self.before, latency_s=self.latency_before, accuracy=self.accuracy_before),
+            "before": dict(self.before, latency_s=self.latency_before,
+                           accuracy=self.accuracy_before),
             "after": dict(self.after, latency_s=self.latency_after, accuracy=self.accuracy_after),
             "compression": self.compression,
             "mac_reduction": self.mac_reduction,
@@ -257,7 +259,7 @@ class Report:
         return text
 
     def plot_widths(self, path: str | os.PathLike) -> str:
-        """Bar chart of kept output channels per layer, before vs after; see :func:`plot_layer_widths`."""
+        """Bars of output channels per layer, before vs after (:func:`plot_layer_widths`)."""
         return plot_layer_widths(self, path)
 
     def __str__(self) -> str:
@@ -270,15 +272,18 @@ class Report:
         def fmt_acc(a):
             return "-" if a is None else f"{a:.4g}"
 
+        b, a = self.before, self.after
         summary = [
-            ("params", _human(self.before["params"]), _human(self.after["params"]), fmt_ratio(self.compression)),
-            ("nonzero params", _human(self.before["nonzero_params"]), _human(self.after["nonzero_params"]),
-             fmt_ratio(_ratio(self.before["nonzero_params"], self.after["nonzero_params"]))),
-            ("MACs", _human(self.before["macs"]), _human(self.after["macs"]), fmt_ratio(self.mac_reduction)),
-            ("latency (median)", fmt_ms(self.latency_before), fmt_ms(self.latency_after), fmt_ratio(self.speedup)),
+            ("params", _human(b["params"]), _human(a["params"]), fmt_ratio(self.compression)),
+            ("nonzero params", _human(b["nonzero_params"]), _human(a["nonzero_params"]),
+             fmt_ratio(_ratio(b["nonzero_params"], a["nonzero_params"]))),
+            ("MACs", _human(b["macs"]), _human(a["macs"]), fmt_ratio(self.mac_reduction)),
+            ("latency (median)", fmt_ms(self.latency_before), fmt_ms(self.latency_after),
+             fmt_ratio(self.speedup)),
         ]
         if self.accuracy_before is not None or self.accuracy_after is not None:
-            summary.append(("accuracy", fmt_acc(self.accuracy_before), fmt_acc(self.accuracy_after), ""))
+            summary.append(("accuracy", fmt_acc(self.accuracy_before),
+                            fmt_acc(self.accuracy_after), ""))
         lines = _table(("", "before", "after", "before/after"), summary)
         layer_rows = []
         for row in self.layers:
@@ -338,7 +343,8 @@ def report(before: nn.Module, after: nn.Module, example_inputs, *, latency: bool
             raise TypeError("accuracy must be a pair (before, after)")
         acc = tuple(_finite(a, "accuracy") for a in accuracy)
     elif evaluate is not None:
-        acc = (_finite(evaluate(before), "evaluate(before)"), _finite(evaluate(after), "evaluate(after)"))
+        acc = (_finite(evaluate(before), "evaluate(before)"),
+               _finite(evaluate(after), "evaluate(after)"))
     stats_b, stats_a = model_stats(before, example_inputs), model_stats(after, example_inputs)
     lat_b = lat_a = None
     if latency:
@@ -392,19 +398,22 @@ def plot_layer_widths(rep: Report, path: str | os.PathLike) -> str:
 
 
 def plot_importance(scores, path: str | os.PathLike, *, threshold: float | None = None,
-                    prune_ratio: float | None = None, bins: int = 30, title: str | None = None) -> str:
+                    prune_ratio: float | None = None, bins: int = 30,
+                    title: str | None = None) -> str:
     """Histogram of a layer's per-filter importance with the prune threshold marked (seed 001's
     figure), saved to ``path``.
 
     scores: 1-D scores, or a Conv/Linear module (then its filters' L1 norms, Σ|W_i|).
     threshold: the score at or below which filters are pruned; or ``prune_ratio`` in [0, 1): the
-        threshold is the score of the ``round(prune_ratio * n)``-th smallest filter. Neither: no line.
+        threshold is the score of the ``round(prune_ratio * n)``-th smallest filter.
+        Neither: no line is drawn.
     """
     from accelprune._validation import as_float64_array, check_fraction
 
     if isinstance(scores, nn.Module):
         if not isinstance(scores, _WIDTH_LAYERS):
-            raise TypeError(f"plot_importance takes a Conv/Linear module or 1-D scores, got {type(scores).__name__}")
+            raise TypeError("plot_importance takes a Conv/Linear module or 1-D scores, got "
+                            f"{type(scores).__name__}")
         w = scores.weight.detach()
         if isinstance(scores, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
             w = w.transpose(0, 1)  # transposed convs store (in, out, ...)

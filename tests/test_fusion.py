@@ -49,7 +49,8 @@ def test_sequential_conv_bn_with_and_without_bias():
                                        nn.Conv2d(6, 4, 3, bias=False), nn.BatchNorm2d(4)))
     assert find_conv_bn_pairs(model) == [("0", "1"), ("3", "4")]
     fused = assert_fusion_exact(model, torch.randn(2, 3, 9, 9), n_pairs=2)
-    assert isinstance(fused[1], nn.Identity) and fused[0].bias is not None and fused[3].bias is not None
+    assert isinstance(fused[1], nn.Identity)
+    assert fused[0].bias is not None and fused[3].bias is not None
     assert type(fused) is nn.Sequential
 
 
@@ -110,7 +111,8 @@ class ConvOutputReusedAndSharedBN(nn.Module):
         self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
         self.conv2, self.conv3, self.shared_bn = (nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1),
                                                   nn.BatchNorm2d(4))
-        self.conv4, self.stats_free_bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)
+        self.conv4 = nn.Conv2d(4, 4, 1)
+        self.stats_free_bn = nn.BatchNorm2d(4, track_running_stats=False)
 
     def forward(self, x):
         y = self.conv1(x)
@@ -135,7 +137,8 @@ def test_unsafe_pairs_are_left_alone():
 def test_conv1d_and_transposed_conv():
     torch.manual_seed(1)
     model = randomise_bn(nn.Sequential(nn.Conv1d(3, 5, 3), nn.BatchNorm1d(5), nn.ReLU(),
-                                       nn.Unflatten(2, (1, 6)), nn.ConvTranspose2d(5, 4, 3, stride=2),
+                                       nn.Unflatten(2, (1, 6)),
+                                       nn.ConvTranspose2d(5, 4, 3, stride=2),
                                        nn.BatchNorm2d(4)))
     assert find_conv_bn_pairs(model) == [("0", "1"), ("4", "5")]
     assert_fusion_exact(model, torch.randn(2, 3, 8), n_pairs=2)

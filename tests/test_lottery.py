@@ -44,7 +44,7 @@ def test_rewind_restores_initial_values_and_keeps_masks():
     init = copy.deepcopy(model.state_dict())
     ticket = LotteryTicket(model)
     make_train()(model)
-    trained = {"0.weight": model[0].weight.detach().clone(), "4.weight": model[4].weight.detach().clone()}
+    trained = {k: model.get_parameter(k).detach().clone() for k in ("0.weight", "4.weight")}
     ticket.prune(0.5)
     masks = get_masks(model)
     # masks come from the trained magnitudes (one global threshold), not the initial ones
@@ -129,7 +129,8 @@ def test_rewind_state_from_a_masked_model_is_accepted():
     assert torch.equal(model[0].weight_orig, masked_state["0.weight_orig"])
 
 
-@pytest.mark.parametrize("fraction, exc", [(1.0, ValueError), (-0.2, ValueError), (None, TypeError)])
+@pytest.mark.parametrize("fraction, exc",
+                         [(1.0, ValueError), (-0.2, ValueError), (None, TypeError)])
 def test_bad_fraction(fraction, exc):
     with pytest.raises(exc, match="fraction"):
         LotteryTicket(tiny()).prune(fraction)
