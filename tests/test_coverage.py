@@ -230,11 +230,13 @@ def test_result_does_not_depend_on_thread_count_and_restores_it():
 
 
 @needs_numba
-def test_wide_slot_path_gives_the_same_result(monkeypatch):
-    # layers with more than 2**28 kernels use int64 slots; force that path on a small layer
+@pytest.mark.parametrize("limit", ["_INT32_SLOT_KERNELS", "_INT16_MEMBER_FILTERS"])
+def test_wide_index_paths_give_the_same_result(monkeypatch, limit):
+    # more than 2**28 kernels take int64 slots, more than 32767 filters int32 members: force
+    # those paths on a small layer
     labels = np.random.default_rng(8).integers(0, 7, (30, 40))
     expected = max_coverage(labels, 25)
-    monkeypatch.setattr(coverage, "_INT32_SLOT_KERNELS", 10)
+    monkeypatch.setattr(coverage, limit, 10)
     assert_same(max_coverage(labels, 25), expected)
 
 

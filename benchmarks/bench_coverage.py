@@ -1,0 +1,159 @@
+"""Greedy maximum coverage (REPrune's filter selection) on the labels of real models.
+
+For every conv of torchvision ResNet-50 and VGG-16 (random init: only shapes matter) at 50%
+sparsity: k = n // 2 filters to keep; each input channel's kernels are Ward-clustered and every
+channel is cut at the layer-wide height h_l = max over channels of the height of merge n - k
+(ALGORITHMS.md section 3, step 2). Labels are computed once, before any timing. Times, for one
+``max_coverage`` call per layer over a whole model (or a named subset of its layers):
+
+* ``numba``: accelprune's fast path, all cores (``numba_1t``: one thread);
+* ``numpy``: greedy with every gain recomputed by NumPy at each step, what one would write
+  without incremental updates (``accelprune.coverage._max_coverage_numpy``);
+* ``reference``: the textbook Python greedy with sets (``max_coverage_ref``). It needs minutes
+  for a whole ResNet-50, so by default it runs only on the layers with at most 128 filters,
+  a row of its own; ``--reference-all`` runs it on whole models too.
+
+Also reported: the first call's cost in a fresh process, with an empty Numba cache (compiling)
+and again with the cache it left (loading), each in its own subprocess.
+
+Run: ``python -m benchmarks.bench_coverage [--quick] [--repeats N] [--reference-all]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from accelprune.cluster import cut_linkage, ward_linkage_batched
+from accelprune.coverage import _max_coverage_numpy, max_coverage, max_coverage_ref
+from benchmarks.harness import Row, measure, report
+from benchmarks.model_shapes import conv_weights, ward_problems
+
+SPARSITY = 0.5
+REFERENCE_MAX_FILTERS = 128  # the default reference subset: layers this narrow
+TARGET_SECONDS, TARGET_RATIO = 0.1, 200  # ResNet-50 on 2 cores, and numpy / numba
+
+
+def layer_labels(weight) -> tuple[np.ndarray, int]:
+    """REPrune's cluster labels (c_in, n) of one conv at SPARSITY, and k."""
+    X = ward_problems(weight)
+    n = X.shape[1]
+    k = max(1, n - int(round(SPARSITY * n)))
+    if k == n:
+        return np.tile(np.arange(n, dtype=np.int32), (X.shape[0], 1)), k
+    Z = ward_linkage_batched(X)
+    height = Z[:, n - k - 1, 2].max()  # merge n - k is row n - k - 1
+    return cut_linkage(Z, height=np.full(len(Z), height)), k
+
+
+def model_layers(model_name: str, quick: bool) -> list[tuple[str, np.ndarray, int]]:
+    weights = conv_weights(model_name)
+    if quick:  # the narrow layers only, a smoke check
+        weights = [(name, w) for name, w in weights if w.shape[0] * w.shape[1] <= 64 * 256][:8]
+    return [(name, *layer_labels(w)) for name, w in weights]
+
+
+def run_all(layers, solve):
+    return [solve(labels, k) for _, labels, k in layers]
+
+
+FIRST_CALL = textwrap.dedent("""
+    import time
+    import numpy as np
+    from accelprune.coverage import max_coverage
+    labels = np.random.default_rng(0).integers(0, 8, (32, 64)).astype(np.int32)
+    t0 = time.perf_counter()
+    max_coverage(labels, 32)
+    print(time.perf_counter() - t0)
+""")
+
+
+def first_call_seconds(cache_dir: str) -> float:
+    """Time of the first max_coverage call in a new Python process using ``cache_dir``."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir,
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, check=True,
+                         capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few narrow layers, for a smoke check")
+    parser.add_argument("--repeats", type=int, default=7, help="repeats of the Numba path")
+    parser.add_argument("--reference-all", action="store_true",
+                        help="also run the textbook reference on whole models (minutes)")
+    args = parser.parse_args(argv)
+    import numba
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        jit = {"first call, empty cache (compile)": first_call_seconds(cache_dir),
+               "first call, second process (cache)": first_call_seconds(cache_dir)}
+    max_coverage(np.zeros((1, 2), dtype=np.int32), 1)  # compiled (or loaded) before any timing
+
+    rows, totals = [], {}
+    for model_name in ("resnet50", "vgg16"):
+        layers = model_layers(model_name, args.quick)
+        narrow = [layer for layer in layers if layer[1].shape[1] <= REFERENCE_MAX_FILTERS]
+        cases = {f"{model_name} {'quick subset' if args.quick else 'all convs'}": layers}
+        if not args.quick:
+            cases[f"{model_name} convs with <= {REFERENCE_MAX_FILTERS} filters"] = narrow
+        for case, subset in cases.items():
+            slow_repeats = 1 if not args.quick else 3
+            timings = {
+                "numba": measure(lambda: run_all(subset, max_coverage), repeats=args.repeats),
+                "numba_1t": measure(lambda: run_all(
+                    subset, lambda labels, k: max_coverage(labels, k, n_threads=1)), repeats=args.repeats),
+                "numpy": measure(lambda: run_all(subset, _max_coverage_numpy), warmup=0,
+                                 repeats=slow_repeats),
+            }
+            with_reference = subset is narrow or args.quick or args.reference_all
+            if with_reference:
+                timings["reference"] = measure(lambda: run_all(subset, max_coverage_ref), warmup=0,
+                                               repeats=slow_repeats)
+            # the timed paths must agree, or the comparison means nothing
+            for fast, slow in zip(run_all(subset, max_coverage), run_all(subset, _max_coverage_numpy)):
+                assert np.array_equal(fast.selected, slow.selected), case
+            rows.append(Row(case, {name: t.median_s for name, t in timings.items()}, {
+                "layers": len(subset),
+                "kernels": sum(labels.size for _, labels, _ in subset),
+                "reference": "yes" if with_reference else "skipped",
+            }))
+            totals[case] = timings
+
+    doc = report(
+        "coverage_quick" if args.quick else "coverage",
+        rows,
+        fast="numba",
+        references=["numpy", "reference"],
+        notes={
+            "sparsity": SPARSITY,
+            "labels": "Ward per input channel, all channels cut at the layer-wide height of merge "
+                      "n - k (ALGORITHMS.md 3.2); computed before timing",
+            "numba_threads": numba.config.NUMBA_NUM_THREADS,
+            "threading_layer": numba.threading_layer(),
+            "jit_seconds": jit,
+            "reference_subset": f"layers with <= {REFERENCE_MAX_FILTERS} filters unless --reference-all",
+        },
+    )
+    print("\nfirst call in a fresh process:")
+    for what, seconds in jit.items():
+        print(f"  {what}: {seconds:.2f} s")
+    key = "resnet50 all convs"
+    if key in totals:
+        fast, numpy_s = totals[key]["numba"].median_s, totals[key]["numpy"].median_s
+        print(f"\nResNet-50, all convs: {fast:.3f} s on {numba.config.NUMBA_NUM_THREADS} threads "
+              f"(target <= {TARGET_SECONDS} s on 2 cores); numpy / numba = {numpy_s / fast:.0f}x "
+              f"(target >= {TARGET_RATIO}x)")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
