@@ -194,3 +194,13 @@ def test_bad_model():
         fuse_conv_bn("resnet")
     with pytest.raises(TypeError, match="inplace"):
         fuse_conv_bn(nn.Conv2d(1, 1, 1), inplace=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fusion_on_cuda():
+    model = randomise_bn(resnet20()).cuda()
+    # TF32 convolutions would round fused and unfused weights differently, beyond float tolerance
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        fused = assert_fusion_exact(model, torch.randn(2, 3, 32, 32, device="cuda"))
+    assert all(p.is_cuda for p in fused.parameters())

@@ -187,3 +187,13 @@ def test_bad_input():
         report(m, m, X, latency=False, accuracy=(0.9, float("nan")))
     with pytest.raises(TypeError, match="Report"):
         plot_layer_widths({"layers": []}, "x.png")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_stats_and_latency_on_cuda():
+    model, x = tiny(4).cuda(), X.cuda()
+    magnitude_prune(model, 0.5, parameters=["4"])
+    stats = model_stats(model, x)
+    assert (stats["params"], stats["macs"]) == hand_counted(4)
+    assert measure_latency(model, x, repeats=3) > 0
