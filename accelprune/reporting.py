@@ -133,7 +133,7 @@ def _effective_weights(model: nn.Module):
 
 def measure_latency(model: nn.Module, example_inputs, *, repeats: int = 20,
                     warmup: int = 3) -> float:
-    """Median wall-clock seconds of one forward pass (eval mode, ``torch.inference_mode``).
+    """Median wall-clock seconds of one forward pass (eval mode, ``torch.no_grad``).
 
     Medians of repeats are used because the machine may be shared and noisy. CUDA work is
     synchronised before each clock read. The model's train/eval flags are restored.
@@ -151,7 +151,9 @@ def measure_latency(model: nn.Module, example_inputs, *, repeats: int = 20,
             torch.cuda.synchronize()
 
     times = []
-    with torch.inference_mode(), _eval_mode(model):
+    # no_grad rather than inference_mode: under torch.nn.utils.prune masks the forward pre-hook
+    # stores module.weight, which must stay usable by autograd afterwards.
+    with torch.no_grad(), _eval_mode(model):
         for _ in range(warmup):
             _call(model, inputs)
         for _ in range(repeats):
