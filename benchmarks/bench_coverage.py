@@ -69,24 +69,29 @@ FIRST_CALL = textwrap.dedent("""
     from accelprune.coverage import max_coverage
     labels = np.random.default_rng(0).integers(0, 8, (32, 64)).astype(np.int32)
     t0 = time.perf_counter()
+    import numba
+    t1 = time.perf_counter()
     max_coverage(labels, 32)
-    print(time.perf_counter() - t0)
+    print(t1 - t0, time.perf_counter() - t1)
 """)
 
 
-def first_call_seconds(cache_dir: str) -> float:
-    """Time of the first max_coverage call in a new Python process using ``cache_dir``."""
+def first_call_seconds(cache_dir: str) -> tuple[float, float]:
+    """Seconds to import numba, then for the first max_coverage call, in a new Python process
+    using ``cache_dir`` as Numba's cache."""
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir,
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, check=True,
                          capture_output=True, text=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    import_s, call_s = out.stdout.strip().splitlines()[-1].split()
+    return float(import_s), float(call_s)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few narrow layers, for a smoke check")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few narrow layers, for a smoke check")
     parser.add_argument("--repeats", type=int, default=7, help="repeats of the Numba path")
     parser.add_argument("--reference-all", action="store_true",
                         help="also run the textbook reference on whole models (minutes)")
@@ -94,8 +99,11 @@ def main(argv=None):
     import numba
 
     with tempfile.TemporaryDirectory() as cache_dir:
-        jit = {"first call, empty cache (compile)": first_call_seconds(cache_dir),
-               "first call, second process (cache)": first_call_seconds(cache_dir)}
+        numba_import_s, compile_s = first_call_seconds(cache_dir)
+        _, cached_s = first_call_seconds(cache_dir)
+    jit = {"import numba": numba_import_s,
+           "first call, empty cache (compiles)": compile_s,
+           "first call, next process (loads the cache)": cached_s}
     max_coverage(np.zeros((1, 2), dtype=np.int32), 1)  # compiled (or loaded) before any timing
 
     rows, totals = [], {}
@@ -106,20 +114,26 @@ def main(argv=None):
         if not args.quick:
             cases[f"{model_name} convs with <= {REFERENCE_MAX_FILTERS} filters"] = narrow
         for case, subset in cases.items():
-            slow_repeats = 1 if not args.quick else 3
+            slow_repeats = 3 if args.quick else 1
+            numpy_results = []
+
+            def numpy_greedy(subset=subset, out=numpy_results):
+                out[:] = run_all(subset, _max_coverage_numpy)
+
+            def numba_one_thread(subset=subset):
+                run_all(subset, lambda labels, k: max_coverage(labels, k, n_threads=1))
+
             timings = {
                 "numba": measure(lambda: run_all(subset, max_coverage), repeats=args.repeats),
-                "numba_1t": measure(lambda: run_all(
-                    subset, lambda labels, k: max_coverage(labels, k, n_threads=1)), repeats=args.repeats),
-                "numpy": measure(lambda: run_all(subset, _max_coverage_numpy), warmup=0,
-                                 repeats=slow_repeats),
+                "numba_1t": measure(numba_one_thread, repeats=args.repeats),
+                "numpy": measure(numpy_greedy, warmup=0, repeats=slow_repeats),
             }
-            with_reference = subset is narrow or args.quick or args.reference_all
+            with_reference = args.quick or args.reference_all or subset is narrow
             if with_reference:
-                timings["reference"] = measure(lambda: run_all(subset, max_coverage_ref), warmup=0,
-                                               repeats=slow_repeats)
+                timings["reference"] = measure(lambda: run_all(subset, max_coverage_ref),
+                                               warmup=0, repeats=slow_repeats)
             # the timed paths must agree, or the comparison means nothing
-            for fast, slow in zip(run_all(subset, max_coverage), run_all(subset, _max_coverage_numpy)):
+            for fast, slow in zip(run_all(subset, max_coverage), numpy_results, strict=True):
                 assert np.array_equal(fast.selected, slow.selected), case
             rows.append(Row(case, {name: t.median_s for name, t in timings.items()}, {
                 "layers": len(subset),
@@ -140,10 +154,11 @@ def main(argv=None):
             "numba_threads": numba.config.NUMBA_NUM_THREADS,
             "threading_layer": numba.threading_layer(),
             "jit_seconds": jit,
-            "reference_subset": f"layers with <= {REFERENCE_MAX_FILTERS} filters unless --reference-all",
+            "reference_subset": f"layers with <= {REFERENCE_MAX_FILTERS} filters"
+                                " (whole models too with --reference-all)",
         },
     )
-    print("\nfirst call in a fresh process:")
+    print("\nin a fresh process:")
     for what, seconds in jit.items():
         print(f"  {what}: {seconds:.2f} s")
     key = "resnet50 all convs"
