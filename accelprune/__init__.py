@@ -21,8 +21,15 @@ from accelprune.kernels import (  # Triton is imported lazily, on the first kern
 )
 from accelprune.fusion import find_conv_bn_pairs, fuse_conv_bn
 from accelprune.lottery import LotteryTicket, iterative_magnitude_pruning
-from accelprune.masks import gradient_magnitude_prune, magnitude_prune, make_permanent, weight_sparsity
+from accelprune.masks import (
+    gradient_magnitude_prune,
+    magnitude_prune,
+    make_permanent,
+    weight_sparsity,
+)
 from accelprune.reporting import Report, measure_latency, model_stats, report
+from accelprune.reprune import REPruneImportance, layer_keep_counts, reprune_select
+from accelprune.reprune_pipeline import REPrune, REPruneReport
 from accelprune.schedule import SCHEDULES, SparsitySchedule, sparsity_at
 
 __version__ = "0.1.0"
