@@ -149,7 +149,12 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); on a busy machine 1 avoids "
+                             "OpenMP threads spinning against each other")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     repeats = 3 if args.quick else args.repeats
@@ -168,6 +173,7 @@ def main(argv=None):
     suffix = "_quick" if args.quick else ""
     tag = "" if device.type == "cuda" else "_cpu"
     notes = {"device": str(device), "repeats": repeats, "peak_bandwidth_GBps": peak,
+             "cpu_threads": torch.get_num_threads(),
              "weights": "random init (only shapes matter)"}
     report(f"kernels_importance{tag}{suffix}", imp, fast="triton", references=["eager"],
            notes={**notes, "target": "H100: triton >= 5x eager"})

@@ -111,6 +111,13 @@ def device_context(device: torch.device):
 
 
 def upload_int64(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host int64 table as a tensor on ``device`` (one small copy)."""
+    """A host int64 table as a tensor on ``device``, without blocking the host.
+
+    A copy from pageable memory would synchronise with the GPU; staging through pinned memory
+    from PyTorch's caching host allocator (which keeps the block until the copy is done) lets
+    the launch that follows be queued while earlier GPU work still runs.
+    """
     table = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
-    return table.to(device) if device.type != "cpu" else table
+    if device.type == "cpu":
+        return table
+    return table.pin_memory().to(device, non_blocking=True)

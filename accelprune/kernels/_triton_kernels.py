@@ -25,8 +25,10 @@ KIND_L2 = 1
 KIND_ABS = 2
 KIND_TAYLOR = 3
 
-# filter_scores table: one row per tensor, FS_TABLE_COLS int64 columns
-FS_TABLE_COLS = 5  # x address, grad address, n rows, row length F, offset of its scores in `out`
+# Tables (int64, row-major; the strides 2 and 5 below are their widths):
+#   tasks: one row per program: (tensor index, first row)
+#   table: one row per tensor: (weight address, grad address, n rows, row length F, offset of
+#          its scores in `out`)
 FS_BLOCK_R = 16  # rows per program
 FS_BLOCK_F = 128  # columns per step of a program's loop over the row
 
@@ -73,9 +75,13 @@ def filter_scores_kernel(table_ptr, task_ptr, out_ptr, X0, G0, KIND: tl.constexp
 # ---------------------------------------------------------------------------------------------
 # C-SGD gradient transform
 
-# csgd param table: one row per param, CS_TABLE_COLS int64 columns
-CS_TABLE_COLS = 5  # weight address, grad address, row length F, eta (float64 bits), eps (bits)
-CS_TASK_COLS = 6  # param, first cluster, n clusters, span, first column, largest cluster size
+# Tables (int64, row-major; the strides 5, 6 and 2 below are their widths):
+#   params:   one row per param: (weight address, grad address, row length F, η and ε as
+#             float64 bit patterns)
+#   tasks:    one row per program: (param, first cluster, n clusters, span, first column,
+#             largest cluster size)
+#   clusters: one row per cluster: (start in members, size)
+#   members:  row indices of every param, grouped by cluster
 CS_BLOCK = 1024  # lanes per program
 
 
