@@ -455,6 +455,43 @@ def test_csgd_plan_gives_the_same_result_as_raw_clusters():
 
 
 @pytest.mark.parametrize("path", ["torch", "triton"])
+def test_csgd_plan_reused_over_steps(path):
+    """Like a training loop: one plan, fresh gradient tensors each step, changing coefficients.
+    The per-plan caches (validated coefficients, the kernel's address table) must follow."""
+    if path == "triton":
+        need_triton_on_cpu()
+    params, clusters = csgd_params()
+    plan = CSGDPlan(params, clusters)
+    steps = [COEFS, COEFS, dict(weight_decay=0.2, centripetal=0.9), dict(COEFS)]
+    for step, coefs in enumerate(steps):
+        ours = clone_params(params)
+        for q in ours:  # new gradient buffers and values at every step
+            q.grad = q.grad * (step + 1)
+        expected = clone_params(ours)
+        csgd_transform_ref(expected, clusters, **coefs)
+        csgd_transform_(ours, plan, backend=path, **coefs)
+        for q, e in zip(ours, expected):
+            torch.testing.assert_close(q.grad, e.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_csgd_plan_still_validates_each_call():
+    params, clusters = csgd_params()
+    plan = CSGDPlan(params, clusters)
+    csgd_transform_(params, plan, **COEFS)
+    params[2].grad = None
+    with pytest.raises(ValueError, match=r"params\[2\].*no \.grad"):
+        csgd_transform_(params, plan, **COEFS)
+    params[2].grad = params[1].grad
+    with pytest.raises(ValueError, match="twice"):
+        csgd_transform_(params, plan, **COEFS)
+    params[2].grad = torch.zeros(12)
+    with pytest.raises(ValueError, match="centripetal"):
+        csgd_transform_(params, plan, weight_decay=COEFS["weight_decay"], centripetal=[0.1] * 3)
+    with pytest.raises(ValueError, match="plan has 7 params but 6"):
+        csgd_transform_(params[:6], plan, **COEFS)
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
 def test_csgd_non_contiguous_grad_is_written_in_place(path):
     if path == "triton":
         need_triton_on_cpu()
