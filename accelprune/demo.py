@@ -1,0 +1,241 @@
+"""The built-in demo: train ResNet-20 on real digits, prune it four ways to one MACs budget.
+
+1. Train the CIFAR-style ResNet-20 on scikit-learn's handwritten digits (shipped with
+   scikit-learn, upsampled to 3x32x32) on the CPU, with a fixed seed.
+2. For each method (L1, BN scale, REPrune, C-SGD), find the pruning amount that brings a copy of
+   the trained model to the same MACs budget (default -50%), prune, and fine-tune briefly.
+   C-SGD first trains with its centripetal gradient transform (``csgd_epochs``), which is what
+   makes its pruning lossless; the others prune the trained model directly.
+3. Print one table (params, MACs, accuracy before/after fine-tuning, CPU latency, prune time),
+   and write it as JSON plus two plots (per-layer widths; accuracy vs MACs) to ``out_dir``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from accelprune.datasets import digits
+from accelprune.training import evaluate, loader, train_epoch
+
+METHODS = ("l1", "bn", "reprune", "csgd")
+METHOD_TITLES = {"l1": "L1 norm", "bn": "BN scale", "reprune": "REPrune", "csgd": "C-SGD"}
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    budget: float = 0.5           # fraction of MACs to remove
+    epochs: int = 10              # training of the base model
+    finetune_epochs: int = 3      # after pruning, every method alike
+    csgd_epochs: int = 3          # centripetal training before C-SGD prunes
+    batch_size: int = 64
+    lr: float = 0.1
+    image_size: int = 32
+    methods: tuple[str, ...] = METHODS
+    seed: int = 0
+    out_dir: str = "demo_out"
+    progress: bool = True
+
+    @classmethod
+    def quick(cls, **overrides) -> "DemoConfig":
+        """Tiny settings for tests: a few batches' worth of learning, 16x16 images."""
+        return dataclasses.replace(cls(epochs=1, finetune_epochs=1, csgd_epochs=1, image_size=16),
+                                   **overrides)
+
+
+@dataclasses.dataclass
+class MethodResult:
+    method: str
+    amount: float                 # the pruning amount found for the budget
+    params: int
+    macs: int
+    macs_reduction: float
+    acc_pruned: float
+    acc_finetuned: float
+    latency_ms: float
+    prune_seconds: float
+    widths: list[int]
+
+
+def _widths(model: nn.Module) -> list[int]:
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _optimizer(params, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+
+
+def _fit(model, data, epochs, lr, *, desc, progress, optimizer=None, after_backward=None):
+    """``epochs`` of SGD with a cosine learning-rate decay, one progress bar over all batches."""
+    optimizer = optimizer or _optimizer(model.parameters(), lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+    with tqdm(total=epochs * len(data), desc=desc, disable=not progress, leave=False) as bar:
+        for _ in range(epochs):
+            train_epoch(model, data, optimizer, after_backward=after_backward, progress=bar)
+            schedule.step()
+    return model
+
+
+def _pruner(method: str, example_inputs) -> Callable[[nn.Module, float], nn.Module]:
+    """``prune(model, amount) -> model`` for one method; amount grows with the MACs removed."""
+    import accelprune
+
+    if method in ("l1", "bn"):
+        return lambda model, amount: accelprune.prune(model, example_inputs, method, amount)
+    if method == "reprune":
+        def reprune(model, amount):
+            accelprune.REPrune(model, example_inputs, amount, seed=0).prune()
+            return model
+        return reprune
+    if method == "csgd":
+        def csgd(model, amount):
+            accelprune.CSGD(model, example_inputs, 1.0 - amount, seed=0).prune()
+            return model
+        return csgd
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+def find_amount(prune: Callable, model: nn.Module, example_inputs, target_macs: float, *,
+                low: float = 0.0, high: float = 0.95, iterations: int = 10) -> float:
+    """Bisect the pruning amount whose pruned copy of ``model`` lands closest to ``target_macs``."""
+    from accelprune.reporting import model_stats
+
+    best, best_gap = high, float("inf")
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        macs = model_stats(prune(copy.deepcopy(model), mid), example_inputs)["macs"]
+        gap = abs(macs - target_macs) / target_macs
+        if gap < best_gap:
+            best, best_gap = mid, gap
+        if gap < 0.005:
+            break
+        if macs > target_macs:
+            low = mid
+        else:
+            high = mid
+    return best
+
+
+def run_demo(config: DemoConfig = DemoConfig()) -> dict:
+    """Run the whole demo; returns the JSON document that it also writes to ``out_dir``."""
+    from accelprune.models import resnet20
+    from accelprune.reporting import measure_latency, model_stats
+
+    unknown = set(config.methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; expected some of {METHODS}")
+    if not 0 < config.budget < 1:
+        raise ValueError(f"budget must be in (0, 1), got {config.budget}")
+    torch.manual_seed(config.seed)
+    train_set, test_set = digits(config.image_size, seed=config.seed)
+    train = loader(train_set, batch_size=config.batch_size, seed=config.seed)
+    test = loader(test_set, batch_size=256, shuffle=False)
+    example_inputs = train_set[0][0][None]
+
+    started = time.perf_counter()
+    base = _fit(resnet20(num_classes=10), train, config.epochs, config.lr, desc="train ResNet-20",
+                progress=config.progress)
+    base.eval()
+    base_stats = model_stats(base, example_inputs)
+    base_row = {
+        "method": "unpruned", "params": base_stats["params"], "macs": base_stats["macs"],
+        "acc": evaluate(base, test), "latency_ms": measure_latency(base, example_inputs) * 1e3,
+        "widths": _widths(base),
+    }
+    target_macs = (1 - config.budget) * base_stats["macs"]
+
+    results = []
+    for method in tqdm(config.methods, desc="methods", disable=not config.progress, leave=False):
+        torch.manual_seed(config.seed)
+        prune = _pruner(method, example_inputs)
+        amount = find_amount(prune, base, example_inputs, target_macs)
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        if method == "csgd":
+            # Centripetal training pulls each cluster of filters together; prune() then folds them.
+            import accelprune
+
+            csgd = accelprune.CSGD(model, example_inputs, 1.0 - amount, seed=config.seed)
+            optimizer = _optimizer(csgd.param_groups({}), config.lr / 10)
+            t_train = time.perf_counter()
+            _fit(model, train, config.csgd_epochs, config.lr / 10, desc="C-SGD centripetal training",
+                 progress=config.progress, optimizer=optimizer, after_backward=csgd.apply_gradients)
+            t0 += time.perf_counter() - t_train  # prune time excludes the training itself
+            csgd.prune()
+        else:
+            prune(model, amount)
+        prune_seconds = time.perf_counter() - t0
+        acc_pruned = evaluate(model, test)
+        _fit(model, train, config.finetune_epochs, config.lr / 10, desc=f"fine-tune {method}",
+             progress=config.progress)
+        stats = model_stats(model, example_inputs)
+        results.append(MethodResult(
+            method=method, amount=amount, params=stats["params"], macs=stats["macs"],
+            macs_reduction=1 - stats["macs"] / base_stats["macs"], acc_pruned=acc_pruned,
+            acc_finetuned=evaluate(model, test),
+            latency_ms=measure_latency(model.eval(), example_inputs) * 1e3,
+            prune_seconds=prune_seconds, widths=_widths(model),
+        ))
+
+    doc = {
+        "config": dataclasses.asdict(config),
+        "base": base_row,
+        "methods": [dataclasses.asdict(r) for r in results],
+        "seconds": time.perf_counter() - started,
+    }
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.json").write_text(json.dumps(doc, indent=2) + "\n")
+    _plot(doc, out)
+    return doc
+
+
+def format_table(doc: dict) -> str:
+    """The demo's result table, as printed."""
+    base = doc["base"]
+    header = ("method", "params", "MACs", "MACs cut", "acc pruned", "acc fine-tuned", "latency",
+              "prune time")
+    rows = [("unpruned", f"{base['params']:,}", f"{base['macs'] / 1e6:.1f} M", "-", "-",
+             f"{base['acc']:.1%}", f"{base['latency_ms']:.2f} ms", "-")]
+    for r in doc["methods"]:
+        rows.append((METHOD_TITLES[r["method"]], f"{r['params']:,}", f"{r['macs'] / 1e6:.1f} M",
+                     f"{r['macs_reduction']:.1%}", f"{r['acc_pruned']:.1%}", f"{r['acc_finetuned']:.1%}",
+                     f"{r['latency_ms']:.2f} ms", f"{r['prune_seconds']:.2f} s"))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def _plot(doc: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(doc["base"]["widths"], "k--", label="unpruned")
+    for r in doc["methods"]:
+        ax.plot(r["widths"], marker=".", label=METHOD_TITLES[r["method"]])
+    ax.set(xlabel="conv layer (model order)", ylabel="output channels", title="Per-layer widths")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "widths.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter(doc["base"]["macs"] / 1e6, doc["base"]["acc"] * 100, c="k", label="unpruned")
+    for r in doc["methods"]:
+        ax.scatter(r["macs"] / 1e6, r["acc_finetuned"] * 100, label=METHOD_TITLES[r["method"]])
+    ax.set(xlabel="MACs (M)", ylabel="test accuracy after fine-tuning (%)", title="Accuracy vs MACs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_macs.png", dpi=120)
+    plt.close(fig)
