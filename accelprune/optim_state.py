@@ -61,8 +61,8 @@ def _probe(param: torch.Tensor) -> torch.Tensor | None:
     int_dtype, offset, capacity = _PROBE[param.dtype]
     if param.numel() > capacity:
         return None
-    index = torch.arange(param.numel(), dtype=torch.int64, device=param.device) + offset
-    return index.to(int_dtype).view(param.dtype).reshape(param.shape)
+    index = torch.arange(offset, offset + param.numel(), dtype=int_dtype, device=param.device)
+    return index.view(param.dtype).reshape(param.shape)
 
 
 def _read_probe(grad: torch.Tensor | None, old_numel: int) -> torch.Tensor | None:

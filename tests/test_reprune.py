@@ -273,3 +273,233 @@ def test_metapruner_with_reprune_importance_keeps_the_reprune_selection(ratio):
     assert kept0 == sorted(reprune_select(w0, k0, seed=3).tolist())
     # conv 3's importance was computed before anything was pruned: on its original weights
     assert _rows_kept(w3[:, kept0], net[3].weight.detach()) == sorted(reprune_select(w3, k3, seed=3).tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline on real models
+
+
+def _n_kept(pruner) -> int:
+    return sum(g.n_channels for g in pruner.groups)
+
+
+def _out_channels(model) -> dict[str, int]:
+    return {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def _resnet56():
+    from accelprune.models import resnet56
+
+    torch.manual_seed(0)
+    return resnet56(), torch.randn(2, 3, 32, 32)
+
+
+def _resnet50():
+    torch.manual_seed(0)
+    return torchvision.models.resnet50(weights=None), torch.randn(1, 3, 64, 64)
+
+
+def _randomise_gamma(model, seed=0):
+    """Trained-like, distinct BN scales (random init has all γ = 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) * 0.9 + 0.1)
+
+
+def _residual_outputs(model) -> list[str]:
+    """Convs whose outputs feed a residual add in torchvision-style / CIFAR ResNets."""
+    names = []
+    for n, m in model.named_modules():
+        last = "conv3" if hasattr(m, "conv3") else "conv2" if hasattr(m, "conv2") else None
+        if last and hasattr(m, "conv1"):
+            names.append(f"{n}.{last}")
+            for sub_name, sub in m.named_modules():
+                if isinstance(sub, nn.Conv2d) and sub_name not in ("conv1", "conv2", "conv3"):
+                    names.append(f"{n}.{sub_name}")  # the shortcut's projection
+    return names
+
+
+@pytest.mark.parametrize("build,gamma", [(_resnet56, "init"), (_resnet56, "random"), (_resnet50, "random")],
+                         ids=["resnet56-init", "resnet56-random", "resnet50-random"])
+def test_one_event_reaches_the_global_target(build, gamma):
+    from accelprune import REPrune
+
+    model, x = build()
+    if gamma == "random":
+        _randomise_gamma(model)
+    with torch.no_grad():
+        out_before = model.eval()(x).shape
+    widths_before = _out_channels(model)
+    pruner = REPrune(model, x, 0.5)
+    assert all(not g.coupled for g in pruner.groups)
+    original = pruner.original_channels
+    pruner.prune()
+    assert _n_kept(pruner) == round(0.5 * original)
+    widths_after = _out_channels(model)
+    untouched = _residual_outputs(model) + ["conv1", "fc"]
+    assert all(widths_after[n] == widths_before[n] for n in untouched)
+    assert model.fc.in_features == widths_before[_residual_outputs(model)[-2]]  # classifier input too
+    pruned = [n for n in widths_before if widths_after[n] < widths_before[n]]
+    assert pruned and all(n not in untouched for n in pruned)
+    with torch.no_grad():
+        assert model.eval()(x).shape == out_before
+
+
+def test_native_and_reference_pipelines_prune_alike():
+    from accelprune import REPrune
+    from accelprune.models import resnet20
+
+    kept = {}
+    for backend in ("auto", "reference"):
+        torch.manual_seed(0)
+        model = resnet20()
+        _randomise_gamma(model)
+        pruner = REPrune(model, torch.randn(2, 3, 32, 32), 0.4, backend=backend, seed=7)
+        pruner.prune()
+        kept[backend] = [(r.name, r.kept_indices) for r in pruner.events[-1].layers]
+    assert kept["auto"] == kept["reference"]
+
+
+def test_schedule_never_prunes_past_its_target_nor_compounds():
+    from accelprune import REPrune
+    from accelprune.models import resnet20
+
+    torch.manual_seed(0)
+    model = resnet20()
+    _randomise_gamma(model)
+    x = torch.randn(2, 3, 32, 32)
+    pruner = REPrune(model, x, 0.6, schedule="linear", delta_t=2, t_prune=7)
+    original, history = pruner.original_channels, []
+    for epoch in range(10):
+        pruner.step(epoch)
+        target = round((1 - pruner.target_at(epoch)) * original)
+        history.append(_n_kept(pruner))
+        assert history[-1] >= target
+        if pruner.due(epoch):
+            assert history[-1] == target  # measured against the original widths: no compounding
+    assert history == sorted(history, reverse=True)
+    assert [e.epoch for e in pruner.events] == [2, 4, 6]  # epoch 0: s = 0; no events after t_prune
+    assert history[-1] == round(0.4 * original)
+
+
+def test_a_layer_with_all_gamma_below_the_threshold_keeps_its_floor():
+    from accelprune import REPrune
+    from accelprune.models import resnet20
+
+    torch.manual_seed(0)
+    model = resnet20()
+    _randomise_gamma(model)
+    with torch.no_grad():
+        model.layer1[0].bn1.weight.fill_(1e-4)
+    pruner = REPrune(model, torch.randn(2, 3, 32, 32), 0.5, min_keep_ratio=0.25)
+    pruner.prune()
+    assert model.layer1[0].conv1.out_channels == 4  # ceil(0.25 * 16)
+    assert _n_kept(pruner) == round(0.5 * pruner.original_channels)
+
+
+def test_event_carries_momentum_of_kept_channels_and_training_continues():
+    from accelprune import REPrune
+    from accelprune.models import resnet20
+
+    torch.manual_seed(0)
+    model = resnet20()
+    _randomise_gamma(model)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    conv1, conv2 = model.layer2[1].conv1, model.layer2[1].conv2
+    m1, m2 = (opt.state[c.weight]["momentum_buffer"].clone() for c in (conv1, conv2))
+    pruner = REPrune(model, x, 0.5)
+    assert pruner.step(0, opt) is opt
+    keep = sorted(next(r for r in pruner.events[-1].layers if r.name == "layer2.1.conv1").kept_indices)
+    assert 0 < len(keep) < 32
+    new1, new2 = model.layer2[1].conv1.weight, model.layer2[1].conv2.weight
+    assert torch.equal(opt.state[new1]["momentum_buffer"], m1[keep])
+    assert torch.equal(opt.state[new2]["momentum_buffer"], m2[:, keep])
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+
+
+def test_report_describes_the_event(capsys):
+    from accelprune import REPrune
+    from accelprune.models import resnet20
+
+    torch.manual_seed(0)
+    model = resnet20()
+    _randomise_gamma(model)
+    pruner = REPrune(model, torch.randn(2, 3, 32, 32), 0.5, progress=True)
+    pruner.prune()
+    assert "REPrune" in capsys.readouterr().err  # the tqdm bar
+    rep = pruner.report()
+    assert rep.params_after < rep.params_before and rep.macs_after < rep.macs_before
+    assert rep.kept_channels == _n_kept(pruner) and rep.sparsity == pytest.approx(0.5, abs=0.01)
+    for r in rep.layers:
+        assert r.kept == dict(model.named_modules())[r.name].out_channels
+        if r.height is not None:
+            assert r.height > 0 and 1 <= r.clusters_min <= r.clusters_mean <= r.clusters_max <= r.kept
+            assert 0 < r.coverage <= 1
+    text = str(rep)
+    assert "layer1.0.conv1" in text and "sparsity" in text
+    assert rep.to_dict()["kept_channels"] == rep.kept_channels
+
+
+def test_training_with_scheduled_events_reaches_target_and_learns():
+    """sklearn's digits, resized to 3x32x32; events at epochs 1, 2, 3 (cubic ramp), Adam state
+    carried through each; the last conv feeds a Linear through flatten."""
+    from accelprune import REPrune
+
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images / 16.0).float()[:512, None]
+    images = nn.functional.interpolate(images, size=(32, 32), mode="bilinear").expand(-1, 3, -1, -1)
+    images = ((images - images.mean()) / images.std()).contiguous()
+    labels = torch.from_numpy(digits.target)[:512]
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    pruner = REPrune(model, images[:2], 0.5, schedule="cubic", delta_t=1, t_prune=3)
+    losses = []
+    for epoch in range(6):
+        model.train()
+        total = 0.0
+        for i in range(0, len(images), 64):
+            loss = nn.functional.cross_entropy(model(images[i:i + 64]), labels[i:i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        losses.append(total)
+        opt = pruner.step(epoch, opt)
+    assert [e.epoch for e in pruner.events] == [1, 2, 3]  # epoch 0: the ramp is still at 0
+    assert _n_kept(pruner) == round(0.5 * pruner.original_channels)
+    assert model[10].in_features == model[6].out_channels * 16 < 32 * 16
+    assert losses[-1] < 0.2 * losses[0] and losses[-1] < losses[3]  # learns, also after the events
+
+
+def test_pipeline_rejects_bad_input():
+    from accelprune import REPrune
+
+    model, x = _Tiny(), torch.randn(2, 3, 8, 8)
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="sparsity"):
+            REPrune(model, x, bad)
+    with pytest.raises(ValueError, match="schedule"):
+        REPrune(model, x, 0.5, schedule="quadratic")
+    with pytest.raises(ValueError, match="t_prune"):
+        REPrune(model, x, 0.5, schedule="linear")
+    no_bn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"BatchNorm.*'2'|'2'.*BatchNorm"):
+        REPrune(no_bn, torch.randn(2, 3, 16, 16), 0.5)
+    with pytest.raises(TypeError, match="Module"):
+        REPrune("resnet", x, 0.5)

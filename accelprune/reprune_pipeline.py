@@ -1,0 +1,320 @@
+"""REPrune on a whole model: one-shot, or concurrent with training on a sparsity schedule.
+
+See :mod:`accelprune.reprune` for the per-layer selection and ALGORITHMS.md section 3 for the
+method. This module decides *which layers* are pruned and *when*:
+
+* prunable layers are the channel groups of :class:`accelprune.graph.ModelGraph` with a single
+  producing layer (``prune_coupled=False``: the paper's residual rules; outputs that feed a
+  residual add are coupled and left alone), minus the stem (the first conv the input meets)
+  unless ``prune_stem=True``; the classifier's outputs are never a group;
+* a pruning event targets ``round((1 - s) * original total)`` kept channels, s taken from the
+  schedule at that epoch: always measured against the original widths, so events never compound;
+* under ``torch.distributed`` rank 0 decides and broadcasts the kept indices, so every rank
+  ends the event with the same model.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from accelprune._validation import check_fraction, check_int
+from accelprune.graph import ModelGraph, call_model
+from accelprune.optim_state import track_parameters
+from accelprune.reprune import keep_floor, layer_keep_counts, reprune_select
+
+__all__ = ["REPrune", "REPruneReport", "PruningEvent", "LayerRecord"]
+
+_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups == m.in_channels == m.out_channels
+
+
+@dataclass
+class LayerRecord:
+    """One layer in one pruning event."""
+
+    name: str
+    original: int             # width before any pruning
+    before: int               # width when the event started
+    kept: int                 # k_l
+    sparsity: float           # 1 - k_l / original
+    height: float | None      # layer-wide cut-off h_l (None: nothing pruned here, no clustering)
+    clusters_min: int | None  # clusters per input channel after the cut
+    clusters_mean: float | None
+    clusters_max: int | None
+    coverage: float | None    # share of the (channel, cluster) pairs the kept filters cover
+    kept_indices: list[int] = field(repr=False, default_factory=list)  # into the 'before' channels
+
+
+@dataclass
+class PruningEvent:
+    epoch: int | None
+    target_sparsity: float
+    target_channels: int      # round((1 - s) * original total)
+    kept_channels: int        # >= target (the floor may hold it above)
+    gamma_threshold: float    # γ*; -inf when nothing was pruned
+    layers: list[LayerRecord]
+    seconds: dict[str, float]  # "selection" (threshold, clustering, coverage), "surgery"
+
+
+@dataclass
+class REPruneReport:
+    """Per-layer state after the latest event, and the model's size before and now."""
+
+    layers: list[LayerRecord]
+    events: list[PruningEvent]
+    original_channels: int
+    kept_channels: int
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1 - self.kept_channels / self.original_channels
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "sparsity": self.sparsity}
+
+    def __str__(self) -> str:
+        def fmt(v, spec):
+            return "-" if v is None else format(v, spec)
+        lines = [f"{'layer':<28} {'orig':>5} {'kept':>5} {'s_l':>6} {'h_l':>8} "
+                 f"{'clusters min/mean/max':>22} {'coverage':>8}"]
+        for r in self.layers:
+            clusters = "-" if r.clusters_min is None else f"{r.clusters_min}/{r.clusters_mean:.1f}/{r.clusters_max}"
+            lines.append(f"{r.name:<28} {r.original:>5} {r.kept:>5} {r.sparsity:>6.1%} "
+                         f"{fmt(r.height, '8.4f'):>8} {clusters:>22} {fmt(r.coverage, '8.1%'):>8}")
+        lines.append(f"channels {self.original_channels} -> {self.kept_channels} "
+                     f"(sparsity {self.sparsity:.1%}); params {self.params_before:,} -> "
+                     f"{self.params_after:,}; MACs {self.macs_before:,} -> {self.macs_after:,}")
+        return "\n".join(lines)
+
+
+def _first_conv(model: nn.Module, example_inputs) -> nn.Module | None:
+    """The first convolution the input meets (the stem), found by one eval-mode forward pass."""
+    order: list[nn.Module] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, _: order.append(mod))
+             for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()  # no BN statistics updated: the model is not modified
+        with torch.no_grad():
+            call_model(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return order[0] if order else None
+
+
+class REPrune:
+    """REPrune on a model: ``prune()`` once, or ``step(epoch, optimizer)`` every epoch.
+
+    model, example_inputs: the network (pruned in place) and inputs for tracing it.
+    sparsity: final channel sparsity s over the prunable layers, in [0, 1): the model keeps
+        ``round((1 - s) * original total)`` of their channels (more where floors hold).
+    schedule: "constant" (the whole target at the first event: one-shot) or a ramp from
+        :data:`accelprune.schedule.SCHEDULES` ("linear", "cubic", ...), from 0 at epoch 0 to s at
+        the last event.
+    delta_t, t_prune: events happen at epochs t with ``t % delta_t == 0 and t <= t_prune``.
+        ``t_prune`` is required for ramps (it sets where s is reached); for "constant" None
+        means no limit (events after the first find the target reached and do nothing).
+    min_keep_ratio: floor ρ: a layer keeps at least ``max(1, ceil(ρ * original width))``.
+    ignored_layers: module names or modules whose output channels are not pruned.
+    prune_coupled: also prune groups with several producers (residual adds) - off by default,
+        as in the paper; their score is the mean |γ| of their BNs, and their producers' input
+        channels are pooled into one selection.
+    prune_stem: also prune the first convolution's outputs (off by default, as in the paper).
+    tie_break, seed: greedy coverage ties (layer i uses ``seed + i``).
+    backend: "auto" | "native" | "reference", as :func:`accelprune.reprune.reprune_select`.
+    progress: show a tqdm bar over layers during an event.
+    process_group: the torch.distributed group whose ranks must agree (default: the world).
+
+    Under DistributedDataParallel, give REPrune the inner module (``ddp.module``) and re-wrap it
+    after an event (:meth:`due` says when one runs): DDP cannot follow parameters that change.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, sparsity: float, *, schedule: str = "constant",
+                 delta_t: int = 2, t_prune: int | None = None, min_keep_ratio: float = 0.05,
+                 ignored_layers=None, prune_coupled: bool = False, prune_stem: bool = False,
+                 tie_break: str = "random", seed: int = 0, backend: str = "auto",
+                 progress: bool = False, process_group=None):
+        from accelprune.schedule import SCHEDULES
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.sparsity = check_fraction(sparsity, "sparsity")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; expected one of {list(SCHEDULES)}")
+        self.schedule = schedule
+        self.delta_t = check_int(delta_t, "delta_t", low=1)
+        if t_prune is None and schedule != "constant":
+            raise ValueError(f"schedule={schedule!r} needs t_prune, the last epoch with an event")
+        self.t_prune = None if t_prune is None else check_int(t_prune, "t_prune", low=0)
+        self._t_end = 0 if t_prune is None else (self.t_prune // self.delta_t) * self.delta_t
+        if schedule != "constant" and self._t_end == 0:
+            raise ValueError(f"schedule={schedule!r} needs events after epoch 0: t_prune "
+                             f"({t_prune}) must be >= delta_t ({delta_t})")
+        self.min_keep_ratio = check_fraction(min_keep_ratio, "min_keep_ratio", allow_one=True)
+        self.tie_break, self.seed, self.backend = tie_break, check_int(seed, "seed", low=0), backend
+        self.progress, self.process_group = progress, process_group
+
+        self.model, self.example_inputs = model, example_inputs
+        self.graph = ModelGraph(model, example_inputs, ignored_layers=ignored_layers,
+                                prune_coupled=prune_coupled, progress=progress)
+        stem = None if prune_stem else _first_conv(model, example_inputs)
+        self.groups = [g for g in self.graph.groups
+                       if not (stem is not None and any(self.graph.module(p) is stem for p in g.producers))]
+        if not self.groups:
+            raise ValueError("the model has no prunable layers (after ignored_layers, the stem and "
+                             "coupled groups are left out)")
+        for g in self.groups:
+            self._check_group(g)
+        self.original_widths = [g.n_channels for g in self.groups]
+        self.original_channels = sum(self.original_widths)
+        self._floors = [keep_floor(n, self.min_keep_ratio) for n in self.original_widths]
+        self._stats_before = self._model_stats()
+        self.events: list[PruningEvent] = []
+
+    # -- checks and helpers ------------------------------------------------------------------
+
+    def _clustered(self, g) -> list[str]:
+        """The producers whose filters REPrune clusters: all but depthwise convs on the way
+        (one input channel per filter: nothing to cluster; they follow the selection)."""
+        return [p for p in g.producers if not _is_depthwise(self.graph.module(p))]
+
+    def _check_group(self, g) -> None:
+        for name in self._clustered(g):
+            m = self.graph.module(name)
+            if not isinstance(m, _PRODUCERS) or getattr(m, "groups", 1) != 1:
+                raise ValueError(f"REPrune cannot cluster the filters of {name!r} ({type(m).__name__}"
+                                 f"{', groups=' + str(m.groups) if hasattr(m, 'groups') else ''}): it "
+                                 "supports plain Conv1d/2d/3d and Linear; pass it in ignored_layers")
+        if not g.bns:
+            raise ValueError(f"REPrune ranks channels by the BatchNorm scale γ, but layer {g.name!r} "
+                             "has no BatchNorm right after it; add one, or pass it in ignored_layers")
+        for name in g.bns:
+            if getattr(self.graph.module(name), "weight", None) is None:
+                raise ValueError(f"BatchNorm {name!r} after {g.name!r} has no learnable scale γ "
+                                 "(affine=False); REPrune needs it")
+
+    def _gamma(self, g) -> torch.Tensor:
+        """|γ| of a group's channels (mean over its BNs when it has several)."""
+        return torch.stack([self.graph.module(b).weight.detach().abs().cpu().double() for b in g.bns]).mean(0)
+
+    def _model_stats(self) -> dict:
+        from accelprune.reporting import model_stats
+
+        return model_stats(self.model, self.example_inputs)
+
+    def _rank0(self) -> bool:
+        distributed = dist.is_available() and dist.is_initialized()
+        if not distributed or dist.get_world_size(self.process_group) == 1:
+            return True
+        return dist.get_rank(self.process_group) == 0
+
+    def _broadcast(self, obj):
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(self.process_group) == 1:
+            return obj
+        src = 0 if self.process_group is None else dist.get_global_rank(self.process_group, 0)
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.process_group)
+        return box[0]
+
+    # -- schedule ----------------------------------------------------------------------------
+
+    def due(self, epoch: int) -> bool:
+        """Whether :meth:`step` runs a pruning event at this epoch."""
+        epoch = check_int(epoch, "epoch", low=0)
+        return epoch % self.delta_t == 0 and (self.t_prune is None or epoch <= self.t_prune)
+
+    def target_at(self, epoch: int) -> float:
+        """The scheduled global sparsity s(t), measured against the original widths."""
+        from accelprune.schedule import sparsity_at
+
+        return sparsity_at(epoch, final=self.sparsity, t_start=0, t_end=self._t_end, kind=self.schedule)
+
+    # -- events ------------------------------------------------------------------------------
+
+    def step(self, epoch: int, optimizer: torch.optim.Optimizer | None = None):
+        """Call once per epoch (after training it, epochs counted from 0). Runs a pruning event
+        when due and returns ``optimizer`` updated in place for the new parameters, with the
+        state (momentum, ...) of kept channels carried over; None when none was given."""
+        if not self.due(epoch):
+            return optimizer
+        return self._event(self.target_at(epoch), epoch, optimizer)
+
+    def prune(self) -> nn.Module:
+        """One event at the final sparsity (one-shot pruning of a trained model); returns the model."""
+        self._event(self.sparsity, None, None)
+        return self.model
+
+    def _event(self, sparsity: float, epoch: int | None, optimizer):
+        target = round((1 - sparsity) * self.original_channels)
+        if sum(g.n_channels for g in self.groups) <= target:  # reached: nothing to do
+            return optimizer
+        t0 = time.perf_counter()
+        plan = self._plan(sparsity, target, epoch) if self._rank0() else None
+        event = self._broadcast(plan)
+        t1 = time.perf_counter()
+        cuts = [(g, np.asarray(r.kept_indices, dtype=np.int64))
+                for g, r in zip(self.groups, event.layers) if r.kept < r.before]
+        if optimizer is None:  # Torch-Pruning slices real gradients itself: nothing to track
+            self.graph.prune_groups(cuts)  # one surgery, checked by one forward pass
+        else:
+            with track_parameters(self.model) as tracker:
+                self.graph.prune_groups(cuts)
+            optimizer = tracker.remap(optimizer)
+        event.seconds = {"selection": t1 - t0, "surgery": time.perf_counter() - t1}
+        self.events.append(event)
+        return optimizer
+
+    def _plan(self, sparsity: float, target: int, epoch: int | None) -> PruningEvent:
+        gammas = [self._gamma(g).numpy() for g in self.groups]
+        ks, gamma_star = layer_keep_counts(gammas, self.original_widths, target,
+                                           min_keep_ratio=self.min_keep_ratio)
+        layers = []
+        for i, (g, k) in enumerate(tqdm(list(zip(self.groups, ks)), desc="REPrune", disable=not self.progress)):
+            n, n0 = g.n_channels, self.original_widths[i]
+            if k == n:
+                layers.append(LayerRecord(g.name, n0, n, k, 1 - k / n0, None, None, None, None, None,
+                                          list(range(n))))
+                continue
+            weights = [self.graph.module(p).weight.detach() for p in self._clustered(g)]
+            sel = reprune_select(weights, k, tie_break=self.tie_break, seed=self.seed + i,
+                                 backend=self.backend, return_details=True)
+            clusters = sel.labels.max(axis=1).astype(np.int64) + 1  # labels are 0..c-1 per channel
+            layers.append(LayerRecord(g.name, n0, n, k, 1 - k / n0, sel.height, int(clusters.min()),
+                                      float(clusters.mean()), int(clusters.max()),
+                                      sel.covered / int(clusters.sum()), sel.kept.tolist()))
+        return PruningEvent(epoch, sparsity, target, sum(ks), gamma_star, layers, {})
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def report(self) -> REPruneReport:
+        """Per layer s_l, k_l, h_l, clusters per channel and coverage of the latest event (layers
+        it left alone show their current width), and params / MACs before any pruning and now."""
+        latest = {r.name: r for r in self.events[-1].layers} if self.events else {}
+        layers = []
+        for g, n0 in zip(self.groups, self.original_widths):
+            r = latest.get(g.name)
+            if r is None or r.height is None:
+                r = LayerRecord(g.name, n0, g.n_channels, g.n_channels, 1 - g.n_channels / n0,
+                                None, None, None, None, None)
+            layers.append(r)
+        after = self._model_stats()
+        return REPruneReport(layers, list(self.events), self.original_channels,
+                             sum(g.n_channels for g in self.groups),
+                             self._stats_before["params"], after["params"],
+                             self._stats_before["macs"], after["macs"])
