@@ -1,0 +1,141 @@
+"""One REPrune pruning event on ResNet-50 (random init, weights=None) at 50% channel sparsity.
+
+Rows: the whole event (threshold + clustering + coverage + surgery, graph building excluded) and
+its parts, native (C++ Ward + Numba coverage) against the reference (scipy + Python greedy), and
+Torch-Pruning's plain L1 prune of the same model (MetaPruner.step, all groups, 50%) for scale.
+The breakdown times clustering and coverage layer by layer on the same k_l the event used.
+
+    python -m benchmarks.bench_reprune           # ResNet-50, 1x3x64x64 (reference path: minutes)
+    python -m benchmarks.bench_reprune --quick   # CIFAR ResNet-56: a smoke check
+
+Random-init BN γ are all equal (1.0): the threshold then spreads sparsity evenly over layers;
+clustering and coverage cost the same as on trained weights of the same shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import time
+
+import numpy as np
+import torch
+import torch_pruning as tp
+
+from accelprune import REPrune
+from accelprune.cluster import cut_linkage, ward_linkage_batched
+from accelprune.coverage import max_coverage
+from accelprune.reprune import _ward_problems
+from benchmarks.harness import Row, measure, report
+
+SPARSITY = 0.5
+
+
+def _models(quick: bool):
+    torch.manual_seed(0)
+    if quick:
+        from accelprune.models import resnet56
+
+        return "resnet56 (CIFAR, random init)", resnet56(), torch.randn(1, 3, 32, 32)
+    import torchvision
+
+    return "resnet50 (random init)", torchvision.models.resnet50(weights=None), torch.randn(1, 3, 64, 64)
+
+
+def _timed_pops(objects: list, call, *, repeats: int, warmup: int):
+    """Median time of ``call(obj)`` over fresh objects. Finished objects stay referenced, and
+    garbage is collected before timing, so that freeing one model's dependency graph is not
+    timed inside the next call."""
+    done = []
+
+    def run():
+        obj = objects.pop()
+        call(obj)
+        done.append(obj)
+
+    gc.collect()
+    return measure(run, warmup=warmup, repeats=repeats).median_s, done[-1]
+
+
+def _event_time(model, x, backend: str, repeats: int, warmup: int) -> tuple[float, REPrune]:
+    """Median time of ``prune()`` on fresh copies (graph building and stats are not timed)."""
+    pruners = [REPrune(copy.deepcopy(model), x, SPARSITY, backend=backend) for _ in range(repeats + warmup)]
+    return _timed_pops(pruners, REPrune.prune, repeats=repeats, warmup=warmup)
+
+
+def _parts(pruner: REPrune, original, backend: str) -> dict[str, float]:
+    """Clustering (Ward + cut) and coverage, layer by layer, for the k_l the event chose."""
+    event = pruner.events[-1]
+    weights = {n: m.weight.detach() for n, m in original.named_modules() if hasattr(m, "weight")}
+    clustering = selection = 0.0
+    for g, rec in zip(pruner.groups, event.layers):
+        if rec.kept == rec.before:
+            continue
+        labels = []
+        height = rec.height
+        t0 = time.perf_counter()
+        for name in g.producers:
+            problems = _ward_problems(weights[name], "weight")
+            Z = ward_linkage_batched(problems, backend=backend)
+            labels.append(cut_linkage(Z, height=np.full(len(Z), height), backend=backend))
+        t1 = time.perf_counter()
+        max_coverage(np.concatenate(labels), rec.kept, seed=pruner.seed, backend=backend)
+        clustering += t1 - t0
+        selection += time.perf_counter() - t1
+    return {"clustering": clustering, "coverage": selection}
+
+
+def _tp_l1_time(model, x, repeats: int) -> float:
+    def build():
+        m = copy.deepcopy(model)
+        return tp.pruner.MetaPruner(m, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                    pruning_ratio=SPARSITY, ignored_layers=[_classifier(m)])
+    pruners = [build() for _ in range(repeats + 1)]
+    return _timed_pops(pruners, lambda p: p.step(), repeats=repeats, warmup=1)[0]
+
+
+def _classifier(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model, for a smoke check")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 3)
+    label, model, x = _models(args.quick)
+
+    t0 = time.perf_counter()
+    REPrune(copy.deepcopy(model), x, SPARSITY)
+    setup = time.perf_counter() - t0
+
+    native, pruner = _event_time(model, x, "auto", repeats, warmup=1)
+    reference, ref_pruner = _event_time(model, x, "reference", 1, warmup=0)  # minutes: once
+    assert [r.kept_indices for r in pruner.events[-1].layers] == \
+        [r.kept_indices for r in ref_pruner.events[-1].layers], "native and reference disagree"
+    parts_native = _parts(pruner, model, "auto")
+    parts_ref = _parts(ref_pruner, model, "reference")
+    surgery = {"native": pruner.events[-1].seconds["surgery"]}  # same code on both paths
+    tp_l1 = _tp_l1_time(model, x, repeats)
+
+    rep = pruner.report()
+    rows = [
+        Row("clustering (Ward + cut)", {"native": parts_native["clustering"], "reference": parts_ref["clustering"]}),
+        Row("selection (max coverage)", {"native": parts_native["coverage"], "reference": parts_ref["coverage"]}),
+        Row("surgery", surgery),
+        Row("whole event", {"native": native, "reference": reference, "tp_l1": tp_l1},
+            {"kept": f"{rep.kept_channels}/{rep.original_channels}",
+             "macs": f"{rep.macs_before / 1e6:.0f}M->{rep.macs_after / 1e6:.0f}M"}),
+    ]
+    notes = {"model": label, "input": list(x.shape), "sparsity": SPARSITY,
+             "setup_s (graph + stats, untimed in events)": setup,
+             "tp_l1": "torch_pruning MetaPruner.step with L1 MagnitudeImportance, all groups",
+             "threads": torch.get_num_threads()}
+    print(f"model: {label}; REPrune setup (graph, stats) {setup:.2f} s, not part of the event")
+    return report("bench_reprune" + ("_quick" if args.quick else ""), rows, fast="native",
+                  references=["reference", "tp_l1"], notes=notes)
+
+
+if __name__ == "__main__":
+    main()
