@@ -108,8 +108,8 @@ class ParameterTracker:
         self._restore()  # the old objects (kept or replaced) get their real gradients back
         if unmapped:
             dtypes = sorted({str(self._before[n].dtype) for n in unmapped})
-            warnings.warn(f"could not trace how {unmapped} were pruned (dtype {dtypes}, or a surgery "
-                          "that drops gradients); their optimizer state is reset",
+            warnings.warn(f"could not trace how {unmapped} were pruned (dtype {dtypes}, or a "
+                          "surgery that drops gradients); their optimizer state is reset",
                           RuntimeWarning, stacklevel=3)
 
     def remap(self, optimizer: torch.optim.Optimizer | None):
@@ -133,7 +133,8 @@ def remap_optimizer(optimizer: torch.optim.Optimizer | None, changes: list[Param
         state = optimizer.state.pop(change.old, None)
         if not state or change.source is None:
             continue
-        optimizer.state[change.new] = {key: _slice_state(value, change) for key, value in state.items()
+        optimizer.state[change.new] = {key: _slice_state(value, change)
+                                       for key, value in state.items()
                                        if not _is_foreign(value, change)}
     return optimizer
 

@@ -60,7 +60,8 @@ def _ward_problems(weight, name: str) -> np.ndarray:
     arr = as_float64_array(weight, name, ndim=tuple(range(2, 6)))
     n, c_in = arr.shape[:2]
     if n == 0 or c_in == 0:
-        raise ValueError(f"{name} has shape {arr.shape}; it needs at least one filter and one input channel")
+        raise ValueError(f"{name} has shape {arr.shape}; it needs at least one filter and one "
+                         "input channel")
     return np.ascontiguousarray(arr.reshape(n, c_in, -1).transpose(1, 0, 2))
 
 
@@ -89,7 +90,8 @@ def reprune_select(weight, k, *, tie_break: str = "random", seed: int = 0, backe
                 for i, w in enumerate(weights)]
     n = problems[0].shape[1]
     if any(p.shape[1] != n for p in problems):
-        raise ValueError(f"weights disagree on the number of filters: {[p.shape[1] for p in problems]}")
+        widths = [p.shape[1] for p in problems]
+        raise ValueError(f"weights disagree on the number of filters: {widths}")
     k = check_int(k, "k", low=1, high=n)
 
     if k == n:  # nothing to merge: every kernel is its own cluster
@@ -142,10 +144,12 @@ def layer_keep_counts(scores: Sequence, original_widths: Sequence[int], target: 
         raise ValueError(f"{len(scores)} score arrays for {len(original_widths)} widths")
     layers = [as_float64_array(s, f"scores[{i}]", ndim=1) for i, s in enumerate(scores)]
     widths = [len(s) for s in layers]
-    floors = [keep_floor(check_int(n0, "original width", low=1), min_keep_ratio) for n0 in original_widths]
+    floors = [keep_floor(check_int(n0, "original width", low=1), min_keep_ratio)
+              for n0 in original_widths]
     for i, (n, n0, f) in enumerate(zip(widths, original_widths, floors)):
         if not f <= n <= n0:
-            raise ValueError(f"layer {i} has {n} channels, outside [floor {f}, original width {n0}]")
+            raise ValueError(f"layer {i} has {n} channels, outside [floor {f}, "
+                             f"original width {n0}]")
     target = check_int(target, "target", low=0)
     to_remove = sum(widths) - target
     if to_remove <= 0:

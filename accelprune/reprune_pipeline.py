@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 from accelprune._validation import check_fraction, check_int
 from accelprune.graph import ModelGraph, call_model
 from accelprune.optim_state import track_parameters
-from accelprune.reprune import keep_floor, layer_keep_counts, reprune_select
+from accelprune.reporting import model_stats
+from accelprune.reprune import layer_keep_counts, reprune_select
+from accelprune.schedule import SCHEDULES, sparsity_at
 
 __all__ = ["REPrune", "REPruneReport", "PruningEvent", "LayerRecord"]
 
@@ -34,7 +36,8 @@ _PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups == m.in_channels == m.out_channels
+    return (isinstance(m, nn.modules.conv._ConvNd)
+            and 1 < m.groups == m.in_channels == m.out_channels)
 
 
 @dataclass
@@ -46,12 +49,14 @@ class LayerRecord:
     before: int               # width when the event started
     kept: int                 # k_l
     sparsity: float           # 1 - k_l / original
-    height: float | None      # layer-wide cut-off h_l (None: nothing pruned here, no clustering)
-    clusters_min: int | None  # clusters per input channel after the cut
-    clusters_mean: float | None
-    clusters_max: int | None
-    coverage: float | None    # share of the (channel, cluster) pairs the kept filters cover
-    kept_indices: list[int] = field(repr=False, default_factory=list)  # into the 'before' channels
+    # into the channels at the start of the event, in selection order
+    kept_indices: list[int] = field(repr=False, default_factory=list)
+    # the clustering; None where the event pruned nothing in this layer (no clustering run)
+    height: float | None = None          # layer-wide cut-off h_l
+    clusters_min: int | None = None      # clusters per input channel after the cut
+    clusters_mean: float | None = None
+    clusters_max: int | None = None
+    coverage: float | None = None        # share of the (channel, cluster) pairs kept filters cover
 
 
 @dataclass
@@ -91,7 +96,8 @@ class REPruneReport:
         lines = [f"{'layer':<28} {'orig':>5} {'kept':>5} {'s_l':>6} {'h_l':>8} "
                  f"{'clusters min/mean/max':>22} {'coverage':>8}"]
         for r in self.layers:
-            clusters = "-" if r.clusters_min is None else f"{r.clusters_min}/{r.clusters_mean:.1f}/{r.clusters_max}"
+            clusters = ("-" if r.clusters_min is None
+                        else f"{r.clusters_min}/{r.clusters_mean:.1f}/{r.clusters_max}")
             lines.append(f"{r.name:<28} {r.original:>5} {r.kept:>5} {r.sparsity:>6.1%} "
                          f"{fmt(r.height, '8.4f'):>8} {clusters:>22} {fmt(r.coverage, '8.1%'):>8}")
         lines.append(f"channels {self.original_channels} -> {self.kept_channels} "
@@ -145,13 +151,11 @@ class REPrune:
     after an event (:meth:`due` says when one runs): DDP cannot follow parameters that change.
     """
 
-    def __init__(self, model: nn.Module, example_inputs, sparsity: float, *, schedule: str = "constant",
-                 delta_t: int = 2, t_prune: int | None = None, min_keep_ratio: float = 0.05,
-                 ignored_layers=None, prune_coupled: bool = False, prune_stem: bool = False,
-                 tie_break: str = "random", seed: int = 0, backend: str = "auto",
-                 progress: bool = False, process_group=None):
-        from accelprune.schedule import SCHEDULES
-
+    def __init__(self, model: nn.Module, example_inputs, sparsity: float, *,
+                 schedule: str = "constant", delta_t: int = 2, t_prune: int | None = None,
+                 min_keep_ratio: float = 0.05, ignored_layers=None, prune_coupled: bool = False,
+                 prune_stem: bool = False, tie_break: str = "random", seed: int = 0,
+                 backend: str = "auto", progress: bool = False, process_group=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.sparsity = check_fraction(sparsity, "sparsity")
@@ -175,7 +179,7 @@ class REPrune:
                                 prune_coupled=prune_coupled, progress=progress)
         stem = None if prune_stem else _first_conv(model, example_inputs)
         self.groups = [g for g in self.graph.groups
-                       if not (stem is not None and any(self.graph.module(p) is stem for p in g.producers))]
+                       if not any(self.graph.module(p) is stem for p in g.producers)]
         if not self.groups:
             raise ValueError("the model has no prunable layers (after ignored_layers, the stem and "
                              "coupled groups are left out)")
@@ -183,8 +187,7 @@ class REPrune:
             self._check_group(g)
         self.original_widths = [g.n_channels for g in self.groups]
         self.original_channels = sum(self.original_widths)
-        self._floors = [keep_floor(n, self.min_keep_ratio) for n in self.original_widths]
-        self._stats_before = self._model_stats()
+        self._stats_before = model_stats(model, example_inputs)
         self.events: list[PruningEvent] = []
 
     # -- checks and helpers ------------------------------------------------------------------
@@ -198,12 +201,14 @@ class REPrune:
         for name in self._clustered(g):
             m = self.graph.module(name)
             if not isinstance(m, _PRODUCERS) or getattr(m, "groups", 1) != 1:
-                raise ValueError(f"REPrune cannot cluster the filters of {name!r} ({type(m).__name__}"
-                                 f"{', groups=' + str(m.groups) if hasattr(m, 'groups') else ''}): it "
-                                 "supports plain Conv1d/2d/3d and Linear; pass it in ignored_layers")
+                groups = f", groups={m.groups}" if hasattr(m, "groups") else ""
+                raise ValueError(f"REPrune cannot cluster the filters of {name!r} "
+                                 f"({type(m).__name__}{groups}): it supports plain Conv1d/2d/3d "
+                                 "and Linear; pass it in ignored_layers")
         if not g.bns:
-            raise ValueError(f"REPrune ranks channels by the BatchNorm scale γ, but layer {g.name!r} "
-                             "has no BatchNorm right after it; add one, or pass it in ignored_layers")
+            raise ValueError(f"REPrune ranks channels by the BatchNorm scale γ, but layer "
+                             f"{g.name!r} has no BatchNorm right after it; add one, or pass it "
+                             "in ignored_layers")
         for name in g.bns:
             if getattr(self.graph.module(name), "weight", None) is None:
                 raise ValueError(f"BatchNorm {name!r} after {g.name!r} has no learnable scale γ "
@@ -211,21 +216,18 @@ class REPrune:
 
     def _gamma(self, g) -> torch.Tensor:
         """|γ| of a group's channels (mean over its BNs when it has several)."""
-        return torch.stack([self.graph.module(b).weight.detach().abs().cpu().double() for b in g.bns]).mean(0)
+        scales = [self.graph.module(b).weight.detach().abs().cpu().double() for b in g.bns]
+        return torch.stack(scales).mean(0)
 
-    def _model_stats(self) -> dict:
-        from accelprune.reporting import model_stats
-
-        return model_stats(self.model, self.example_inputs)
+    def _distributed(self) -> bool:
+        return (dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1)
 
     def _rank0(self) -> bool:
-        distributed = dist.is_available() and dist.is_initialized()
-        if not distributed or dist.get_world_size(self.process_group) == 1:
-            return True
-        return dist.get_rank(self.process_group) == 0
+        return not self._distributed() or dist.get_rank(self.process_group) == 0
 
     def _broadcast(self, obj):
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(self.process_group) == 1:
+        if not self._distributed():
             return obj
         src = 0 if self.process_group is None else dist.get_global_rank(self.process_group, 0)
         box = [obj]
@@ -241,9 +243,8 @@ class REPrune:
 
     def target_at(self, epoch: int) -> float:
         """The scheduled global sparsity s(t), measured against the original widths."""
-        from accelprune.schedule import sparsity_at
-
-        return sparsity_at(epoch, final=self.sparsity, t_start=0, t_end=self._t_end, kind=self.schedule)
+        return sparsity_at(epoch, final=self.sparsity, t_start=0, t_end=self._t_end,
+                           kind=self.schedule)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -256,7 +257,9 @@ class REPrune:
         return self._event(self.target_at(epoch), epoch, optimizer)
 
     def prune(self) -> nn.Module:
-        """One event at the final sparsity (one-shot pruning of a trained model); returns the model."""
+        """One event at the final sparsity (one-shot pruning of a trained model).
+
+        Returns the model (pruned in place)."""
         self._event(self.sparsity, None, None)
         return self.model
 
@@ -285,19 +288,22 @@ class REPrune:
         ks, gamma_star = layer_keep_counts(gammas, self.original_widths, target,
                                            min_keep_ratio=self.min_keep_ratio)
         layers = []
-        for i, (g, k) in enumerate(tqdm(list(zip(self.groups, ks)), desc="REPrune", disable=not self.progress)):
+        bar = tqdm(list(zip(self.groups, ks)), desc="REPrune", disable=not self.progress)
+        for i, (g, k) in enumerate(bar):
             n, n0 = g.n_channels, self.original_widths[i]
-            if k == n:
-                layers.append(LayerRecord(g.name, n0, n, k, 1 - k / n0, None, None, None, None, None,
-                                          list(range(n))))
-                continue
-            weights = [self.graph.module(p).weight.detach() for p in self._clustered(g)]
-            sel = reprune_select(weights, k, tie_break=self.tie_break, seed=self.seed + i,
-                                 backend=self.backend, return_details=True)
-            clusters = sel.labels.max(axis=1).astype(np.int64) + 1  # labels are 0..c-1 per channel
-            layers.append(LayerRecord(g.name, n0, n, k, 1 - k / n0, sel.height, int(clusters.min()),
-                                      float(clusters.mean()), int(clusters.max()),
-                                      sel.covered / int(clusters.sum()), sel.kept.tolist()))
+            record = LayerRecord(g.name, original=n0, before=n, kept=k, sparsity=1 - k / n0,
+                                 kept_indices=list(range(n)))
+            if k < n:
+                weights = [self.graph.module(p).weight.detach() for p in self._clustered(g)]
+                sel = reprune_select(weights, k, tie_break=self.tie_break, seed=self.seed + i,
+                                     backend=self.backend, return_details=True)
+                clusters = sel.labels.max(axis=1).astype(np.int64) + 1  # labels: 0..c-1 per row
+                record.kept_indices = sel.kept.tolist()
+                record.height = sel.height
+                record.clusters_min, record.clusters_max = int(clusters.min()), int(clusters.max())
+                record.clusters_mean = float(clusters.mean())
+                record.coverage = sel.covered / int(clusters.sum())
+            layers.append(record)
         return PruningEvent(epoch, sparsity, target, sum(ks), gamma_star, layers, {})
 
     # -- reporting ---------------------------------------------------------------------------
@@ -310,10 +316,10 @@ class REPrune:
         for g, n0 in zip(self.groups, self.original_widths):
             r = latest.get(g.name)
             if r is None or r.height is None:
-                r = LayerRecord(g.name, n0, g.n_channels, g.n_channels, 1 - g.n_channels / n0,
-                                None, None, None, None, None)
+                r = LayerRecord(g.name, original=n0, before=g.n_channels, kept=g.n_channels,
+                                sparsity=1 - g.n_channels / n0)
             layers.append(r)
-        after = self._model_stats()
+        after = model_stats(self.model, self.example_inputs)
         return REPruneReport(layers, list(self.events), self.original_channels,
                              sum(g.n_channels for g in self.groups),
                              self._stats_before["params"], after["params"],

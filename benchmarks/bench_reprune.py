@@ -39,7 +39,8 @@ def _models(quick: bool):
         return "resnet56 (CIFAR, random init)", resnet56(), torch.randn(1, 3, 32, 32)
     import torchvision
 
-    return "resnet50 (random init)", torchvision.models.resnet50(weights=None), torch.randn(1, 3, 64, 64)
+    model = torchvision.models.resnet50(weights=None)
+    return "resnet50 (random init)", model, torch.randn(1, 3, 64, 64)
 
 
 def _timed_pops(objects: list, call, *, repeats: int, warmup: int):
@@ -59,7 +60,8 @@ def _timed_pops(objects: list, call, *, repeats: int, warmup: int):
 
 def _event_time(model, x, backend: str, repeats: int, warmup: int) -> tuple[float, REPrune]:
     """Median time of ``prune()`` on fresh copies (graph building and stats are not timed)."""
-    pruners = [REPrune(copy.deepcopy(model), x, SPARSITY, backend=backend) for _ in range(repeats + warmup)]
+    pruners = [REPrune(copy.deepcopy(model), x, SPARSITY, backend=backend)
+               for _ in range(repeats + warmup)]
     return _timed_pops(pruners, REPrune.prune, repeats=repeats, warmup=warmup)
 
 
@@ -121,8 +123,10 @@ def main(argv=None) -> dict:
 
     rep = pruner.report()
     rows = [
-        Row("clustering (Ward + cut)", {"native": parts_native["clustering"], "reference": parts_ref["clustering"]}),
-        Row("selection (max coverage)", {"native": parts_native["coverage"], "reference": parts_ref["coverage"]}),
+        Row("clustering (Ward + cut)",
+            {"native": parts_native["clustering"], "reference": parts_ref["clustering"]}),
+        Row("selection (max coverage)",
+            {"native": parts_native["coverage"], "reference": parts_ref["coverage"]}),
         Row("surgery", surgery),
         Row("whole event", {"native": native, "reference": reference, "tp_l1": tp_l1},
             {"kept": f"{rep.kept_channels}/{rep.original_channels}",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.cluster.hierarchy as sch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn as nn
 import torch_pruning as tp
@@ -16,14 +18,16 @@ from accelprune.reprune import REPruneImportance, layer_keep_counts, reprune_sel
 
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     """Rows of a and b group the same points together (numbering may differ)."""
-    return all(np.array_equal(x[:, None] == x[None, :], y[:, None] == y[None, :]) for x, y in zip(a, b))
+    return all(np.array_equal(x[:, None] == x[None, :], y[:, None] == y[None, :])
+               for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")
 def resnet18_convs():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None)
-    return {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    return {n: m.weight.detach().clone() for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,7 +53,8 @@ def test_parity_with_tied_kernels():
     for k in (5, 20, 39):
         for tie_break in ("random", "index"):
             fast = reprune_select(w, k, tie_break=tie_break, return_details=True)
-            ref = reprune_select(w, k, tie_break=tie_break, backend="reference", return_details=True)
+            ref = reprune_select(w, k, tie_break=tie_break, backend="reference",
+                                 return_details=True)
             np.testing.assert_array_equal(fast.kept, ref.kept)
             assert _same_partition(fast.labels, ref.labels)
 
@@ -69,7 +74,8 @@ def test_selection_follows_the_spec(resnet18_convs):
     # greedy with index ties, spelled out
     covered, chosen = set(), []
     for _ in range(k):
-        gain = {i: len({(j, expected[j, i]) for j in range(10)} - covered) for i in range(n) if i not in chosen}
+        gain = {i: len({(j, expected[j, i]) for j in range(10)} - covered)
+                for i in range(n) if i not in chosen}
         best = max(gain, key=lambda i: (gain[i], -i))
         chosen.append(best)
         covered |= {(j, expected[j, best]) for j in range(10)}
@@ -168,6 +174,26 @@ def test_keep_counts_measure_against_original_widths():
     assert k == [20]
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=6), st.data())
+def test_keep_counts_properties(widths, data):
+    """Floors hold, never below target, exactly the target when floors allow, and a layer's
+    kept channels are its highest scores (the threshold rule)."""
+    ratio = data.draw(st.sampled_from([0.0, 0.05, 0.3]))
+    scores = [np.array(data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n)), float)
+              for n in widths]  # small integers: many ties
+    target = data.draw(st.integers(0, sum(widths)))
+    k, gamma = layer_keep_counts(scores, widths, target, min_keep_ratio=ratio)
+    floors = [max(1, int(np.ceil(ratio * n - 1e-9))) for n in widths]
+    assert all(f <= kl <= n for f, kl, n in zip(floors, k, widths))
+    assert sum(k) == max(target, sum(floors))
+    for s, kl, n, floor in zip(scores, k, widths, floors):
+        if kl < n:  # as many channels went as there are scores at or below γ* (ties may stay)
+            assert np.sort(s)[n - kl - 1] <= gamma
+        if kl > floor:  # unless the floor held the layer, every score below γ* went
+            assert (s < gamma).sum() <= n - kl
+
+
 def test_keep_counts_reject_bad_input():
     with pytest.raises(ValueError, match="target"):
         layer_keep_counts([np.ones(4)], [4], -1)
@@ -212,7 +238,8 @@ def test_optimizer_state_of_kept_channels_is_carried_exactly(opt_cls):
     opt.step()
     conv1, conv2 = model.conv1, model.conv2
     old_state = {name: {k: v.clone() for k, v in opt.state[p].items()}
-                 for name, p in [("c1", conv1.weight), ("c2", conv2.weight), ("fc", model.fc.weight)]}
+                 for name, p in [("c1", conv1.weight), ("c2", conv2.weight),
+                                 ("fc", model.fc.weight)]}
     old_grad = conv1.weight.grad.clone()
     fc_weight = model.fc.weight
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
@@ -230,7 +257,8 @@ def test_optimizer_state_of_kept_channels_is_carried_exactly(opt_cls):
         assert torch.equal(opt.state[new2][key], expected), key
     assert torch.equal(new1.grad, old_grad[keep])  # real gradients travel too
     assert model.fc.weight is fc_weight  # untouched parameters keep their state
-    assert all(torch.equal(opt.state[fc_weight][key], value) for key, value in old_state["fc"].items())
+    assert all(torch.equal(opt.state[fc_weight][key], value)
+               for key, value in old_state["fc"].items())
     ids = {id(p) for g in opt.param_groups for p in g["params"]}
     assert ids == {id(p) for p in model.parameters()}
     opt.zero_grad()
@@ -272,7 +300,8 @@ def test_metapruner_with_reprune_importance_keeps_the_reprune_selection(ratio):
     kept0 = _rows_kept(w0, net[0].weight.detach())
     assert kept0 == sorted(reprune_select(w0, k0, seed=3).tolist())
     # conv 3's importance was computed before anything was pruned: on its original weights
-    assert _rows_kept(w3[:, kept0], net[3].weight.detach()) == sorted(reprune_select(w3, k3, seed=3).tolist())
+    kept3 = _rows_kept(w3[:, kept0], net[3].weight.detach())
+    assert kept3 == sorted(reprune_select(w3, k3, seed=3).tolist())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +313,8 @@ def _n_kept(pruner) -> int:
 
 
 def _out_channels(model) -> dict[str, int]:
-    return {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    return {n: m.weight.shape[0] for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
 def _resnet56():
@@ -321,7 +351,8 @@ def _residual_outputs(model) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("build,gamma", [(_resnet56, "init"), (_resnet56, "random"), (_resnet50, "random")],
+@pytest.mark.parametrize("build,gamma",
+                         [(_resnet56, "init"), (_resnet56, "random"), (_resnet50, "random")],
                          ids=["resnet56-init", "resnet56-random", "resnet50-random"])
 def test_one_event_reaches_the_global_target(build, gamma):
     from accelprune import REPrune
@@ -340,7 +371,8 @@ def test_one_event_reaches_the_global_target(build, gamma):
     widths_after = _out_channels(model)
     untouched = _residual_outputs(model) + ["conv1", "fc"]
     assert all(widths_after[n] == widths_before[n] for n in untouched)
-    assert model.fc.in_features == widths_before[_residual_outputs(model)[-2]]  # classifier input too
+    # the classifier's input too
+    assert model.fc.in_features == widths_before[_residual_outputs(model)[-2]]
     pruned = [n for n in widths_before if widths_after[n] < widths_before[n]]
     assert pruned and all(n not in untouched for n in pruned)
     with torch.no_grad():
@@ -414,7 +446,8 @@ def test_event_carries_momentum_of_kept_channels_and_training_continues():
     m1, m2 = (opt.state[c.weight]["momentum_buffer"].clone() for c in (conv1, conv2))
     pruner = REPrune(model, x, 0.5)
     assert pruner.step(0, opt) is opt
-    keep = sorted(next(r for r in pruner.events[-1].layers if r.name == "layer2.1.conv1").kept_indices)
+    record = next(r for r in pruner.events[-1].layers if r.name == "layer2.1.conv1")
+    keep = sorted(record.kept_indices)
     assert 0 < len(keep) < 32
     new1, new2 = model.layer2[1].conv1.weight, model.layer2[1].conv2.weight
     assert torch.equal(opt.state[new1]["momentum_buffer"], m1[keep])
@@ -441,7 +474,8 @@ def test_report_describes_the_event(capsys):
     for r in rep.layers:
         assert r.kept == dict(model.named_modules())[r.name].out_channels
         if r.height is not None:
-            assert r.height > 0 and 1 <= r.clusters_min <= r.clusters_mean <= r.clusters_max <= r.kept
+            assert r.height > 0
+            assert 1 <= r.clusters_min <= r.clusters_mean <= r.clusters_max <= r.kept
             assert 0 < r.coverage <= 1
     text = str(rep)
     assert "layer1.0.conv1" in text and "sparsity" in text
@@ -498,7 +532,8 @@ def test_pipeline_rejects_bad_input():
     with pytest.raises(ValueError, match="t_prune"):
         REPrune(model, x, 0.5, schedule="linear")
     no_bn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
-                          nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+                          nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 2))
     with pytest.raises(ValueError, match=r"BatchNorm.*'2'|'2'.*BatchNorm"):
         REPrune(no_bn, torch.randn(2, 3, 16, 16), 0.5)
     with pytest.raises(TypeError, match="Module"):

@@ -29,7 +29,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from accelprune.models import resnet20
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
     try:
         torch.manual_seed(0)
         model = resnet20()
