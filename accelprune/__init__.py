@@ -11,6 +11,7 @@ from accelprune.cluster import (
     ward_linkage_ref,
 )
 from accelprune.coverage import CoverageResult, max_coverage, max_coverage_ref  # numba: lazily
+from accelprune.csgd import CSGD, CSGDReport, cluster_filters
 from accelprune.kernels import (  # Triton is imported lazily, on the first kernel launch
     CSGDPlan,
     csgd_transform_,
@@ -20,6 +21,18 @@ from accelprune.kernels import (  # Triton is imported lazily, on the first kern
     filter_scores_ref,
 )
 from accelprune.fusion import find_conv_bn_pairs, fuse_conv_bn
+from accelprune.graph import ChannelGroup, ModelGraph, fold_and_prune, prune_channels
+from accelprune.importance import (
+    BNScaleImportance,
+    GradientImportance,
+    L1Importance,
+    L2Importance,
+    RandomImportance,
+    TaylorImportance,
+    bn_l1_penalty_,
+)
+from accelprune.pruning import prune
+from accelprune.serialization import load, save
 from accelprune.lottery import LotteryTicket, iterative_magnitude_pruning
 from accelprune.masks import (
     gradient_magnitude_prune,

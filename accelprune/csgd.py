@@ -1,0 +1,535 @@
+"""Centripetal SGD (Ding et al., CVPR 2019; ALGORITHMS.md section 4): train, then prune losslessly.
+
+C-SGD does not pick filters to throw away. It splits every prunable layer's n filters into k
+clusters and trains with a modified gradient that pulls the filters of each cluster together
+(the "centripetal" term) while the loss keeps shaping their common mean. Once the members of a
+cluster are equal they compute the same channel, so all but one can be removed, their
+contribution being added into the consumers' kept input slice: the pruned model computes exactly
+what the trained one did.
+
+::
+
+    csgd = accelprune.CSGD(model, example_inputs, keep_ratio=0.5, centripetal_strength=3e-3)
+    optimizer = torch.optim.SGD(csgd.param_groups(), lr=0.1, momentum=0.9)
+    csgd.register_hook(optimizer)       # or call csgd.apply_gradients() before every step()
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+    print(csgd.deviation().total)       # -> 0 as the clusters converge
+    print(csgd.prune())                 # params and MACs before and after
+
+What is clustered, and how (this module's decisions where the paper leaves things open):
+
+* **Layers**: every channel group of :class:`accelprune.graph.ModelGraph` (any architecture the
+  dependency graph understands; the classifier's outputs are never a group). With
+  ``prune_coupled=True`` (the default) residual-coupled groups (outputs summed by an add) are
+  clustered too, with **one** clustering for all their producers, computed on the concatenation
+  of the producers' flattened filters along the feature axis.
+* **k** = ``max(1, round(keep_ratio * n))`` per group (Python's ``round``: halves go to even).
+  Grouped convs (not depthwise) split a group's channels into B blocks that must not be mixed
+  and must all keep the same local channels: the B blocks then share one clustering of the
+  n/B positions (k = B·max(1, round(keep_ratio·n/B))). Depthwise convs are per channel: their
+  filters, biases and BNs are clustered with the group, like any producer's.
+* **k-means**: :func:`scipy.cluster.vq.kmeans2` with ``minit="++"`` seeded by
+  ``numpy.random.default_rng(seed + group index)`` (the ``++`` seeding is computed here with
+  scipy's exact random draws, in O(n·k·d) instead of scipy's O(n·k²·d); see
+  :func:`_kmeans_pp_centres`). kmeans2 can return empty clusters, and its
+  ``++`` init fails when there are fewer distinct filters than k; both are repaired
+  deterministically so that there are always exactly k non-empty clusters: the filter farthest
+  from its cluster mean (lowest index on ties) among clusters with more than one member is moved
+  into a new cluster, until there are k (see :func:`cluster_filters`). ``"even"`` clustering cuts
+  the filters into k consecutive blocks whose sizes differ by at most one.
+* Cluster ids are numbered by first appearance: cluster c's lowest index is smaller than cluster
+  c+1's, and the lowest index of each cluster is the filter :meth:`CSGD.prune` keeps.
+* **The transform** (:func:`accelprune.kernels.csgd_transform_`, one fused launch on GPU):
+  ``G' = mean_H(G) + η·W + ε·(W − mean_H(W))`` on conv / linear kernels (η = ``weight_decay``,
+  ε = ``centripetal_strength``), with η = 0 and 0.1·ε on the producers' biases and the BN γ and
+  β. The optimizer's own weight decay must be off for these params (:meth:`CSGD.param_groups`
+  does that); params without a ``.grad`` at a step are skipped, as an optimizer skips them.
+* **Distributed**: under ``torch.distributed`` the clusters are computed on rank 0 and
+  broadcast; with DistributedDataParallel the transform runs on the already all-reduced grads
+  (``backward()`` returns after DDP's all-reduce), so every rank applies the same update.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from scipy.cluster.vq import kmeans2
+
+from accelprune._validation import as_float64_array, check_fraction, check_int
+
+__all__ = ["CSGD", "CSGDReport", "ClusterAssignment", "Deviation", "cluster_filters",
+           "CLUSTERINGS"]
+
+CLUSTERINGS = ("kmeans", "even")
+
+# Biases and BN affine params are pulled together 10x more gently than kernels, and not decayed.
+_SECONDARY_CENTRIPETAL = 0.1
+
+_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+# ---------------------------------------------------------------------------------------------
+# clustering
+
+
+def cluster_filters(filters, n_clusters: int, *, method: str = "kmeans", seed: int = 0) -> np.ndarray:
+    """Split the n rows of ``filters`` (n, d) into exactly ``n_clusters`` non-empty clusters.
+
+    method: ``"kmeans"`` (scipy's kmeans2, ``minit="++"``, seeded) or ``"even"`` (k consecutive
+        blocks of the rows, sizes differing by at most one; ``filters`` is then only used for n).
+    Returns int64 labels (n,) in 0..k-1, numbered by first appearance (row 0 is in cluster 0, and
+    each cluster's lowest row index increases with its id). Deterministic given ``seed``.
+
+    kmeans2 may leave clusters empty, and its ``++`` init cannot pick k centres among fewer than k
+    distinct rows; in both cases clusters are split deterministically until there are k: the row
+    farthest from its cluster's mean, among clusters with more than one row (lowest index on
+    ties), becomes a cluster of its own.
+    """
+    X = as_float64_array(filters, "filters", ndim=2)
+    n = X.shape[0]
+    if n == 0:
+        raise ValueError("filters is empty (0 rows); nothing to cluster")
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, numbers.Integral):
+        raise TypeError(f"n_clusters must be an integer, got {type(n_clusters).__name__}")
+    if not 1 <= n_clusters <= n:
+        raise ValueError(f"n_clusters must be in [1, {n}] (the number of filters), got {n_clusters}")
+    k = int(n_clusters)
+    if method not in CLUSTERINGS:
+        raise ValueError(f"unknown clustering method {method!r}; expected one of {list(CLUSTERINGS)}")
+    seed = check_int(seed, "seed", low=0)
+    if method == "even":
+        return (np.arange(n, dtype=np.int64) * k) // n
+    if k == n:
+        return np.arange(n, dtype=np.int64)
+    if k == 1:
+        return np.zeros(n, dtype=np.int64)
+    distinct = len(np.unique(X, axis=0))
+    if distinct < k:  # kmeans++ cannot place k centres: start from the groups of equal rows
+        labels = np.unique(X, axis=0, return_inverse=True)[1].reshape(-1)
+    else:
+        centres = _kmeans_pp_centres(X, k, np.random.default_rng(seed))
+        with warnings.catch_warnings():  # empty clusters are repaired below
+            warnings.filterwarnings("ignore", message="One of the clusters is empty")
+            _, labels = kmeans2(X, centres, minit="matrix", missing="warn")
+    return _first_appearance(_split_until(X, np.asarray(labels, dtype=np.int64), k))
+
+
+def _kmeans_pp_centres(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """The k initial centres scipy's ``kmeans2(X, k, minit="++", rng=rng)`` picks, in O(n·k·d).
+
+    Same random draws in the same order as scipy's ``_kpp`` (one integer for the first centre,
+    then one uniform per centre against the cumulative D² distribution), so the clustering is
+    scipy's ``++`` k-means (a test pins the parity). scipy recomputes the distances to *all*
+    previous centres at every pick, O(n·k²·d): 90 s for the groups of a ResNet-18 and hours for a
+    ResNet-50, where keeping the running minimum distance takes seconds.
+    """
+    n = X.shape[0]
+    centres = np.empty((k, X.shape[1]))
+    pick = int(rng.integers(n, dtype=np.int64))
+    centres[0] = X[pick]
+    nearest = ((X - X[pick]) ** 2).sum(axis=1)  # squared distance to the closest centre so far
+    for i in range(1, k):
+        cumulative = (nearest / nearest.sum()).cumsum()
+        pick = min(int(np.searchsorted(cumulative, rng.uniform())), n - 1)
+        centres[i] = X[pick]
+        np.minimum(nearest, ((X - X[pick]) ** 2).sum(axis=1), out=nearest)
+    return centres
+
+
+def _split_until(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Move single rows into new clusters until ``labels`` has k non-empty clusters."""
+    labels = _first_appearance(labels)
+    while labels.max() + 1 < k:
+        counts = np.bincount(labels)
+        sums = np.zeros((len(counts), X.shape[1]))
+        np.add.at(sums, labels, X)
+        spread = ((X - (sums / counts[:, None])[labels]) ** 2).sum(axis=1)
+        spread[counts[labels] == 1] = -1.0  # a singleton has nothing to give away
+        labels[int(np.argmax(spread))] = labels.max() + 1
+    return labels
+
+
+def _first_appearance(labels: np.ndarray) -> np.ndarray:
+    """Renumber cluster ids 0..c-1 in the order of each cluster's lowest index."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+@dataclasses.dataclass
+class ClusterAssignment:
+    """The clusters of one channel group: ``labels[i]`` is output channel i's cluster."""
+    name: str               # the group's name (its first producer)
+    producers: list[str]    # the layers whose filters were clustered together
+    labels: np.ndarray      # (n,) int64, 0..n_clusters-1, numbered by first appearance
+    n_clusters: int
+
+    @property
+    def kept(self) -> np.ndarray:
+        """The channel that survives :meth:`CSGD.prune` in each cluster (its lowest index)."""
+        return np.unique(self.labels, return_index=True)[1].astype(np.int64)
+
+
+@dataclasses.dataclass
+class Deviation:
+    """Σ of squared distances of the rows from their cluster means (the paper's χ)."""
+    total: float
+    groups: dict[str, float]
+
+
+@dataclasses.dataclass
+class CSGDReport:
+    """What :meth:`CSGD.prune` removed."""
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    layers: list[tuple[str, int, int]]  # (group name, channels before, channels after)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        def line(what, before, after):
+            return f"{what:<8}{before:>14,}{after:>14,}{after / before:>10.1%}"
+
+        lines = [f"{'':<8}{'before':>14}{'after':>14}{'kept':>10}",
+                 line("params", self.params_before, self.params_after),
+                 line("MACs", self.macs_before, self.macs_after),
+                 f"{len(self.layers)} channel groups: "
+                 f"{sum(b for _, b, _ in self.layers)} -> {sum(a for _, _, a in self.layers)} channels"]
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class _Transformed:
+    """One param C-SGD transforms: which group it belongs to and its coefficients."""
+    name: str
+    param: torch.Tensor
+    group: int
+    weight_decay: float     # η
+    centripetal: float      # ε
+    kernel: bool            # a conv / linear kernel (the paper's filters), not a bias or BN param
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def _call(model: nn.Module, example_inputs):
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def _nonnegative(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+class CSGD:
+    """Centripetal SGD on a model: cluster, train with :meth:`apply_gradients`, :meth:`prune`.
+
+    model, example_inputs: the network (pruned in place by :meth:`prune`; a
+        DistributedDataParallel wrapper is unwrapped) and inputs for tracing it.
+    keep_ratio: in (0, 1]; each group keeps ``max(1, round(keep_ratio * n))`` channels.
+    centripetal_strength: ε (paper: 3e-3 for CIFAR ResNet-56, 0.05 for ImageNet ResNet-50).
+    weight_decay: η, applied to the clustered kernels inside the transform (and by
+        :meth:`param_groups`, by default, to every other param through the optimizer).
+    clustering: ``"kmeans"`` or ``"even"`` (see :func:`cluster_filters`).
+    ignored_layers: module names or modules whose output channels are not clustered.
+    prune_coupled: also cluster residual-coupled groups (one clustering shared by all producers).
+    seed: k-means seed; group i uses ``seed + i``.
+    backend: for :func:`accelprune.kernels.csgd_transform_` (``"auto"``: Triton on CUDA).
+    process_group: the torch.distributed group whose ranks must agree (default: the world).
+    progress: a tqdm bar while tracing the model.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, keep_ratio: float, *,
+                 centripetal_strength: float = 3e-3, weight_decay: float = 1e-4,
+                 clustering: str = "kmeans", ignored_layers=None, prune_coupled: bool = True,
+                 seed: int = 0, backend: str = "auto", process_group=None, progress: bool = False):
+        from accelprune.graph import ModelGraph
+
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.keep_ratio = check_fraction(keep_ratio, "keep_ratio", allow_zero=False, allow_one=True)
+        self.centripetal_strength = _nonnegative(centripetal_strength, "centripetal_strength")
+        self.weight_decay = _nonnegative(weight_decay, "weight_decay")
+        if clustering not in CLUSTERINGS:
+            raise ValueError(f"unknown clustering {clustering!r}; expected one of {list(CLUSTERINGS)}")
+        self.clustering = clustering
+        self.seed = check_int(seed, "seed", low=0)
+        self.backend, self.process_group = backend, process_group
+        self.model, self.example_inputs = model, example_inputs
+
+        self.graph = ModelGraph(model, example_inputs, ignored_layers=ignored_layers,
+                                prune_coupled=prune_coupled, progress=progress)
+        self.groups = list(self.graph.groups)
+        if not self.groups:
+            raise ValueError("the model has nothing C-SGD can prune: the dependency graph found no "
+                             "prunable channel groups (after ignored_layers"
+                             f"{'' if prune_coupled else ' and coupled groups'})")
+        self._transformed = self._collect_params()
+
+        labels = self._cluster_all() if self._rank0() else None
+        labels = self._broadcast(labels)
+        self.clusters = [ClusterAssignment(g.name, list(g.producers), lab, int(lab.max()) + 1)
+                         for g, lab in zip(self.groups, labels)]
+        self._plans: dict[tuple[int, ...], object] = {}
+        self._hooks: list = []
+        self.pruned = False
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _collect_params(self) -> list[_Transformed]:
+        """Every param whose rows are a group's channels, with its (η, ε); checks the layers."""
+        eps = self.centripetal_strength
+        found: list[_Transformed] = []
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for gi, g in enumerate(self.groups):
+            for name in g.producers:
+                m = self.graph.module(name)
+                if not isinstance(m, _PRODUCERS):
+                    raise ValueError(f"C-SGD cannot cluster the outputs of {name!r} "
+                                     f"({type(m).__name__}): it supports Conv1d/2d/3d and Linear "
+                                     "producers; pass it in ignored_layers")
+                found.append(_Transformed(names[id(m.weight)], m.weight, gi, self.weight_decay,
+                                          eps, kernel=True))
+                if m.bias is not None:
+                    found.append(_Transformed(names[id(m.bias)], m.bias, gi, 0.0,
+                                              _SECONDARY_CENTRIPETAL * eps, kernel=False))
+            for name in g.bns:
+                m = self.graph.module(name)
+                for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
+                    if isinstance(p, nn.Parameter):
+                        found.append(_Transformed(names[id(p)], p, gi, 0.0,
+                                                  _SECONDARY_CENTRIPETAL * eps, kernel=False))
+        seen: dict[int, str] = {}
+        for t in found:
+            if t.param.shape[0] != self.groups[t.group].n_channels:
+                raise ValueError(f"{t.name} has {t.param.shape[0]} rows but group "
+                                 f"{self.groups[t.group].name!r} has {self.groups[t.group].n_channels} "
+                                 "channels; C-SGD needs output channels on dim 0")
+            if id(t.param) in seen:
+                raise ValueError(f"{t.name} belongs to two channel groups ({seen[id(t.param)]!r} and "
+                                 f"{self.groups[t.group].name!r}); C-SGD cannot cluster it twice")
+            seen[id(t.param)] = self.groups[t.group].name
+        return found
+
+    def _features(self, gi: int) -> np.ndarray:
+        """The group's filters (n, Σ F): its producers' kernels flattened and concatenated."""
+        kernels = [t.param.detach() for t in self._transformed if t.group == gi and t.kernel]
+        rows = [k.reshape(k.shape[0], -1).cpu().double() for k in kernels]
+        return torch.cat(rows, dim=1).numpy()
+
+    def _blocks(self, g) -> int:
+        """How many equal blocks the group's channels fall into for grouped convs (1 if none).
+
+        A grouped conv (not depthwise) producing or consuming these channels splits them into
+        ``groups`` blocks: a filter only sees (or only feeds) its own block, so merging channels of
+        different blocks would not be lossless, and Torch-Pruning needs the same local channels
+        removed from every block. With several grouped convs, the finest common split (lcm).
+        """
+        blocks = 1
+        for name in list(g.producers) + list(g.consumers):
+            m = self.graph.module(name)
+            if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not (
+                    m.groups == m.in_channels == m.out_channels):
+                blocks = math.lcm(blocks, m.groups)
+        # a grouped consumer behind a concat splits a wider tensor; its blocks are not ours (the
+        # fold then refuses what it cannot do losslessly, naming the layer)
+        return blocks if g.n_channels % blocks == 0 else 1
+
+    def _cluster_all(self) -> list[np.ndarray]:
+        """Labels per group. With grouped convs the channels' B blocks share one clustering of
+        the per-block position (features: the B blocks' filters at that position, concatenated),
+        so every cluster lies inside one block and each block keeps the same local channels."""
+        out = []
+        for gi, g in enumerate(self.groups):
+            blocks = self._blocks(g)
+            per_block = g.n_channels // blocks
+            features = self._features(gi)
+            features = features.reshape(blocks, per_block, -1).transpose(1, 0, 2).reshape(per_block, -1)
+            k = max(1, round(self.keep_ratio * per_block))
+            try:
+                local = cluster_filters(features, k, method=self.clustering, seed=self.seed + gi)
+            except ValueError as e:
+                raise ValueError(f"cannot cluster group {g.name!r}: {e}") from None
+            out.append((np.arange(blocks)[:, None] * k + local[None, :]).reshape(-1))
+        return out
+
+    def _distributed(self) -> bool:
+        return (dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1)
+
+    def _rank0(self) -> bool:
+        return not self._distributed() or dist.get_rank(self.process_group) == 0
+
+    def _broadcast(self, obj):
+        if not self._distributed():
+            return obj
+        src = 0 if self.process_group is None else dist.get_global_rank(self.process_group, 0)
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.process_group)
+        return box[0]
+
+    def _check_live(self) -> None:
+        if self.pruned:
+            raise RuntimeError("this CSGD has already pruned its model; its clusters no longer "
+                               "match the layers (build a new CSGD to train the pruned model)")
+
+    # -- training ------------------------------------------------------------------------------
+
+    @property
+    def transformed(self) -> list[tuple[str, torch.Tensor, float, float]]:
+        """The params C-SGD transforms: (name, param, η, ε), kernels first within each group."""
+        return [(t.name, t.param, t.weight_decay, t.centripetal) for t in self._transformed]
+
+    def param_groups(self, **options) -> list[dict]:
+        """Optimizer param groups: weight decay off for the transformed params, on for the rest.
+
+        ``options`` (lr, momentum, ...) go into both groups; ``weight_decay`` (default: this
+        CSGD's η) only into the group of the other params. Use as
+        ``torch.optim.SGD(csgd.param_groups(), lr=0.1, momentum=0.9)``.
+        """
+        weight_decay = options.pop("weight_decay", self.weight_decay)
+        ids = {id(t.param) for t in self._transformed}
+        rest = [p for p in self.model.parameters() if id(p) not in ids]
+        groups = [{"params": rest, **options, "weight_decay": weight_decay}] if rest else []
+        groups.append({"params": [t.param for t in self._transformed], **options,
+                       "weight_decay": 0.0})
+        return groups
+
+    def _plan(self, present: tuple[int, ...]):
+        from accelprune.kernels import CSGDPlan
+
+        if present not in self._plans:
+            picked = [self._transformed[i] for i in present]
+            self._plans[present] = CSGDPlan([t.param for t in picked],
+                                            [self.clusters[t.group].labels for t in picked])
+        return self._plans[present]
+
+    def apply_gradients(self) -> None:
+        """Transform every clustered param's ``.grad`` in place (one call, one launch on GPU).
+
+        Call after ``backward()`` (under DDP: on the all-reduced grads) and before
+        ``optimizer.step()``, exactly once per step; or let :meth:`register_hook` call it. With a
+        ``GradScaler``, call ``scaler.unscale_(optimizer)`` first (the hook runs after it).
+        """
+        from accelprune.kernels import csgd_transform_
+
+        self._check_live()
+        present = tuple(i for i, t in enumerate(self._transformed) if t.param.grad is not None)
+        if not present:
+            return
+        picked = [self._transformed[i] for i in present]
+        csgd_transform_([t.param for t in picked], self._plan(present),
+                        weight_decay=[t.weight_decay for t in picked],
+                        centripetal=[t.centripetal for t in picked], backend=self.backend)
+
+    def register_hook(self, optimizer: torch.optim.Optimizer):
+        """Run :meth:`apply_gradients` at the start of every ``optimizer.step()``.
+
+        Composes with any optimizer (momentum, Adam, ...): the optimizer sees the transformed
+        gradients. The optimizer must not decay the transformed params itself (η is in the
+        transform); build it from :meth:`param_groups`. Returns the removable hook handle (also
+        removed by :meth:`prune`).
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self._check_live()
+        ids = {id(t.param): t.name for t in self._transformed}
+        for group in optimizer.param_groups:
+            if group.get("weight_decay", 0):
+                decayed = [ids[id(p)] for p in group["params"] if id(p) in ids]
+                if decayed:
+                    raise ValueError(f"the optimizer applies weight_decay={group['weight_decay']} to "
+                                     f"params C-SGD transforms ({decayed[0]}, ...), which would decay "
+                                     "them twice; build it from csgd.param_groups()")
+        handle = optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.apply_gradients())
+        self._hooks.append(handle)
+        return handle
+
+    def deviation(self, *, kernels_only: bool = False) -> Deviation:
+        """Σ‖row − its cluster's mean‖² per group and in total (the paper's χ).
+
+        By default over every transformed param of a group (kernels, biases, BN γ and β: all
+        must converge for pruning to be lossless); ``kernels_only=True`` gives χ over the
+        filters alone.
+        """
+        self._check_live()
+        groups = {g.name: 0.0 for g in self.groups}
+        with torch.no_grad():
+            for t in self._transformed:
+                if kernels_only and not t.kernel:
+                    continue
+                W = t.param.detach().reshape(t.param.shape[0], -1).double()
+                labels = torch.from_numpy(self.clusters[t.group].labels).to(W.device)
+                k = self.clusters[t.group].n_clusters
+                sums = W.new_zeros(k, W.shape[1]).index_add_(0, labels, W)
+                means = sums / torch.bincount(labels, minlength=k).to(W.dtype)[:, None]
+                groups[self.groups[t.group].name] += float(((W - means[labels]) ** 2).sum())
+        return Deviation(sum(groups.values()), groups)
+
+    # -- pruning -------------------------------------------------------------------------------
+
+    def prune(self) -> CSGDReport:
+        """Keep the lowest index of every cluster, fold the others into the consumers, remove them.
+
+        Lossless once the clusters have converged (:meth:`deviation` ≈ 0, and the BN running
+        statistics with them). The model is changed in place; the optimizer and any
+        DistributedDataParallel wrapper must be rebuilt for the new params. Every rank prunes
+        its own replica with the shared clusters, so DDP replicas stay identical.
+        """
+        from accelprune.reporting import model_stats
+
+        self._check_live()
+        for g, c in zip(self.groups, self.clusters):
+            if g.n_channels != len(c.labels):
+                raise RuntimeError(f"group {g.name!r} has {g.n_channels} channels but was clustered "
+                                   f"with {len(c.labels)}: the model was pruned by someone else")
+        before = model_stats(self.model, self.example_inputs)
+        layers = []
+        try:
+            for g, c in zip(self.groups, self.clusters):
+                n = g.n_channels
+                self.graph.fold_and_prune(g, c.labels)
+                layers.append((g.name, n, g.n_channels))
+        finally:
+            if layers:  # the clusters no longer describe the model
+                self.pruned = True
+                for h in self._hooks:
+                    h.remove()
+                self._hooks.clear()
+        after = model_stats(self.model, self.example_inputs)
+        return CSGDReport(before["params"], after["params"], before["macs"], after["macs"], layers)
+
+    def __repr__(self) -> str:
+        channels = sum(c.labels.size for c in self.clusters)
+        kept = sum(c.n_clusters for c in self.clusters)
+        return (f"CSGD({len(self.groups)} groups, {channels} -> {kept} channels, "
+                f"clustering={self.clustering!r}, ε={self.centripetal_strength}, "
+                f"η={self.weight_decay}{', pruned' if self.pruned else ''})")
