@@ -26,7 +26,7 @@ def as_float64_array(x, name: str, *, ndim: int | tuple[int, ...]) -> np.ndarray
         raise ValueError(f"{name} must be {want}, got shape {arr.shape}")
     if arr.size and not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or Inf")
-    return np.ascontiguousarray(arr, dtype=np.float64)
+    return np.asarray(arr, dtype=np.float64, order="C")  # ascontiguousarray would make 0-d 1-d
 
 
 def as_int_array(x, name: str, *, ndim: int) -> np.ndarray:
@@ -38,7 +38,7 @@ def as_int_array(x, name: str, *, ndim: int) -> np.ndarray:
         raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
     if arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    return np.asarray(arr, dtype=np.int64, order="C")
 
 
 def check_int(value, name: str, *, low: int | None = None, high: int | None = None) -> int:

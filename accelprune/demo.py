@@ -38,6 +38,7 @@ class DemoConfig:
     batch_size: int = 64
     lr: float = 0.1
     image_size: int = 32
+    max_train: int | None = None  # use only the first N training images (quick runs)
     methods: tuple[str, ...] = METHODS
     seed: int = 0
     out_dir: str = "demo_out"
@@ -46,8 +47,8 @@ class DemoConfig:
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
         """Tiny settings for tests: a few batches' worth of learning, 16x16 images."""
-        return dataclasses.replace(cls(epochs=1, finetune_epochs=1, csgd_epochs=1, image_size=16),
-                                   **overrides)
+        tiny = cls(epochs=2, finetune_epochs=1, csgd_epochs=1, image_size=16, max_train=384)
+        return dataclasses.replace(tiny, **overrides)
 
 
 @dataclasses.dataclass
@@ -135,6 +136,8 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
         raise ValueError(f"budget must be in (0, 1), got {config.budget}")
     torch.manual_seed(config.seed)
     train_set, test_set = digits(config.image_size, seed=config.seed)
+    if config.max_train is not None:
+        train_set = torch.utils.data.Subset(train_set, range(min(config.max_train, len(train_set))))
     train = loader(train_set, batch_size=config.batch_size, seed=config.seed)
     test = loader(test_set, batch_size=256, shuffle=False)
     example_inputs = train_set[0][0][None]
@@ -163,7 +166,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
             import accelprune
 
             csgd = accelprune.CSGD(model, example_inputs, 1.0 - amount, seed=config.seed)
-            optimizer = _optimizer(csgd.param_groups({}), config.lr / 10)
+            optimizer = _optimizer(csgd.param_groups(), config.lr / 10)
             t_train = time.perf_counter()
             _fit(model, train, config.csgd_epochs, config.lr / 10, desc="C-SGD centripetal training",
                  progress=config.progress, optimizer=optimizer, after_backward=csgd.apply_gradients)

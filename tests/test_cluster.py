@@ -261,3 +261,9 @@ def test_backend_argument():
     with pytest.raises(ValueError, match="unknown backend"):
         ward_linkage(X, backend="gpu")
     np.testing.assert_allclose(ward_linkage_batched_ref(X[None])[0], ward_linkage_ref(X))
+
+
+def test_scalar_height_applies_to_every_problem_of_a_batch():
+    Z = ward_linkage_batched(np.random.default_rng(9).standard_normal((3, 20, 2)))
+    np.testing.assert_array_equal(cut_linkage(Z, height=1.5), cut_linkage(Z, height=np.full(3, 1.5)))
+    np.testing.assert_array_equal(cut_linkage(Z, height=np.float64(1.5)), cut_linkage_ref(Z, height=1.5))
