@@ -23,6 +23,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -95,6 +96,7 @@ struct WardWorkspace {
   std::vector<Merge> merges;
   std::vector<int64_t> order, prev, next, count;  // 1-D path
   std::vector<double> sum, inverse, points_t, mask, formed_height;
+  std::vector<std::pair<double, int64_t>> keyed;
 };
 
 // Sort merges by height (stable, as scipy's mergesort) and relabel into scipy's linkage format.
@@ -255,10 +257,10 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
 inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws, double* Z) {
   // Sorted order of the points (ties by index, so the order is deterministic). A run is named by
   // its first position in that order; merging two runs keeps the left name.
+  ws.keyed.resize(n);
+  for (int64_t i = 0; i < n; ++i) ws.keyed[i] = {x[i], i};
+  std::sort(ws.keyed.begin(), ws.keyed.end());  // by value, then index
   ws.order.resize(n);
-  for (int64_t i = 0; i < n; ++i) ws.order[i] = i;
-  std::sort(ws.order.begin(), ws.order.end(),
-            [x](int64_t a, int64_t b) { return x[a] < x[b] || (x[a] == x[b] && a < b); });
   ws.prev.resize(n);
   ws.next.resize(n);
   ws.count.assign(n, 1);
@@ -267,7 +269,8 @@ inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws, double* Z) {
   for (int64_t p = 0; p < n; ++p) {
     ws.prev[p] = p - 1;  // -1: no left neighbour
     ws.next[p] = p + 1;  // n: no right neighbour
-    ws.sum[p] = x[ws.order[p]];
+    ws.order[p] = ws.keyed[p].second;
+    ws.sum[p] = ws.keyed[p].first;
   }
   // Ward cost of merging neighbouring runs l < r: n_l n_r / (n_l + n_r) * (m_l - m_r)^2.
   auto cost = [&ws](int64_t l, int64_t r) {
