@@ -359,9 +359,9 @@ class ModelGraph:
 
     def _check_keep(self, group: ChannelGroup, keep) -> np.ndarray:
         self._check_group(group)
-        keep = as_int_array(keep, "keep", ndim=1)
-        if keep.size == 0:
+        if np.size(keep) == 0:  # before the dtype check: [] is float64 to numpy
             raise ValueError(f"keep is empty: group {group.name!r} must keep at least one channel")
+        keep = as_int_array(keep, "keep", ndim=1)
         if keep.min() < 0 or keep.max() >= group.n_channels:
             raise ValueError(f"keep has indices outside [0, {group.n_channels}) for group {group.name!r}")
         if len(np.unique(keep)) != len(keep):
