@@ -1,4 +1,5 @@
 """accelprune.models (CIFAR ResNet-20/56, small VGG) and accelprune.save / accelprune.load."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -62,8 +63,13 @@ _LOAD_SCRIPT = textwrap.dedent("""
     model = accelprune.load(sys.argv[1])
     x = torch.load(sys.argv[2])
     with torch.no_grad():
-        torch.save(model.eval()(x), sys.argv[3])
+        torch.save({"out": model.eval()(x), "state": model.state_dict()}, sys.argv[3])
 """)
+
+
+def _env():
+    # the parent's settings (thread counts change float summation order), plus the checkout
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def _pruned_resnet20():
@@ -86,10 +92,12 @@ def test_save_load_in_a_fresh_process_gives_identical_outputs(tmp_path, build):
     path, xs, out = tmp_path / "model.pt", tmp_path / "x.pt", tmp_path / "out.pt"
     accelprune.save(model, path)
     torch.save(x, xs)
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(path), str(xs), str(out)], check=True, env=env,
+    subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(path), str(xs), str(out)], check=True, env=_env(),
                    cwd=tmp_path, timeout=300)
-    assert torch.equal(torch.load(out), expected)
+    result = torch.load(out)
+    assert result["state"].keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in result["state"].items())  # bit for bit
+    torch.testing.assert_close(result["out"], expected, rtol=1e-6, atol=1e-6)
 
 
 def test_load_restores_pruned_shapes_in_process(tmp_path):
@@ -124,6 +132,6 @@ def test_load_explains_an_unimportable_class(tmp_path):
     """)
     path = tmp_path / "main.pt"
     subprocess.run([sys.executable, "-c", script, str(path)], check=True,
-                   env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=300)
+                   env=_env(), timeout=300)
     with pytest.raises(ValueError, match="not importable"):
         accelprune.load(path)
