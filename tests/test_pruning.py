@@ -1,0 +1,230 @@
+"""accelprune.prune: one-shot pruning of torchvision and CIFAR models with every criterion."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import accelprune
+from accelprune import models
+from accelprune.graph import ModelGraph
+from accelprune.reporting import model_stats
+
+
+def _tv(name, **kw):
+    return lambda: getattr(torchvision.models, name)(weights=None, **kw)
+
+
+BUILDERS = {
+    "resnet18": (_tv("resnet18"), (1, 3, 64, 64)),
+    "resnet50": (_tv("resnet50"), (1, 3, 64, 64)),
+    "vgg16_bn": (_tv("vgg16_bn", num_classes=10), (1, 3, 64, 64)),
+    "mobilenet_v2": (_tv("mobilenet_v2"), (1, 3, 64, 64)),
+    "densenet121": (_tv("densenet121"), (1, 3, 64, 64)),
+    "resnet56": (models.resnet56, (1, 3, 32, 32)),
+}
+
+# every criterion on resnet18; every model with one or two criteria (keeps the module fast)
+CASES = [("resnet18", c, False) for c in ("l1", "l2", "bn", "taylor", "gradient", "random")] + [
+    ("resnet18", "l1", True),
+    ("resnet50", "taylor", False),
+    ("vgg16_bn", "l2", False),
+    ("vgg16_bn", "bn", True),
+    ("mobilenet_v2", "l1", False),
+    ("mobilenet_v2", "random", True),
+    ("densenet121", "bn", False),
+    ("resnet56", "l1", False),
+    ("resnet56", "taylor", True),
+]
+
+
+def _randomise_bn(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.05)
+    return model
+
+
+def _widths(model):
+    return {n: m.weight.shape[1 if getattr(m, "transposed", False) else 0]
+            for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+@pytest.mark.parametrize("name,criterion,global_ranking", CASES,
+                         ids=[f"{n}-{c}-{'global' if g else 'layer'}" for n, c, g in CASES])
+def test_prune_keeps_the_model_working_and_smaller(name, criterion, global_ranking):
+    build, shape = BUILDERS[name]
+    torch.manual_seed(0)
+    model = _randomise_bn(build())
+    x = torch.randn(*shape)
+    ratio = 0.3 if name in ("resnet18", "resnet56") else 0.5
+    if criterion in ("taylor", "gradient"):
+        model(torch.randn(2, *shape[1:])).sum().backward()
+    groups = ModelGraph(model, x).groups
+    before_widths = {g.name: g.n_channels for g in groups}
+    with torch.no_grad():
+        out_shape = model.eval()(x).shape
+    stats0 = model_stats(model, x)
+
+    out = accelprune.prune(model, x, criterion, ratio, global_ranking=global_ranking)
+
+    assert out is model  # in place
+    with torch.no_grad():
+        assert model.eval()(x).shape == out_shape
+    stats1 = model_stats(model, x)
+    assert stats1["params"] < stats0["params"] and stats1["macs"] < stats0["macs"]
+    widths = _widths(model)
+    ranked = [g for g in groups if criterion != "bn" or g.bns]  # "bn" skips groups without BatchNorm
+    if global_ranking:
+        removed = sum(before_widths[g.name] - widths[g.name] for g in ranked)
+        assert removed == math.floor(ratio * sum(before_widths[g.name] for g in ranked))
+        assert all(widths[g.name] >= 1 for g in ranked)
+    else:
+        for g in ranked:
+            n = before_widths[g.name]
+            assert widths[g.name] == n - math.floor(ratio * n), g.name
+    # groups that were not prunable (classifier, residual-coupled, stem) keep their width
+    prunable = {p for g in groups for p in g.producers}
+    untouched = [n for n in _widths(build()) if n not in prunable]
+    fresh = _widths(build())
+    assert all(widths[n] == fresh[n] for n in untouched)
+
+
+def test_prune_coupled_prunes_residual_channels_too():
+    torch.manual_seed(0)
+    model, x = models.resnet20(), torch.randn(1, 3, 32, 32)
+    accelprune.prune(model, x, "l1", 0.5, prune_coupled=True)
+    assert model.conv1.out_channels == 8 and model.layer1[2].conv2.out_channels == 8
+    assert model.fc.in_features == 32 and model.fc.out_features == 10
+    assert model(x).shape == (1, 10)
+
+
+def test_lowest_l1_channels_go_and_zero_channels_are_removed_losslessly():
+    torch.manual_seed(0)
+    model, x = models.resnet20(), torch.randn(4, 3, 32, 32)
+    graph = ModelGraph(model, x[:1])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1, generator=gen)
+                m.bias.normal_(0, 0.1, generator=gen)
+        for g in graph.groups:
+            idx = torch.randperm(g.n_channels, generator=gen)[: g.n_channels // 4]
+            conv, bn = graph.module(g.producers[0]), graph.module(g.bns[0])
+            conv.weight[idx] = 0
+            bn.weight[idx] = 0
+            bn.bias[idx] = 0  # else the channel outputs relu(β), not zero
+    with torch.no_grad():
+        expected = model.eval()(x)
+    accelprune.prune(model, x[:1], "l1", 0.25)
+    for g in graph.groups:  # exactly the zeroed channels went (the others have γ = 1)
+        assert graph.module(g.name).out_channels == 3 * (16 * 2 ** (int(g.name[5]) - 1)) // 4
+        assert (graph.module(g.bns[0]).weight != 0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ignored_layers_are_kept():
+    model, x = models.resnet20(), torch.randn(1, 3, 32, 32)
+    accelprune.prune(model, x, "l2", 0.5, ignored_layers=["layer1.0.conv1", model.layer3])
+    assert model.layer1[0].conv1.out_channels == 16 and model.layer1[1].conv1.out_channels == 8
+    assert all(b.conv1.out_channels == 64 for b in model.layer3)
+
+
+def test_ratio_zero_changes_nothing():
+    model, x = models.resnet20(), torch.randn(1, 3, 32, 32)
+    params = list(model.parameters())
+    accelprune.prune(model, x, "l1", 0.0)
+    assert all(a is b for a, b in zip(params, model.parameters()))
+
+
+def test_global_bn_ranking_prunes_the_smallest_scales():
+    torch.manual_seed(0)
+    model, x = _randomise_bn(models.resnet20()), torch.randn(1, 3, 32, 32)
+    graph = ModelGraph(model, x)
+    gammas = np.concatenate([graph.module(g.bns[0]).weight.detach().numpy() for g in graph.groups])
+    threshold = np.sort(gammas)[int(0.4 * len(gammas)) - 1]
+    expected = {g.name: int((graph.module(g.bns[0]).weight.detach().numpy() > threshold).sum()) for g in graph.groups}
+    accelprune.prune(model, x, "bn", 0.4, global_ranking=True)
+    assert {g.name: graph.module(g.name).out_channels for g in graph.groups} == expected
+
+
+def test_torch_pruning_importance_objects_are_accepted():
+    import torch_pruning as tp
+
+    model, x = models.resnet20(), torch.randn(1, 3, 32, 32)
+    accelprune.prune(model, x, tp.importance.MagnitudeImportance(p=1), 0.5)
+    assert model.layer2[0].conv1.out_channels == 16
+
+
+class ChunkCat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.ca, self.cb = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(12, 5, 1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        a, b = torch.relu(self.c0(x)).chunk(2, dim=1)
+        return self.fc(self.c2(torch.cat([self.ca(a), self.cb(b)], 1)).mean((2, 3)))
+
+
+def test_failed_prune_leaves_the_model_untouched():
+    torch.manual_seed(0)
+    model, x = ChunkCat(), torch.randn(2, 3, 8, 8)
+    params = {k: (p, p.detach().clone()) for k, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="'c0'"):
+        accelprune.prune(model, x, "l1", 0.5)
+    assert all(model.get_parameter(k) is p and torch.equal(p, v) for k, (p, v) in params.items())
+    # leaving the offending layer alone works
+    accelprune.prune(model, x, "l1", 0.5, ignored_layers=["c0"])
+    assert model.ca.out_channels == 3 and model.c0.out_channels == 8
+
+
+class Detached(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.conv1(x).detach()
+        return self.fc(self.conv2(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    ({"ratio": 1.0}, ValueError, "ratio"),
+    ({"ratio": -0.1}, ValueError, "ratio"),
+    ({"ratio": float("nan")}, ValueError, "ratio"),
+    ({"ratio": "0.5"}, TypeError, "ratio"),
+    ({"importance": "l3"}, ValueError, "unknown importance"),
+    ({"importance": 3}, TypeError, "importance"),
+    ({"ignored_layers": ["layer4"]}, ValueError, "layer4"),
+    ({"global_ranking": 1}, TypeError, "global_ranking"),
+], ids=["ratio1", "ratio_neg", "ratio_nan", "ratio_str", "unknown_importance", "importance_type",
+        "unknown_layer", "global_type"])
+def test_bad_input(kwargs, err, match):
+    model, x = models.resnet20(), torch.randn(1, 3, 32, 32)
+    args = {"importance": "l1", "ratio": 0.5, **kwargs}
+    with pytest.raises(err, match=match):
+        accelprune.prune(model, x, args.pop("importance"), args.pop("ratio"), **args)
+    assert model.layer1[0].conv1.out_channels == 16
+
+
+def test_untraceable_model_names_the_op():
+    with pytest.raises(ValueError, match="'conv1'"):
+        accelprune.prune(Detached(), torch.randn(1, 3, 8, 8), "l1", 0.5)
+    with pytest.raises(TypeError, match="nn.Module"):
+        accelprune.prune("resnet", torch.randn(1), "l1", 0.5)
+
+
+def test_taylor_without_gradients_is_an_error():
+    model = models.resnet20()
+    with pytest.raises(ValueError, match="backward"):
+        accelprune.prune(model, torch.randn(1, 3, 32, 32), "taylor", 0.5)
+    assert model.layer1[0].conv1.out_channels == 16
