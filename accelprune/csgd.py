@@ -43,10 +43,11 @@ What is clustered, and how (this module's decisions where the paper leaves thing
 * Cluster ids are numbered by first appearance: cluster c's lowest index is smaller than cluster
   c+1's, and the lowest index of each cluster is the filter :meth:`CSGD.prune` keeps.
 * **The transform** (:func:`accelprune.kernels.csgd_transform_`, one fused launch on GPU):
-  ``G' = mean_H(G) + η·W + ε·(W − mean_H(W))`` on conv / linear kernels (η = ``weight_decay``,
-  ε = ``centripetal_strength``), with η = 0 and 0.1·ε on the producers' biases and the BN γ and
-  β. The optimizer's own weight decay must be off for these params (:meth:`CSGD.param_groups`
-  does that); params without a ``.grad`` at a step are skipped, as an optimizer skips them.
+  ``G' = mean_H(G) + η·W + ε·(W − mean_H(W))`` on conv / linear kernels (η =
+  ``weight_decay``, ε = ``centripetal_strength``), with η = 0 and 0.1·ε on the producers' biases
+  and the BN γ and β. The optimizer's own weight decay must be off for these params
+  (:meth:`CSGD.param_groups` does that); params without a ``.grad`` at a step are skipped, as an
+  optimizer skips them.
 * **Distributed**: under ``torch.distributed`` the clusters are computed on rank 0 and
   broadcast; with DistributedDataParallel the transform runs on the already all-reduced grads
   (``backward()`` returns after DDP's all-reduce), so every rank applies the same update.
@@ -66,8 +67,8 @@ from scipy.cluster.vq import kmeans2
 
 from accelprune._validation import as_float64_array, check_fraction, check_int
 
-__all__ = ["CSGD", "CSGDReport", "ClusterAssignment", "Deviation", "cluster_filters",
-           "CLUSTERINGS"]
+__all__ = ["CSGD", "CSGDReport", "ClusterAssignment", "Deviation", "TransformedParam",
+           "cluster_filters", "CLUSTERINGS"]
 
 CLUSTERINGS = ("kmeans", "even")
 
@@ -81,17 +82,19 @@ _PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # clustering
 
 
-def cluster_filters(filters, n_clusters: int, *, method: str = "kmeans", seed: int = 0) -> np.ndarray:
+def cluster_filters(filters, n_clusters: int, *, method: str = "kmeans",
+                    seed: int = 0) -> np.ndarray:
     """Split the n rows of ``filters`` (n, d) into exactly ``n_clusters`` non-empty clusters.
 
-    method: ``"kmeans"`` (scipy's kmeans2, ``minit="++"``, seeded) or ``"even"`` (k consecutive
-        blocks of the rows, sizes differing by at most one; ``filters`` is then only used for n).
-    Returns int64 labels (n,) in 0..k-1, numbered by first appearance (row 0 is in cluster 0, and
-    each cluster's lowest row index increases with its id). Deterministic given ``seed``.
+    method: ``"kmeans"`` (scipy's kmeans2, ``minit="++"``, seeded) or ``"even"`` (k
+        consecutive blocks of the rows, sizes differing by at most one; ``filters`` is then only
+        used for n).
+    Returns int64 labels (n,) in 0..k-1, numbered by first appearance (row 0 is in cluster 0,
+    and each cluster's lowest row index increases with its id). Deterministic given ``seed``.
 
-    kmeans2 may leave clusters empty, and its ``++`` init cannot pick k centres among fewer than k
-    distinct rows; in both cases clusters are split deterministically until there are k: the row
-    farthest from its cluster's mean, among clusters with more than one row (lowest index on
+    kmeans2 may leave clusters empty, and its ``++`` init cannot pick k centres among fewer than
+    k distinct rows; in both cases clusters are split deterministically until there are k: the
+    row farthest from its cluster's mean, among clusters with more than one row (lowest index on
     ties), becomes a cluster of its own.
     """
     X = as_float64_array(filters, "filters", ndim=2)
@@ -101,10 +104,12 @@ def cluster_filters(filters, n_clusters: int, *, method: str = "kmeans", seed: i
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, numbers.Integral):
         raise TypeError(f"n_clusters must be an integer, got {type(n_clusters).__name__}")
     if not 1 <= n_clusters <= n:
-        raise ValueError(f"n_clusters must be in [1, {n}] (the number of filters), got {n_clusters}")
+        raise ValueError(f"n_clusters must be in [1, {n}] (the number of filters), "
+                         f"got {n_clusters}")
     k = int(n_clusters)
     if method not in CLUSTERINGS:
-        raise ValueError(f"unknown clustering method {method!r}; expected one of {list(CLUSTERINGS)}")
+        raise ValueError(f"unknown clustering method {method!r}; "
+                         f"expected one of {list(CLUSTERINGS)}")
     seed = check_int(seed, "seed", low=0)
     if method == "even":
         return (np.arange(n, dtype=np.int64) * k) // n
@@ -210,13 +215,13 @@ class CSGDReport:
         lines = [f"{'':<8}{'before':>14}{'after':>14}{'kept':>10}",
                  line("params", self.params_before, self.params_after),
                  line("MACs", self.macs_before, self.macs_after),
-                 f"{len(self.layers)} channel groups: "
-                 f"{sum(b for _, b, _ in self.layers)} -> {sum(a for _, _, a in self.layers)} channels"]
+                 f"{len(self.layers)} channel groups: {sum(b for _, b, _ in self.layers)} -> "
+                 f"{sum(a for _, _, a in self.layers)} channels"]
         return "\n".join(lines)
 
 
 @dataclasses.dataclass
-class _Transformed:
+class TransformedParam:
     """One param C-SGD transforms: which group it belongs to and its coefficients."""
     name: str
     param: torch.Tensor
@@ -228,14 +233,6 @@ class _Transformed:
 
 # ---------------------------------------------------------------------------------------------
 # the pipeline
-
-
-def _call(model: nn.Module, example_inputs):
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
 
 
 def _nonnegative(value, name: str) -> float:
@@ -252,7 +249,8 @@ class CSGD:
 
     model, example_inputs: the network (pruned in place by :meth:`prune`; a
         DistributedDataParallel wrapper is unwrapped) and inputs for tracing it.
-    keep_ratio: in (0, 1]; each group keeps ``max(1, round(keep_ratio * n))`` channels.
+    keep_ratio: in (0, 1]; each group keeps ``max(1, round(keep_ratio * n))`` channels (per
+        block of n/B channels where grouped convs split them into B blocks).
     centripetal_strength: ε (paper: 3e-3 for CIFAR ResNet-56, 0.05 for ImageNet ResNet-50).
     weight_decay: η, applied to the clustered kernels inside the transform (and by
         :meth:`param_groups`, by default, to every other param through the optimizer).
@@ -275,11 +273,13 @@ class CSGD:
             model = model.module
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.keep_ratio = check_fraction(keep_ratio, "keep_ratio", allow_zero=False, allow_one=True)
+        self.keep_ratio = check_fraction(keep_ratio, "keep_ratio", allow_zero=False,
+                                         allow_one=True)
         self.centripetal_strength = _nonnegative(centripetal_strength, "centripetal_strength")
         self.weight_decay = _nonnegative(weight_decay, "weight_decay")
         if clustering not in CLUSTERINGS:
-            raise ValueError(f"unknown clustering {clustering!r}; expected one of {list(CLUSTERINGS)}")
+            raise ValueError(f"unknown clustering {clustering!r}; "
+                             f"expected one of {list(CLUSTERINGS)}")
         self.clustering = clustering
         self.seed = check_int(seed, "seed", low=0)
         self.backend, self.process_group = backend, process_group
@@ -304,10 +304,10 @@ class CSGD:
 
     # -- setup ---------------------------------------------------------------------------------
 
-    def _collect_params(self) -> list[_Transformed]:
+    def _collect_params(self) -> list[TransformedParam]:
         """Every param whose rows are a group's channels, with its (η, ε); checks the layers."""
         eps = self.centripetal_strength
-        found: list[_Transformed] = []
+        found: list[TransformedParam] = []
         names = {id(p): n for n, p in self.model.named_parameters()}
         for gi, g in enumerate(self.groups):
             for name in g.producers:
@@ -316,27 +316,27 @@ class CSGD:
                     raise ValueError(f"C-SGD cannot cluster the outputs of {name!r} "
                                      f"({type(m).__name__}): it supports Conv1d/2d/3d and Linear "
                                      "producers; pass it in ignored_layers")
-                found.append(_Transformed(names[id(m.weight)], m.weight, gi, self.weight_decay,
-                                          eps, kernel=True))
+                found.append(TransformedParam(names[id(m.weight)], m.weight, gi,
+                                              self.weight_decay, eps, kernel=True))
                 if m.bias is not None:
-                    found.append(_Transformed(names[id(m.bias)], m.bias, gi, 0.0,
-                                              _SECONDARY_CENTRIPETAL * eps, kernel=False))
+                    found.append(TransformedParam(names[id(m.bias)], m.bias, gi, 0.0,
+                                                  _SECONDARY_CENTRIPETAL * eps, kernel=False))
             for name in g.bns:
                 m = self.graph.module(name)
                 for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
                     if isinstance(p, nn.Parameter):
-                        found.append(_Transformed(names[id(p)], p, gi, 0.0,
-                                                  _SECONDARY_CENTRIPETAL * eps, kernel=False))
+                        found.append(TransformedParam(names[id(p)], p, gi, 0.0,
+                                                      _SECONDARY_CENTRIPETAL * eps, kernel=False))
         seen: dict[int, str] = {}
         for t in found:
-            if t.param.shape[0] != self.groups[t.group].n_channels:
-                raise ValueError(f"{t.name} has {t.param.shape[0]} rows but group "
-                                 f"{self.groups[t.group].name!r} has {self.groups[t.group].n_channels} "
-                                 "channels; C-SGD needs output channels on dim 0")
+            g = self.groups[t.group]
+            if t.param.shape[0] != g.n_channels:
+                raise ValueError(f"{t.name} has {t.param.shape[0]} rows but group {g.name!r} has "
+                                 f"{g.n_channels} channels; C-SGD needs output channels on dim 0")
             if id(t.param) in seen:
-                raise ValueError(f"{t.name} belongs to two channel groups ({seen[id(t.param)]!r} and "
-                                 f"{self.groups[t.group].name!r}); C-SGD cannot cluster it twice")
-            seen[id(t.param)] = self.groups[t.group].name
+                raise ValueError(f"{t.name} belongs to two channel groups ({seen[id(t.param)]!r} "
+                                 f"and {g.name!r}); C-SGD cannot cluster it twice")
+            seen[id(t.param)] = g.name
         return found
 
     def _features(self, gi: int) -> np.ndarray:
@@ -371,8 +371,8 @@ class CSGD:
         for gi, g in enumerate(self.groups):
             blocks = self._blocks(g)
             per_block = g.n_channels // blocks
-            features = self._features(gi)
-            features = features.reshape(blocks, per_block, -1).transpose(1, 0, 2).reshape(per_block, -1)
+            features = self._features(gi).reshape(blocks, per_block, -1)
+            features = features.transpose(1, 0, 2).reshape(per_block, -1)
             k = max(1, round(self.keep_ratio * per_block))
             try:
                 local = cluster_filters(features, k, method=self.clustering, seed=self.seed + gi)
@@ -404,9 +404,9 @@ class CSGD:
     # -- training ------------------------------------------------------------------------------
 
     @property
-    def transformed(self) -> list[tuple[str, torch.Tensor, float, float]]:
-        """The params C-SGD transforms: (name, param, η, ε), kernels first within each group."""
-        return [(t.name, t.param, t.weight_decay, t.centripetal) for t in self._transformed]
+    def transformed(self) -> list[TransformedParam]:
+        """The params C-SGD transforms, in group order, with their group index, η and ε."""
+        return list(self._transformed)
 
     def param_groups(self, **options) -> list[dict]:
         """Optimizer param groups: weight decay off for the transformed params, on for the rest.
@@ -459,16 +459,17 @@ class CSGD:
         removed by :meth:`prune`).
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise TypeError("optimizer must be a torch.optim.Optimizer, "
+                            f"got {type(optimizer).__name__}")
         self._check_live()
         ids = {id(t.param): t.name for t in self._transformed}
         for group in optimizer.param_groups:
             if group.get("weight_decay", 0):
                 decayed = [ids[id(p)] for p in group["params"] if id(p) in ids]
                 if decayed:
-                    raise ValueError(f"the optimizer applies weight_decay={group['weight_decay']} to "
-                                     f"params C-SGD transforms ({decayed[0]}, ...), which would decay "
-                                     "them twice; build it from csgd.param_groups()")
+                    raise ValueError(f"the optimizer applies weight_decay={group['weight_decay']} "
+                                     f"to params C-SGD transforms ({decayed[0]}, ...), which would "
+                                     "decay them twice; build it from csgd.param_groups()")
         handle = optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.apply_gradients())
         self._hooks.append(handle)
         return handle
@@ -509,8 +510,9 @@ class CSGD:
         self._check_live()
         for g, c in zip(self.groups, self.clusters):
             if g.n_channels != len(c.labels):
-                raise RuntimeError(f"group {g.name!r} has {g.n_channels} channels but was clustered "
-                                   f"with {len(c.labels)}: the model was pruned by someone else")
+                raise RuntimeError(f"group {g.name!r} has {g.n_channels} channels but was "
+                                   f"clustered with {len(c.labels)}: the model was pruned by "
+                                   "someone else")
         before = model_stats(self.model, self.example_inputs)
         layers = []
         try:

@@ -247,7 +247,8 @@ def test_even_clustering_and_seed(resnet_csgd):
     x = cifar_batch()[0]
     even = CSGD(copy.deepcopy(pristine), x, 0.25, clustering="even")
     for g, c in zip(even.groups, even.clusters):
-        np.testing.assert_array_equal(c.labels, (np.arange(g.n_channels) * c.n_clusters) // g.n_channels)
+        blocks = (np.arange(g.n_channels) * c.n_clusters) // g.n_channels
+        np.testing.assert_array_equal(c.labels, blocks)
     a = CSGD(copy.deepcopy(pristine), x, 0.5, seed=3)
     b = CSGD(copy.deepcopy(pristine), x, 0.5, seed=3)
     for ca, cb in zip(a.clusters, b.clusters):
@@ -279,8 +280,8 @@ def test_invariant_on_real_model(resnet_csgd):
     backward_once(model)
     before = {n: (rows(p), rows(p.grad)) for n, p in model.named_parameters()}
     csgd.apply_gradients()
-    transformed = {name: (eta, eps, c) for (name, _, eta, eps), c in
-                   zip(csgd.transformed, [csgd.clusters[t.group] for t in csgd._transformed])}
+    transformed = {t.name: (t.weight_decay, t.centripetal, csgd.clusters[t.group])
+                   for t in csgd.transformed}
     kinds = set()
     for name, p in model.named_parameters():
         W, G = before[name]
@@ -308,14 +309,14 @@ def test_spread_shrinks_by_exactly_one_minus_lr_eta_eps_per_step(resnet_csgd):
     opt = torch.optim.SGD(csgd.param_groups(), lr=lr)
     csgd.register_hook(opt)
     for step in range(3):
-        spread = {name: rows(p) - cluster_means(p, csgd.clusters[t.group].labels)
-                  for (name, p, _, _), t in zip(csgd.transformed, csgd._transformed)}
+        spread = {t.name: rows(t.param) - cluster_means(t.param, csgd.clusters[t.group].labels)
+                  for t in csgd.transformed}
         backward_once(model, seed=step)
         opt.step()
-        for (name, p, eta, eps), t in zip(csgd.transformed, csgd._transformed):
-            now = rows(p) - cluster_means(p, csgd.clusters[t.group].labels)
-            torch.testing.assert_close(now, (1 - lr * (eta + eps)) * spread[name],
-                                       rtol=1e-4, atol=1e-6)
+        for t in csgd.transformed:
+            now = rows(t.param) - cluster_means(t.param, csgd.clusters[t.group].labels)
+            torch.testing.assert_close(now, (1 - lr * (t.weight_decay + t.centripetal))
+                                       * spread[t.name], rtol=1e-4, atol=1e-6)
 
 
 def test_hook_composes_with_momentum(resnet_csgd):
@@ -333,7 +334,7 @@ def test_hook_composes_with_momentum(resnet_csgd):
     for (na, pa), (nb, pb) in zip(model_a.named_parameters(), model_b.named_parameters()):
         assert torch.equal(pa, pb), na
     # momentum really was in play: the transformed update differs from a plain one
-    assert any(opt_a.state[p].get("momentum_buffer") is not None for _, p, _, _ in hooked.transformed)
+    assert all(opt_a.state[t.param].get("momentum_buffer") is not None for t in hooked.transformed)
 
 
 def test_hook_refuses_optimizer_weight_decay_on_transformed_params(resnet_csgd):
@@ -349,7 +350,7 @@ def test_param_groups(resnet_csgd):
     groups = csgd.param_groups(lr=0.1, momentum=0.9)
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())  # every param exactly once
-    transformed = {id(p) for _, p, _, _ in csgd.transformed}
+    transformed = {id(t.param) for t in csgd.transformed}
     for g in groups:
         assert g["lr"] == 0.1 and g["momentum"] == 0.9
         if all(id(p) in transformed for p in g["params"]):
@@ -364,7 +365,7 @@ def test_param_groups(resnet_csgd):
 def test_params_without_grad_are_skipped(resnet_csgd):
     csgd, model = fresh(resnet_csgd)
     backward_once(model)
-    name, param, _, _ = csgd.transformed[0]
+    param = csgd.transformed[0].param
     param.grad = None
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     csgd.apply_gradients()
@@ -377,9 +378,10 @@ def test_deviation(resnet_csgd):
     csgd, model = fresh(resnet_csgd)
     dev = csgd.deviation()
     expected = {g.name: 0.0 for g in csgd.groups}
-    for (_, p, _, _), t in zip(csgd.transformed, csgd._transformed):
+    for t in csgd.transformed:
         labels = csgd.clusters[t.group].labels
-        expected[csgd.groups[t.group].name] += float(((rows(p) - cluster_means(p, labels)) ** 2).sum())
+        spread = rows(t.param) - cluster_means(t.param, labels)
+        expected[csgd.groups[t.group].name] += float((spread ** 2).sum())
     assert dev.groups == pytest.approx(expected)
     assert dev.total == pytest.approx(sum(expected.values())) and dev.total > 0
     assert 0 < csgd.deviation(kernels_only=True).total < dev.total
@@ -462,7 +464,7 @@ class FlattenNet(nn.Module):
 
 
 class DepthwiseNet(nn.Module):
-    """MobileNet-style block: pointwise → depthwise (groups = channels) → pointwise → avgpool → fc."""
+    """MobileNet-style: pointwise → depthwise (groups = channels) → pointwise → pool → fc."""
 
     def __init__(self):
         super().__init__()
@@ -528,9 +530,11 @@ def test_fold_is_lossless_through_flatten_avgpool_and_depthwise(make, shape):
     if make is FlattenNet:  # 8 channels → 4, so 64 of the Linear's 128 input columns remain
         assert model.hidden.in_features == 4 * 16 and model.hidden.out_features == 6
     if make is GroupedNet:
-        assert model.grouped.in_channels == model.grouped.out_channels == 8 and model.grouped.groups == 4
+        assert model.grouped.in_channels == model.grouped.out_channels == 8
+        assert model.grouped.groups == 4
     if make is DepthwiseNet:
-        assert model.dw.groups == model.dw.in_channels == model.dw.out_channels == model.stem.out_channels
+        dw = model.dw
+        assert dw.groups == dw.in_channels == dw.out_channels == model.stem.out_channels < 12
 
 
 def test_without_convergence_the_fold_changes_outputs(resnet_csgd):
@@ -559,8 +563,9 @@ def test_after_prune_the_csgd_is_spent(resnet_csgd):
 # bad input
 
 
-@pytest.mark.parametrize("keep_ratio, exc", [(0.0, ValueError), (1.5, ValueError), (-0.2, ValueError),
-                                             (float("nan"), ValueError), ("0.5", TypeError)])
+@pytest.mark.parametrize("keep_ratio, exc", [(0.0, ValueError), (1.5, ValueError),
+                                             (-0.2, ValueError), (float("nan"), ValueError),
+                                             ("0.5", TypeError)])
 def test_bad_keep_ratio(resnet_csgd, keep_ratio, exc):
     _, pristine = resnet_csgd
     with pytest.raises(exc, match="keep_ratio"):
@@ -591,11 +596,11 @@ def test_keep_ratio_one_is_plain_weight_decay(resnet_csgd):
     csgd = CSGD(model, cifar_batch()[0], 1.0, centripetal_strength=EPS, weight_decay=ETA)
     assert all(c.n_clusters == len(c.labels) for c in csgd.clusters)
     backward_once(model)
-    before = {n: (p.detach().clone(), p.grad.clone()) for n, p, _, _ in csgd.transformed}
+    before = {t.name: (t.param.detach().clone(), t.param.grad.clone()) for t in csgd.transformed}
     csgd.apply_gradients()
-    for name, p, eta, _ in csgd.transformed:
-        W, G = before[name]
-        torch.testing.assert_close(p.grad, G + eta * W)
+    for t in csgd.transformed:
+        W, G = before[t.name]
+        torch.testing.assert_close(t.param.grad, G + t.weight_decay * W)
 
 
 def test_model_is_not_modified_by_construction(resnet_csgd):
@@ -609,3 +614,21 @@ def test_model_is_not_modified_by_construction(resnet_csgd):
 
 def test_exported():
     assert accelprune.CSGD is CSGD and accelprune.cluster_filters is cluster_filters
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_transform_matches_cpu(resnet_csgd):
+    """On CUDA apply_gradients runs the fused Triton kernel: same result as the CPU path."""
+    cpu, model = fresh(resnet_csgd)
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu = CSGD(gpu_model, cifar_batch()[0].cuda(), 0.5, centripetal_strength=EPS, weight_decay=ETA)
+    for a, b in zip(cpu.clusters, gpu.clusters):
+        np.testing.assert_array_equal(a.labels, b.labels)
+    backward_once(model)
+    for p, q in zip(model.parameters(), gpu_model.parameters()):
+        q.grad = p.grad.cuda()
+    cpu.apply_gradients()
+    gpu.apply_gradients()
+    for (name, p), q in zip(model.named_parameters(), gpu_model.parameters()):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-5, atol=1e-6, msg=name)

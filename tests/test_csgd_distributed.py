@@ -34,8 +34,8 @@ def _free_port() -> int:
 
 def _batches():
     gen = torch.Generator().manual_seed(7)
-    return [(torch.randn(BATCH, 3, SIZE, SIZE, generator=gen), torch.randint(0, 10, (BATCH,), generator=gen))
-            for _ in range(STEPS)]
+    return [(torch.randn(BATCH, 3, SIZE, SIZE, generator=gen),
+             torch.randint(0, 10, (BATCH,), generator=gen)) for _ in range(STEPS)]
 
 
 def _setup(perturb: bool):
@@ -73,18 +73,22 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from accelprune.csgd import cluster_filters
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
     try:
         model, csgd = _setup(perturb=rank == 1)
-        first = csgd.clusters[0]
-        alone = cluster_filters(csgd._features(0), first.n_clusters, seed=csgd.seed)
+        first = csgd.clusters[0]  # what this replica's own k-means would give its first group
+        features = torch.cat([csgd.graph.module(p).weight.detach().flatten(1)
+                              for p in first.producers], dim=1)
+        alone = cluster_filters(features, first.n_clusters, seed=csgd.seed)
         ddp = nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's params
         half = BATCH // WORLD
         _train(model, csgd, ddp, slice(rank * half, (rank + 1) * half))
         trained = _snapshot(model)
         report = csgd.prune()  # every rank prunes its replica with the shared clusters
-        torch.save({"labels": [c.labels for c in csgd.clusters], "alone": alone, "trained": trained,
-                    "pruned": _snapshot(model), "report": report.to_dict()}, f"{out_dir}/rank{rank}.pt")
+        torch.save({"labels": [c.labels for c in csgd.clusters], "alone": alone,
+                    "trained": trained, "pruned": _snapshot(model), "report": report.to_dict()},
+                   f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
