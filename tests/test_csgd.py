@@ -632,3 +632,12 @@ def test_gpu_transform_matches_cpu(resnet_csgd):
     gpu.apply_gradients()
     for (name, p), q in zip(model.named_parameters(), gpu_model.parameters()):
         torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_nan_filters_name_the_group(resnet_csgd):
+    _, pristine = resnet_csgd
+    model = copy.deepcopy(pristine)
+    with torch.no_grad():
+        model.layer2[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer2.0.conv1.*NaN"):
+        CSGD(model, cifar_batch()[0], 0.5)
