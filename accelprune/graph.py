@@ -19,6 +19,7 @@ other groups are pruned: indices are recomputed from the root module at prune ti
 ``example_inputs``: a tensor (``model(x)``), a tuple or list (``model(*inputs)``) or a dict
 (``model(**inputs)``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -84,11 +85,14 @@ def _flat_tensors(out) -> list:
 
 
 def _output_shapes(out) -> list[tuple]:
-    return [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in _flat_tensors(out)]
+    return [
+        tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        for t in _flat_tensors(out)
+    ]
 
 
 class _TraceError(Exception):
-    """Raised inside the traced forward; re-raised as ValueError (never swallowed by Torch-Pruning)."""
+    """Raised in the traced forward; re-raised as ValueError (Torch-Pruning must not swallow it)."""
 
 
 class ModelGraph:
@@ -102,12 +106,26 @@ class ModelGraph:
         prune_coupled: also list groups with several producers (residual-coupled outputs).
         progress: show a tqdm bar while the groups are built (large models take a while).
 
+    Attributes:
+        groups: the prunable :class:`ChannelGroup` s, in model order.
+        all_groups: every group Torch-Pruning found outside ``ignored_layers``, including the
+            classifier's and (with ``prune_coupled=False``) the coupled ones.
+        DG: the underlying ``torch_pruning.DependencyGraph``.
+
     Building the graph runs the model once (in eval mode, with autograd on); the model's
-    train/eval flags and ``requires_grad`` flags are restored afterwards.
+    train/eval flags and ``requires_grad`` flags are restored afterwards. Raises ValueError
+    naming the module where tracing fails (forward error, a cut autograd graph).
     """
 
-    def __init__(self, model: nn.Module, example_inputs, *, ignored_layers=None, prune_coupled: bool = False,
-                 progress: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs,
+        *,
+        ignored_layers=None,
+        prune_coupled: bool = False,
+        progress: bool = False,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(prune_coupled, bool):
@@ -119,7 +137,9 @@ class ModelGraph:
         self._order = {n: i for i, n in enumerate(self._names.values())}
         self.ignored_layers = self._resolve_ignored(ignored_layers)
 
-        bar = tqdm(total=None, desc="tracing model", unit="group", disable=not progress, leave=False)
+        bar = tqdm(
+            total=None, desc="tracing model", unit="group", disable=not progress, leave=False
+        )
         try:
             self.DG = self._build_dependency()
             bar.set_description("channel groups")
@@ -143,10 +163,14 @@ class ModelGraph:
                 module = by_name[item]
             elif isinstance(item, nn.Module):
                 if item not in self._names:
-                    raise ValueError(f"ignored_layers: {type(item).__name__} module is not part of the model")
+                    raise ValueError(
+                        f"ignored_layers: {type(item).__name__} module is not part of the model"
+                    )
                 module = item
             else:
-                raise TypeError(f"ignored_layers must hold module names or modules, got {type(item).__name__}")
+                raise TypeError(
+                    f"ignored_layers must hold module names or modules, got {type(item).__name__}"
+                )
             out.extend(module.modules())
         return out
 
@@ -162,30 +186,38 @@ class ModelGraph:
                 # Torch-Pruning warns about ops it treats as element-wise; the surgery check
                 # below is what tells whether that was right.
                 warnings.simplefilter("ignore")
-                DG = tp.DependencyGraph().build_dependency(model, self.example_inputs,
-                                                           forward_fn=self._traced_forward, verbose=False)
+                DG = tp.DependencyGraph().build_dependency(
+                    model, self.example_inputs, forward_fn=self._traced_forward, verbose=False
+                )
         except _TraceError as e:
             raise ValueError(str(e)) from e.__cause__
         except ValueError:
             raise
         except Exception as e:  # Torch-Pruning failed on some op of the autograd graph
-            raise ValueError(f"Torch-Pruning could not trace the model: {type(e).__name__}: {e}") from e
+            raise ValueError(
+                f"Torch-Pruning could not trace the model: {type(e).__name__}: {e}"
+            ) from e
         finally:
             for p, flag in grads.items():
                 p.requires_grad_(flag)
             for m, flag in modes.items():
                 m.training = flag
-        unreached = [m for m in self._executed
-                     if isinstance(m, (*_PRODUCER_TYPES, _BN_TYPES)) and m not in DG.module2node]
+        unreached = [
+            m
+            for m in self._executed
+            if isinstance(m, (*_PRODUCER_TYPES, _BN_TYPES)) and m not in DG.module2node
+        ]
         if unreached:
             name = self._names[unreached[-1]]
-            raise ValueError(f"cannot trace the model: the autograd graph from its output does not reach "
-                             f"{name!r} ({type(unreached[-1]).__name__}); an operation after it cuts the graph "
-                             f"(.detach(), .data, .numpy(), .item(), torch.no_grad(), integer ops)")
+            raise ValueError(
+                f"cannot trace the model: the autograd graph from its output does not reach "
+                f"{name!r} ({type(unreached[-1]).__name__}); an operation after it cuts the graph "
+                f"(.detach(), .data, .numpy(), .item(), torch.no_grad(), integer ops)"
+            )
         return DG
 
     def _traced_forward(self, model, example_inputs):
-        """The forward Torch-Pruning traces, with hooks that name the module where things go wrong."""
+        """The forward Torch-Pruning traces, with hooks naming the module where things go wrong."""
         stack, executed, last_with_grad = [], self._executed, []
 
         def pre(module, args):
@@ -195,33 +227,52 @@ class ModelGraph:
             stack.pop()
             executed.append(module)
             tensors = [t for t in _flat_tensors(out) if isinstance(t, torch.Tensor)]
-            if tensors and all(t.grad_fn is None for t in tensors) and any(True for _ in module.parameters(False)):
-                raise _TraceError(f"cannot trace the model: module {self._names[module]!r} "
-                                  f"({type(module).__name__}) ran without autograd (torch.no_grad()?)")
+            if (
+                tensors
+                and all(t.grad_fn is None for t in tensors)
+                and any(True for _ in module.parameters(False))
+            ):
+                raise _TraceError(
+                    f"cannot trace the model: module {self._names[module]!r} "
+                    f"({type(module).__name__}) ran without autograd (torch.no_grad()?)"
+                )
             if any(t.grad_fn is not None for t in tensors):
                 last_with_grad[:] = [module]
 
-        hooks = [h for m in model.modules()
-                 for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+        hooks = [
+            h
+            for m in model.modules()
+            for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))
+        ]
         try:
             out = call_model(model, example_inputs)
         except _TraceError:
             raise
         except Exception as e:
-            where = f"module {self._names[stack[-1]]!r} ({type(stack[-1]).__name__})" if stack else "the model's forward"
-            raise _TraceError(f"forward on example_inputs failed in {where}: {type(e).__name__}: {e}") from e
+            where = (
+                f"module {self._names[stack[-1]]!r} ({type(stack[-1]).__name__})"
+                if stack
+                else "the model's forward"
+            )
+            raise _TraceError(
+                f"forward on example_inputs failed in {where}: {type(e).__name__}: {e}"
+            ) from e
         finally:
             for h in hooks:
                 h.remove()
         flat = _flat_tensors(out)
         bad = [o for o in flat if not isinstance(o, torch.Tensor)]
         if not flat or bad:
-            raise _TraceError(f"cannot trace the model: its output must be tensors (nested in tuples, lists or "
-                              f"dicts), got {type(bad[0]).__name__ if bad else 'nothing'}")
+            raise _TraceError(
+                f"cannot trace the model: its output must be tensors (nested in tuples, lists or "
+                f"dicts), got {type(bad[0]).__name__ if bad else 'nothing'}"
+            )
         if any(t.grad_fn is None for t in flat):
             after = f" after module {self._names[last_with_grad[0]]!r}" if last_with_grad else ""
-            raise _TraceError(f"cannot trace the model: its output is cut from the autograd graph{after} "
-                              f"(.detach(), .data, .numpy(), .item(), torch.no_grad(), integer ops)")
+            raise _TraceError(
+                f"cannot trace the model: its output is cut from the autograd graph{after} "
+                f"(.detach(), .data, .numpy(), .item(), torch.no_grad(), integer ops)"
+            )
         self._reference_shapes = _output_shapes(out)
         return out
 
@@ -229,15 +280,20 @@ class ModelGraph:
         DG = self.DG
         roots = [m for m in DG.module2node if isinstance(m, _PRODUCER_TYPES)]
         bar.reset(total=len(roots))
-        groups = []
-        for tp_group in DG.get_all_groups(ignored_layers=self.ignored_layers, root_module_types=_PRODUCER_TYPES):
+        groups, to_output = [], set()
+        for tp_group in DG.get_all_groups(
+            ignored_layers=self.ignored_layers, root_module_types=_PRODUCER_TYPES
+        ):
             g = self._describe(tp_group)
+            groups.append(g)
+            if self._reaches_output(tp_group):
+                to_output.add(g.name)
             bar.update(len(g.producers))
-            if g is not None:
-                groups.append(g)
         bar.update(bar.total - bar.n)
         groups.sort(key=lambda g: self._order[g.name])
-        prunable = [g for g in groups if not self._reaches_output(g) and (self.prune_coupled or not g.coupled)]
+        prunable = [
+            g for g in groups if g.name not in to_output and (self.prune_coupled or not g.coupled)
+        ]
         return prunable, groups
 
     def _describe(self, tp_group) -> ChannelGroup:
@@ -257,19 +313,28 @@ class ModelGraph:
                 bns.append(name)
         producers = sorted(set(producers), key=self._order.get)
         root = self.module(producers[0])
-        return ChannelGroup(name=producers[0], producers=producers, bns=sorted(set(bns), key=self._order.get),
-                            consumers=sorted(set(consumers) - set(producers), key=self._order.get),
-                            n_channels=int(self.DG.get_out_channels(root)),
-                            coupled=len(set(producers) - depthwise) > 1, _graph=self, _root=root,
-                            _root_fn=self.DG.get_pruner_of_module(root).prune_out_channels)
+        return ChannelGroup(
+            name=producers[0],
+            producers=producers,
+            bns=sorted(set(bns), key=self._order.get),
+            consumers=sorted(set(consumers) - set(producers), key=self._order.get),
+            n_channels=int(self.DG.get_out_channels(root)),
+            coupled=len(set(producers) - depthwise) > 1,
+            _graph=self,
+            _root=root,
+            _root_fn=self.DG.get_pruner_of_module(root).prune_out_channels,
+        )
 
-    def _reaches_output(self, g: ChannelGroup) -> bool:
-        """True when pruning ``g`` would change the model's output (e.g. the final classifier's
-        outputs): some node carrying these channels feeds nothing but the output."""
-        for dep, _ in self._tp_group(g):
+    def _reaches_output(self, tp_group) -> bool:
+        """True when pruning the group would change the model's output (e.g. the final
+        classifier's outputs): some node carrying these channels feeds nothing but the output."""
+        for dep, _ in tp_group:
             node, fn = dep.target, dep.handler
-            if isinstance(node.module, _PRODUCER_TYPES) and self.DG.is_in_channel_pruning_fn(fn) \
-                    and not _is_depthwise(node.module):
+            if (
+                isinstance(node.module, _PRODUCER_TYPES)
+                and self.DG.is_in_channel_pruning_fn(fn)
+                and not _is_depthwise(node.module)
+            ):
                 continue  # the channels end here (input side of a consumer)
             if node.type == tp.ops.OPTYPE.OUTPUT or not node.outputs:
                 return True
@@ -331,14 +396,22 @@ class ModelGraph:
         self._check_group(group)
         labels = as_int_array(clusters, "clusters", ndim=1)
         if labels.shape[0] != group.n_channels:
-            raise ValueError(f"clusters has {labels.shape[0]} labels, but group {group.name!r} has "
-                             f"{group.n_channels} channels")
+            raise ValueError(
+                f"clusters has {labels.shape[0]} labels, but group {group.name!r} has "
+                f"{group.n_channels} channels"
+            )
         _, first = np.unique(labels, return_index=True)
         keep = np.sort(first)
         if len(keep) == group.n_channels:
             return
-        kept_of = {int(lab): int(first_i) for lab, first_i in zip(*np.unique(labels, return_index=True))}
-        merge = [(int(c), kept_of[int(labels[c])]) for c in range(len(labels)) if kept_of[int(labels[c])] != c]
+        kept_of = {
+            int(lab): int(first_i) for lab, first_i in zip(*np.unique(labels, return_index=True))
+        }
+        merge = [
+            (int(c), kept_of[int(labels[c])])
+            for c in range(len(labels))
+            if kept_of[int(labels[c])] != c
+        ]
         snapshot = _Snapshot(self, [group])
         try:
             self._fold_consumers(group, merge)
@@ -363,7 +436,9 @@ class ModelGraph:
             raise ValueError(f"keep is empty: group {group.name!r} must keep at least one channel")
         keep = as_int_array(keep, "keep", ndim=1)
         if keep.min() < 0 or keep.max() >= group.n_channels:
-            raise ValueError(f"keep has indices outside [0, {group.n_channels}) for group {group.name!r}")
+            raise ValueError(
+                f"keep has indices outside [0, {group.n_channels}) for group {group.name!r}"
+            )
         if len(np.unique(keep)) != len(keep):
             raise ValueError(f"keep has repeated indices for group {group.name!r}")
         return np.sort(keep)
@@ -397,11 +472,14 @@ class ModelGraph:
             raise RuntimeError(f"output shapes changed from {self._reference_shapes} to {shapes}")
 
     def _fold_consumers(self, g: ChannelGroup, merge: list[tuple[int, int]]) -> None:
-        """Add the input slices of channel c into those of its kept channel k, for (c, k) in merge."""
+        """Add the input slices of channel c into those of its kept channel k, (c, k) in merge."""
         for item in self._tp_group(g):
             m = item.dep.target.module
-            if not (isinstance(m, _PRODUCER_TYPES) and self.DG.is_in_channel_pruning_fn(item.dep.handler)
-                    and not _is_depthwise(m)):
+            if not (
+                isinstance(m, _PRODUCER_TYPES)
+                and self.DG.is_in_channel_pruning_fn(item.dep.handler)
+                and not _is_depthwise(m)
+            ):
                 continue
             # the consumer's input indices of each group channel: one for a conv (at the concat
             # offset, if any), a block of columns for a Linear after flatten
@@ -412,7 +490,11 @@ class ModelGraph:
 
 
 def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    return (
+        isinstance(m, nn.modules.conv._ConvNd)
+        and m.groups > 1
+        and m.groups == m.in_channels == m.out_channels
+    )
 
 
 def _fold_weight(m: nn.Module, name: str, cols: dict[int, list[int]], merge) -> None:
@@ -423,19 +505,27 @@ def _fold_weight(m: nn.Module, name: str, cols: dict[int, list[int]], merge) -> 
     elif m.transposed:  # (in, out/groups, ...): input channels are rows
         view, in_per_group, out_per_group = w.transpose(0, 1), w.shape[0], w.shape[1]
         if m.groups > 1:
-            raise ValueError(f"fold_and_prune does not support grouped transposed conv consumer {name!r}")
+            raise ValueError(
+                f"fold_and_prune does not support grouped transposed conv consumer {name!r}"
+            )
     else:  # (out, in/groups, ...)
         view, in_per_group, out_per_group = w, w.shape[1], w.shape[0] // m.groups
     for c, k in merge:
         src, dst = cols.get(c, []), cols.get(k, [])
         if len(src) != len(dst):
-            raise ValueError(f"consumer {name!r} sees channels {c} and {k} through blocks of different sizes")
+            raise ValueError(
+                f"consumer {name!r} sees channels {c} and {k} through blocks of different sizes"
+            )
         for s, d in zip(src, dst):
             gs, gd = s // in_per_group, d // in_per_group
             if gs != gd:
-                raise ValueError(f"cannot fold channel {c} into {k}: they feed different groups of grouped "
-                                 f"conv {name!r}")
-            rows = slice(gs * out_per_group, (gs + 1) * out_per_group)  # the outputs of that conv group
+                raise ValueError(
+                    f"cannot fold channel {c} into {k}: they feed different groups of grouped "
+                    f"conv {name!r}"
+                )
+            rows = slice(
+                gs * out_per_group, (gs + 1) * out_per_group
+            )  # the outputs of that conv group
             view[rows, d % in_per_group] += view[rows, s % in_per_group]
     new = nn.Parameter(w, requires_grad=m.weight.requires_grad)
     if m.weight.grad is not None:  # keep the gradient (optimizer-state tracking relies on it)
@@ -449,18 +539,26 @@ def _check_grouped_convs(g: ChannelGroup, tp_group) -> None:
     for dep, idxs in tp_group:
         m = dep.target.module
         if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not _is_depthwise(m):
-            per = (m.out_channels if tp_group._DG.is_out_channel_pruning_fn(dep.handler) else m.in_channels) // m.groups
+            per = (
+                m.out_channels
+                if tp_group._DG.is_out_channel_pruning_fn(dep.handler)
+                else m.in_channels
+            ) // m.groups
             by_group = [sorted(i % per for i in idxs if i // per == j) for j in range(m.groups)]
             if any(b != by_group[0] for b in by_group):
-                raise ValueError(f"group {g.name!r}: grouped conv {g._graph._names[m]!r} ({m.groups} groups) needs "
-                                 f"the same channels removed from each of its groups")
+                raise ValueError(
+                    f"group {g.name!r}: grouped conv {g._graph._names[m]!r} ({m.groups} groups) "
+                    f"needs the same channels removed from each of its groups"
+                )
 
 
 def _surgery_error(g: ChannelGroup, e: Exception) -> ValueError:
     if isinstance(e, ValueError) and str(e).startswith(f"group {g.name!r}"):
         return ValueError(f"{e}; the model was restored")
-    return ValueError(f"pruning channel group {g.name!r} would break the model ({type(e).__name__}: {e}); "
-                      f"the model was restored unchanged")
+    return ValueError(
+        f"pruning channel group {g.name!r} would break the model ({type(e).__name__}: {e}); "
+        f"the model was restored unchanged"
+    )
 
 
 class _Snapshot:
@@ -478,10 +576,17 @@ class _Snapshot:
         # unwrapped parameters are replaced on their parent module: keep every module's params
         self.params = {m: dict(m._parameters) for m in graph.model.modules()}
         self.buffers = {m: dict(m._buffers) for m in modules.values()}
-        self.attrs = {m: {k: copy.deepcopy(v) for k, v in vars(m).items()
-                          if not k.startswith("_") and k != "training" and not isinstance(v, (torch.Tensor, nn.Module))
-                          and _deepcopyable(v)}
-                      for m in modules.values()}
+        self.attrs = {
+            m: {
+                k: copy.deepcopy(v)
+                for k, v in vars(m).items()
+                if not k.startswith("_")
+                and k != "training"
+                and not isinstance(v, (torch.Tensor, nn.Module))
+                and _deepcopyable(v)
+            }
+            for m in modules.values()
+        }
         self.module2node = dict(DG.module2node)
         self.node_modules = {node: node.module for node in DG.module2node.values()}
         self.param_to_name = dict(getattr(DG, "_param_to_name", {}))

@@ -21,6 +21,7 @@ channel c by the mean over producers (over BNs for the BN criterion) of their pe
 The per-layer scoring goes through :func:`accelprune.kernels.filter_scores` (one batched Triton
 launch on CUDA, the eager reference elsewhere).
 """
+
 from __future__ import annotations
 
 import numbers
@@ -57,14 +58,19 @@ def _as_tp_group(group):
         return group._graph._tp_group(group)
     if isinstance(group, tp.dependency.Group):
         return group
-    raise TypeError(f"group must be an accelprune ChannelGroup or a Torch-Pruning Group, got {type(group).__name__}")
+    raise TypeError(
+        "group must be an accelprune ChannelGroup or a Torch-Pruning Group, "
+        f"got {type(group).__name__}"
+    )
 
 
 def _out_rows(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
     """``t`` (a weight or its gradient) with output channels first."""
     if isinstance(m, nn.modules.conv._ConvNd) and m.transposed:
         if m.groups != 1:
-            raise ValueError("grouped transposed convolutions are not supported by the weight criteria")
+            raise ValueError(
+                "grouped transposed convolutions are not supported by the weight criteria"
+            )
         return t.transpose(0, 1)
     return t
 
@@ -91,8 +97,11 @@ class ChannelImportance(tp.importance.Importance):
 
     def _score(self, modules, params):
         """One 1-D score tensor per member (filter_scores on the output-channel-first weights)."""
-        return filter_scores([_out_rows(m, p.detach()) for m, p in zip(modules, params)], kind=self.kind,
-                             backend=self.backend)
+        return filter_scores(
+            [_out_rows(m, p.detach()) for m, p in zip(modules, params)],
+            kind=self.kind,
+            backend=self.backend,
+        )
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor | None:
@@ -106,7 +115,11 @@ class ChannelImportance(tp.importance.Importance):
         total = torch.zeros(len(root_positions), dtype=torch.float32, device=device)
         count = torch.zeros(len(root_positions), dtype=torch.float32, device=device)
         for s, (_, _, idxs, root_idxs) in zip(scores, members):
-            pos = [(int(i), root_positions[int(r)]) for i, r in zip(idxs, root_idxs) if int(r) in root_positions]
+            pos = [
+                (int(i), root_positions[int(r)])
+                for i, r in zip(idxs, root_idxs)
+                if int(r) in root_positions
+            ]
             if not pos:
                 continue
             local, where = (torch.tensor(v, dtype=torch.long, device=device) for v in zip(*pos))
@@ -148,8 +161,10 @@ class _GradientCriterion(ChannelImportance):
         """The gradients, output channels first; a missing one is the caller's mistake."""
         for m, p in zip(modules, params):
             if p.grad is None:
-                raise ValueError(f"{type(m).__name__} weight {tuple(p.shape)} has no gradient: run "
-                                 f"loss.backward() on a batch before scoring with a gradient-based criterion")
+                raise ValueError(
+                    f"{type(m).__name__} weight {tuple(p.shape)} has no gradient: run "
+                    f"loss.backward() on a batch before scoring with a gradient-based criterion"
+                )
         return [_out_rows(m, p.grad.detach()) for m, p in zip(modules, params)]
 
 
@@ -160,7 +175,9 @@ class TaylorImportance(_GradientCriterion):
 
     def _score(self, modules, params):
         weights = [_out_rows(m, p.detach()) for m, p in zip(modules, params)]
-        return filter_scores(weights, kind="taylor", grads=self._grads(modules, params), backend=self.backend)
+        return filter_scores(
+            weights, kind="taylor", grads=self._grads(modules, params), backend=self.backend
+        )
 
 
 class GradientImportance(_GradientCriterion):
@@ -200,16 +217,21 @@ IMPORTANCES = {
 
 
 def get_importance(importance, *, seed: int = 0) -> tp.importance.Importance:
-    """An Importance object from a name in :data:`IMPORTANCES` (``seed`` for "random") or an object."""
+    """An Importance from a name in :data:`IMPORTANCES` (``seed`` for "random") or an object."""
     if isinstance(importance, str):
         if importance not in IMPORTANCES:
-            raise ValueError(f"unknown importance {importance!r}; expected one of {sorted(IMPORTANCES)} "
-                             f"or a torch_pruning Importance object")
+            raise ValueError(
+                f"unknown importance {importance!r}; expected one of {sorted(IMPORTANCES)} "
+                f"or a torch_pruning Importance object"
+            )
         cls = IMPORTANCES[importance]
         return cls(seed) if cls is RandomImportance else cls()
     if isinstance(importance, tp.importance.Importance):
         return importance
-    raise TypeError(f"importance must be a name or a torch_pruning Importance object, got {type(importance).__name__}")
+    raise TypeError(
+        "importance must be a name or a torch_pruning Importance object, "
+        f"got {type(importance).__name__}"
+    )
 
 
 def bn_l1_penalty_(model: nn.Module, strength: float) -> None:

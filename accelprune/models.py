@@ -8,6 +8,7 @@
 
 Input: 3×32×32. Weights are initialised (Kaiming for convs, γ=1, β=0); nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         if stride != 1 or in_planes != planes:  # option B: a projection the graph can follow
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
         else:
             self.shortcut = nn.Identity()
 
@@ -99,11 +101,16 @@ class VGGSmall(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
-                layers += [nn.Conv2d(in_ch, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(in_ch, v, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(v),
+                    nn.ReLU(inplace=True),
+                ]
                 in_ch = v
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Linear(in_ch * 2 * 2, 128), nn.ReLU(inplace=True),
-                                        nn.Linear(128, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Linear(in_ch * 2 * 2, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes)
+        )
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

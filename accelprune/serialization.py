@@ -1,4 +1,4 @@
-"""Save and load whole (pruned) models: ``accelprune.save(model, path)`` / ``accelprune.load(path)``.
+"""Save and load whole (pruned) models: ``accelprune.save(model, path)``, ``accelprune.load(path)``.
 
 A pruned model no longer matches its class's constructor (its layers are narrower), so a
 ``state_dict`` alone cannot rebuild it; the whole module is pickled instead. Loading therefore
@@ -7,6 +7,7 @@ refuses modules); :func:`load` does that for the user. Like any pickle, only loa
 trust, and the model's class must be importable where it is loaded (torchvision,
 ``accelprune.models``, or your own module — not a class defined in a script's ``__main__``).
 """
+
 from __future__ import annotations
 
 import os
@@ -39,11 +40,19 @@ def load(path: str | os.PathLike, *, map_location="cpu") -> nn.Module:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=False)
     except (AttributeError, ImportError) as e:
-        raise ValueError(f"cannot load {os.fspath(path)!r}: the model's class is not importable here ({e}); "
-                         f"define it in an importable module, not in a script's __main__") from e
-    if not (isinstance(obj, dict) and obj.get("format") == _FORMAT and isinstance(obj.get("model"), nn.Module)):
+        raise ValueError(
+            f"cannot load {os.fspath(path)!r}: the model's class is not importable here ({e}); "
+            f"define it in an importable module, not in a script's __main__"
+        ) from e
+    if not (
+        isinstance(obj, dict)
+        and obj.get("format") == _FORMAT
+        and isinstance(obj.get("model"), nn.Module)
+    ):
         raise ValueError(f"{os.fspath(path)!r} was not written by accelprune.save")
     if obj.get("version", 0) > _VERSION:
-        raise ValueError(f"{os.fspath(path)!r} has format version {obj['version']}; this accelprune reads "
-                         f"up to {_VERSION}")
+        raise ValueError(
+            f"{os.fspath(path)!r} has format version {obj['version']}; this accelprune reads "
+            f"up to {_VERSION}"
+        )
     return obj["model"]

@@ -1,4 +1,5 @@
 """accelprune.graph: channel groups, checked surgery with exact restore, C-SGD fold-and-prune."""
+
 import numpy as np
 import pytest
 import torch
@@ -39,10 +40,17 @@ def test_resnet20_groups():
     model = models.resnet20()
     graph = ModelGraph(model, torch.randn(1, 3, 32, 32))
     # one group per block (conv1's outputs), in model order; coupled residual groups left out
-    assert [g.name for g in graph.groups] == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    assert [g.name for g in graph.groups] == [
+        f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)
+    ]
     g = _group(graph, "layer2.1.conv1")
     assert (g.producers, g.bns, g.consumers, g.n_channels, g.coupled) == (
-        ["layer2.1.conv1"], ["layer2.1.bn1"], ["layer2.1.conv2"], 32, False)
+        ["layer2.1.conv1"],
+        ["layer2.1.bn1"],
+        ["layer2.1.conv2"],
+        32,
+        False,
+    )
 
     coupled = ModelGraph(model, torch.randn(1, 3, 32, 32), prune_coupled=True)
     stem = _group(coupled, "conv1")
@@ -56,7 +64,9 @@ def test_resnet20_groups():
 
 
 def test_output_of_a_fully_convolutional_model_is_not_pruned():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten())
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten()
+    )
     graph = ModelGraph(model, torch.randn(1, 3, 8, 8))
     assert [g.name for g in graph.groups] == ["0"]
 
@@ -73,8 +83,9 @@ def test_depthwise_and_concat_groups():
     dgraph = ModelGraph(dense, torch.randn(1, 3, 32, 32))
     g = _group(dgraph, "features.denseblock1.denselayer1.conv2")
     # concatenated into every later layer of the block and the transition
-    assert g.consumers == [f"features.denseblock1.denselayer{i}.conv1" for i in range(2, 7)] + \
-        ["features.transition1.conv"]
+    assert g.consumers == [f"features.denseblock1.denselayer{i}.conv1" for i in range(2, 7)] + [
+        "features.transition1.conv"
+    ]
 
 
 def test_ignored_layers_by_name_and_module():
@@ -86,11 +97,14 @@ def test_ignored_layers_by_name_and_module():
     assert "layer1.1.conv1" in names and "layer3.0.conv1" in names
 
 
-@pytest.mark.parametrize("bad,err,match", [
-    (["layer9.conv1"], ValueError, "layer9.conv1"),
-    ([nn.Conv2d(1, 1, 1)], ValueError, "not part of the model"),
-    ([3], TypeError, "ignored_layers"),
-])
+@pytest.mark.parametrize(
+    "bad,err,match",
+    [
+        (["layer9.conv1"], ValueError, "layer9.conv1"),
+        ([nn.Conv2d(1, 1, 1)], ValueError, "not part of the model"),
+        ([3], TypeError, "ignored_layers"),
+    ],
+)
 def test_ignored_layers_bad_input(bad, err, match):
     with pytest.raises(err, match=match):
         ModelGraph(models.resnet20(), torch.randn(1, 3, 32, 32), ignored_layers=bad)
@@ -105,7 +119,9 @@ def test_building_the_graph_leaves_the_model_as_it_was():
     ModelGraph(model, x)
     assert model.training and all(m.training for m in model.modules())
     assert not model.conv1.weight.requires_grad and model.fc.weight.requires_grad
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # no BN stat updates
+    assert all(
+        torch.equal(v, model.state_dict()[k]) for k, v in state.items()
+    )  # no BN stat updates
     assert torch.equal(x, x0)
 
 
@@ -156,11 +172,18 @@ def _zero_channels(graph, g, idxs):
             bn.bias[idxs] = 0
 
 
-@pytest.mark.parametrize("build,x", [
-    (models.resnet20, torch.randn(3, 3, 32, 32)),
-    (models.vgg_small, torch.randn(3, 3, 32, 32)),  # last group feeds a Linear after flatten
-    (lambda: torchvision.models.mobilenet_v2(weights=None, num_classes=10), torch.randn(2, 3, 64, 64)),
-], ids=["resnet20", "vgg_small", "mobilenet_v2"])
+@pytest.mark.parametrize(
+    "build,x",
+    [
+        (models.resnet20, torch.randn(3, 3, 32, 32)),
+        (models.vgg_small, torch.randn(3, 3, 32, 32)),  # last group feeds a Linear after flatten
+        (
+            lambda: torchvision.models.mobilenet_v2(weights=None, num_classes=10),
+            torch.randn(2, 3, 64, 64),
+        ),
+    ],
+    ids=["resnet20", "vgg_small", "mobilenet_v2"],
+)
 def test_removing_zero_channels_is_lossless(build, x):
     torch.manual_seed(0)
     model = _randomise_bn(build())
@@ -176,14 +199,17 @@ def test_removing_zero_channels_is_lossless(build, x):
     torch.testing.assert_close(_out(model, x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("keep,err,match", [
-    ([], ValueError, "at least one"),
-    ([0, 16], ValueError, "outside"),
-    ([-1, 3], ValueError, "outside"),
-    ([1, 1, 2], ValueError, "repeated"),
-    ([0.0, 1.0], TypeError, "integer"),
-    ([[0, 1]], ValueError, "1-D"),
-])
+@pytest.mark.parametrize(
+    "keep,err,match",
+    [
+        ([], ValueError, "at least one"),
+        ([0, 16], ValueError, "outside"),
+        ([-1, 3], ValueError, "outside"),
+        ([1, 1, 2], ValueError, "repeated"),
+        ([0.0, 1.0], TypeError, "integer"),
+        ([[0, 1]], ValueError, "1-D"),
+    ],
+)
 def test_prune_channels_bad_keep(keep, err, match):
     graph = ModelGraph(models.resnet20(), torch.randn(1, 3, 32, 32))
     with pytest.raises(err, match=match):
@@ -204,7 +230,7 @@ def test_group_from_another_graph_is_refused():
 
 
 class ChunkCat(nn.Module):
-    """Chunk a conv's output into two convs, then concatenate: Torch-Pruning mishandles the chunk."""
+    """Chunk a conv's output into two convs, then concatenate (Torch-Pruning mishandles it)."""
 
     def __init__(self):
         super().__init__()
@@ -252,8 +278,17 @@ def test_prune_groups_is_all_or_nothing():
 
 
 def test_grouped_conv_needs_the_same_channels_removed_per_group():
-    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2),
-                          nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 36, 3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=2),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+        nn.Flatten(),
+        nn.Linear(4 * 36, 3),
+    )
     x = torch.randn(2, 3, 8, 8)
     graph = ModelGraph(model, x)
     g = _group(graph, "0")
@@ -269,7 +304,7 @@ def test_grouped_conv_needs_the_same_channels_removed_per_group():
 
 
 def _make_clusters_identical(graph, g, labels):
-    """Copy the kept (lowest) member's filters, biases and BN entries onto the rest of its cluster."""
+    """Copy the kept (lowest) member's filters, biases and BN entries onto its cluster."""
     with torch.no_grad():
         for c, lab in enumerate(labels):
             k = int(np.flatnonzero(labels == lab)[0])
@@ -291,7 +326,10 @@ class DepthwiseBlock(nn.Module):
     def __init__(self):
         super().__init__()
         self.expand, self.bn1 = nn.Conv2d(3, 12, 1, bias=False), nn.BatchNorm2d(12)
-        self.dw, self.bn2 = nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False), nn.BatchNorm2d(12)
+        self.dw, self.bn2 = (
+            nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False),
+            nn.BatchNorm2d(12),
+        )
         self.project = nn.Conv2d(12, 5, 1)
         self.fc = nn.Linear(5 * 16, 4)
 
@@ -316,22 +354,32 @@ class ConcatNet(nn.Module):
         return self.fc(self.c(y).mean((2, 3)))
 
 
-@pytest.mark.parametrize("case", ["resnet20", "resnet20_coupled", "vgg_small_flatten", "depthwise",
-                                  "concat", "grouped"])
+@pytest.mark.parametrize(
+    "case", ["resnet20", "resnet20_coupled", "vgg_small_flatten", "depthwise", "concat", "grouped"]
+)
 def test_fold_identical_filters_is_lossless(case):
     torch.manual_seed(0)
     x = torch.randn(3, 3, 32, 32)
     if case.startswith("resnet20"):
         model, name = models.resnet20(), ("conv1" if case.endswith("coupled") else "layer2.1.conv1")
     elif case == "vgg_small_flatten":
-        model, name = models.vgg_small(), "features.24"  # consumer: Linear over 2x2 blocks of columns
+        model, name = (
+            models.vgg_small(),
+            "features.24",
+        )  # consumer: Linear over 2x2 blocks of columns
     elif case == "depthwise":
         model, name, x = DepthwiseBlock(), "expand", torch.randn(3, 3, 4, 4)
     elif case == "concat":
         model, name, x = ConcatNet(), "a", torch.randn(3, 3, 8, 8)
     else:
-        model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3, groups=2),
-                              nn.Flatten(), nn.Linear(6 * 36, 3))
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 6, 3, groups=2),
+            nn.Flatten(),
+            nn.Linear(6 * 36, 3),
+        )
         name, x = "0", torch.randn(3, 3, 8, 8)
     model = _randomise_bn(model)
     graph = ModelGraph(model, x[:1], prune_coupled=True)
@@ -348,7 +396,9 @@ def test_fold_identical_filters_is_lossless(case):
     assert g.n_channels == len(np.unique(labels))
     for name in g.producers:
         m = graph.module(name)
-        assert (m.weight.shape[1] if getattr(m, "transposed", False) else m.weight.shape[0]) == g.n_channels
+        assert (
+            m.weight.shape[1] if getattr(m, "transposed", False) else m.weight.shape[0]
+        ) == g.n_channels
     torch.testing.assert_close(_out(model, x), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -359,15 +409,23 @@ def test_fold_sums_consumer_slices_into_the_lowest_channel():
     w = model.c.weight.detach().clone()
     fold_and_prune(_group(graph, "a"), np.array([3, 1, 3, 1, 0, 3]))  # clusters {0,2,5}, {1,3}, {4}
     # a's channels sit after b's 4 channels in c's input
-    expected = torch.cat([w[:, :4], (w[:, 4] + w[:, 6] + w[:, 9])[:, None], (w[:, 5] + w[:, 7])[:, None],
-                          w[:, 8:9]], 1)
+    expected = torch.cat(
+        [w[:, :4], (w[:, 4] + w[:, 6] + w[:, 9])[:, None], (w[:, 5] + w[:, 7])[:, None], w[:, 8:9]],
+        1,
+    )
     torch.testing.assert_close(model.c.weight, expected)
     assert model.a.out_channels == 3 and model.bn_a.num_features == 3
 
 
 def test_fold_bad_input_leaves_model_untouched():
-    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2),
-                          nn.Flatten(), nn.Linear(8 * 36, 3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=2),
+        nn.Flatten(),
+        nn.Linear(8 * 36, 3),
+    )
     graph = ModelGraph(model, torch.randn(1, 3, 8, 8))
     g = _group(graph, "0")
     w = model[3].weight
@@ -375,7 +433,9 @@ def test_fold_bad_input_leaves_model_untouched():
         fold_and_prune(g, np.zeros(5, dtype=np.int64))
     with pytest.raises(TypeError, match="integer"):
         fold_and_prune(g, np.zeros(8))
-    with pytest.raises(ValueError, match="different groups"):  # channel 4 is in the other conv group
+    with pytest.raises(
+        ValueError, match="different groups"
+    ):  # channel 4 is in the other conv group
         fold_and_prune(g, np.array([0, 1, 2, 3, 0, 5, 6, 7]))
     assert model[3].weight is w and g.n_channels == 8
     with pytest.raises(TypeError, match="ChannelGroup"):
@@ -412,13 +472,17 @@ class DetachedOutput(Detached):
         return self.fc(self.conv2(self.conv1(x)).mean((2, 3))).detach()
 
 
-@pytest.mark.parametrize("model,x,match", [
-    (Detached(), torch.randn(1, 3, 8, 8), "'conv1'"),
-    (NoGrad(), torch.randn(1, 3, 8, 8), "'conv1'.*without autograd"),
-    (ReturnsFloat(), torch.randn(1, 3, 8, 8), "float"),
-    (DetachedOutput(), torch.randn(1, 3, 8, 8), "after module 'fc'"),
-    (Detached(), torch.randn(1, 5, 8, 8), "failed in module 'conv1'.*RuntimeError"),
-], ids=["detach", "no_grad", "float_output", "detached_output", "forward_error"])
+@pytest.mark.parametrize(
+    "model,x,match",
+    [
+        (Detached(), torch.randn(1, 3, 8, 8), "'conv1'"),
+        (NoGrad(), torch.randn(1, 3, 8, 8), "'conv1'.*without autograd"),
+        (ReturnsFloat(), torch.randn(1, 3, 8, 8), "float"),
+        (DetachedOutput(), torch.randn(1, 3, 8, 8), "after module 'fc'"),
+        (Detached(), torch.randn(1, 5, 8, 8), "failed in module 'conv1'.*RuntimeError"),
+    ],
+    ids=["detach", "no_grad", "float_output", "detached_output", "forward_error"],
+)
 def test_untraceable_models_name_the_failing_op(model, x, match):
     with pytest.raises(ValueError, match=match):
         ModelGraph(model, x)

@@ -1,5 +1,6 @@
 """accelprune.importance: criteria against hand-computed scores, Torch-Pruning compatibility,
 network slimming's BN penalty."""
+
 import numpy as np
 import pytest
 import torch
@@ -124,7 +125,9 @@ def test_coupled_group_scores_are_the_mean_over_producers():
     wa, wb = model.a.weight.detach().flatten(1), model.b.weight.detach().flatten(1)
     torch.testing.assert_close(L1Importance()(g), (wa.abs().sum(1) + wb.abs().sum(1)) / 2)
     torch.testing.assert_close(L2Importance()(g), (wa.norm(dim=1) + wb.norm(dim=1)) / 2)
-    torch.testing.assert_close(BNScaleImportance()(g), (model.bn_a.weight.abs() + model.bn_b.weight.abs()).detach() / 2)
+    torch.testing.assert_close(
+        BNScaleImportance()(g), (model.bn_a.weight.abs() + model.bn_b.weight.abs()).detach() / 2
+    )
 
 
 def test_linear_producer_and_partial_torch_pruning_group():
@@ -147,8 +150,9 @@ def test_criteria_work_inside_torch_pruning_metapruner(name):
     x = torch.randn(2, 3, 32, 32)
     if name in ("taylor", "gradient"):
         nn.functional.cross_entropy(model(x), torch.tensor([1, 2])).backward()
-    pruner = tp.pruner.MetaPruner(model, x, importance=get_importance(name), pruning_ratio=0.5,
-                                  ignored_layers=[model.fc])
+    pruner = tp.pruner.MetaPruner(
+        model, x, importance=get_importance(name), pruning_ratio=0.5, ignored_layers=[model.fc]
+    )
     pruner.step()
     assert model.layer1[0].conv1.out_channels == 8
     assert model(x).shape == (2, 10)
@@ -188,7 +192,9 @@ def test_bn_l1_penalty_adds_strength_times_sign():
     torch.testing.assert_close(fresh.bn1.weight.grad, torch.full((16,), 0.5))
 
 
-@pytest.mark.parametrize("strength,err", [(-1.0, ValueError), (float("nan"), ValueError), ("1", TypeError)])
+@pytest.mark.parametrize(
+    "strength,err", [(-1.0, ValueError), (float("nan"), ValueError), ("1", TypeError)]
+)
 def test_bn_l1_penalty_bad_input(strength, err):
     with pytest.raises(err, match="strength"):
         bn_l1_penalty_(models.resnet20(), strength)
@@ -199,7 +205,9 @@ def test_bn_l1_penalty_bad_input(strength, err):
 def test_slimming_penalty_drives_scales_down():
     """A few SGD steps on the penalty alone shrink |γ| (and a top-level export exists)."""
     model = models.resnet20()
-    opt = torch.optim.SGD([m.weight for m in model.modules() if isinstance(m, nn.BatchNorm2d)], lr=0.1)
+    opt = torch.optim.SGD(
+        [m.weight for m in model.modules() if isinstance(m, nn.BatchNorm2d)], lr=0.1
+    )
     for _ in range(3):
         opt.zero_grad()
         accelprune.bn_l1_penalty_(model, 1.0)

@@ -1,4 +1,5 @@
 """accelprune.models (CIFAR ResNet-20/56, small VGG) and accelprune.save / accelprune.load."""
+
 import os
 import subprocess
 import sys
@@ -28,9 +29,15 @@ def test_cifar_resnet_structure(build, n):
     assert len(_convs(model, 3)) == 6 * n + 1
     assert len(_convs(model, 1)) == 2
     assert [len(s) for s in (model.layer1, model.layer2, model.layer3)] == [n, n, n]
-    assert [s[0].conv2.out_channels for s in (model.layer1, model.layer2, model.layer3)] == [16, 32, 64]
+    assert [s[0].conv2.out_channels for s in (model.layer1, model.layer2, model.layer3)] == [
+        16,
+        32,
+        64,
+    ]
     assert isinstance(model.layer1[0].shortcut, nn.Identity)
-    assert isinstance(model.layer2[0].shortcut[0], nn.Conv2d) and model.layer2[0].shortcut[0].stride == (2, 2)
+    assert isinstance(model.layer2[0].shortcut[0], nn.Conv2d) and model.layer2[0].shortcut[
+        0
+    ].stride == (2, 2)
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 7)
 
@@ -84,7 +91,9 @@ def _pruned_mobilenet():
     return accelprune.prune(model, torch.randn(1, 3, 64, 64), "l2", 0.3), torch.randn(2, 3, 64, 64)
 
 
-@pytest.mark.parametrize("build", [_pruned_resnet20, _pruned_mobilenet], ids=["resnet20", "mobilenet_v2"])
+@pytest.mark.parametrize(
+    "build", [_pruned_resnet20, _pruned_mobilenet], ids=["resnet20", "mobilenet_v2"]
+)
 def test_save_load_in_a_fresh_process_gives_identical_outputs(tmp_path, build):
     model, x = build()
     with torch.no_grad():
@@ -92,11 +101,18 @@ def test_save_load_in_a_fresh_process_gives_identical_outputs(tmp_path, build):
     path, xs, out = tmp_path / "model.pt", tmp_path / "x.pt", tmp_path / "out.pt"
     accelprune.save(model, path)
     torch.save(x, xs)
-    subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(path), str(xs), str(out)], check=True, env=_env(),
-                   cwd=tmp_path, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", _LOAD_SCRIPT, str(path), str(xs), str(out)],
+        check=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=300,
+    )
     result = torch.load(out)
     assert result["state"].keys() == model.state_dict().keys()
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in result["state"].items())  # bit for bit
+    assert all(
+        torch.equal(v, model.state_dict()[k]) for k, v in result["state"].items()
+    )  # bit for bit
     torch.testing.assert_close(result["out"], expected, rtol=1e-6, atol=1e-6)
 
 
@@ -105,8 +121,12 @@ def test_load_restores_pruned_shapes_in_process(tmp_path):
     accelprune.save(model, tmp_path / "m.pt")
     loaded = accelprune.load(tmp_path / "m.pt")
     assert loaded is not model
-    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {
+        k: v.shape for k, v in model.state_dict().items()
+    }
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values())
+    )
 
 
 def test_save_load_bad_input(tmp_path):
@@ -131,7 +151,6 @@ def test_load_explains_an_unimportable_class(tmp_path):
         accelprune.save(Net(), sys.argv[1])
     """)
     path = tmp_path / "main.pt"
-    subprocess.run([sys.executable, "-c", script, str(path)], check=True,
-                   env=_env(), timeout=300)
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=_env(), timeout=300)
     with pytest.raises(ValueError, match="not importable"):
         accelprune.load(path)

@@ -1,4 +1,6 @@
 """accelprune.prune: one-shot pruning of torchvision and CIFAR models with every criterion."""
+
+import copy
 import math
 
 import numpy as np
@@ -50,12 +52,18 @@ def _randomise_bn(model, seed=0):
 
 
 def _widths(model):
-    return {n: m.weight.shape[1 if getattr(m, "transposed", False) else 0]
-            for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    return {
+        n: m.weight.shape[1 if getattr(m, "transposed", False) else 0]
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
 
 
-@pytest.mark.parametrize("name,criterion,global_ranking", CASES,
-                         ids=[f"{n}-{c}-{'global' if g else 'layer'}" for n, c, g in CASES])
+@pytest.mark.parametrize(
+    "name,criterion,global_ranking",
+    CASES,
+    ids=[f"{n}-{c}-{'global' if g else 'layer'}" for n, c, g in CASES],
+)
 def test_prune_keeps_the_model_working_and_smaller(name, criterion, global_ranking):
     build, shape = BUILDERS[name]
     torch.manual_seed(0)
@@ -78,7 +86,9 @@ def test_prune_keeps_the_model_working_and_smaller(name, criterion, global_ranki
     stats1 = model_stats(model, x)
     assert stats1["params"] < stats0["params"] and stats1["macs"] < stats0["macs"]
     widths = _widths(model)
-    ranked = [g for g in groups if criterion != "bn" or g.bns]  # "bn" skips groups without BatchNorm
+    ranked = [
+        g for g in groups if criterion != "bn" or g.bns
+    ]  # "bn" skips groups without BatchNorm
     if global_ranking:
         removed = sum(before_widths[g.name] - widths[g.name] for g in ranked)
         assert removed == math.floor(ratio * sum(before_widths[g.name] for g in ranked))
@@ -149,7 +159,10 @@ def test_global_bn_ranking_prunes_the_smallest_scales():
     graph = ModelGraph(model, x)
     gammas = np.concatenate([graph.module(g.bns[0]).weight.detach().numpy() for g in graph.groups])
     threshold = np.sort(gammas)[int(0.4 * len(gammas)) - 1]
-    expected = {g.name: int((graph.module(g.bns[0]).weight.detach().numpy() > threshold).sum()) for g in graph.groups}
+    expected = {
+        g.name: int((graph.module(g.bns[0]).weight.detach().numpy() > threshold).sum())
+        for g in graph.groups
+    }
     accelprune.prune(model, x, "bn", 0.4, global_ranking=True)
     assert {g.name: graph.module(g.name).out_channels for g in graph.groups} == expected
 
@@ -197,17 +210,29 @@ class Detached(nn.Module):
         return self.fc(self.conv2(x).mean((2, 3)))
 
 
-@pytest.mark.parametrize("kwargs,err,match", [
-    ({"ratio": 1.0}, ValueError, "ratio"),
-    ({"ratio": -0.1}, ValueError, "ratio"),
-    ({"ratio": float("nan")}, ValueError, "ratio"),
-    ({"ratio": "0.5"}, TypeError, "ratio"),
-    ({"importance": "l3"}, ValueError, "unknown importance"),
-    ({"importance": 3}, TypeError, "importance"),
-    ({"ignored_layers": ["layer4"]}, ValueError, "layer4"),
-    ({"global_ranking": 1}, TypeError, "global_ranking"),
-], ids=["ratio1", "ratio_neg", "ratio_nan", "ratio_str", "unknown_importance", "importance_type",
-        "unknown_layer", "global_type"])
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        ({"ratio": 1.0}, ValueError, "ratio"),
+        ({"ratio": -0.1}, ValueError, "ratio"),
+        ({"ratio": float("nan")}, ValueError, "ratio"),
+        ({"ratio": "0.5"}, TypeError, "ratio"),
+        ({"importance": "l3"}, ValueError, "unknown importance"),
+        ({"importance": 3}, TypeError, "importance"),
+        ({"ignored_layers": ["layer4"]}, ValueError, "layer4"),
+        ({"global_ranking": 1}, TypeError, "global_ranking"),
+    ],
+    ids=[
+        "ratio1",
+        "ratio_neg",
+        "ratio_nan",
+        "ratio_str",
+        "unknown_importance",
+        "importance_type",
+        "unknown_layer",
+        "global_type",
+    ],
+)
 def test_bad_input(kwargs, err, match):
     model, x = models.resnet20(), torch.randn(1, 3, 32, 32)
     args = {"importance": "l1", "ratio": 0.5, **kwargs}
@@ -228,3 +253,25 @@ def test_taylor_without_gradients_is_an_error():
     with pytest.raises(ValueError, match="backward"):
         accelprune.prune(model, torch.randn(1, 3, 32, 32), "taylor", 0.5)
     assert model.layer1[0].conv1.out_channels == 16
+
+
+def test_grouped_convs_lose_the_same_channels_in_every_group():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 36, 3),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    w0 = model[0].weight.detach().clone()
+    scores = w0.abs().flatten(1).sum(1).view(2, 4).mean(0)  # per conv-group position
+    keep = torch.sort(torch.argsort(scores)[2:]).values
+    m = accelprune.prune(copy.deepcopy(model), x, "l1", 0.5)
+    assert m[0].out_channels == 4 and m[3].weight.shape[1] == 2
+    torch.testing.assert_close(m[0].weight, w0[torch.cat([keep, keep + 4])])
+    assert m(x).shape == (2, 3)
+    m = accelprune.prune(copy.deepcopy(model), x, "l1", 0.5, global_ranking=True)
+    assert m[0].out_channels % 2 == 0 and m[3].out_channels % 2 == 0  # whole units of 2
+    # 10 of the 20 channels of the 3 groups, short by less than one unit of 2 at most
+    assert 10 <= m[0].out_channels + m[3].out_channels + m[6].out_channels < 12
+    assert m(x).shape == (2, 3)
