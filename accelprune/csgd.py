@@ -61,10 +61,10 @@ import warnings
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from scipy.cluster.vq import kmeans2
 
+from accelprune._distributed import on_rank0
 from accelprune._validation import as_float64_array, check_fraction, check_int
 
 __all__ = ["CSGD", "CSGDReport", "ClusterAssignment", "Deviation", "TransformedParam",
@@ -294,8 +294,7 @@ class CSGD:
                              f"{'' if prune_coupled else ' and coupled groups'})")
         self._transformed = self._collect_params()
 
-        labels = self._cluster_all() if self._rank0() else None
-        labels = self._broadcast(labels)
+        labels = on_rank0(self._cluster_all, self.process_group)
         self.clusters = [ClusterAssignment(g.name, list(g.producers), lab, int(lab.max()) + 1)
                          for g, lab in zip(self.groups, labels)]
         self._plans: dict[tuple[int, ...], object] = {}
@@ -380,21 +379,6 @@ class CSGD:
                 raise ValueError(f"cannot cluster group {g.name!r}: {e}") from None
             out.append((np.arange(blocks)[:, None] * k + local[None, :]).reshape(-1))
         return out
-
-    def _distributed(self) -> bool:
-        return (dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(self.process_group) > 1)
-
-    def _rank0(self) -> bool:
-        return not self._distributed() or dist.get_rank(self.process_group) == 0
-
-    def _broadcast(self, obj):
-        if not self._distributed():
-            return obj
-        src = 0 if self.process_group is None else dist.get_global_rank(self.process_group, 0)
-        box = [obj]
-        dist.broadcast_object_list(box, src=src, group=self.process_group)
-        return box[0]
 
     def _check_live(self) -> None:
         if self.pruned:

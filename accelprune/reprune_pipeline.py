@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from accelprune._distributed import on_rank0
 from accelprune._validation import check_fraction, check_int
 from accelprune.graph import ModelGraph, call_model
 from accelprune.optim_state import track_parameters
@@ -219,21 +219,6 @@ class REPrune:
         scales = [self.graph.module(b).weight.detach().abs().cpu().double() for b in g.bns]
         return torch.stack(scales).mean(0)
 
-    def _distributed(self) -> bool:
-        return (dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(self.process_group) > 1)
-
-    def _rank0(self) -> bool:
-        return not self._distributed() or dist.get_rank(self.process_group) == 0
-
-    def _broadcast(self, obj):
-        if not self._distributed():
-            return obj
-        src = 0 if self.process_group is None else dist.get_global_rank(self.process_group, 0)
-        box = [obj]
-        dist.broadcast_object_list(box, src=src, group=self.process_group)
-        return box[0]
-
     # -- schedule ----------------------------------------------------------------------------
 
     def due(self, epoch: int) -> bool:
@@ -268,8 +253,7 @@ class REPrune:
         if sum(g.n_channels for g in self.groups) <= target:  # reached: nothing to do
             return optimizer
         t0 = time.perf_counter()
-        plan = self._plan(sparsity, target, epoch) if self._rank0() else None
-        event = self._broadcast(plan)
+        event = on_rank0(lambda: self._plan(sparsity, target, epoch), self.process_group)
         t1 = time.perf_counter()
         cuts = [(g, np.asarray(r.kept_indices, dtype=np.int64))
                 for g, r in zip(self.groups, event.layers) if r.kept < r.before]
