@@ -92,7 +92,7 @@ class LinkageUnionFind {
 struct WardWorkspace {
   std::vector<double> dist;  // n x ld Euclidean distances between current clusters (NN-chain)
   int64_t ld = 0;            // row stride of dist
-  std::vector<int64_t> size, active, chain;
+  std::vector<int64_t> size, active, chain, ids, position;
   std::vector<Merge> merges;
   std::vector<int64_t> order, prev, next, count;  // 1-D path
   std::vector<double> sum, inverse, points_t, mask, formed_height;
@@ -128,12 +128,15 @@ inline double lance_williams_ward_sq(double dsq_xi, double dsq_yi, double dsq_xy
 // Dense n x n squared Euclidean distances into ws.dist. Rows are computed over a transposed copy of X so
 // the inner loop runs over contiguous memory, and the lower triangle is mirrored block by block
 // (a column-by-column mirror would touch one cache line per element).
+// Row stride for an m x m matrix: padded where a multiple of 2 KiB would alias in the L1 cache.
+inline int64_t padded_stride(int64_t m) { return (m % 256 == 0) ? m + 8 : m; }
+
 ACCELPRUNE_VECTOR_CLONES
 inline void pairwise_distances(const double* X, int64_t n, int64_t d, WardWorkspace& ws) {
   // Column walks (the mirror below, the Lance-Williams updates) step by one row at a time; with a
   // row stride that is a multiple of 2 KiB every step lands in the same L1 cache set and evicts
   // the last, so such strides get padded.
-  const int64_t ld = (n % 256 == 0) ? n + 8 : n;
+  const int64_t ld = padded_stride(n);
   ws.ld = ld;
   std::vector<double>& D = ws.dist;
   D.resize(static_cast<size_t>(n) * ld);
@@ -189,13 +192,21 @@ inline double masked_min(const double* row, const double* mask, int64_t n) {
 // Nearest-neighbour chain Ward on points X (n x d, row-major). Writes Z ((n-1) x 4).
 inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& ws, double* Z) {
   pairwise_distances(X, n, d, ws);
-  std::vector<double>& D = ws.dist;
-  const int64_t ld = ws.ld;
+  double* D = ws.dist.data();
+  int64_t ld = ws.ld;
+  // Clusters live at dense positions 0..m-1 of D; ids[p] is the scipy slot id at position p.
+  // When half the positions are dead the matrix is compacted (keeping the order, hence the tie
+  // rule), so scans and updates run over live clusters and the matrix shrinks into the cache.
+  int64_t m = n;
+  ws.ids.resize(n);
   ws.size.assign(n, 1);
   ws.mask.assign(n, 0.0);  // 0 for live clusters, kHidden for merged-away ones
   ws.formed_height.assign(n, 0.0);
-  for (int64_t i = 0; i < n; ++i) D[i * ld + i] = kHidden;  // a cluster is not its own neighbour
-  ws.active.resize(n);  // ids of live clusters, ascending
+  for (int64_t i = 0; i < n; ++i) {
+    ws.ids[i] = i;
+    D[i * ld + i] = kHidden;  // a cluster is not its own neighbour
+  }
+  ws.active.resize(n);  // positions of live clusters, ascending
   for (int64_t i = 0; i < n; ++i) ws.active[i] = i;
   ws.chain.resize(n);
   ws.merges.resize(n - 1);
@@ -213,8 +224,8 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
     // Walk the chain of nearest neighbours until two clusters are each other's nearest.
     while (true) {
       x = ws.chain[chain_length - 1];
-      const double* row = D.data() + x * ld;
-      current_min = masked_min(row, ws.mask.data(), n);
+      const double* row = D + x * ld;
+      current_min = masked_min(row, ws.mask.data(), m);
       // On ties prefer the previous element of the chain (so the chain cannot cycle), then the
       // lowest id: the rule of scipy's nn_chain.
       const int64_t previous = chain_length > 1 ? ws.chain[chain_length - 2] : -1;
@@ -231,14 +242,14 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
     // sort in finish_linkage() always puts a merge after the merges that formed its children.
     const double height =
         std::max({std::sqrt(current_min), ws.formed_height[x], ws.formed_height[y]});
-    ws.merges[k] = Merge{x, y, height};
+    ws.merges[k] = Merge{ws.ids[x], ws.ids[y], height};
     ws.formed_height[y] = height;
     ws.size[x] = 0;
     ws.size[y] = nx + ny;
     ws.mask[x] = kHidden;
     ws.active.erase(std::lower_bound(ws.active.begin(), ws.active.end(), x));
-    double* row_x = D.data() + x * ld;
-    double* row_y = D.data() + y * ld;
+    double* row_x = D + x * ld;
+    double* row_y = D + y * ld;
     for (int64_t i : ws.active) {
       if (i == y) continue;
       const int64_t ni = ws.size[i];
@@ -246,6 +257,30 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
                                         ws.inverse[nx + ny + ni]);
       row_y[i] = v;
       D[i * ld + y] = v;
+    }
+    const int64_t live = static_cast<int64_t>(ws.active.size());
+    if (live > 32 && 2 * live <= m) {
+      // Compact in place: every element moves to a lower address, in increasing order, so no
+      // element is overwritten before it is read.
+      const int64_t new_ld = padded_stride(live);
+      ws.position.assign(m, -1);
+      for (int64_t r = 0; r < live; ++r) ws.position[ws.active[r]] = r;
+      for (int64_t r = 0; r < live; ++r) {
+        const double* from = D + ws.active[r] * ld;
+        double* to = D + r * new_ld;
+        for (int64_t c = 0; c < live; ++c) to[c] = from[ws.active[c]];
+      }
+      for (int64_t r = 0; r < live; ++r) {
+        const int64_t p = ws.active[r];
+        ws.ids[r] = ws.ids[p];
+        ws.size[r] = ws.size[p];
+        ws.formed_height[r] = ws.formed_height[p];
+        ws.mask[r] = 0.0;
+        ws.active[r] = r;
+      }
+      for (int64_t c = 0; c < chain_length; ++c) ws.chain[c] = ws.position[ws.chain[c]];
+      m = live;
+      ld = new_ld;
     }
   }
   finish_linkage(ws.merges, n, Z);
