@@ -95,7 +95,7 @@ struct WardWorkspace {
   std::vector<int64_t> size, active, chain, ids, position;
   std::vector<Merge> merges;
   std::vector<int64_t> order, prev, next, count;  // 1-D path
-  std::vector<double> sum, inverse, points_t, mask, formed_height;
+  std::vector<double> sum, points_t, mask, formed_height, size_d;
   std::vector<std::pair<double, int64_t>> keyed;
 };
 
@@ -114,20 +114,22 @@ inline void finish_linkage(std::vector<Merge>& merges, int64_t n, double* Z) {
   }
 }
 
-// Lance-Williams update for Ward on squared distances: after merging x and y, the squared
-// distance of the new cluster to cluster i. inv_total = 1 / (n_x + n_y + n_i). The squared form
-// needs no square root per update (scipy's form takes one), and compares the same way.
-inline double lance_williams_ward_sq(double dsq_xi, double dsq_yi, double dsq_xy, int64_t size_x,
-                                     int64_t size_y, int64_t size_i, double inv_total) {
-  double v = (static_cast<double>(size_i + size_x) * dsq_xi +
-              static_cast<double>(size_i + size_y) * dsq_yi -
-              static_cast<double>(size_i) * dsq_xy) * inv_total;
-  return v > 0.0 ? v : 0.0;  // rounding can push an exact 0 slightly below
+// Lance-Williams update for Ward on squared distances, for a whole row: after merging x and y
+// (squared distance d_xy), the squared distance of the new cluster to every cluster i:
+//   ((n_i + n_x) d_xi + (n_i + n_y) d_yi - n_i d_xy) / (n_x + n_y + n_i),
+// written over row_y. No square root (scipy's form takes one per update); clamped at 0, where
+// rounding can push an exact 0 slightly below.
+ACCELPRUNE_VECTOR_CLONES
+inline void update_row(const double* row_x, double* row_y, const double* size, int64_t m,
+                       double d_xy, int64_t size_x, int64_t size_y) {
+  const double nx = static_cast<double>(size_x), ny = static_cast<double>(size_y);
+  for (int64_t i = 0; i < m; ++i) {
+    const double ni = size[i];
+    const double v = ((ni + nx) * row_x[i] + (ni + ny) * row_y[i] - ni * d_xy) / (nx + ny + ni);
+    row_y[i] = v > 0.0 ? v : 0.0;
+  }
 }
 
-// Dense n x n squared Euclidean distances into ws.dist. Rows are computed over a transposed copy of X so
-// the inner loop runs over contiguous memory, and the lower triangle is mirrored block by block
-// (a column-by-column mirror would touch one cache line per element).
 // Row stride for an m x m matrix: padded where a multiple of 2 KiB would alias in the L1 cache.
 inline int64_t padded_stride(int64_t m) { return (m % 256 == 0) ? m + 8 : m; }
 
@@ -200,6 +202,7 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
   int64_t m = n;
   ws.ids.resize(n);
   ws.size.assign(n, 1);
+  ws.size_d.assign(n, 1.0);  // the sizes again, as doubles for the vectorised update
   ws.mask.assign(n, 0.0);  // 0 for live clusters, kHidden for merged-away ones
   ws.formed_height.assign(n, 0.0);
   for (int64_t i = 0; i < n; ++i) {
@@ -210,8 +213,6 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
   for (int64_t i = 0; i < n; ++i) ws.active[i] = i;
   ws.chain.resize(n);
   ws.merges.resize(n - 1);
-  ws.inverse.resize(n + 1);  // 1/s for every cluster-size sum s, so updates multiply, not divide
-  for (int64_t s = 1; s <= n; ++s) ws.inverse[s] = 1.0 / static_cast<double>(s);
 
   int64_t chain_length = 0;
   for (int64_t k = 0; k < n - 1; ++k) {
@@ -248,16 +249,14 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
     ws.size[y] = nx + ny;
     ws.mask[x] = kHidden;
     ws.active.erase(std::lower_bound(ws.active.begin(), ws.active.end(), x));
-    double* row_x = D + x * ld;
-    double* row_y = D + y * ld;
-    for (int64_t i : ws.active) {
-      if (i == y) continue;
-      const int64_t ni = ws.size[i];
-      double v = lance_williams_ward_sq(row_x[i], row_y[i], current_min, nx, ny, ni,
-                                        ws.inverse[nx + ny + ni]);
-      row_y[i] = v;
-      D[i * ld + y] = v;
-    }
+    ws.size_d[x] = 0.0;
+    ws.size_d[y] = static_cast<double>(nx + ny);
+    // Row y over all m positions in one vectorisable loop (dead positions get finite garbage
+    // that the mask hides), then the column through the live rows.
+    update_row(D + x * ld, D + y * ld, ws.size_d.data(), m, current_min, nx, ny);
+    D[y * ld + y] = kHidden;
+    const double* row_y = D + y * ld;
+    for (int64_t i : ws.active) D[i * ld + y] = row_y[i];
     const int64_t live = static_cast<int64_t>(ws.active.size());
     if (live > 32 && 2 * live <= m) {
       // Compact in place: every element moves to a lower address, in increasing order, so no
@@ -274,6 +273,7 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
         const int64_t p = ws.active[r];
         ws.ids[r] = ws.ids[p];
         ws.size[r] = ws.size[p];
+        ws.size_d[r] = ws.size_d[p];
         ws.formed_height[r] = ws.formed_height[p];
         ws.mask[r] = 0.0;
         ws.active[r] = r;
