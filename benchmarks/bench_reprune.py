@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
              "tp_l1": "torch_pruning MetaPruner.step with L1 MagnitudeImportance, all groups",
              "threads": torch.get_num_threads()}
     print(f"model: {label}; REPrune setup (graph, stats) {setup:.2f} s, not part of the event")
-    return report("bench_reprune" + ("_quick" if args.quick else ""), rows, fast="native",
+    return report("reprune" + ("_quick" if args.quick else ""), rows, fast="native",
                   references=["reference", "tp_l1"], notes=notes)
 
 
