@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run benchmarks and print their ratio tables")
     bench.add_argument("which", nargs="?", default="all", choices=(*BENCHMARKS, "all"))
     bench.add_argument("--quick", action="store_true", help="small shapes, a smoke check")
+    bench.add_argument("--show", action="store_true",
+                       help="print the saved results (benchmarks/results) instead of running")
     return parser
 
 
@@ -190,6 +192,9 @@ def run_bench_command(args) -> None:
     if not (root / "benchmarks" / "harness.py").is_file():
         raise UsageError("the benchmarks ship with the source tree; run `accelprune bench` from an "
                          "editable install (pip install -e .)")
+    if args.show:
+        subprocess.run([sys.executable, "-m", "benchmarks.summary"], cwd=root, check=False)
+        return
     which = BENCHMARKS if args.which == "all" else (args.which,)
     failed = []
     for name in which:

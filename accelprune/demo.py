@@ -27,6 +27,7 @@ from accelprune.training import evaluate, loader, train_epoch
 
 METHODS = ("l1", "bn", "reprune", "csgd")
 METHOD_TITLES = {"l1": "L1 norm", "bn": "BN scale", "reprune": "REPrune", "csgd": "C-SGD"}
+METHOD_MARKERS = {"l1": "o", "bn": "s", "reprune": "^", "csgd": "D"}  # methods can coincide
 
 
 @dataclasses.dataclass
@@ -233,7 +234,8 @@ def _plot(doc: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.plot(doc["base"]["widths"], "k--", label="unpruned")
     for r in doc["methods"]:
-        ax.plot(r["widths"], marker=".", label=METHOD_TITLES[r["method"]])
+        ax.plot(r["widths"], marker=METHOD_MARKERS[r["method"]], fillstyle="none", alpha=0.8,
+                label=METHOD_TITLES[r["method"]])
     ax.set(xlabel="conv layer (model order)", ylabel="output channels", title="Per-layer widths")
     ax.legend()
     fig.tight_layout()
@@ -243,7 +245,9 @@ def _plot(doc: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.scatter(doc["base"]["macs"] / 1e6, doc["base"]["acc"] * 100, c="k", label="unpruned")
     for r in doc["methods"]:
-        ax.scatter(r["macs"] / 1e6, r["acc_finetuned"] * 100, label=METHOD_TITLES[r["method"]])
+        ax.scatter(r["macs"] / 1e6, r["acc_finetuned"] * 100, marker=METHOD_MARKERS[r["method"]],
+                   facecolors="none", edgecolors=f"C{len(ax.collections) - 1}",
+                   label=METHOD_TITLES[r["method"]])
     ax.set(xlabel="MACs (M)", ylabel="test accuracy after fine-tuning (%)", title="Accuracy vs MACs")
     ax.legend()
     fig.tight_layout()
