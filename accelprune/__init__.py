@@ -31,8 +31,6 @@ from accelprune.importance import (
     TaylorImportance,
     bn_l1_penalty_,
 )
-from accelprune.pruning import prune
-from accelprune.serialization import load, save
 from accelprune.lottery import LotteryTicket, iterative_magnitude_pruning
 from accelprune.masks import (
     gradient_magnitude_prune,
@@ -40,9 +38,12 @@ from accelprune.masks import (
     make_permanent,
     weight_sparsity,
 )
+from accelprune import models  # resnet20, resnet56, vgg_small
+from accelprune.pruning import prune
 from accelprune.reporting import Report, measure_latency, model_stats, report
 from accelprune.reprune import REPruneImportance, layer_keep_counts, reprune_select
 from accelprune.reprune_pipeline import REPrune, REPruneReport
 from accelprune.schedule import SCHEDULES, SparsitySchedule, sparsity_at
+from accelprune.serialization import load, save
 
 __version__ = "0.1.0"
