@@ -8,6 +8,7 @@ from torch import nn
 
 from accelprune import models
 from accelprune.graph import ChannelGroup, ModelGraph, fold_and_prune, prune_channels
+from toy_models import ChunkCat
 
 
 def _randomise_bn(model, seed=0):
@@ -227,21 +228,6 @@ def test_group_from_another_graph_is_refused():
 
 
 # -- failed surgery restores the model exactly -----------------------------------------------------
-
-
-class ChunkCat(nn.Module):
-    """Chunk a conv's output into two convs, then concatenate (Torch-Pruning mishandles it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.c0 = nn.Conv2d(3, 8, 3, padding=1)
-        self.ca, self.cb = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
-        self.c2 = nn.Conv2d(12, 5, 1)
-        self.fc = nn.Linear(5, 3)
-
-    def forward(self, x):
-        a, b = torch.relu(self.c0(x)).chunk(2, dim=1)
-        return self.fc(self.c2(torch.cat([self.ca(a), self.cb(b)], 1)).mean((2, 3)))
 
 
 def test_broken_surgery_restores_the_model_and_names_the_group():

@@ -13,6 +13,7 @@ import accelprune
 from accelprune import models
 from accelprune.graph import ModelGraph
 from accelprune.reporting import model_stats
+from toy_models import ChunkCat
 
 
 def _tv(name, **kw):
@@ -173,19 +174,6 @@ def test_torch_pruning_importance_objects_are_accepted():
     model, x = models.resnet20(), torch.randn(1, 3, 32, 32)
     accelprune.prune(model, x, tp.importance.MagnitudeImportance(p=1), 0.5)
     assert model.layer2[0].conv1.out_channels == 16
-
-
-class ChunkCat(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c0 = nn.Conv2d(3, 8, 3, padding=1)
-        self.ca, self.cb = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
-        self.c2 = nn.Conv2d(12, 5, 1)
-        self.fc = nn.Linear(5, 3)
-
-    def forward(self, x):
-        a, b = torch.relu(self.c0(x)).chunk(2, dim=1)
-        return self.fc(self.c2(torch.cat([self.ca(a), self.cb(b)], 1)).mean((2, 3)))
 
 
 def test_failed_prune_leaves_the_model_untouched():

@@ -1,0 +1,18 @@
+"""Small models shared by several test modules."""
+import torch
+from torch import nn
+
+
+class ChunkCat(nn.Module):
+    """Chunk a conv's output into two convs, then concatenate (Torch-Pruning mishandles it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.ca, self.cb = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(12, 5, 1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        a, b = torch.relu(self.c0(x)).chunk(2, dim=1)
+        return self.fc(self.c2(torch.cat([self.ca(a), self.cb(b)], 1)).mean((2, 3)))
