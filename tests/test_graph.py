@@ -8,7 +8,7 @@ from torch import nn
 
 from accelprune import models
 from accelprune.graph import ChannelGroup, ModelGraph, fold_and_prune, prune_channels
-from toy_models import ChunkCat
+from toy_models import ChunkCat, Detached
 
 
 def _randomise_bn(model, seed=0):
@@ -429,16 +429,6 @@ def test_fold_bad_input_leaves_model_untouched():
 
 
 # -- models that cannot be traced ------------------------------------------------------------------
-
-
-class Detached(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Linear(4, 2)
-
-    def forward(self, x):
-        x = self.conv1(x).detach()
-        return self.fc(self.conv2(x).mean((2, 3)))
 
 
 class NoGrad(Detached):

@@ -13,7 +13,7 @@ import accelprune
 from accelprune import models
 from accelprune.graph import ModelGraph
 from accelprune.reporting import model_stats
-from toy_models import ChunkCat
+from toy_models import ChunkCat, Detached
 
 
 def _tv(name, **kw):
@@ -186,16 +186,6 @@ def test_failed_prune_leaves_the_model_untouched():
     # leaving the offending layer alone works
     accelprune.prune(model, x, "l1", 0.5, ignored_layers=["c0"])
     assert model.ca.out_channels == 3 and model.c0.out_channels == 8
-
-
-class Detached(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Linear(4, 2)
-
-    def forward(self, x):
-        x = self.conv1(x).detach()
-        return self.fc(self.conv2(x).mean((2, 3)))
 
 
 @pytest.mark.parametrize(

@@ -16,3 +16,15 @@ class ChunkCat(nn.Module):
     def forward(self, x):
         a, b = torch.relu(self.c0(x)).chunk(2, dim=1)
         return self.fc(self.c2(torch.cat([self.ca(a), self.cb(b)], 1)).mean((2, 3)))
+
+
+class Detached(nn.Module):
+    """A forward that leaves autograd after conv1 (cannot be traced)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.conv1(x).detach()
+        return self.fc(self.conv2(x).mean((2, 3)))
