@@ -62,15 +62,12 @@ def _linkage(Z) -> np.ndarray:
     return arr
 
 
-def _relabel_first_appearance(labels: np.ndarray) -> np.ndarray:
-    """Renumber labels 0..c-1 in order of first appearance (rows independently)."""
-    out = np.empty(labels.shape, dtype=np.int32)
-    for row, lab in zip(out.reshape(-1, labels.shape[-1]), labels.reshape(-1, labels.shape[-1])):
-        _, first, inverse = np.unique(lab, return_index=True, return_inverse=True)
-        rank = np.empty(len(first), dtype=np.int32)
-        rank[np.argsort(first, kind="stable")] = np.arange(len(first), dtype=np.int32)
-        row[:] = rank[inverse]
-    return out
+def relabel_first_appearance(labels) -> np.ndarray:
+    """1-D labels renumbered 0..c-1 (int64) in the order of each label's first appearance."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +102,7 @@ def cut_linkage_ref(Z, *, height=None, n_clusters=None) -> np.ndarray:
             labels.append(sch.fcluster(z, heights[b], criterion="distance"))
         else:
             labels.append(sch.fcluster(z, counts[b], criterion="maxclust"))
-    out = _relabel_first_appearance(np.stack(labels))
+    out = np.stack([relabel_first_appearance(lab) for lab in labels]).astype(np.int32)
     return out.reshape(*arr.shape[:-2], arr.shape[-2] + 1)
 
 

@@ -66,6 +66,7 @@ from scipy.cluster.vq import kmeans2
 
 from accelprune._distributed import on_rank0
 from accelprune._validation import as_float64_array, check_fraction, check_int
+from accelprune.cluster import relabel_first_appearance
 
 __all__ = ["CSGD", "CSGDReport", "ClusterAssignment", "Deviation", "TransformedParam",
            "cluster_filters", "CLUSTERINGS"]
@@ -125,7 +126,7 @@ def cluster_filters(filters, n_clusters: int, *, method: str = "kmeans",
         with warnings.catch_warnings():  # empty clusters are repaired below
             warnings.filterwarnings("ignore", message="One of the clusters is empty")
             _, labels = kmeans2(X, centres, minit="matrix", missing="warn")
-    return _first_appearance(_split_until(X, np.asarray(labels, dtype=np.int64), k))
+    return relabel_first_appearance(_split_until(X, np.asarray(labels, dtype=np.int64), k))
 
 
 def _kmeans_pp_centres(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -152,7 +153,7 @@ def _kmeans_pp_centres(X: np.ndarray, k: int, rng: np.random.Generator) -> np.nd
 
 def _split_until(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """Move single rows into new clusters until ``labels`` has k non-empty clusters."""
-    labels = _first_appearance(labels)
+    labels = relabel_first_appearance(labels)
     while labels.max() + 1 < k:
         counts = np.bincount(labels)
         sums = np.zeros((len(counts), X.shape[1]))
@@ -161,14 +162,6 @@ def _split_until(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
         spread[counts[labels] == 1] = -1.0  # a singleton has nothing to give away
         labels[int(np.argmax(spread))] = labels.max() + 1
     return labels
-
-
-def _first_appearance(labels: np.ndarray) -> np.ndarray:
-    """Renumber cluster ids 0..c-1 in the order of each cluster's lowest index."""
-    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-    return rank[inverse.reshape(-1)]
 
 
 # ---------------------------------------------------------------------------------------------
