@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from accelprune._validation import check_int
+from accelprune.graph import call_model
 
 __all__ = [
     "LayerWidth",
@@ -65,14 +66,6 @@ def _check_inputs(example_inputs):
         return example_inputs
     raise TypeError("example_inputs must be a tensor, a non-empty tuple/list of positional inputs "
                     f"or a non-empty dict of keyword inputs, got {type(example_inputs).__name__}")
-
-
-def _call(model: nn.Module, inputs):
-    if isinstance(inputs, torch.Tensor):
-        return model(inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(*inputs)
 
 
 class _eval_mode:
@@ -155,11 +148,11 @@ def measure_latency(model: nn.Module, example_inputs, *, repeats: int = 20,
     # stores module.weight, which must stay usable by autograd afterwards.
     with torch.no_grad(), _eval_mode(model):
         for _ in range(warmup):
-            _call(model, inputs)
+            call_model(model, inputs)
         for _ in range(repeats):
             sync()
             t0 = time.perf_counter()
-            _call(model, inputs)
+            call_model(model, inputs)
             sync()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
