@@ -74,8 +74,15 @@ py::array_t<double> ward_linkage_batched(const DoubleArray& X, int n_threads) {
   require(n_threads >= 1, "n_threads must be >= 1");
   const int64_t B = X.shape(0), n = X.shape(1), d = X.shape(2);
   require(n >= 1 && d >= 1, "X needs at least one point of dimension >= 1 per problem");
-  py::array_t<double> Z({B, n - 1, static_cast<int64_t>(4)});
   const double* x = X.data();
+  // The scans rely on finite, moderate distances (dead clusters sit behind a 1e300 sentinel);
+  // NaN would make them run past the row. accelprune.cluster checks this too, with the same
+  // message, but direct callers of the extension must not be able to crash it.
+  for (int64_t i = 0, size = B * n * d; i < size; ++i) {
+    require(std::isfinite(x[i]) && std::fabs(x[i]) <= 1e100,
+            "X has NaN, Inf or values beyond +-1e100");
+  }
+  py::array_t<double> Z({B, n - 1, static_cast<int64_t>(4)});
   double* z = Z.mutable_data();
   const int threads = useful_threads(B, n, d, n_threads);
   {

@@ -267,3 +267,14 @@ def test_scalar_height_applies_to_every_problem_of_a_batch():
     Z = ward_linkage_batched(np.random.default_rng(9).standard_normal((3, 20, 2)))
     np.testing.assert_array_equal(cut_linkage(Z, height=1.5), cut_linkage(Z, height=np.full(3, 1.5)))
     np.testing.assert_array_equal(cut_linkage(Z, height=np.float64(1.5)), cut_linkage_ref(Z, height=1.5))
+
+
+def test_the_extension_itself_refuses_non_finite_points():
+    """Direct callers of accelprune._native get an error, not a scan running past a row."""
+    from accelprune._backend import native_module
+
+    X = np.zeros((1, 4, 2))
+    for bad in (np.nan, np.inf, 1e200):
+        X[0, 1, 0] = bad
+        with pytest.raises(ValueError, match="NaN, Inf or values beyond"):
+            native_module().ward_linkage_batched(X, 1)
