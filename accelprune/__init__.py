@@ -2,6 +2,7 @@
 
 Importing accelprune is cheap: it does not import Triton or initialise CUDA.
 """
+from accelprune import models  # resnet20, resnet56, vgg_small
 from accelprune.cluster import (
     cut_linkage,
     cut_linkage_ref,
@@ -12,14 +13,6 @@ from accelprune.cluster import (
 )
 from accelprune.coverage import CoverageResult, max_coverage, max_coverage_ref  # numba: lazily
 from accelprune.csgd import CSGD, CSGDReport, cluster_filters
-from accelprune.kernels import (  # Triton is imported lazily, on the first kernel launch
-    CSGDPlan,
-    csgd_transform_,
-    csgd_transform_dense_ref,
-    csgd_transform_ref,
-    filter_scores,
-    filter_scores_ref,
-)
 from accelprune.fusion import find_conv_bn_pairs, fuse_conv_bn
 from accelprune.graph import ChannelGroup, ModelGraph, fold_and_prune, prune_channels
 from accelprune.importance import (
@@ -31,6 +24,14 @@ from accelprune.importance import (
     TaylorImportance,
     bn_l1_penalty_,
 )
+from accelprune.kernels import (  # Triton is imported lazily, on the first kernel launch
+    CSGDPlan,
+    csgd_transform_,
+    csgd_transform_dense_ref,
+    csgd_transform_ref,
+    filter_scores,
+    filter_scores_ref,
+)
 from accelprune.lottery import LotteryTicket, iterative_magnitude_pruning
 from accelprune.masks import (
     gradient_magnitude_prune,
@@ -38,7 +39,6 @@ from accelprune.masks import (
     make_permanent,
     weight_sparsity,
 )
-from accelprune import models  # resnet20, resnet56, vgg_small
 from accelprune.pruning import prune
 from accelprune.reporting import Report, measure_latency, model_stats, report
 from accelprune.reprune import REPruneImportance, layer_keep_counts, reprune_select

@@ -1,7 +1,8 @@
 """What the pipelines need from torch.distributed: decide once, on rank 0, for every rank."""
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch.distributed as dist
 

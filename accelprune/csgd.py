@@ -61,8 +61,8 @@ import warnings
 
 import numpy as np
 import torch
-from torch import nn
 from scipy.cluster.vq import kmeans2
+from torch import nn
 
 from accelprune._distributed import on_rank0
 from accelprune._validation import as_float64_array, check_fraction, check_int
@@ -289,7 +289,7 @@ class CSGD:
 
         labels = on_rank0(self._cluster_all, self.process_group)
         self.clusters = [ClusterAssignment(g.name, list(g.producers), lab, int(lab.max()) + 1)
-                         for g, lab in zip(self.groups, labels)]
+                         for g, lab in zip(self.groups, labels, strict=True)]
         self._plans: dict[tuple[int, ...], object] = {}
         self._hooks: list = []
         self.pruned = False
@@ -485,7 +485,7 @@ class CSGD:
         from accelprune.reporting import model_stats
 
         self._check_live()
-        for g, c in zip(self.groups, self.clusters):
+        for g, c in zip(self.groups, self.clusters, strict=True):
             if g.n_channels != len(c.labels):
                 raise RuntimeError(f"group {g.name!r} has {g.n_channels} channels but was "
                                    f"clustered with {len(c.labels)}: the model was pruned by "
@@ -493,7 +493,7 @@ class CSGD:
         before = model_stats(self.model, self.example_inputs)
         layers = []
         try:
-            for g, c in zip(self.groups, self.clusters):
+            for g, c in zip(self.groups, self.clusters, strict=True):
                 n = g.n_channels
                 self.graph.fold_and_prune(g, c.labels)
                 layers.append((g.name, n, g.n_channels))

@@ -15,8 +15,8 @@ import copy
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -48,7 +48,7 @@ class DemoConfig:
     progress: bool = True
 
     @classmethod
-    def quick(cls, **overrides) -> "DemoConfig":
+    def quick(cls, **overrides) -> DemoConfig:
         """Tiny settings for tests and a first look: 16x16 images, few epochs (~15 s)."""
         tiny = cls(epochs=3, finetune_epochs=1, csgd_epochs=1, image_size=16)
         return dataclasses.replace(tiny, **overrides)
@@ -217,8 +217,8 @@ def format_table(doc: dict) -> str:
                      f"{r['macs_reduction']:.1%}", f"{r['acc_pruned']:.1%}", f"{r['acc_finetuned']:.1%}",
                      f"{r['latency_ms']:.2f} ms", f"{r['prune_seconds']:.2f} s"))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(lines)
 
 

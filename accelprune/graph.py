@@ -59,7 +59,7 @@ class ChannelGroup:
     consumers: list[str]
     n_channels: int
     coupled: bool
-    _graph: "ModelGraph" = field(repr=False, compare=False, default=None)
+    _graph: ModelGraph = field(repr=False, compare=False, default=None)
     _root: nn.Module = field(repr=False, compare=False, default=None)
     _root_fn: object = field(repr=False, compare=False, default=None)
 
@@ -405,7 +405,7 @@ class ModelGraph:
         if len(keep) == group.n_channels:
             return
         kept_of = {
-            int(lab): int(first_i) for lab, first_i in zip(*np.unique(labels, return_index=True))
+            int(lab): int(first_i) for lab, first_i in zip(*np.unique(labels, return_index=True), strict=True)
         }
         merge = [
             (int(c), kept_of[int(labels[c])])
@@ -484,7 +484,7 @@ class ModelGraph:
             # the consumer's input indices of each group channel: one for a conv (at the concat
             # offset, if any), a block of columns for a Linear after flatten
             cols: dict[int, list[int]] = {}
-            for local, root in zip(item.idxs, item.root_idxs):
+            for local, root in zip(item.idxs, item.root_idxs, strict=True):
                 cols.setdefault(int(root), []).append(int(local))
             _fold_weight(m, self._names[m], cols, merge)
 
@@ -516,7 +516,7 @@ def _fold_weight(m: nn.Module, name: str, cols: dict[int, list[int]], merge) -> 
             raise ValueError(
                 f"consumer {name!r} sees channels {c} and {k} through blocks of different sizes"
             )
-        for s, d in zip(src, dst):
+        for s, d in zip(src, dst, strict=True):
             gs, gd = s // in_per_group, d // in_per_group
             if gs != gd:
                 raise ValueError(

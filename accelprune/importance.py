@@ -98,7 +98,7 @@ class ChannelImportance(tp.importance.Importance):
     def _score(self, modules, params):
         """One 1-D score tensor per member (filter_scores on the output-channel-first weights)."""
         return filter_scores(
-            [_out_rows(m, p.detach()) for m, p in zip(modules, params)],
+            [_out_rows(m, p.detach()) for m, p in zip(modules, params, strict=True)],
             kind=self.kind,
             backend=self.backend,
         )
@@ -114,15 +114,15 @@ class ChannelImportance(tp.importance.Importance):
         device = scores[0].device
         total = torch.zeros(len(root_positions), dtype=torch.float32, device=device)
         count = torch.zeros(len(root_positions), dtype=torch.float32, device=device)
-        for s, (_, _, idxs, root_idxs) in zip(scores, members):
+        for s, (_, _, idxs, root_idxs) in zip(scores, members, strict=True):
             pos = [
                 (int(i), root_positions[int(r)])
-                for i, r in zip(idxs, root_idxs)
+                for i, r in zip(idxs, root_idxs, strict=True)
                 if int(r) in root_positions
             ]
             if not pos:
                 continue
-            local, where = (torch.tensor(v, dtype=torch.long, device=device) for v in zip(*pos))
+            local, where = (torch.tensor(v, dtype=torch.long, device=device) for v in zip(*pos, strict=True))
             total.index_add_(0, where, s.to(device)[local])
             count.index_add_(0, where, torch.ones_like(where, dtype=torch.float32))
         return total / count.clamp_min(1)
@@ -159,13 +159,13 @@ class _GradientCriterion(ChannelImportance):
     @staticmethod
     def _grads(modules, params):
         """The gradients, output channels first; a missing one is the caller's mistake."""
-        for m, p in zip(modules, params):
+        for m, p in zip(modules, params, strict=True):
             if p.grad is None:
                 raise ValueError(
                     f"{type(m).__name__} weight {tuple(p.shape)} has no gradient: run "
                     f"loss.backward() on a batch before scoring with a gradient-based criterion"
                 )
-        return [_out_rows(m, p.grad.detach()) for m, p in zip(modules, params)]
+        return [_out_rows(m, p.grad.detach()) for m, p in zip(modules, params, strict=True)]
 
 
 class TaylorImportance(_GradientCriterion):
@@ -174,7 +174,7 @@ class TaylorImportance(_GradientCriterion):
     kind = "taylor"
 
     def _score(self, modules, params):
-        weights = [_out_rows(m, p.detach()) for m, p in zip(modules, params)]
+        weights = [_out_rows(m, p.detach()) for m, p in zip(modules, params, strict=True)]
         return filter_scores(
             weights, kind="taylor", grads=self._grads(modules, params), backend=self.backend
         )

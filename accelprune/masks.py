@@ -151,7 +151,7 @@ def _prune(model, sparsity, scope, parameters, score_fn) -> dict[str, float]:
     pairs = resolve_parameters(model, parameters)
     names = _names(model, pairs)
     scores = {}
-    for (module, name), full in zip(pairs, names):
+    for (module, name), full in zip(pairs, names, strict=True):
         s = score_fn(module, name)
         if not torch.isfinite(s).all():
             raise ValueError(f"scores of {full} contain NaN or Inf")
@@ -208,7 +208,7 @@ def layer_sparsity(model: nn.Module, parameters=None) -> dict[str, float]:
     pairs = resolve_parameters(model, parameters)
     out = {}
     with torch.no_grad():
-        for (module, name), full in zip(pairs, _names(model, pairs)):
+        for (module, name), full in zip(pairs, _names(model, pairs), strict=True):
             w = dense_parameter(module, name)
             mask = _mask(module, name)
             effective = w if mask is None else w * mask
@@ -221,7 +221,7 @@ def weight_sparsity(model: nn.Module, parameters=None) -> float:
     pairs = resolve_parameters(model, parameters)
     per = layer_sparsity(model, pairs)
     sizes = [dense_parameter(m, n).numel() for m, n in pairs]
-    return sum(s * n for s, n in zip(per.values(), sizes)) / sum(sizes)
+    return sum(s * n for s, n in zip(per.values(), sizes, strict=True)) / sum(sizes)
 
 
 def make_permanent(model: nn.Module) -> nn.Module:

@@ -24,7 +24,7 @@ import math
 import os
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -306,10 +306,10 @@ def _width(i, o) -> str:
 
 
 def _table(header, rows) -> list[str]:
-    cols = list(zip(header, *rows))
+    cols = list(zip(header, *rows, strict=True))
     widths = [max(len(str(c)) for c in col) for col in cols]
     out = ["  ".join(str(c).ljust(w) if k == 0 else str(c).rjust(w)
-                     for k, (c, w) in enumerate(zip(r, widths))) for r in [header, *rows]]
+                     for k, (c, w) in enumerate(zip(r, widths, strict=True))) for r in [header, *rows]]
     out.insert(1, "  ".join("-" * w for w in widths))
     return out
 

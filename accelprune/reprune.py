@@ -20,7 +20,8 @@ pruners. The optimizer-state carry-over lives in :mod:`accelprune.optim_state`.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -146,7 +147,7 @@ def layer_keep_counts(scores: Sequence, original_widths: Sequence[int], target: 
     widths = [len(s) for s in layers]
     floors = [keep_floor(check_int(n0, "original width", low=1), min_keep_ratio)
               for n0 in original_widths]
-    for i, (n, n0, f) in enumerate(zip(widths, original_widths, floors)):
+    for i, (n, n0, f) in enumerate(zip(widths, original_widths, floors, strict=True)):
         if not f <= n <= n0:
             raise ValueError(f"layer {i} has {n} channels, outside [floor {f}, "
                              f"original width {n0}]")
@@ -167,7 +168,7 @@ def layer_keep_counts(scores: Sequence, original_widths: Sequence[int], target: 
     removed = removable[:to_remove]
     counts = np.bincount(layer[removed], minlength=len(layers))
     gamma_star = float(value[removed[-1]]) if len(removed) else -math.inf
-    return [n - int(c) for n, c in zip(widths, counts)], gamma_star
+    return [n - int(c) for n, c in zip(widths, counts, strict=True)], gamma_star
 
 
 def _tie_fraction(values: np.ndarray) -> np.ndarray:

@@ -256,7 +256,7 @@ class REPrune:
         event = on_rank0(lambda: self._plan(sparsity, target, epoch), self.process_group)
         t1 = time.perf_counter()
         cuts = [(g, np.asarray(r.kept_indices, dtype=np.int64))
-                for g, r in zip(self.groups, event.layers) if r.kept < r.before]
+                for g, r in zip(self.groups, event.layers, strict=True) if r.kept < r.before]
         if optimizer is None:  # Torch-Pruning slices real gradients itself: nothing to track
             self.graph.prune_groups(cuts)  # one surgery, checked by one forward pass
         else:
@@ -272,7 +272,7 @@ class REPrune:
         ks, gamma_star = layer_keep_counts(gammas, self.original_widths, target,
                                            min_keep_ratio=self.min_keep_ratio)
         layers = []
-        bar = tqdm(list(zip(self.groups, ks)), desc="REPrune", disable=not self.progress)
+        bar = tqdm(list(zip(self.groups, ks, strict=True)), desc="REPrune", disable=not self.progress)
         for i, (g, k) in enumerate(bar):
             n, n0 = g.n_channels, self.original_widths[i]
             record = LayerRecord(g.name, original=n0, before=n, kept=k, sparsity=1 - k / n0,
@@ -297,7 +297,7 @@ class REPrune:
         it left alone show their current width), and params / MACs before any pruning and now."""
         latest = {r.name: r for r in self.events[-1].layers} if self.events else {}
         layers = []
-        for g, n0 in zip(self.groups, self.original_widths):
+        for g, n0 in zip(self.groups, self.original_widths, strict=True):
             r = latest.get(g.name)
             if r is None or r.height is None:
                 r = LayerRecord(g.name, original=n0, before=g.n_channels, kept=g.n_channels,

@@ -5,7 +5,7 @@ pruning pipelines step in where they need to (C-SGD after ``backward()``, REPrun
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

@@ -118,7 +118,7 @@ def csgd_rows(model_name, layers, device, timer, peak, eta=1e-4, eps=3e-3) -> li
     coefs = dict(weight_decay=etas, centripetal=epss)
 
     dense_ops = [(p, *dense_operators(labels, e, c))
-                 for p, labels, e, c in zip(params, clusters, etas, epss)]
+                 for p, labels, e, c in zip(params, clusters, etas, epss, strict=True)]
 
     def dense():
         with torch.no_grad():

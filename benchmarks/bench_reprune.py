@@ -70,7 +70,7 @@ def _parts(pruner: REPrune, original, backend: str) -> dict[str, float]:
     event = pruner.events[-1]
     weights = {n: m.weight.detach() for n, m in original.named_modules() if hasattr(m, "weight")}
     clustering = selection = 0.0
-    for g, rec in zip(pruner.groups, event.layers):
+    for g, rec in zip(pruner.groups, event.layers, strict=True):
         if rec.kept == rec.before:
             continue
         labels = []

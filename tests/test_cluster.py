@@ -79,7 +79,7 @@ def test_one_dimensional_fast_path_large_n():
     X = rng.standard_normal((3, 2048, 1))
     X[1, ::7] = 0.25  # many exact duplicates
     Z = ward_linkage_batched(X)
-    for z, x in zip(Z, X):
+    for z, x in zip(Z, X, strict=True):
         assert_same_dendrogram(z, sch.linkage(x, "ward"))
 
 

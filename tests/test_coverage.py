@@ -212,7 +212,7 @@ def test_input_is_not_modified(dtype, backend):
     labels = np.random.default_rng(5).integers(0, 9, (12, 20)).astype(dtype)
     views = [labels, np.asfortranarray(labels), labels[:, ::-1]]
     copies = [v.copy() for v in views]
-    for view, copy in zip(views, copies):
+    for view, copy in zip(views, copies, strict=True):
         max_coverage(view, 10, backend=backend)
         np.testing.assert_array_equal(view, copy)
         assert view.dtype == dtype

@@ -165,7 +165,7 @@ def collapse_clusters(csgd: CSGD) -> None:
     """Force convergence: every member of a cluster becomes a copy of the cluster's first member,
     in every tensor whose rows are the group's channels (params and BN running statistics)."""
     with torch.no_grad():
-        for g, c in zip(csgd.groups, csgd.clusters):
+        for g, c in zip(csgd.groups, csgd.clusters, strict=True):
             source = torch.from_numpy(c.kept[c.labels])  # each row's cluster representative
             for name in list(g.producers) + list(g.bns):
                 m = csgd.graph.module(name)
@@ -230,7 +230,7 @@ def test_clusters_per_group_and_shared_by_coupled_producers(resnet_csgd):
     csgd, _ = resnet_csgd
     assert len(csgd.clusters) == len(csgd.groups) > 0
     coupled = 0
-    for gi, (g, c) in enumerate(zip(csgd.groups, csgd.clusters)):
+    for gi, (g, c) in enumerate(zip(csgd.groups, csgd.clusters, strict=True)):
         assert c.name == g.name and c.labels.shape == (g.n_channels,)
         assert c.n_clusters == max(1, round(0.5 * g.n_channels)) == len(np.unique(c.labels))
         # one clustering for all producers, on their filters concatenated along the feature axis
@@ -246,12 +246,12 @@ def test_even_clustering_and_seed(resnet_csgd):
     _, pristine = resnet_csgd
     x = cifar_batch()[0]
     even = CSGD(copy.deepcopy(pristine), x, 0.25, clustering="even")
-    for g, c in zip(even.groups, even.clusters):
+    for g, c in zip(even.groups, even.clusters, strict=True):
         blocks = (np.arange(g.n_channels) * c.n_clusters) // g.n_channels
         np.testing.assert_array_equal(c.labels, blocks)
     a = CSGD(copy.deepcopy(pristine), x, 0.5, seed=3)
     b = CSGD(copy.deepcopy(pristine), x, 0.5, seed=3)
-    for ca, cb in zip(a.clusters, b.clusters):
+    for ca, cb in zip(a.clusters, b.clusters, strict=True):
         np.testing.assert_array_equal(ca.labels, cb.labels)
 
 
@@ -331,7 +331,7 @@ def test_hook_composes_with_momentum(resnet_csgd):
         backward_once(model_b, seed=step)
         manual.apply_gradients()
         opt_b.step()
-    for (na, pa), (nb, pb) in zip(model_a.named_parameters(), model_b.named_parameters()):
+    for (na, pa), (nb, pb) in zip(model_a.named_parameters(), model_b.named_parameters(), strict=True):
         assert torch.equal(pa, pb), na
     # momentum really was in play: the transformed update differs from a plain one
     assert all(opt_a.state[t.param].get("momentum_buffer") is not None for t in hooked.transformed)
@@ -428,7 +428,7 @@ def test_training_converges_and_pruning_is_lossless():
     report = csgd.prune()
     assert_lossless(before, logits(model, test_x))
     assert report.params_after < report.params_before and report.macs_after < report.macs_before
-    assert all(after == c.n_clusters for (_, _, after), c in zip(report.layers, csgd.clusters))
+    assert all(after == c.n_clusters for (_, _, after), c in zip(report.layers, csgd.clusters, strict=True))
 
 
 def test_lossless_on_torchvision_resnet18():
@@ -623,14 +623,14 @@ def test_gpu_transform_matches_cpu(resnet_csgd):
     cpu, model = fresh(resnet_csgd)
     gpu_model = copy.deepcopy(model).cuda()
     gpu = CSGD(gpu_model, cifar_batch()[0].cuda(), 0.5, centripetal_strength=EPS, weight_decay=ETA)
-    for a, b in zip(cpu.clusters, gpu.clusters):
+    for a, b in zip(cpu.clusters, gpu.clusters, strict=True):
         np.testing.assert_array_equal(a.labels, b.labels)
     backward_once(model)
-    for p, q in zip(model.parameters(), gpu_model.parameters()):
+    for p, q in zip(model.parameters(), gpu_model.parameters(), strict=True):
         q.grad = p.grad.cuda()
     cpu.apply_gradients()
     gpu.apply_gradients()
-    for (name, p), q in zip(model.named_parameters(), gpu_model.parameters()):
+    for (name, p), q in zip(model.named_parameters(), gpu_model.parameters(), strict=True):
         torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 

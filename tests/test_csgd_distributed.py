@@ -98,14 +98,14 @@ def test_ddp_training_equals_single_process_and_ranks_prune_identically(tmp_path
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
     # clusters: rank 0's everywhere, although rank 1 alone would have chosen others
-    for a, b in zip(ranks[0]["labels"], ranks[1]["labels"]):
+    for a, b in zip(ranks[0]["labels"], ranks[1]["labels"], strict=True):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(ranks[0]["alone"], ranks[1]["alone"])
     np.testing.assert_array_equal(ranks[0]["labels"][0], ranks[0]["alone"])
 
     # single process on the whole batches
     model, csgd = _setup(perturb=False)
-    for a, b in zip(csgd.clusters, ranks[0]["labels"]):
+    for a, b in zip(csgd.clusters, ranks[0]["labels"], strict=True):
         np.testing.assert_array_equal(a.labels, b)
     _train(model, csgd, model, slice(None))
     single_trained = _snapshot(model)

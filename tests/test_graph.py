@@ -5,10 +5,10 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from toy_models import ChunkCat, Detached
 
 from accelprune import models
 from accelprune.graph import ChannelGroup, ModelGraph, fold_and_prune, prune_channels
-from toy_models import ChunkCat, Detached
 
 
 def _randomise_bn(model, seed=0):

@@ -182,7 +182,7 @@ def test_bn_l1_penalty_adds_strength_times_sign():
     before = [m.weight.grad.clone() for m in bns]
     conv_grad = model.conv1.weight.grad.clone()
     bn_l1_penalty_(model, 1e-3)
-    for m, g0 in zip(bns, before):
+    for m, g0 in zip(bns, before, strict=True):
         torch.testing.assert_close(m.weight.grad, g0 + 1e-3 * torch.sign(m.weight.detach()))
         assert m.bias.grad is not None
     assert torch.equal(model.conv1.weight.grad, conv_grad)  # only γ is penalised

@@ -172,7 +172,7 @@ COEFS = dict(weight_decay=[1e-2, 0.0, 0.0, 0.0, 3e-2, 1e-2, 0.1],
 
 def csgd_fp64_truth(params, clusters, **coefs):
     ps64 = [p.detach().double().requires_grad_() for p in params]
-    for q, p in zip(ps64, params):
+    for q, p in zip(ps64, params, strict=True):
         q.grad = p.grad.double()
     csgd_transform_ref(ps64, clusters, **coefs)
     return [q.grad for q in ps64]
@@ -258,7 +258,7 @@ def test_filter_scores_triton_matches_reference(kind, dtype):
     ours = filter_scores(tensors, kind=kind, grads=grads, backend="triton")
     truth = scores_fp64(tensors, kind, grads)
     assert len(ours) == len(tensors)
-    for o, r, t, w in zip(ours, ref, truth, tensors):
+    for o, r, t, w in zip(ours, ref, truth, tensors, strict=True):
         assert o.dtype == torch.float32 and o.shape == (w.shape[0],)
         assert_close_to_fp64(o, r, t)
 
@@ -272,7 +272,7 @@ def test_filter_scores_exact_on_integer_data(kind):
     grads = grads if kind == "taylor" else None
     ref = filter_scores_ref(tensors, kind=kind, grads=grads)
     ours = filter_scores(tensors, kind=kind, grads=grads, backend="triton")
-    for o, r, t in zip(ours, ref, scores_fp64(tensors, kind, grads)):
+    for o, r, t in zip(ours, ref, scores_fp64(tensors, kind, grads), strict=True):
         assert torch.equal(o, r)
         assert torch.equal(r, t.float())
 
@@ -282,7 +282,7 @@ def test_filter_scores_abs_is_magnitude_of_1d_params():
     gammas = [torch.randn(9), torch.randn(33).half()]
     ref = filter_scores_ref(gammas, kind="abs")
     ours = filter_scores(gammas, kind="abs", backend="triton")
-    for o, r, gamma in zip(ours, ref, gammas):
+    for o, r, gamma in zip(ours, ref, gammas, strict=True):
         assert torch.equal(o, gamma.float().abs())
         assert torch.equal(r, gamma.float().abs())
 
@@ -291,7 +291,7 @@ def test_filter_scores_mixed_dtypes_in_one_call():
     need_triton_on_cpu()
     tensors = [torch.randn(5, 4), torch.randn(3, 8).half(), torch.randn(6, dtype=torch.float64)]
     ours = filter_scores(tensors, kind="l2", backend="triton")
-    for o, r, t in zip(ours, filter_scores_ref(tensors, kind="l2"), scores_fp64(tensors, "l2")):
+    for o, r, t in zip(ours, filter_scores_ref(tensors, kind="l2"), scores_fp64(tensors, "l2"), strict=True):
         assert_close_to_fp64(o, r, t)
 
 
@@ -302,7 +302,7 @@ def test_filter_scores_does_not_modify_inputs():
     before = [t.clone() for t in tensors + grads]
     filter_scores(tensors, kind="taylor", grads=grads, backend="triton")
     filter_scores(tensors, kind="taylor", grads=grads, backend="torch")
-    for t, b in zip(tensors + grads, before):
+    for t, b in zip(tensors + grads, before, strict=True):
         assert torch.equal(t, b)
 
 
@@ -326,7 +326,7 @@ def test_filter_scores_random_shapes(shapes, kind, seed):
     grads = [torch.randn(s, generator=g) for s in shapes] if kind == "taylor" else None
     ref = filter_scores_ref(tensors, kind=kind, grads=grads)
     ours = filter_scores(tensors, kind=kind, grads=grads, backend="triton")
-    for o, r, t in zip(ours, ref, scores_fp64(tensors, kind, grads)):
+    for o, r, t in zip(ours, ref, scores_fp64(tensors, kind, grads), strict=True):
         assert_close_to_fp64(o, r, t)
 
 
@@ -390,7 +390,7 @@ def test_csgd_paths_agree_with_fp64_reference():
     csgd_transform_(torch_path, clusters, backend="torch", **COEFS)
     csgd_transform_dense_ref(dense, clusters, **COEFS)
     csgd_transform_(fused, clusters, backend="triton", **COEFS)
-    assert all(q.grad is g for q, g in zip(fused + torch_path, grad_objects))  # in place
+    assert all(q.grad is g for q, g in zip(fused + torch_path, grad_objects, strict=True))  # in place
     assert fused[5].grad.is_contiguous(memory_format=torch.channels_last)  # written in place
     for i, t in enumerate(truth):
         for result in (torch_path, dense, fused):
@@ -436,7 +436,7 @@ def test_csgd_exact_on_dyadic_data():
     csgd_transform_dense_ref(results[2], clusters, **coefs)
     csgd_transform_(results[3], clusters, backend="triton", **coefs)
     for result in results:
-        for q, t in zip(result, truth):
+        for q, t in zip(result, truth, strict=True):
             assert torch.equal(q.grad.double(), t)
 
 
@@ -447,11 +447,11 @@ def test_csgd_plan_gives_the_same_result_as_raw_clusters():
     a, b, c = (clone_params(params) for _ in range(3))
     csgd_transform_(a, clusters, backend="torch", **COEFS)
     csgd_transform_(b, plan, backend="torch", **COEFS)
-    assert all(torch.equal(x.grad, y.grad) for x, y in zip(a, b))
+    assert all(torch.equal(x.grad, y.grad) for x, y in zip(a, b, strict=True))
     csgd_transform_(c, plan, backend="triton", **COEFS)
     d = clone_params(params)
     csgd_transform_(d, plan, backend="triton", **COEFS)  # cached tables reused
-    assert all(torch.equal(x.grad, y.grad) for x, y in zip(c, d))
+    assert all(torch.equal(x.grad, y.grad) for x, y in zip(c, d, strict=True))
 
 
 @pytest.mark.parametrize("path", ["torch", "triton"])
@@ -470,7 +470,7 @@ def test_csgd_plan_reused_over_steps(path):
         expected = clone_params(ours)
         csgd_transform_ref(expected, clusters, **coefs)
         csgd_transform_(ours, plan, backend=path, **coefs)
-        for q, e in zip(ours, expected):
+        for q, e in zip(ours, expected, strict=True):
             torch.testing.assert_close(q.grad, e.grad, rtol=1e-5, atol=1e-5)
 
 
@@ -597,7 +597,7 @@ def test_csgd_bad_input(make, error, match):
               for p in (params if isinstance(params, list) else [])]
     with pytest.raises(error, match=match):
         csgd_transform_(params, clusters, weight_decay=0.0, centripetal=0.1)
-    for p, b in zip(params if isinstance(params, list) else [], before):
+    for p, b in zip(params if isinstance(params, list) else [], before, strict=True):
         if b is not None:
             assert torch.equal(p.grad, b)  # nothing touched before the error
 
@@ -696,7 +696,7 @@ def test_gpu_filter_scores_parity(kind):
     grads = [torch.randn_like(t) for t in tensors] if kind == "taylor" else None
     ours = filter_scores(tensors, kind=kind, grads=grads)  # auto -> triton on CUDA
     ref = filter_scores_ref(tensors, kind=kind, grads=grads)
-    for o, r, t in zip(ours, ref, scores_fp64(tensors, kind, grads)):
+    for o, r, t in zip(ours, ref, scores_fp64(tensors, kind, grads), strict=True):
         assert o.is_cuda
         assert_close_to_fp64(o, r, t)
 
@@ -717,9 +717,9 @@ def test_gpu_csgd_parity(monkeypatch):
     ref = clone_params(params)
     csgd_transform_ref(ref, clusters, **coefs)
     gpu = [p.detach().cuda().requires_grad_() for p in params]
-    for q, p in zip(gpu, params):
+    for q, p in zip(gpu, params, strict=True):
         q.grad = p.grad.cuda()
     csgd_transform_(gpu, CSGDPlan(gpu, clusters), **coefs)  # auto -> triton on CUDA
     assert calls == [1]
-    for q, r, t in zip(gpu, ref, truth):
+    for q, r, t in zip(gpu, ref, truth, strict=True):
         assert_close_to_fp64(q.grad.cpu(), r.grad, t)

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from toy_models import ChunkCat, Detached
 
 import accelprune
 from accelprune import models
 from accelprune.graph import ModelGraph
 from accelprune.reporting import model_stats
-from toy_models import ChunkCat, Detached
 
 
 def _tv(name, **kw):
@@ -151,7 +151,7 @@ def test_ratio_zero_changes_nothing():
     model, x = models.resnet20(), torch.randn(1, 3, 32, 32)
     params = list(model.parameters())
     accelprune.prune(model, x, "l1", 0.0)
-    assert all(a is b for a, b in zip(params, model.parameters()))
+    assert all(a is b for a, b in zip(params, model.parameters(), strict=True))
 
 
 def test_global_bn_ranking_prunes_the_smallest_scales():

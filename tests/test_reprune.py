@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.cluster.hierarchy as sch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from accelprune.optim_state import track_parameters
 from accelprune.reprune import REPruneImportance, layer_keep_counts, reprune_select
@@ -19,7 +19,7 @@ from accelprune.reprune import REPruneImportance, layer_keep_counts, reprune_sel
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     """Rows of a and b group the same points together (numbering may differ)."""
     return all(np.array_equal(x[:, None] == x[None, :], y[:, None] == y[None, :])
-               for x, y in zip(a, b))
+               for x, y in zip(a, b, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_keep_counts_reach_the_target_exactly_when_floors_allow():
         k, gamma = layer_keep_counts(scores, widths, target, min_keep_ratio=0.05)
         assert sum(k) == target
         # the threshold rule: below γ* pruned, above kept (unless the floor holds the layer)
-        for s, n, kl in zip(scores, widths, k):
+        for s, n, kl in zip(scores, widths, k, strict=True):
             floor = max(1, int(np.ceil(0.05 * n)))
             assert kl == max(floor, n - int((s <= gamma).sum()))
 
@@ -185,9 +185,9 @@ def test_keep_counts_properties(widths, data):
     target = data.draw(st.integers(0, sum(widths)))
     k, gamma = layer_keep_counts(scores, widths, target, min_keep_ratio=ratio)
     floors = [max(1, int(np.ceil(ratio * n - 1e-9))) for n in widths]
-    assert all(f <= kl <= n for f, kl, n in zip(floors, k, widths))
+    assert all(f <= kl <= n for f, kl, n in zip(floors, k, widths, strict=True))
     assert sum(k) == max(target, sum(floors))
-    for s, kl, n, floor in zip(scores, k, widths, floors):
+    for s, kl, n, floor in zip(scores, k, widths, floors, strict=True):
         if kl < n:  # as many channels went as there are scores at or below γ* (ties may stay)
             assert np.sort(s)[n - kl - 1] <= gamma
         if kl > floor:  # unless the floor held the layer, every score below γ* went
@@ -485,9 +485,9 @@ def test_report_describes_the_event(capsys):
 def test_training_with_scheduled_events_reaches_target_and_learns():
     """sklearn's digits, resized to 3x32x32; events at epochs 1, 2, 3 (cubic ramp), Adam state
     carried through each; the last conv feeds a Linear through flatten."""
-    from accelprune import REPrune
-
     from sklearn.datasets import load_digits
+
+    from accelprune import REPrune
 
     digits = load_digits()
     images = torch.from_numpy(digits.images / 16.0).float()[:512, None]

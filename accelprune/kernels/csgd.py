@@ -81,7 +81,7 @@ class CSGDPlan:
         self.shapes = [tuple(p.shape) if isinstance(p, torch.Tensor) else tuple(p) for p in params]
         self.labels: list[np.ndarray] = []  # per param: (n,) int64 cluster ids 0..k-1
         self.sizes: list[np.ndarray] = []  # per param: (k,) int64 cluster sizes
-        for i, (shape, c) in enumerate(zip(self.shapes, clusters)):
+        for i, (shape, c) in enumerate(zip(self.shapes, clusters, strict=True)):
             if len(shape) == 0 or int(np.prod(shape)) == 0:
                 raise ValueError(f"params[{i}] must be non-empty with at least one dimension, "
                                  f"got shape {shape}")
@@ -139,7 +139,7 @@ class CSGDPlan:
         if key not in self._triton_index:
             members, clusters, tasks = [], [], []
             member_base = cluster_base = 0
-            for p, (shape, labels, sizes) in enumerate(zip(self.shapes, self.labels, self.sizes)):
+            for p, (shape, labels, sizes) in enumerate(zip(self.shapes, self.labels, self.sizes, strict=True)):
                 n, k = shape[0], len(sizes)
                 row_len = int(np.prod(shape)) // n
                 by_size = np.argsort(sizes, kind="stable")
@@ -227,7 +227,7 @@ def _quick_check(params, plan: CSGDPlan):
     if not isinstance(params, (list, tuple)) or len(params) != len(plan):
         return None
     device = None
-    for p, shape in zip(params, plan.shapes):
+    for p, shape in zip(params, plan.shapes, strict=True):
         g = getattr(p, "grad", None)
         if (g is None or p.dtype not in FLOAT_DTYPES or g.dtype != p.dtype
                 or g.layout != torch.strided or p.shape != shape or g.shape != shape):
@@ -277,7 +277,7 @@ def csgd_transform_ref(params, clusters, *, weight_decay, centripetal) -> None:
     """
     plan, _, etas, epss = _check_call(params, clusters, weight_decay, centripetal)
     with torch.no_grad():
-        for p, labels, eta, eps in zip(params, plan.labels, etas, epss):
+        for p, labels, eta, eps in zip(params, plan.labels, etas, epss, strict=True):
             n = p.shape[0]
             W = p.detach().reshape(n, -1).to(acc_dtype(p.dtype))
             G = p.grad.reshape(n, -1).to(W.dtype)
@@ -302,7 +302,7 @@ def csgd_transform_dense_ref(params, clusters, *, weight_decay, centripetal) -> 
     """The paper's dense form ``G' = M·G + D·W`` (O(n²·F) per param): reference and baseline."""
     plan, _, etas, epss = _check_call(params, clusters, weight_decay, centripetal)
     with torch.no_grad():
-        for p, labels, eta, eps in zip(params, plan.labels, etas, epss):
+        for p, labels, eta, eps in zip(params, plan.labels, etas, epss, strict=True):
             n = p.shape[0]
             dtype = acc_dtype(p.dtype)
             M, D = dense_operators(torch.from_numpy(labels).to(p.device), eta, eps, dtype)
@@ -321,7 +321,7 @@ def _csgd_transform_torch(params, plan: CSGDPlan, etas, epss) -> None:
     No (n, F) temporary for float32/float64 params: the cluster sums are taken before G is
     overwritten, and G is then rebuilt in place (index_select into it, plus (η + ε)·W).
     """
-    for i, (p, eta, eps) in enumerate(zip(params, etas, epss)):
+    for i, (p, eta, eps) in enumerate(zip(params, etas, epss, strict=True)):
         W, G = p.detach(), p.grad
         if plan.all_singletons(i):  # every row its own cluster: G' = G + η·W
             G.add_(W, alpha=eta)
@@ -365,7 +365,7 @@ def _csgd_transform_triton(params, plan: CSGDPlan, etas, epss, device) -> None:
 
     # The param table (addresses, η, ε) is uploaded only when it changes: in steady-state
     # training the caching allocator hands back the same gradient buffers at every step.
-    addresses = [t.data_ptr() for pair in zip(weights, grads) for t in pair]
+    addresses = [t.data_ptr() for pair in zip(weights, grads, strict=True) for t in pair]
     key = (addresses, etas, epss)
     cached = plan._param_tables.get(device)
     if cached is not None and cached[0] == key:

@@ -61,7 +61,7 @@ def _check_inputs(tensors, kind, grads):
         if len(grads) != len(tensors):
             raise ValueError(f"got {len(grads)} grads for {len(tensors)} tensors")
         grads = [check_float_tensor(g, f"grads[{i}]") for i, g in enumerate(grads)]
-        for i, (t, g) in enumerate(zip(tensors, grads)):
+        for i, (t, g) in enumerate(zip(tensors, grads, strict=True)):
             if g.shape != t.shape:
                 raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}, but tensors[{i}] has "
                                  f"shape {tuple(t.shape)}")
