@@ -16,7 +16,8 @@ def on_rank0(compute: Callable[[], T], process_group=None) -> T:
     ranks must agree exactly (REPrune's selections, C-SGD's clusters) even if their weights or
     random states have drifted apart.
     """
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1):
+    if not (dist.is_available() and dist.is_initialized()
+            and dist.get_world_size(process_group) > 1):
         return compute()
     box = [compute() if dist.get_rank(process_group) == 0 else None]
     src = 0 if process_group is None else dist.get_global_rank(process_group, 0)

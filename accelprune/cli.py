@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-PRUNE_METHODS = ("reprune", "csgd", "l1", "l2", "bn", "taylor", "random")
 BENCHMARKS = ("ward", "coverage", "kernels", "reprune", "csgd")
 
 
@@ -22,9 +21,11 @@ def _input_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,3,224,224, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 1,3,224,224, got {text!r}") from None
     if len(shape) < 2 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"expected a batch and at least one more positive dim, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a batch and at least one more positive dim, got {text!r}")
     return shape
 
 
@@ -32,37 +33,44 @@ def _fraction(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="accelprune", description="Structured pruning for PyTorch.")
+    from accelprune.pruning import METHODS
+
+    parser = argparse.ArgumentParser(prog="accelprune",
+                                     description="Structured pruning for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train ResNet-20 on digits and prune it four ways")
     demo.add_argument("--out", default="demo_out", help="folder for demo.json and the plots")
     demo.add_argument("--budget", type=_fraction, default=0.5, help="fraction of MACs to remove")
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs of the base model")
+    demo.add_argument("--epochs", type=int, default=None,
+                      help="training epochs of the base model")
     demo.add_argument("--finetune-epochs", type=int, default=None)
-    demo.add_argument("--methods", default=None, help="comma-separated subset of l1,bn,reprune,csgd")
+    demo.add_argument("--methods", default=None,
+                      help="comma-separated subset of l1,bn,reprune,csgd")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quick", action="store_true", help="tiny settings (a smoke test, ~1 min)")
+    demo.add_argument("--quick", action="store_true",
+                      help="tiny settings (a smoke test, ~1 min)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     prune = commands.add_parser("prune", help="prune a model one-shot and save it")
     prune.add_argument("--model", required=True,
-                       help="torchvision:NAME, accelprune:NAME (resnet20, resnet56, vgg_small) or a .pt "
-                            "file saved with accelprune.save")
-    prune.add_argument("--method", required=True, choices=PRUNE_METHODS)
+                       help="torchvision:NAME, accelprune:NAME (resnet20, resnet56, vgg_small) "
+                            "or a .pt file saved with accelprune.save")
+    prune.add_argument("--method", required=True, choices=METHODS)
     prune.add_argument("--sparsity", type=_fraction, default=0.5,
-                       help="fraction of channels to remove (C-SGD: 1 - keep ratio)")
+                       help="fraction of channels to remove")
     prune.add_argument("--out", required=True, help="where to save the pruned model (.pt)")
     prune.add_argument("--input-shape", type=_input_shape, default=None,
                        help="example input shape, e.g. 1,3,224,224 (default from the model)")
-    prune.add_argument("--num-classes", type=int, default=None, help="classifier width of built-in models")
+    prune.add_argument("--num-classes", type=int, default=None,
+                       help="classifier width of built-in models")
     prune.add_argument("--ignore", action="append", default=[], metavar="LAYER",
                        help="a module name whose outputs are left alone (repeatable)")
     prune.add_argument("--seed", type=int, default=0)
@@ -80,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_demo_command(args) -> None:
-    from accelprune.demo import METHODS, DemoConfig, format_table, run_demo
+    from accelprune.demo import METHODS, DemoConfig, results_table, run_demo
 
     overrides = {"out_dir": args.out, "budget": args.budget, "seed": args.seed,
                  "progress": not args.no_progress}
@@ -92,7 +100,8 @@ def run_demo_command(args) -> None:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         unknown = sorted(set(methods) - set(METHODS))
         if unknown or not methods:
-            raise UsageError(f"--methods: unknown {unknown or 'empty list'}; choose from {','.join(METHODS)}")
+            raise UsageError(f"--methods: unknown {unknown or 'empty list'}; "
+                             f"choose from {','.join(METHODS)}")
         overrides["methods"] = methods
     for key in ("epochs", "finetune_epochs"):
         if overrides.get(key, 1) < 0:
@@ -101,7 +110,7 @@ def run_demo_command(args) -> None:
     doc = run_demo(config)
     print(f"\nResNet-20 on scikit-learn digits, pruned to -{config.budget:.0%} MACs "
           f"({doc['seconds']:.0f} s in all)\n")
-    print(format_table(doc))
+    print(results_table(doc))
     print(f"\nwrote {Path(config.out_dir) / 'demo.json'}, widths.png and accuracy_vs_macs.png")
 
 
@@ -128,15 +137,18 @@ def load_model(spec: str, num_classes: int | None):
 
         name = spec.split(":", 1)[1]
         if name not in models.__all__:
-            raise UsageError(f"accelprune.models has no model {name!r}; choose from {', '.join(models.__all__)}")
+            raise UsageError(f"accelprune.models has no model {name!r}; "
+                             f"choose from {', '.join(models.__all__)}")
         return getattr(models, name)(num_classes=num_classes or 10), (1, 3, 32, 32)
     path = Path(spec)
     if not path.is_file():
-        raise UsageError(f"--model: {spec!r} is neither torchvision:NAME, accelprune:NAME nor a file")
+        raise UsageError(
+            f"--model: {spec!r} is neither torchvision:NAME, accelprune:NAME nor a file")
     try:
         model = accelprune.load(path)
     except Exception as error:  # an unreadable or foreign file: say so in one line
-        raise UsageError(f"cannot load {spec!r} as a model saved with accelprune.save: {error}")
+        raise UsageError(
+            f"cannot load {spec!r} as a model saved with accelprune.save: {error}") from None
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{spec!r} holds a {type(model).__name__}, not a torch.nn.Module")
     return model, None
@@ -166,17 +178,10 @@ def run_prune_command(args) -> None:
     model.eval()
     before = copy.deepcopy(model)
     ignored = args.ignore or None
-    if args.method == "reprune":
-        accelprune.REPrune(model, example_inputs, args.sparsity, ignored_layers=ignored, seed=args.seed).prune()
-    elif args.method == "csgd":
-        # One-shot from the command line: cluster and fold without centripetal training, which is
-        # lossy; train with accelprune.CSGD in Python for lossless folding.
-        accelprune.CSGD(model, example_inputs, 1.0 - args.sparsity, ignored_layers=ignored,
-                        seed=args.seed).prune()
-    else:
-        if args.method == "taylor":
-            _taylor_gradients(model, example_inputs)
-        accelprune.prune(model, example_inputs, args.method, args.sparsity, ignored_layers=ignored)
+    if args.method in ("taylor", "gradient"):
+        _taylor_gradients(model, example_inputs)
+    accelprune.prune_with(model, example_inputs, args.sparsity, args.method,
+                          ignored_layers=ignored, seed=args.seed)
     model.zero_grad(set_to_none=True)
     print(accelprune.report(before, model, example_inputs))
     accelprune.save(model, args.out)
@@ -198,7 +203,8 @@ def run_bench_command(args) -> None:
     which = BENCHMARKS if args.which == "all" else (args.which,)
     failed = []
     for name in which:
-        command = [sys.executable, "-m", f"benchmarks.bench_{name}", *(["--quick"] if args.quick else [])]
+        command = [sys.executable, "-m", f"benchmarks.bench_{name}",
+                   *(["--quick"] if args.quick else [])]
         print(f"$ {' '.join(command[1:])}", flush=True)
         if subprocess.run(command, cwd=root).returncode != 0:
             failed.append(name)

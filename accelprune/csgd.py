@@ -9,7 +9,7 @@ what the trained one did.
 
 ::
 
-    csgd = accelprune.CSGD(model, example_inputs, keep_ratio=0.5, centripetal_strength=3e-3)
+    csgd = accelprune.CSGD(model, example_inputs, 0.5, centripetal_strength=3e-3)  # sparsity
     optimizer = torch.optim.SGD(csgd.param_groups(), lr=0.1, momentum=0.9)
     csgd.register_hook(optimizer)       # or call csgd.apply_gradients() before every step()
     for x, y in loader:
@@ -26,19 +26,21 @@ What is clustered, and how (this module's decisions where the paper leaves thing
   ``prune_coupled=True`` (the default) residual-coupled groups (outputs summed by an add) are
   clustered too, with **one** clustering for all their producers, computed on the concatenation
   of the producers' flattened filters along the feature axis.
-* **k** = ``max(1, round(keep_ratio * n))`` per group (Python's ``round``: halves go to even).
-  Grouped convs (not depthwise) split a group's channels into B blocks that must not be mixed
+* **k** = ``max(1, round((1 - sparsity) * n))`` per group (Python's ``round``: halves go to
+  even). Grouped convs (not depthwise) split a group's channels into B blocks
+  (:attr:`ChannelGroup.blocks <accelprune.graph.ChannelGroup.blocks>`) that must not be mixed
   and must all keep the same local channels: the B blocks then share one clustering of the
-  n/B positions (k = B·max(1, round(keep_ratio·n/B))). Depthwise convs are per channel: their
+  n/B positions (k = B·max(1, round((1 - sparsity)·n/B))). Depthwise convs are per channel: their
   filters, biases and BNs are clustered with the group, like any producer's.
-* **k-means**: :func:`scipy.cluster.vq.kmeans2` with ``minit="++"`` seeded by
+* **k-means** (:func:`accelprune.selection.cluster_filters`): :func:`scipy.cluster.vq.kmeans2`
+  with ``minit="++"`` seeded by
   ``numpy.random.default_rng(seed + group index)`` (the ``++`` seeding is computed here with
   scipy's exact random draws, in O(n·k·d) instead of scipy's O(n·k²·d); see
-  :func:`_kmeans_pp_centres`). kmeans2 can return empty clusters, and its
+  :func:`accelprune.selection.cluster_filters`). kmeans2 can return empty clusters, and its
   ``++`` init fails when there are fewer distinct filters than k; both are repaired
   deterministically so that there are always exactly k non-empty clusters: the filter farthest
   from its cluster mean (lowest index on ties) among clusters with more than one member is moved
-  into a new cluster, until there are k (see :func:`cluster_filters`). ``"even"`` clustering cuts
+  into a new cluster, until there are k. ``"even"`` clustering cuts
   the filters into k consecutive blocks whose sizes differ by at most one.
 * Cluster ids are numbered by first appearance: cluster c's lowest index is smaller than cluster
   c+1's, and the lowest index of each cluster is the filter :meth:`CSGD.prune` keeps.
@@ -51,117 +53,34 @@ What is clustered, and how (this module's decisions where the paper leaves thing
 * **Distributed**: under ``torch.distributed`` the clusters are computed on rank 0 and
   broadcast; with DistributedDataParallel the transform runs on the already all-reduced grads
   (``backward()`` returns after DDP's all-reduce), so every rank applies the same update.
+* **Folding** (:func:`fold_and_prune`, ALGORITHMS.md §4.3): in every cluster keep the lowest
+  channel; add the consumers' input slices of the other members into the kept slice, then remove
+  them. :meth:`CSGD.prune` folds every group in one all-or-nothing surgery.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
-import warnings
 
 import numpy as np
 import torch
-from scipy.cluster.vq import kmeans2
 from torch import nn
 
+from accelprune import surgery
+from accelprune._backend import resolve
 from accelprune._distributed import on_rank0
-from accelprune._validation import as_float64_array, check_fraction, check_int
-from accelprune.cluster import relabel_first_appearance
+from accelprune._validation import as_int_array, check_fraction, check_int
+from accelprune.graph import ChannelGroup, ModelGraph
+from accelprune.layers import PRODUCER_TYPES, conv_groups, is_depthwise
+from accelprune.reporting import model_stats
+from accelprune.selection import CLUSTERINGS, cluster_filters
+from accelprune.tables import format_table
 
 __all__ = ["CSGD", "CSGDReport", "ClusterAssignment", "Deviation", "TransformedParam",
-           "cluster_filters", "CLUSTERINGS"]
-
-CLUSTERINGS = ("kmeans", "even")
+           "fold_and_prune"]
 
 # Biases and BN affine params are pulled together 10x more gently than kernels, and not decayed.
 _SECONDARY_CENTRIPETAL = 0.1
-
-_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-# ---------------------------------------------------------------------------------------------
-# clustering
-
-
-def cluster_filters(filters, n_clusters: int, *, method: str = "kmeans",
-                    seed: int = 0) -> np.ndarray:
-    """Split the n rows of ``filters`` (n, d) into exactly ``n_clusters`` non-empty clusters.
-
-    method: ``"kmeans"`` (scipy's kmeans2, ``minit="++"``, seeded) or ``"even"`` (k
-        consecutive blocks of the rows, sizes differing by at most one; ``filters`` is then only
-        used for n).
-    Returns int64 labels (n,) in 0..k-1, numbered by first appearance (row 0 is in cluster 0,
-    and each cluster's lowest row index increases with its id). Deterministic given ``seed``.
-
-    kmeans2 may leave clusters empty, and its ``++`` init cannot pick k centres among fewer than
-    k distinct rows; in both cases clusters are split deterministically until there are k: the
-    row farthest from its cluster's mean, among clusters with more than one row (lowest index on
-    ties), becomes a cluster of its own.
-    """
-    X = as_float64_array(filters, "filters", ndim=2)
-    n = X.shape[0]
-    if n == 0:
-        raise ValueError("filters is empty (0 rows); nothing to cluster")
-    if isinstance(n_clusters, bool) or not isinstance(n_clusters, numbers.Integral):
-        raise TypeError(f"n_clusters must be an integer, got {type(n_clusters).__name__}")
-    if not 1 <= n_clusters <= n:
-        raise ValueError(f"n_clusters must be in [1, {n}] (the number of filters), "
-                         f"got {n_clusters}")
-    k = int(n_clusters)
-    if method not in CLUSTERINGS:
-        raise ValueError(f"unknown clustering method {method!r}; "
-                         f"expected one of {list(CLUSTERINGS)}")
-    seed = check_int(seed, "seed", low=0)
-    if method == "even":
-        return (np.arange(n, dtype=np.int64) * k) // n
-    if k == n:
-        return np.arange(n, dtype=np.int64)
-    if k == 1:
-        return np.zeros(n, dtype=np.int64)
-    distinct = len(np.unique(X, axis=0))
-    if distinct < k:  # kmeans++ cannot place k centres: start from the groups of equal rows
-        labels = np.unique(X, axis=0, return_inverse=True)[1].reshape(-1)
-    else:
-        centres = _kmeans_pp_centres(X, k, np.random.default_rng(seed))
-        with warnings.catch_warnings():  # empty clusters are repaired below
-            warnings.filterwarnings("ignore", message="One of the clusters is empty")
-            _, labels = kmeans2(X, centres, minit="matrix", missing="warn")
-    return relabel_first_appearance(_split_until(X, np.asarray(labels, dtype=np.int64), k))
-
-
-def _kmeans_pp_centres(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """The k initial centres scipy's ``kmeans2(X, k, minit="++", rng=rng)`` picks, in O(n·k·d).
-
-    Same random draws in the same order as scipy's ``_kpp`` (one integer for the first centre,
-    then one uniform per centre against the cumulative D² distribution), so the clustering is
-    scipy's ``++`` k-means (a test pins the parity). scipy recomputes the distances to *all*
-    previous centres at every pick, O(n·k²·d): 90 s for the groups of a ResNet-18 and hours for a
-    ResNet-50, where keeping the running minimum distance takes seconds.
-    """
-    n = X.shape[0]
-    centres = np.empty((k, X.shape[1]))
-    pick = int(rng.integers(n, dtype=np.int64))
-    centres[0] = X[pick]
-    nearest = ((X - X[pick]) ** 2).sum(axis=1)  # squared distance to the closest centre so far
-    for i in range(1, k):
-        cumulative = (nearest / nearest.sum()).cumsum()
-        pick = min(int(np.searchsorted(cumulative, rng.uniform())), n - 1)
-        centres[i] = X[pick]
-        np.minimum(nearest, ((X - X[pick]) ** 2).sum(axis=1), out=nearest)
-    return centres
-
-
-def _split_until(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Move single rows into new clusters until ``labels`` has k non-empty clusters."""
-    labels = relabel_first_appearance(labels)
-    while labels.max() + 1 < k:
-        counts = np.bincount(labels)
-        sums = np.zeros((len(counts), X.shape[1]))
-        np.add.at(sums, labels, X)
-        spread = ((X - (sums / counts[:, None])[labels]) ** 2).sum(axis=1)
-        spread[counts[labels] == 1] = -1.0  # a singleton has nothing to give away
-        labels[int(np.argmax(spread))] = labels.max() + 1
-    return labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,15 +121,12 @@ class CSGDReport:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        def line(what, before, after):
-            return f"{what:<8}{before:>14,}{after:>14,}{after / before:>10.1%}"
-
-        lines = [f"{'':<8}{'before':>14}{'after':>14}{'kept':>10}",
-                 line("params", self.params_before, self.params_after),
-                 line("MACs", self.macs_before, self.macs_after),
-                 f"{len(self.layers)} channel groups: {sum(b for _, b, _ in self.layers)} -> "
-                 f"{sum(a for _, _, a in self.layers)} channels"]
-        return "\n".join(lines)
+        rows = [(what, f"{before:,}", f"{after:,}", f"{after / before:.1%}")
+                for what, before, after in (("params", self.params_before, self.params_after),
+                                            ("MACs", self.macs_before, self.macs_after))]
+        return (format_table(("", "before", "after", "kept"), rows)
+                + f"\n{len(self.layers)} channel groups: {sum(b for _, b, _ in self.layers)} -> "
+                  f"{sum(a for _, _, a in self.layers)} channels")
 
 
 @dataclasses.dataclass
@@ -242,32 +158,31 @@ class CSGD:
 
     model, example_inputs: the network (pruned in place by :meth:`prune`; a
         DistributedDataParallel wrapper is unwrapped) and inputs for tracing it.
-    keep_ratio: in (0, 1]; each group keeps ``max(1, round(keep_ratio * n))`` channels (per
-        block of n/B channels where grouped convs split them into B blocks).
+    sparsity: in [0, 1): the fraction of each group's channels removed; a group keeps
+        ``max(1, round((1 - sparsity) * n))`` clusters (per block of n/B channels where grouped
+        convs split them into B blocks).
     centripetal_strength: ε (paper: 3e-3 for CIFAR ResNet-56, 0.05 for ImageNet ResNet-50).
     weight_decay: η, applied to the clustered kernels inside the transform (and by
         :meth:`param_groups`, by default, to every other param through the optimizer).
-    clustering: ``"kmeans"`` or ``"even"`` (see :func:`cluster_filters`).
+    clustering: ``"kmeans"`` or ``"even"`` (see :func:`accelprune.selection.cluster_filters`).
     ignored_layers: module names or modules whose output channels are not clustered.
     prune_coupled: also cluster residual-coupled groups (one clustering shared by all producers).
     seed: k-means seed; group i uses ``seed + i``.
-    backend: for :func:`accelprune.kernels.csgd_transform_` (``"auto"``: Triton on CUDA).
+    backend: ``"auto"`` | ``"triton"`` | ``"reference"``, for
+        :func:`accelprune.kernels.csgd_transform_` (``"auto"``: Triton on CUDA tensors).
     process_group: the torch.distributed group whose ranks must agree (default: the world).
     progress: a tqdm bar while tracing the model.
     """
 
-    def __init__(self, model: nn.Module, example_inputs, keep_ratio: float, *,
+    def __init__(self, model: nn.Module, example_inputs, sparsity: float, *,
                  centripetal_strength: float = 3e-3, weight_decay: float = 1e-4,
                  clustering: str = "kmeans", ignored_layers=None, prune_coupled: bool = True,
                  seed: int = 0, backend: str = "auto", process_group=None, progress: bool = False):
-        from accelprune.graph import ModelGraph
-
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.keep_ratio = check_fraction(keep_ratio, "keep_ratio", allow_zero=False,
-                                         allow_one=True)
+        self.sparsity = check_fraction(sparsity, "sparsity")
         self.centripetal_strength = _nonnegative(centripetal_strength, "centripetal_strength")
         self.weight_decay = _nonnegative(weight_decay, "weight_decay")
         if clustering not in CLUSTERINGS:
@@ -275,6 +190,7 @@ class CSGD:
                              f"expected one of {list(CLUSTERINGS)}")
         self.clustering = clustering
         self.seed = check_int(seed, "seed", low=0)
+        resolve(backend, fast="triton")  # a bad name fails here, not at the first step
         self.backend, self.process_group = backend, process_group
         self.model, self.example_inputs = model, example_inputs
 
@@ -304,10 +220,11 @@ class CSGD:
         for gi, g in enumerate(self.groups):
             for name in g.producers:
                 m = self.graph.module(name)
-                if not isinstance(m, _PRODUCERS):
+                if not isinstance(m, PRODUCER_TYPES) or getattr(m, "transposed", False):
                     raise ValueError(f"C-SGD cannot cluster the outputs of {name!r} "
-                                     f"({type(m).__name__}): it supports Conv1d/2d/3d and Linear "
-                                     "producers; pass it in ignored_layers")
+                                     f"({type(m).__name__}): its transform pulls rows of dim 0 "
+                                     "together, and it supports Conv1d/2d/3d and Linear producers "
+                                     "(not transposed convs); pass it in ignored_layers")
                 found.append(TransformedParam(names[id(m.weight)], m.weight, gi,
                                               self.weight_decay, eps, kernel=True))
                 if m.bias is not None:
@@ -337,35 +254,17 @@ class CSGD:
         rows = [k.reshape(k.shape[0], -1).cpu().double() for k in kernels]
         return torch.cat(rows, dim=1).numpy()
 
-    def _blocks(self, g) -> int:
-        """How many equal blocks the group's channels fall into for grouped convs (1 if none).
-
-        A grouped conv (not depthwise) producing or consuming these channels splits them into
-        ``groups`` blocks: a filter only sees (or only feeds) its own block, so merging channels of
-        different blocks would not be lossless, and Torch-Pruning needs the same local channels
-        removed from every block. With several grouped convs, the finest common split (lcm).
-        """
-        blocks = 1
-        for name in list(g.producers) + list(g.consumers):
-            m = self.graph.module(name)
-            if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not (
-                    m.groups == m.in_channels == m.out_channels):
-                blocks = math.lcm(blocks, m.groups)
-        # a grouped consumer behind a concat splits a wider tensor; its blocks are not ours (the
-        # fold then refuses what it cannot do losslessly, naming the layer)
-        return blocks if g.n_channels % blocks == 0 else 1
-
     def _cluster_all(self) -> list[np.ndarray]:
         """Labels per group. With grouped convs the channels' B blocks share one clustering of
         the per-block position (features: the B blocks' filters at that position, concatenated),
         so every cluster lies inside one block and each block keeps the same local channels."""
         out = []
         for gi, g in enumerate(self.groups):
-            blocks = self._blocks(g)
+            blocks = g.blocks
             per_block = g.n_channels // blocks
             features = self._features(gi).reshape(blocks, per_block, -1)
             features = features.transpose(1, 0, 2).reshape(per_block, -1)
-            k = max(1, round(self.keep_ratio * per_block))
+            k = max(1, round((1 - self.sparsity) * per_block))
             try:
                 local = cluster_filters(features, k, method=self.clustering, seed=self.seed + gi)
             except ValueError as e:
@@ -478,12 +377,11 @@ class CSGD:
         """Keep the lowest index of every cluster, fold the others into the consumers, remove them.
 
         Lossless once the clusters have converged (:meth:`deviation` ≈ 0, and the BN running
-        statistics with them). The model is changed in place; the optimizer and any
-        DistributedDataParallel wrapper must be rebuilt for the new params. Every rank prunes
-        its own replica with the shared clusters, so DDP replicas stay identical.
+        statistics with them). The model is changed in place, all groups or none: if any fold
+        fails the model is restored exactly and a ValueError names the group. The optimizer and
+        any DistributedDataParallel wrapper must be rebuilt for the new params. Every rank
+        prunes its own replica with the shared clusters, so DDP replicas stay identical.
         """
-        from accelprune.reporting import model_stats
-
         self._check_live()
         for g, c in zip(self.groups, self.clusters, strict=True):
             if g.n_channels != len(c.labels):
@@ -491,19 +389,18 @@ class CSGD:
                                    f"clustered with {len(c.labels)}: the model was pruned by "
                                    "someone else")
         before = model_stats(self.model, self.example_inputs)
-        layers = []
-        try:
-            for g, c in zip(self.groups, self.clusters, strict=True):
-                n = g.n_channels
-                self.graph.fold_and_prune(g, c.labels)
-                layers.append((g.name, n, g.n_channels))
-        finally:
-            if layers:  # the clusters no longer describe the model
-                self.pruned = True
-                for h in self._hooks:
-                    h.remove()
-                self._hooks.clear()
+        widths = [g.n_channels for g in self.groups]
+        folding = [(g, c) for g, c in zip(self.groups, self.clusters, strict=True)
+                   if c.n_clusters < g.n_channels]
+        if folding:
+            surgery.apply_checked(self.graph, [g for g, _ in folding],
+                                  lambda: [_fold(self.graph, g, c.labels) for g, c in folding])
+        self.pruned = True  # the clusters no longer describe the model
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
         after = model_stats(self.model, self.example_inputs)
+        layers = [(g.name, n, g.n_channels) for g, n in zip(self.groups, widths, strict=True)]
         return CSGDReport(before["params"], after["params"], before["macs"], after["macs"], layers)
 
     def __repr__(self) -> str:
@@ -512,3 +409,76 @@ class CSGD:
         return (f"CSGD({len(self.groups)} groups, {channels} -> {kept} channels, "
                 f"clustering={self.clustering!r}, ε={self.centripetal_strength}, "
                 f"η={self.weight_decay}{', pruned' if self.pruned else ''})")
+
+
+# ---------------------------------------------------------------------------------------------
+# folding (ALGORITHMS.md §4.3)
+
+
+def fold_and_prune(group: ChannelGroup, clusters) -> None:
+    """C-SGD's pruning of one channel group: in every cluster keep the lowest channel; add the
+    consumers' input slices of the other members into the kept slice, then remove them.
+
+    clusters: 1-D int labels, one per current channel (any integers; equal = same cluster).
+    Lossless once the producers' filters (and BN entries) of each cluster are identical. All or
+    nothing: checked by a forward pass; on failure the model is restored exactly.
+    """
+    if not isinstance(group, ChannelGroup):
+        raise TypeError(f"group must be a ChannelGroup, got {type(group).__name__}")
+    labels = as_int_array(clusters, "clusters", ndim=1)
+    if labels.shape[0] != group.n_channels:
+        raise ValueError(f"clusters has {labels.shape[0]} labels, but group {group.name!r} has "
+                         f"{group.n_channels} channels")
+    if len(np.unique(labels)) == group.n_channels:
+        return
+    graph = group._graph
+    surgery.apply_checked(graph, [group], lambda: _fold(graph, group, labels))
+
+
+def _fold(graph: ModelGraph, group: ChannelGroup, labels: np.ndarray) -> None:
+    """Fold and cut one group (unchecked: callers run it under :func:`surgery.apply_checked`)."""
+    kept_of = dict(zip(*np.unique(labels, return_index=True), strict=True))
+    merge = [(c, int(kept_of[lab])) for c, lab in enumerate(labels) if kept_of[lab] != c]
+    for item in group.tp_group():
+        m = item.dep.target.module
+        if not (isinstance(m, PRODUCER_TYPES)
+                and graph.DG.is_in_channel_pruning_fn(item.dep.handler) and not is_depthwise(m)):
+            continue
+        # the consumer's input indices of each group channel: one for a conv (at the concat
+        # offset, if any), a block of columns for a Linear after flatten
+        cols: dict[int, list[int]] = {}
+        for local, root in zip(item.idxs, item.root_idxs, strict=True):
+            cols.setdefault(int(root), []).append(int(local))
+        _fold_weight(m, graph.name_of(m), cols, merge)
+    surgery.cut_group(graph, group, np.sort(np.array(list(kept_of.values()), dtype=np.int64)))
+
+
+def _fold_weight(m: nn.Module, name: str, cols: dict[int, list[int]], merge) -> None:
+    """New weight for consumer ``m``: column block of c added into that of k (per conv group)."""
+    w = m.weight.detach().clone()
+    if isinstance(m, nn.Linear):
+        view, in_per_group, out_per_group = w, w.shape[1], w.shape[0]
+    elif m.transposed:  # (in, out/groups, ...): input channels are rows
+        if m.groups > 1:
+            raise ValueError(
+                f"fold_and_prune does not support grouped transposed conv consumer {name!r}")
+        view, in_per_group, out_per_group = w.transpose(0, 1), w.shape[0], w.shape[1]
+    else:  # (out, in/groups, ...)
+        view, in_per_group = w, w.shape[1]
+        out_per_group = w.shape[0] // conv_groups(m) if conv_groups(m) > 1 else w.shape[0]
+    for c, k in merge:
+        src, dst = cols.get(c, []), cols.get(k, [])
+        if len(src) != len(dst):
+            raise ValueError(
+                f"consumer {name!r} sees channels {c} and {k} through blocks of different sizes")
+        for s, d in zip(src, dst, strict=True):
+            gs, gd = s // in_per_group, d // in_per_group
+            if gs != gd:
+                raise ValueError(f"cannot fold channel {c} into {k}: they feed different groups "
+                                 f"of grouped conv {name!r}")
+            rows = slice(gs * out_per_group, (gs + 1) * out_per_group)  # that conv group's outputs
+            view[rows, d % in_per_group] += view[rows, s % in_per_group]
+    new = nn.Parameter(w, requires_grad=m.weight.requires_grad)
+    if m.weight.grad is not None:  # keep the gradient (optimizer-state tracking relies on it)
+        new.grad = m.weight.grad
+    m.weight = new

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 
-def digits(size: int = 32, *, test_fraction: float = 0.2, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+def digits(size: int = 32, *, test_fraction: float = 0.2,
+           seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     """(train, test) datasets of digits as float32 (3, size, size) images and int64 labels.
 
     Images are scaled to [0, 1], resized bilinearly and standardised with the training set's
@@ -34,4 +35,5 @@ def digits(size: int = 32, *, test_fraction: float = 0.2, seed: int = 0) -> tupl
     test_idx, train_idx = order[:n_test], order[n_test:]
     mean, std = images[train_idx].mean(), images[train_idx].std()
     images = (images - mean) / std
-    return TensorDataset(images[train_idx], labels[train_idx]), TensorDataset(images[test_idx], labels[test_idx])
+    return (TensorDataset(images[train_idx], labels[train_idx]),
+            TensorDataset(images[test_idx], labels[test_idx]))

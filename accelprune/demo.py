@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +22,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from accelprune.datasets import digits
+from accelprune.reporting import new_figure
+from accelprune.tables import format_table
 from accelprune.training import evaluate, loader, train_epoch
 
 METHODS = ("l1", "bn", "reprune", "csgd")
@@ -89,51 +90,14 @@ def _fit(model, data, epochs, lr, *, desc, progress, optimizer=None, after_backw
     return model
 
 
-def _pruner(method: str, example_inputs) -> Callable[[nn.Module, float], nn.Module]:
-    """``prune(model, amount) -> model`` for one method; amount grows with the MACs removed."""
-    import accelprune
-
-    if method in ("l1", "bn"):
-        return lambda model, amount: accelprune.prune(model, example_inputs, method, amount)
-    if method == "reprune":
-        def reprune(model, amount):
-            accelprune.REPrune(model, example_inputs, amount, seed=0).prune()
-            return model
-        return reprune
-    if method == "csgd":
-        def csgd(model, amount):
-            accelprune.CSGD(model, example_inputs, 1.0 - amount, seed=0).prune()
-            return model
-        return csgd
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-
-
-def find_amount(prune: Callable, model: nn.Module, example_inputs, target_macs: float, *,
-                low: float = 0.0, high: float = 0.95, iterations: int = 10) -> float:
-    """Bisect the pruning amount whose pruned copy of ``model`` lands closest to ``target_macs``."""
-    from accelprune.reporting import model_stats
-
-    best, best_gap = high, float("inf")
-    for _ in range(iterations):
-        mid = (low + high) / 2
-        macs = model_stats(prune(copy.deepcopy(model), mid), example_inputs)["macs"]
-        gap = abs(macs - target_macs) / target_macs
-        if gap < best_gap:
-            best, best_gap = mid, gap
-        if gap < 0.005:
-            break
-        if macs > target_macs:
-            low = mid
-        else:
-            high = mid
-    return best
-
-
-def run_demo(config: DemoConfig = DemoConfig()) -> dict:
+def run_demo(config: DemoConfig | None = None) -> dict:
     """Run the whole demo; returns the JSON document that it also writes to ``out_dir``."""
+    from accelprune.csgd import CSGD
     from accelprune.models import resnet20
+    from accelprune.pruning import prune_with, sparsity_for_macs
     from accelprune.reporting import measure_latency, model_stats
 
+    config = config or DemoConfig()
     unknown = set(config.methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; expected some of {METHODS}")
@@ -155,30 +119,28 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
         "acc": evaluate(base, test), "latency_ms": measure_latency(base, example_inputs) * 1e3,
         "widths": _widths(base),
     }
-    target_macs = (1 - config.budget) * base_stats["macs"]
 
     results = []
     for method in tqdm(config.methods, desc="methods", disable=not config.progress, leave=False):
         torch.manual_seed(config.seed)
-        prune = _pruner(method, example_inputs)
-        amount = find_amount(prune, base, example_inputs, target_macs)
+        amount = sparsity_for_macs(base, example_inputs, method, config.budget, tolerance=0.005,
+                                   max_iterations=10)
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         if method == "csgd":
             # Centripetal training pulls each cluster of filters together; prune() then folds them.
-            import accelprune
-
-            csgd = accelprune.CSGD(model, example_inputs, 1.0 - amount, seed=config.seed,
-                                   centripetal_strength=config.centripetal_strength)
+            csgd = CSGD(model, example_inputs, amount, seed=config.seed,
+                        centripetal_strength=config.centripetal_strength)
             optimizer = _optimizer(csgd.param_groups(), config.lr / 10)
             t_train = time.perf_counter()
-            _fit(model, train, config.csgd_epochs, config.lr / 10, desc="C-SGD centripetal training",
-                 progress=config.progress, optimizer=optimizer, after_backward=csgd.apply_gradients,
+            _fit(model, train, config.csgd_epochs, config.lr / 10,
+                 desc="C-SGD centripetal training", progress=config.progress, optimizer=optimizer,
+                 after_backward=csgd.apply_gradients,
                  cosine=False)  # a decaying rate would slow the clusters' convergence
             t0 += time.perf_counter() - t_train  # prune time excludes the training itself
             csgd.prune()
         else:
-            prune(model, amount)
+            prune_with(model, example_inputs, amount, method, seed=0)
         prune_seconds = time.perf_counter() - t0
         acc_pruned = evaluate(model, test)
         _fit(model, train, config.finetune_epochs, config.lr / 10, desc=f"fine-tune {method}",
@@ -205,7 +167,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     return doc
 
 
-def format_table(doc: dict) -> str:
+def results_table(doc: dict) -> str:
     """The demo's result table, as printed."""
     base = doc["base"]
     header = ("method", "params", "MACs", "MACs cut", "acc pruned", "acc fine-tuned", "latency",
@@ -214,21 +176,14 @@ def format_table(doc: dict) -> str:
              f"{base['acc']:.1%}", f"{base['latency_ms']:.2f} ms", "-")]
     for r in doc["methods"]:
         rows.append((METHOD_TITLES[r["method"]], f"{r['params']:,}", f"{r['macs'] / 1e6:.1f} M",
-                     f"{r['macs_reduction']:.1%}", f"{r['acc_pruned']:.1%}", f"{r['acc_finetuned']:.1%}",
-                     f"{r['latency_ms']:.2f} ms", f"{r['prune_seconds']:.2f} s"))
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(lines)
+                     f"{r['macs_reduction']:.1%}", f"{r['acc_pruned']:.1%}",
+                     f"{r['acc_finetuned']:.1%}", f"{r['latency_ms']:.2f} ms",
+                     f"{r['prune_seconds']:.2f} s"))
+    return format_table(header, rows)
 
 
 def _plot(doc: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = new_figure((9, 4))
     ax.plot(doc["base"]["widths"], "k--", label="unpruned")
     for r in doc["methods"]:
         ax.plot(r["widths"], marker=METHOD_MARKERS[r["method"]], fillstyle="none", alpha=0.8,
@@ -237,16 +192,15 @@ def _plot(doc: dict, out: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "widths.png", dpi=120)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = new_figure((5, 4))
     ax.scatter(doc["base"]["macs"] / 1e6, doc["base"]["acc"] * 100, c="k", label="unpruned")
     for r in doc["methods"]:
         ax.scatter(r["macs"] / 1e6, r["acc_finetuned"] * 100, marker=METHOD_MARKERS[r["method"]],
                    facecolors="none", edgecolors=f"C{len(ax.collections) - 1}",
                    label=METHOD_TITLES[r["method"]])
-    ax.set(xlabel="MACs (M)", ylabel="test accuracy after fine-tuning (%)", title="Accuracy vs MACs")
+    ax.set(xlabel="MACs (M)", ylabel="test accuracy after fine-tuning (%)",
+           title="Accuracy vs MACs")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_macs.png", dpi=120)
-    plt.close(fig)

@@ -14,7 +14,8 @@ Per-filter scores (filter i = output channel i of a producing conv / linear):
 * :class:`TaylorImportance` Σ|W_i ⊙ ∂L/∂W_i| (first-order Taylor) and :class:`GradientImportance`
   Σ|∂L/∂W_i|: both read ``weight.grad``, so run ``loss.backward()`` on a batch (or accumulate over
   a few) before scoring; a missing gradient is an error, not a silent zero;
-* :class:`RandomImportance` uniform scores from a seeded generator (a baseline).
+* :class:`RandomImportance` uniform scores from a seeded generator (a baseline);
+* :class:`REPruneImportance` REPrune's selection (Ward clustering + maximum coverage) as scores.
 
 A group with several producers (residual-coupled outputs; a depthwise conv after a 1×1) scores
 channel c by the mean over producers (over BNs for the BN criterion) of their per-filter score.
@@ -31,7 +32,11 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from accelprune._backend import resolve
+from accelprune._validation import check_fraction
 from accelprune.kernels import filter_scores
+from accelprune.layers import BATCHNORM_TYPES, PRODUCER_TYPES, out_channel_view
+from accelprune.selection import reprune_select
 
 __all__ = [
     "ChannelImportance",
@@ -41,21 +46,18 @@ __all__ = [
     "TaylorImportance",
     "GradientImportance",
     "RandomImportance",
+    "REPruneImportance",
     "IMPORTANCES",
     "get_importance",
     "bn_l1_penalty_",
 ]
-
-_PRODUCER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
-_BN_TYPES = nn.modules.batchnorm._BatchNorm
-
 
 def _as_tp_group(group):
     """Torch-Pruning's full group for an accelprune ChannelGroup; a tp Group as it is."""
     from accelprune.graph import ChannelGroup
 
     if isinstance(group, ChannelGroup):
-        return group._graph._tp_group(group)
+        return group.tp_group()
     if isinstance(group, tp.dependency.Group):
         return group
     raise TypeError(
@@ -64,27 +66,17 @@ def _as_tp_group(group):
     )
 
 
-def _out_rows(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """``t`` (a weight or its gradient) with output channels first."""
-    if isinstance(m, nn.modules.conv._ConvNd) and m.transposed:
-        if m.groups != 1:
-            raise ValueError(
-                "grouped transposed convolutions are not supported by the weight criteria"
-            )
-        return t.transpose(0, 1)
-    return t
-
-
 class ChannelImportance(tp.importance.Importance):
     """Base class: score members of the group with :func:`filter_scores`, mean per channel.
 
     Subclasses set ``kind`` (a ``filter_scores`` kind) and ``_members`` (which tensors to score).
-    backend: ``filter_scores``' backend ("auto" | "triton" | "torch").
+    backend: ``filter_scores``' backend ("auto" | "triton" | "reference").
     """
 
     kind = "l1"
 
     def __init__(self, *, backend: str = "auto"):
+        resolve(backend, fast="triton")  # a bad name fails here, not at the first score
         self.backend = backend
 
     def _members(self, tp_group):
@@ -92,13 +84,13 @@ class ChannelImportance(tp.importance.Importance):
         DG = tp_group._DG
         for item in tp_group:
             m = item.dep.target.module
-            if isinstance(m, _PRODUCER_TYPES) and DG.is_out_channel_pruning_fn(item.dep.handler):
+            if isinstance(m, PRODUCER_TYPES) and DG.is_out_channel_pruning_fn(item.dep.handler):
                 yield m, m.weight, item.idxs, item.root_idxs
 
     def _score(self, modules, params):
         """One 1-D score tensor per member (filter_scores on the output-channel-first weights)."""
         return filter_scores(
-            [_out_rows(m, p.detach()) for m, p in zip(modules, params, strict=True)],
+            [out_channel_view(m, p.detach()) for m, p in zip(modules, params, strict=True)],
             kind=self.kind,
             backend=self.backend,
         )
@@ -122,7 +114,8 @@ class ChannelImportance(tp.importance.Importance):
             ]
             if not pos:
                 continue
-            local, where = (torch.tensor(v, dtype=torch.long, device=device) for v in zip(*pos, strict=True))
+            local, where = (torch.tensor(v, dtype=torch.long, device=device)
+                            for v in zip(*pos, strict=True))
             total.index_add_(0, where, s.to(device)[local])
             count.index_add_(0, where, torch.ones_like(where, dtype=torch.float32))
         return total / count.clamp_min(1)
@@ -151,7 +144,7 @@ class BNScaleImportance(ChannelImportance):
     def _members(self, tp_group):
         for item in tp_group:
             m = item.dep.target.module
-            if isinstance(m, _BN_TYPES) and m.affine:
+            if isinstance(m, BATCHNORM_TYPES) and m.affine:
                 yield m, m.weight, item.idxs, item.root_idxs
 
 
@@ -165,7 +158,7 @@ class _GradientCriterion(ChannelImportance):
                     f"{type(m).__name__} weight {tuple(p.shape)} has no gradient: run "
                     f"loss.backward() on a batch before scoring with a gradient-based criterion"
                 )
-        return [_out_rows(m, p.grad.detach()) for m, p in zip(modules, params, strict=True)]
+        return [out_channel_view(m, p.grad.detach()) for m, p in zip(modules, params, strict=True)]
 
 
 class TaylorImportance(_GradientCriterion):
@@ -174,7 +167,7 @@ class TaylorImportance(_GradientCriterion):
     kind = "taylor"
 
     def _score(self, modules, params):
-        weights = [_out_rows(m, p.detach()) for m, p in zip(modules, params, strict=True)]
+        weights = [out_channel_view(m, p.detach()) for m, p in zip(modules, params, strict=True)]
         return filter_scores(
             weights, kind="taylor", grads=self._grads(modules, params), backend=self.backend
         )
@@ -249,9 +242,57 @@ def bn_l1_penalty_(model: nn.Module, strength: float) -> None:
         raise ValueError(f"strength must be a finite number >= 0, got {strength}")
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, _BN_TYPES) and m.affine and m.weight.requires_grad:
+            if isinstance(m, BATCHNORM_TYPES) and m.affine and m.weight.requires_grad:
                 penalty = torch.sign(m.weight) * strength
                 if m.weight.grad is None:
                     m.weight.grad = penalty
                 else:
                     m.weight.grad.add_(penalty)
+
+
+class REPruneImportance(tp.importance.Importance):
+    """REPrune's selection as a Torch-Pruning importance, for ``tp.pruner.MetaPruner``.
+
+    A pruner removes the lowest-scored channels; this importance scores the filters REPrune keeps
+    highest, in selection order (the first selected scores highest), and the others below them
+    (by their L1 norm, scaled into [0, 0.5]). With ``sparsity`` equal to the ``pruning_ratio`` r
+    of a one-step MetaPruner (local pruning, the default), the pruner keeps exactly the REPrune
+    selection for ``k = int(n * (1 - r))``, the count MetaPruner keeps.
+
+    Producers of a group (its Conv/Linear layers whose outputs are pruned, ``groups == 1``) are
+    pooled as in :func:`reprune_select` with a list of weights. Groups without one score None
+    (MetaPruner then skips them).
+    """
+
+    def __init__(self, sparsity: float = 0.5, *, tie_break: str = "random", seed: int = 0,
+                 backend: str = "auto"):
+        self.sparsity = check_fraction(sparsity, "sparsity")
+        resolve(backend, fast="native")
+        self.tie_break, self.seed, self.backend = tie_break, seed, backend
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor | None:
+        n = len(group[0].idxs)
+        weights = []
+        for i, (dep, idxs) in enumerate(group):
+            layer = dep.layer
+            if dep.pruning_fn not in (tp.prune_conv_out_channels, tp.prune_linear_out_channels):
+                continue
+            if getattr(layer, "transposed", False) or getattr(layer, "groups", 1) != 1:
+                continue
+            root_idxs = group[i].root_idxs
+            if root_idxs is None or sorted(root_idxs) != list(range(n)):
+                continue
+            w = layer.weight.detach()[list(idxs)]
+            aligned = torch.empty_like(w)
+            aligned[list(root_idxs)] = w  # row p: the filter of root channel p
+            weights.append(aligned.cpu())
+        if not weights:
+            return None
+        k = max(1, int(n * (1 - self.sparsity)))  # MetaPruner keeps int(n * (1 - r))
+        kept = reprune_select(weights, min(k, n), tie_break=self.tie_break, seed=self.seed,
+                              backend=self.backend)
+        l1 = sum(w.abs().flatten(1).sum(1).double() for w in weights)
+        scores = 0.5 * l1 / l1.max().clamp_min(1e-300)
+        scores[torch.from_numpy(kept)] = 1.0 + torch.arange(len(kept), 0, -1, dtype=torch.float64)
+        return scores.float()

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from accelprune._validation import check_int
-from accelprune.graph import call_model
+from accelprune.tables import format_table
+from accelprune.tracing import call_model, check_example_inputs, eval_mode, first_sample
 
 __all__ = [
     "LayerWidth",
@@ -56,33 +57,6 @@ def _check_model(model, name: str = "model") -> nn.Module:
     return model
 
 
-def _check_inputs(example_inputs):
-    """example_inputs: a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
-    if isinstance(example_inputs, torch.Tensor):
-        return example_inputs
-    if isinstance(example_inputs, (tuple, list)) and example_inputs:
-        return tuple(example_inputs)
-    if isinstance(example_inputs, dict) and example_inputs:
-        return example_inputs
-    raise TypeError("example_inputs must be a tensor, a non-empty tuple/list of positional inputs "
-                    f"or a non-empty dict of keyword inputs, got {type(example_inputs).__name__}")
-
-
-class _eval_mode:
-    """Put a model in eval mode for a measurement and restore every module's flag afterwards."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.flags = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        for m, flag in self.flags:
-            m.training = flag
-
-
 # -- numbers -------------------------------------------------------------------------------------
 
 def model_stats(model: nn.Module, example_inputs) -> dict:
@@ -95,24 +69,11 @@ def model_stats(model: nn.Module, example_inputs) -> dict:
     import torch_pruning as tp
 
     _check_model(model)
-    inputs = _check_inputs(example_inputs)
-    with torch.no_grad(), _eval_mode(model):
-        macs, params = tp.utils.count_ops_and_params(model, _first_sample(inputs))
+    inputs = check_example_inputs(example_inputs)
+    with torch.no_grad(), eval_mode(model):
+        macs, params = tp.utils.count_ops_and_params(model, first_sample(inputs))
     nonzero = sum(int(torch.count_nonzero(p.detach() * m)) for p, m in _effective_weights(model))
     return {"params": int(params), "macs": int(round(macs)), "nonzero_params": nonzero}
-
-
-def _first_sample(inputs):
-    """The inputs cut to one sample: the counter adds a Linear's bias once per batch, not per
-    sample, so only a batch of one gives exact per-sample MACs (and it is cheaper)."""
-    def cut(t):
-        return t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
-
-    if isinstance(inputs, torch.Tensor):
-        return cut(inputs)
-    if isinstance(inputs, dict):
-        return {k: cut(v) for k, v in inputs.items()}
-    return tuple(cut(t) for t in inputs)
 
 
 def _effective_weights(model: nn.Module):
@@ -132,7 +93,7 @@ def measure_latency(model: nn.Module, example_inputs, *, repeats: int = 20,
     synchronised before each clock read. The model's train/eval flags are restored.
     """
     _check_model(model)
-    inputs = _check_inputs(example_inputs)
+    inputs = check_example_inputs(example_inputs)
     repeats = check_int(repeats, "repeats", low=1)
     warmup = check_int(warmup, "warmup", low=0)
     tensors = [inputs] if isinstance(inputs, torch.Tensor) else list(
@@ -146,7 +107,7 @@ def measure_latency(model: nn.Module, example_inputs, *, repeats: int = 20,
     times = []
     # no_grad rather than inference_mode: under torch.nn.utils.prune masks the forward pre-hook
     # stores module.weight, which must stay usable by autograd afterwards.
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         for _ in range(warmup):
             call_model(model, inputs)
         for _ in range(repeats):
@@ -279,7 +240,7 @@ class Report:
         if self.accuracy_before is not None or self.accuracy_after is not None:
             summary.append(("accuracy", fmt_acc(self.accuracy_before),
                             fmt_acc(self.accuracy_after), ""))
-        lines = _table(("", "before", "after", "before/after"), summary)
+        lines = [format_table(("", "before", "after", "before/after"), summary)]
         layer_rows = []
         for row in self.layers:
             kept = row.kept_out
@@ -287,8 +248,8 @@ class Report:
                                _width(row.in_after, row.out_after),
                                "-" if kept is None else f"{100 * kept:.1f}%"))
         if layer_rows:
-            lines += [""] + _table(("layer", "type", "in->out before", "in->out after", "kept out"),
-                                   layer_rows)
+            lines += ["", format_table(("layer", "type", "in->out before", "in->out after",
+                                        "kept out"), layer_rows)]
         return "\n".join(lines)
 
 
@@ -303,15 +264,6 @@ def _human(n) -> str:
 
 def _width(i, o) -> str:
     return "-" if i is None else f"{i}->{o}"
-
-
-def _table(header, rows) -> list[str]:
-    cols = list(zip(header, *rows, strict=True))
-    widths = [max(len(str(c)) for c in col) for col in cols]
-    out = ["  ".join(str(c).ljust(w) if k == 0 else str(c).rjust(w)
-                     for k, (c, w) in enumerate(zip(r, widths, strict=True))) for r in [header, *rows]]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return out
 
 
 def report(before: nn.Module, after: nn.Module, example_inputs, *, latency: bool = True,
@@ -360,7 +312,8 @@ def _finite(value, name: str) -> float:
 
 # -- plots ---------------------------------------------------------------------------------------
 
-def _figure(figsize):
+def new_figure(figsize):
+    """A bare Figure and its axes, on the Agg canvas."""
     # A bare Figure with the Agg canvas, not pyplot: no global backend switch, no window, no
     # figure left open in pyplot's registry; works headless.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -378,7 +331,7 @@ def plot_layer_widths(rep: Report, path: str | os.PathLike) -> str:
         raise TypeError(f"expected a Report from accelprune.report(), got {type(rep).__name__}")
     rows = rep.layers
     x = range(len(rows))
-    fig, ax = _figure((max(6.0, 0.35 * len(rows) + 2), 4))
+    fig, ax = new_figure((max(6.0, 0.35 * len(rows) + 2), 4))
     ax.bar([i - 0.2 for i in x], [r.out_before or 0 for r in rows], width=0.4, label="before")
     ax.bar([i + 0.2 for i in x], [r.out_after or 0 for r in rows], width=0.4, label="after")
     ax.set_xticks(list(x))
@@ -425,7 +378,7 @@ def plot_importance(scores, path: str | os.PathLike, *, threshold: float | None 
     elif threshold is not None:
         threshold = _finite(threshold, "threshold")
     bins = check_int(bins, "bins", low=1)
-    fig, ax = _figure((6, 4))
+    fig, ax = new_figure((6, 4))
     ax.hist(values, bins=bins, color="tab:blue", alpha=0.8)
     if threshold is not None:
         pruned = int((values <= threshold).sum())

@@ -1,232 +1,331 @@
-"""REPrune: channel pruning through kernel representative selection (ALGORITHMS.md section 3).
+"""REPrune on a whole model: one-shot, or concurrent with training on a sparsity schedule.
 
-One pruning *event* on a model:
+See :mod:`accelprune.selection` for the per-layer selection (:func:`reprune_select`,
+:func:`layer_keep_counts`) and ALGORITHMS.md section 3 for the method. This module decides
+*which layers* are pruned and *when*:
 
-1. **How many filters each layer keeps** (:func:`layer_keep_counts`): one global threshold on the
-   BatchNorm scales |γ| of the prunable layers, chosen so that the model keeps
-   ``round((1 - s) * original total)`` channels, with a floor of ``max(1, ceil(ρ * n_orig))`` per
-   layer (accelprune's stand-in for the paper's channel regrowth).
-2. **Which filters** (:func:`reprune_select`): for every input channel, Ward-cluster the n kernels
-   of that channel; cut all channels' dendrograms at one layer-wide height h_l (the largest
-   height of merge n - k over the channels); pick k filters by greedy maximum coverage of the
-   (channel, cluster) pairs.
-3. **Surgery**: remove the other filters, their BN entries and the consumers' input channels
-   through the dependency graph (:mod:`accelprune.graph`).
-
-:class:`REPrune` runs events one-shot (:meth:`REPrune.prune`) or on a schedule while training
-(:meth:`REPrune.step`), and :class:`REPruneImportance` exposes the selection to Torch-Pruning
-pruners. The optimizer-state carry-over lives in :mod:`accelprune.optim_state`.
+* prunable layers are the channel groups of :class:`accelprune.graph.ModelGraph` with a single
+  producing layer (``prune_coupled=False``: the paper's residual rules; outputs that feed a
+  residual add are coupled and left alone), minus the stem (the first conv the input meets)
+  unless ``prune_stem=True``; the classifier's outputs are never a group;
+* a pruning event targets ``round((1 - s) * original total)`` kept channels, s taken from the
+  schedule at that epoch: always measured against the original widths, so events never compound;
+* under ``torch.distributed`` rank 0 decides and broadcasts the kept indices, so every rank
+  ends the event with the same model.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from typing import NamedTuple
+import time
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch_pruning as tp
+import torch.nn as nn
+from tqdm.auto import tqdm
 
-from accelprune._validation import as_float64_array, check_fraction, check_int
-from accelprune.cluster import cut_linkage, ward_linkage_batched
-from accelprune.coverage import max_coverage
+from accelprune._backend import resolve
+from accelprune._distributed import on_rank0
+from accelprune._validation import check_fraction, check_int
+from accelprune.graph import ModelGraph
+from accelprune.layers import PRODUCER_TYPES, out_channel_view
+from accelprune.optim_state import track_parameters
+from accelprune.reporting import model_stats
+from accelprune.schedule import SCHEDULES, sparsity_at
+from accelprune.selection import layer_keep_counts, reprune_select
+from accelprune.tables import format_table
+from accelprune.tracing import call_model, eval_mode
 
-__all__ = ["Selection", "reprune_select", "layer_keep_counts", "REPruneImportance"]
-
-BACKENDS = ("auto", "native", "reference")
+__all__ = ["REPrune", "REPruneReport", "PruningEvent", "LayerRecord"]
 
 
-# ---------------------------------------------------------------------------------------------
-# one layer: which k filters to keep
+@dataclass
+class LayerRecord:
+    """One layer in one pruning event."""
+
+    name: str
+    original: int             # width before any pruning
+    before: int               # width when the event started
+    kept: int                 # k_l
+    sparsity: float           # 1 - k_l / original
+    # into the channels at the start of the event, in selection order
+    kept_indices: list[int] = field(repr=False, default_factory=list)
+    # the clustering; None where the event pruned nothing in this layer (no clustering run)
+    height: float | None = None          # layer-wide cut-off h_l
+    clusters_min: int | None = None      # clusters per input channel after the cut
+    clusters_mean: float | None = None
+    clusters_max: int | None = None
+    coverage: float | None = None        # share of the (channel, cluster) pairs kept filters cover
 
 
-class Selection(NamedTuple):
-    """What :func:`reprune_select` decided for one layer.
+@dataclass
+class PruningEvent:
+    epoch: int | None
+    target_sparsity: float
+    target_channels: int      # round((1 - s) * original total)
+    kept_channels: int        # >= target (the floor may hold it above)
+    gamma_threshold: float    # γ*; -inf when nothing was pruned
+    layers: list[LayerRecord]
+    seconds: dict[str, float]  # "selection" (threshold, clustering, coverage), "surgery"
 
-    kept:    int64 (k,), filter indices in selection order.
-    labels:  int32 (c_in_total, n), cluster of each filter's kernel in each input channel (after
-             the cut at ``height``); with several weights, their channels are stacked in order.
-    height:  the layer-wide cut-off h_l (0.0 when k == n: nothing is merged).
-    covered: (channel, cluster) pairs covered by the kept filters.
+
+@dataclass
+class REPruneReport:
+    """Per-layer state after the latest event, and the model's size before and now."""
+
+    layers: list[LayerRecord]
+    events: list[PruningEvent]
+    original_channels: int
+    kept_channels: int
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1 - self.kept_channels / self.original_channels
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "sparsity": self.sparsity}
+
+    def __str__(self) -> str:
+        def fmt(v, spec):
+            return "-" if v is None else format(v, spec)
+
+        rows = []
+        for r in self.layers:
+            clusters = ("-" if r.clusters_min is None
+                        else f"{r.clusters_min}/{r.clusters_mean:.1f}/{r.clusters_max}")
+            rows.append((r.name, r.original, r.kept, f"{r.sparsity:.1%}", fmt(r.height, ".4f"),
+                         clusters, fmt(r.coverage, ".1%")))
+        table = format_table(("layer", "orig", "kept", "s_l", "h_l", "clusters min/mean/max",
+                              "coverage"), rows)
+        return (f"{table}\nchannels {self.original_channels} -> {self.kept_channels} "
+                f"(sparsity {self.sparsity:.1%}); params {self.params_before:,} -> "
+                f"{self.params_after:,}; MACs {self.macs_before:,} -> {self.macs_after:,}")
+
+
+def _first_conv(model: nn.Module, example_inputs) -> nn.Module | None:
+    """The first convolution the input meets (the stem), found by one eval-mode forward pass."""
+    order: list[nn.Module] = []
+    hooks = []
+    try:
+        for m in model.modules():
+            if isinstance(m, nn.modules.conv._ConvNd):
+                hooks.append(m.register_forward_pre_hook(lambda mod, _: order.append(mod)))
+        with eval_mode(model), torch.no_grad():  # no BN statistics updated
+            call_model(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order[0] if order else None
+
+
+class REPrune:
+    """REPrune on a model: ``prune()`` once, or ``step(epoch, optimizer)`` every epoch.
+
+    model, example_inputs: the network (pruned in place) and inputs for tracing it.
+    sparsity: final channel sparsity s over the prunable layers, in [0, 1): the model keeps
+        ``round((1 - s) * original total)`` of their channels (more where floors hold).
+    schedule: "constant" (the whole target at the first event: one-shot) or a ramp from
+        :data:`accelprune.schedule.SCHEDULES` ("linear", "cubic", ...), from 0 at epoch 0 to s at
+        the last event.
+    delta_t, t_prune: events happen at epochs t with ``t % delta_t == 0 and t <= t_prune``.
+        ``t_prune`` is required for ramps (it sets where s is reached); for "constant" None
+        means no limit (events after the first find the target reached and do nothing).
+    min_keep_ratio: floor ρ: a layer keeps at least ``max(1, ceil(ρ * original width))``.
+    ignored_layers: module names or modules whose output channels are not pruned.
+    prune_coupled: also prune groups with several producers (residual adds) - off by default,
+        as in the paper; their score is the mean |γ| of their BNs, and their producers' input
+        channels are pooled into one selection.
+    prune_stem: also prune the first convolution's outputs (off by default, as in the paper).
+    tie_break, seed: greedy coverage ties (layer i uses ``seed + i``).
+    backend: "auto" | "native" | "reference", as :func:`accelprune.selection.reprune_select`
+        (all select the same filters).
+    progress: show a tqdm bar over layers during an event.
+    process_group: the torch.distributed group whose ranks must agree (default: the world).
+
+    Under DistributedDataParallel, give REPrune the inner module (``ddp.module``) and re-wrap it
+    after an event (:meth:`due` says when one runs): DDP cannot follow parameters that change.
     """
 
-    kept: np.ndarray
-    labels: np.ndarray
-    height: float
-    covered: int
+    def __init__(self, model: nn.Module, example_inputs, sparsity: float, *,
+                 schedule: str = "constant", delta_t: int = 2, t_prune: int | None = None,
+                 min_keep_ratio: float = 0.05, ignored_layers=None, prune_coupled: bool = False,
+                 prune_stem: bool = False, tie_break: str = "random", seed: int = 0,
+                 backend: str = "auto", progress: bool = False, process_group=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.sparsity = check_fraction(sparsity, "sparsity")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; expected one of {list(SCHEDULES)}")
+        self.schedule = schedule
+        self.delta_t = check_int(delta_t, "delta_t", low=1)
+        if t_prune is None and schedule != "constant":
+            raise ValueError(f"schedule={schedule!r} needs t_prune, the last epoch with an event")
+        self.t_prune = None if t_prune is None else check_int(t_prune, "t_prune", low=0)
+        self._t_end = 0 if t_prune is None else (self.t_prune // self.delta_t) * self.delta_t
+        if schedule != "constant" and self._t_end == 0:
+            raise ValueError(f"schedule={schedule!r} needs events after epoch 0: t_prune "
+                             f"({t_prune}) must be >= delta_t ({delta_t})")
+        self.min_keep_ratio = check_fraction(min_keep_ratio, "min_keep_ratio", allow_one=True)
+        self.tie_break, self.seed = tie_break, check_int(seed, "seed", low=0)
+        resolve(backend, fast="native")  # a bad name fails here, not at the first event
+        self.backend = backend
+        self.progress, self.process_group = progress, process_group
 
+        self.model, self.example_inputs = model, example_inputs
+        self.graph = ModelGraph(model, example_inputs, ignored_layers=ignored_layers,
+                                prune_coupled=prune_coupled, progress=progress)
+        stem = None if prune_stem else _first_conv(model, example_inputs)
+        self.groups = [g for g in self.graph.groups
+                       if not any(self.graph.module(p) is stem for p in g.producers)]
+        if not self.groups:
+            raise ValueError("the model has no prunable layers (after ignored_layers, the stem and "
+                             "coupled groups are left out)")
+        for g in self.groups:
+            self._check_group(g)
+        self.original_widths = [g.n_channels for g in self.groups]
+        self.original_channels = sum(self.original_widths)
+        self._stats_before: dict | None = None  # params/MACs, taken just before the first event
+        self.events: list[PruningEvent] = []
 
-def _ward_problems(weight, name: str) -> np.ndarray:
-    """A producer's weight (n, c_in, *kernel) as Ward problems (c_in, n, prod(kernel)) float64."""
-    arr = as_float64_array(weight, name, ndim=tuple(range(2, 6)))
-    n, c_in = arr.shape[:2]
-    if n == 0 or c_in == 0:
-        raise ValueError(f"{name} has shape {arr.shape}; it needs at least one filter and one "
-                         "input channel")
-    return np.ascontiguousarray(arr.reshape(n, c_in, -1).transpose(1, 0, 2))
+    # -- checks and helpers ------------------------------------------------------------------
 
+    def _check_group(self, g) -> None:
+        for name in g.filter_producers:
+            m = self.graph.module(name)
+            if not isinstance(m, PRODUCER_TYPES) or (getattr(m, "transposed", False)
+                                                     and m.groups != 1):
+                groups = f", groups={m.groups}" if hasattr(m, "groups") else ""
+                raise ValueError(f"REPrune cannot cluster the filters of {name!r} "
+                                 f"({type(m).__name__}{groups}): it supports convolutions "
+                                 "(grouped ones too, but not grouped transposed ones) and Linear "
+                                 "layers; pass it in ignored_layers")
+        if not g.filter_producers:
+            raise ValueError(f"REPrune has no filters to cluster in group {g.name!r} (only "
+                             "depthwise convs produce it); pass it in ignored_layers")
+        if not g.bns:
+            raise ValueError(f"REPrune ranks channels by the BatchNorm scale γ, but layer "
+                             f"{g.name!r} has no BatchNorm right after it; add one, or pass it "
+                             "in ignored_layers")
+        for name in g.bns:
+            if getattr(self.graph.module(name), "weight", None) is None:
+                raise ValueError(f"BatchNorm {name!r} after {g.name!r} has no learnable scale γ "
+                                 "(affine=False); REPrune needs it")
 
-def reprune_select(weight, k, *, tie_break: str = "random", seed: int = 0, backend: str = "auto",
-                   return_details: bool = False):
-    """The k filters REPrune keeps in one layer.
+    def _filters(self, g) -> list[torch.Tensor]:
+        """The group's filters for selection, one tensor per producer, pooled over conv-group
+        blocks: with B blocks, row p holds the filters at position p of every block side by side
+        (as extra input channels), so one selection of positions serves every block alike."""
+        B = g.blocks
+        out = []
+        for name in g.filter_producers:
+            m = self.graph.module(name)
+            w = out_channel_view(m, m.weight.detach())
+            w = w.reshape(B, w.shape[0] // B, *w.shape[1:]).transpose(0, 1)
+            out.append(w.reshape(w.shape[0], B * w.shape[2], *w.shape[3:]))
+        return out
 
-    weight: the layer's weight (n, c_in, kh, kw) (any (n, c_in, *kernel): Linear (n, c_in) gives
-        one scalar per kernel), a torch tensor or numpy array, never modified. A list of weights
-        with the same n selects one set of filters for output channels they share (residual-coupled
-        producers): their input channels are pooled into one coverage problem and one cut.
-    k: filters to keep, 1 <= k <= n. ``k == n`` keeps all, in index order, without clustering.
-    tie_break, seed: how greedy coverage breaks ties (see :func:`accelprune.coverage.max_coverage`).
-    backend: "auto" | "native" (C++ Ward + Numba coverage) | "reference" (scipy + the Python
-        greedy). All select exactly the same filters.
+    def _gamma(self, g) -> torch.Tensor:
+        """|γ| of a group's channels (mean over its BNs when it has several)."""
+        scales = [self.graph.module(b).weight.detach().abs().cpu().double() for b in g.bns]
+        return torch.stack(scales).mean(0)
 
-    Returns the kept indices, int64 (k,) in selection order; with ``return_details`` a
-    :class:`Selection` (kept, labels, height, covered).
-    """
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
-    weights = list(weight) if isinstance(weight, (list, tuple)) else [weight]
-    if not weights:
-        raise ValueError("weight is an empty list; give at least one weight")
-    problems = [_ward_problems(w, f"weight[{i}]" if len(weights) > 1 else "weight")
-                for i, w in enumerate(weights)]
-    n = problems[0].shape[1]
-    if any(p.shape[1] != n for p in problems):
-        widths = [p.shape[1] for p in problems]
-        raise ValueError(f"weights disagree on the number of filters: {widths}")
-    k = check_int(k, "k", low=1, high=n)
+    # -- schedule ----------------------------------------------------------------------------
 
-    if k == n:  # nothing to merge: every kernel is its own cluster
-        c_total = sum(p.shape[0] for p in problems)
-        labels = np.broadcast_to(np.arange(n, dtype=np.int32), (c_total, n)).copy()
-        selection = Selection(np.arange(n, dtype=np.int64), labels, 0.0, c_total * n)
-        return selection if return_details else selection.kept
+    def due(self, epoch: int) -> bool:
+        """Whether :meth:`step` runs a pruning event at this epoch."""
+        epoch = check_int(epoch, "epoch", low=0)
+        return epoch % self.delta_t == 0 and (self.t_prune is None or epoch <= self.t_prune)
 
-    linkages = [ward_linkage_batched(p, backend=backend) for p in problems]
-    merges = n - k
-    # h_l: the highest of the channels' (n - k)-th merge heights. Cutting every channel there
-    # leaves each with at most k clusters, and tightly packed channels with fewer.
-    height = float(max(Z[:, merges - 1, 2].max() for Z in linkages))
-    # one height per problem (the same for all)
-    labels = np.concatenate([cut_linkage(Z, height=np.full(len(Z), height), backend=backend)
-                             for Z in linkages])
-    result = max_coverage(labels, k, tie_break=tie_break, seed=seed, backend=backend)
-    selection = Selection(result.selected, labels, height, int(result.covered))
-    return selection if return_details else selection.kept
+    def target_at(self, epoch: int) -> float:
+        """The scheduled global sparsity s(t), measured against the original widths."""
+        return sparsity_at(epoch, final=self.sparsity, t_start=0, t_end=self._t_end,
+                           kind=self.schedule)
 
+    # -- events ------------------------------------------------------------------------------
 
-# ---------------------------------------------------------------------------------------------
-# the whole model: how many filters each layer keeps
+    def step(self, epoch: int, optimizer: torch.optim.Optimizer | None = None):
+        """Call once per epoch (after training it, epochs counted from 0). Runs a pruning event
+        when due and returns ``optimizer`` updated in place for the new parameters, with the
+        state (momentum, ...) of kept channels carried over; None when none was given."""
+        if not self.due(epoch):
+            return optimizer
+        return self._event(self.target_at(epoch), epoch, optimizer)
 
+    def prune(self) -> nn.Module:
+        """One event at the final sparsity (one-shot pruning of a trained model).
 
-def keep_floor(n_original: int, min_keep_ratio: float) -> int:
-    """k_min = max(1, ceil(ρ * n_orig)): a layer is never emptied."""
-    # the epsilon absorbs float error such as 0.05 * 20 = 1.0000000000000002
-    return max(1, math.ceil(min_keep_ratio * n_original - 1e-9))
+        Returns the model (pruned in place)."""
+        self._event(self.sparsity, None, None)
+        return self.model
 
+    def _event(self, sparsity: float, epoch: int | None, optimizer):
+        target = round((1 - sparsity) * self.original_channels)
+        if sum(g.n_channels for g in self.groups) <= target:  # reached: nothing to do
+            return optimizer
+        if self._stats_before is None:
+            self._stats_before = model_stats(self.model, self.example_inputs)
+        t0 = time.perf_counter()
+        event = on_rank0(lambda: self._plan(sparsity, target, epoch), self.process_group)
+        t1 = time.perf_counter()
+        cuts = [(g, np.asarray(r.kept_indices, dtype=np.int64))
+                for g, r in zip(self.groups, event.layers, strict=True) if r.kept < r.before]
+        if optimizer is None:  # Torch-Pruning slices real gradients itself: nothing to track
+            self.graph.prune_groups(cuts)  # one surgery, checked by one forward pass
+        else:
+            with track_parameters(self.model) as tracker:
+                self.graph.prune_groups(cuts)
+            optimizer = tracker.remap(optimizer)
+        event.seconds = {"selection": t1 - t0, "surgery": time.perf_counter() - t1}
+        self.events.append(event)
+        return optimizer
 
-def layer_keep_counts(scores: Sequence, original_widths: Sequence[int], target: int, *,
-                      min_keep_ratio: float = 0.05) -> tuple[list[int], float]:
-    """k_l for every layer from one global threshold on the channel scores (BN |γ|).
+    def _plan(self, sparsity: float, target: int, epoch: int | None) -> PruningEvent:
+        gammas = [self._gamma(g).numpy() for g in self.groups]
+        ks, gamma_star = layer_keep_counts(gammas, self.original_widths, target,
+                                           min_keep_ratio=self.min_keep_ratio)
+        layers = []
+        bar = tqdm(list(zip(self.groups, ks, strict=True)), desc="REPrune",
+                   disable=not self.progress)
+        for i, (g, k) in enumerate(bar):
+            n, n0 = g.n_channels, self.original_widths[i]
+            record = LayerRecord(g.name, original=n0, before=n, kept=k, sparsity=1 - k / n0,
+                                 kept_indices=list(range(n)))
+            if k < n:
+                B = g.blocks
+                k_block = max(1, round(k / B))  # every block keeps the same positions
+                sel = reprune_select(self._filters(g), k_block, tie_break=self.tie_break,
+                                     seed=self.seed + i, backend=self.backend,
+                                     return_details=True)
+                clusters = sel.labels.max(axis=1).astype(np.int64) + 1  # labels: 0..c-1 per row
+                record.kept = B * k_block
+                record.sparsity = 1 - record.kept / n0
+                record.kept_indices = [b * (n // B) + int(p) for b in range(B) for p in sel.kept]
+                record.height = sel.height
+                record.clusters_min, record.clusters_max = int(clusters.min()), int(clusters.max())
+                record.clusters_mean = float(clusters.mean())
+                record.coverage = sel.covered / int(clusters.sum())
+            layers.append(record)
+        return PruningEvent(epoch, sparsity, target, sum(r.kept for r in layers), gamma_star,
+                            layers, {})
 
-    scores: per layer, a 1-D array of |γ| of its *current* channels.
-    original_widths: per layer, its width before any pruning (the floor is a share of it).
-    target: channels to keep over all layers, e.g. round((1 - s) * original total).
+    # -- reporting ---------------------------------------------------------------------------
 
-    A channel is pruned when its score is at or below the threshold γ*; a layer keeps
-    ``max(k_min, n - #pruned)``. γ* is chosen as low as possible such that the kept total reaches
-    ``target``; it never goes below it (the floor may keep the total above it). Equal scores are
-    ordered so that they are spread over their layers in proportion (channel c of t tied channels
-    of a layer ranks at (c + 0.5) / t), which matters when all γ are equal, as at initialisation.
-
-    Returns (k per layer, γ*); γ* is -inf when nothing is pruned.
-    """
-    min_keep_ratio = check_fraction(min_keep_ratio, "min_keep_ratio", allow_one=True)
-    if len(scores) != len(original_widths):
-        raise ValueError(f"{len(scores)} score arrays for {len(original_widths)} widths")
-    layers = [as_float64_array(s, f"scores[{i}]", ndim=1) for i, s in enumerate(scores)]
-    widths = [len(s) for s in layers]
-    floors = [keep_floor(check_int(n0, "original width", low=1), min_keep_ratio)
-              for n0 in original_widths]
-    for i, (n, n0, f) in enumerate(zip(widths, original_widths, floors, strict=True)):
-        if not f <= n <= n0:
-            raise ValueError(f"layer {i} has {n} channels, outside [floor {f}, "
-                             f"original width {n0}]")
-    target = check_int(target, "target", low=0)
-    to_remove = sum(widths) - target
-    if to_remove <= 0:
-        return widths, -math.inf
-
-    value = np.concatenate(layers)
-    layer = np.repeat(np.arange(len(layers)), widths)
-    tie_rank = np.concatenate([_tie_fraction(s) for s in layers])
-    order = np.lexsort((tie_rank, value))  # ascending score, ties spread over layers
-    # Only a layer's first n - k_min channels in this order can go; the rest are its floor.
-    by_layer = np.argsort(layer[order], kind="stable")  # global order, grouped by layer
-    rank_in_layer = np.empty(len(order), dtype=np.int64)
-    rank_in_layer[by_layer] = np.arange(len(order)) - np.repeat(np.cumsum(widths) - widths, widths)
-    removable = order[rank_in_layer < (np.array(widths) - np.array(floors))[layer[order]]]
-    removed = removable[:to_remove]
-    counts = np.bincount(layer[removed], minlength=len(layers))
-    gamma_star = float(value[removed[-1]]) if len(removed) else -math.inf
-    return [n - int(c) for n, c in zip(widths, counts, strict=True)], gamma_star
-
-
-def _tie_fraction(values: np.ndarray) -> np.ndarray:
-    """Rank of each value among the equal values of its array, as (c + 0.5) / t."""
-    order = np.argsort(values, kind="stable")
-    _, first, inverse, counts = np.unique(values[order], return_index=True, return_inverse=True,
-                                          return_counts=True)
-    out = np.empty(len(values))
-    out[order] = (np.arange(len(values)) - first[inverse] + 0.5) / counts[inverse]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Torch-Pruning adapter
-
-
-class REPruneImportance(tp.importance.Importance):
-    """REPrune's selection as a Torch-Pruning importance, for ``tp.pruner.MetaPruner``.
-
-    A pruner removes the lowest-scored channels; this importance scores the filters REPrune keeps
-    highest, in selection order (the first selected scores highest), and the others below them
-    (by their L1 norm, scaled into [0, 0.5]). With the same ``pruning_ratio`` r as a one-step
-    MetaPruner (local pruning, the default), the pruner keeps exactly the REPrune selection for
-    ``k = int(n * (1 - r))``, the count MetaPruner keeps.
-
-    Producers of a group (its Conv/Linear layers whose outputs are pruned, ``groups == 1``) are
-    pooled as in :func:`reprune_select` with a list of weights. Groups without one score None
-    (MetaPruner then skips them).
-    """
-
-    def __init__(self, pruning_ratio: float = 0.5, *, tie_break: str = "random", seed: int = 0,
-                 backend: str = "auto"):
-        self.pruning_ratio = check_fraction(pruning_ratio, "pruning_ratio")
-        self.tie_break, self.seed, self.backend = tie_break, seed, backend
-
-    @torch.no_grad()
-    def __call__(self, group) -> torch.Tensor | None:
-        n = len(group[0].idxs)
-        weights = []
-        for i, (dep, idxs) in enumerate(group):
-            layer = dep.layer
-            if dep.pruning_fn not in (tp.prune_conv_out_channels, tp.prune_linear_out_channels):
-                continue
-            if getattr(layer, "transposed", False) or getattr(layer, "groups", 1) != 1:
-                continue
-            root_idxs = group[i].root_idxs
-            if root_idxs is None or sorted(root_idxs) != list(range(n)):
-                continue
-            w = layer.weight.detach()[list(idxs)]
-            aligned = torch.empty_like(w)
-            aligned[list(root_idxs)] = w  # row p: the filter of root channel p
-            weights.append(aligned.cpu())
-        if not weights:
-            return None
-        k = max(1, int(n * (1 - self.pruning_ratio)))  # MetaPruner keeps int(n * (1 - r))
-        kept = reprune_select(weights, min(k, n), tie_break=self.tie_break, seed=self.seed,
-                              backend=self.backend)
-        l1 = sum(w.abs().flatten(1).sum(1).double() for w in weights)
-        scores = 0.5 * l1 / l1.max().clamp_min(1e-300)
-        scores[torch.from_numpy(kept)] = 1.0 + torch.arange(len(kept), 0, -1, dtype=torch.float64)
-        return scores.float()
+    def report(self) -> REPruneReport:
+        """Per layer s_l, k_l, h_l, clusters per channel and coverage of the latest event (layers
+        it left alone show their current width), and params / MACs before any pruning and now."""
+        latest = {r.name: r for r in self.events[-1].layers} if self.events else {}
+        layers = []
+        for g, n0 in zip(self.groups, self.original_widths, strict=True):
+            r = latest.get(g.name)
+            if r is None or r.height is None:
+                r = LayerRecord(g.name, original=n0, before=g.n_channels, kept=g.n_channels,
+                                sparsity=1 - g.n_channels / n0)
+            layers.append(r)
+        after = model_stats(self.model, self.example_inputs)
+        before = self._stats_before or after
+        return REPruneReport(layers, list(self.events), self.original_channels,
+                             sum(g.n_channels for g in self.groups),
+                             before["params"], after["params"], before["macs"], after["macs"])

@@ -12,7 +12,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 
-def loader(dataset: Dataset, *, batch_size: int = 64, shuffle: bool = True, seed: int = 0) -> DataLoader:
+def loader(dataset: Dataset, *, batch_size: int = 64, shuffle: bool = True,
+           seed: int = 0) -> DataLoader:
     """A DataLoader whose shuffling is fixed by ``seed`` (same batches on every run)."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from accelprune.tables import format_table
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -57,11 +59,25 @@ class Row:
     extra: dict[str, object] = dataclasses.field(default_factory=dict)
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name (CPU models differ between machines: compare ratios only)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, object]:
     info: dict[str, object] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "cpus": (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count()),
         "python": platform.python_version(),
     }
     try:
@@ -75,7 +91,7 @@ def machine_info() -> dict[str, object]:
     return info
 
 
-def _fmt_time(seconds: float) -> str:
+def format_time(seconds: float) -> str:
     if seconds >= 1:
         return f"{seconds:.3f} s"
     if seconds >= 1e-3:
@@ -95,16 +111,13 @@ def report(name: str, rows: list[Row], *, fast: str, references: list[str],
     table = []
     for r in rows:
         line = [r.case, *(str(r.extra.get(k, "")) for k in extras)]
-        line += [_fmt_time(r.timings[k]) if k in r.timings else "" for k in names]
+        line += [format_time(r.timings[k]) if k in r.timings else "" for k in names]
         for ref in references:
             ok = ref in r.timings and fast in r.timings and r.timings[fast] > 0
             line.append(f"{r.timings[ref] / r.timings[fast]:.1f}x" if ok else "")
         table.append(line)
-    widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(header)]
     print(f"\n== {name} ==")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-    for t in table:
-        print("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)))
+    print(format_table(header, table))
     doc = {
         "benchmark": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

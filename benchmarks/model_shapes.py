@@ -10,7 +10,8 @@ def conv_weights(model_name: str, *, seed: int = 0) -> list[tuple[str, torch.Ten
 
     torch.manual_seed(seed)
     model = getattr(torchvision.models, model_name)(weights=None)
-    return [(n, m.weight.detach()) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    return [(n, m.weight.detach()) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d)]
 
 
 def ward_problems(weight: torch.Tensor):

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import sys
 
-from benchmarks.harness import RESULTS_DIR, _fmt_time
+from accelprune.tables import format_table
+from benchmarks.harness import RESULTS_DIR, format_time
 
 ORDER = ["ward", "coverage", "reprune", "kernels_csgd_cpu", "kernels_importance_cpu", "csgd"]
 
@@ -16,13 +17,13 @@ def table(doc: dict) -> str:
     timings = list(dict.fromkeys(k for r in doc["rows"] for k in r["median_s"]))
     ratios = list(dict.fromkeys(k for r in doc["rows"] for k in r["ratios"]))
     header = ["case", *timings, *ratios]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for r in doc["rows"]:
         cells = [r["case"]]
-        cells += [_fmt_time(r["median_s"][k]) if k in r["median_s"] else "" for k in timings]
+        cells += [format_time(r["median_s"][k]) if k in r["median_s"] else "" for k in timings]
         cells += [f"**{r['ratios'][k]:.1f}x**" if k in r["ratios"] else "" for k in ratios]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return format_table(header, rows, markdown=True)
 
 
 def main(argv=None) -> int:

@@ -20,8 +20,9 @@ from scipy.cluster.vq import kmeans2
 from torch import nn
 
 import accelprune
-from accelprune import csgd as csgd_mod
-from accelprune.csgd import CSGD, cluster_filters
+from accelprune import selection as selection_mod
+from accelprune.csgd import CSGD
+from accelprune.selection import cluster_filters
 from accelprune.models import resnet20, vgg_small
 
 ETA, EPS = 1e-3, 0.05
@@ -61,7 +62,7 @@ def test_kmeans_pp_centres_are_scipys():
 
     X = np.random.default_rng(3).normal(size=(50, 9))
     for seed in range(5):
-        ours = csgd_mod._kmeans_pp_centres(X, 12, np.random.default_rng(seed))
+        ours = selection_mod._kmeans_pp_centres(X, 12, np.random.default_rng(seed))
         theirs = _kpp(X, 12, np.random.default_rng(seed), np)
         np.testing.assert_array_equal(ours, theirs)
 
@@ -107,7 +108,7 @@ def test_empty_kmeans_clusters_are_repaired_by_splitting_off_the_farthest_row(mo
     def kmeans2_with_empty_cluster(data, centres, **kwargs):  # as if iterations emptied one
         return centres, np.array([0, 0, 0, 1, 1, 1])
 
-    monkeypatch.setattr(csgd_mod, "kmeans2", kmeans2_with_empty_cluster)
+    monkeypatch.setattr(selection_mod, "kmeans2", kmeans2_with_empty_cluster)
     labels = cluster_filters(X, 3)
     # cluster {5.0, 9.0, 5.1} has mean 6.37: 9.0 is the farthest row and becomes its own cluster
     np.testing.assert_array_equal(labels, [0, 0, 0, 1, 2, 1])
@@ -245,7 +246,7 @@ def test_clusters_per_group_and_shared_by_coupled_producers(resnet_csgd):
 def test_even_clustering_and_seed(resnet_csgd):
     _, pristine = resnet_csgd
     x = cifar_batch()[0]
-    even = CSGD(copy.deepcopy(pristine), x, 0.25, clustering="even")
+    even = CSGD(copy.deepcopy(pristine), x, 0.75, clustering="even")
     for g, c in zip(even.groups, even.clusters, strict=True):
         blocks = (np.arange(g.n_channels) * c.n_clusters) // g.n_channels
         np.testing.assert_array_equal(c.labels, blocks)
@@ -563,13 +564,13 @@ def test_after_prune_the_csgd_is_spent(resnet_csgd):
 # bad input
 
 
-@pytest.mark.parametrize("keep_ratio, exc", [(0.0, ValueError), (1.5, ValueError),
-                                             (-0.2, ValueError), (float("nan"), ValueError),
-                                             ("0.5", TypeError)])
-def test_bad_keep_ratio(resnet_csgd, keep_ratio, exc):
+@pytest.mark.parametrize("sparsity, exc", [(1.0, ValueError), (1.5, ValueError),
+                                           (-0.2, ValueError), (float("nan"), ValueError),
+                                           ("0.5", TypeError)])
+def test_bad_sparsity(resnet_csgd, sparsity, exc):
     _, pristine = resnet_csgd
-    with pytest.raises(exc, match="keep_ratio"):
-        CSGD(copy.deepcopy(pristine), cifar_batch()[0], keep_ratio)
+    with pytest.raises(exc, match="sparsity"):
+        CSGD(copy.deepcopy(pristine), cifar_batch()[0], sparsity)
 
 
 def test_bad_arguments(resnet_csgd):
@@ -591,9 +592,9 @@ def test_model_with_nothing_to_prune():
         CSGD(model, torch.randn(2, 3, 2, 2), 0.5)
 
 
-def test_keep_ratio_one_is_plain_weight_decay(resnet_csgd):
+def test_sparsity_zero_is_plain_weight_decay(resnet_csgd):
     csgd, model = fresh(resnet_csgd)
-    csgd = CSGD(model, cifar_batch()[0], 1.0, centripetal_strength=EPS, weight_decay=ETA)
+    csgd = CSGD(model, cifar_batch()[0], 0.0, centripetal_strength=EPS, weight_decay=ETA)
     assert all(c.n_clusters == len(c.labels) for c in csgd.clusters)
     backward_once(model)
     before = {t.name: (t.param.detach().clone(), t.param.grad.clone()) for t in csgd.transformed}

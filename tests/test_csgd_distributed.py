@@ -70,7 +70,7 @@ def _snapshot(model: nn.Module) -> dict:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    from accelprune.csgd import cluster_filters
+    from accelprune.selection import cluster_filters
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,

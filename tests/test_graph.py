@@ -8,7 +8,8 @@ from torch import nn
 from toy_models import ChunkCat, Detached
 
 from accelprune import models
-from accelprune.graph import ChannelGroup, ModelGraph, fold_and_prune, prune_channels
+from accelprune.csgd import fold_and_prune
+from accelprune.graph import ChannelGroup, ModelGraph, prune_channels
 
 
 def _randomise_bn(model, seed=0):

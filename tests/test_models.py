@@ -82,13 +82,13 @@ def _env():
 def _pruned_resnet20():
     torch.manual_seed(0)
     model = models.resnet20()
-    return accelprune.prune(model, torch.randn(1, 3, 32, 32), "l1", 0.4), torch.randn(2, 3, 32, 32)
+    return accelprune.prune(model, torch.randn(1, 3, 32, 32), 0.4, "l1"), torch.randn(2, 3, 32, 32)
 
 
 def _pruned_mobilenet():
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2(weights=None, num_classes=5)
-    return accelprune.prune(model, torch.randn(1, 3, 64, 64), "l2", 0.3), torch.randn(2, 3, 64, 64)
+    return accelprune.prune(model, torch.randn(1, 3, 64, 64), 0.3, "l2"), torch.randn(2, 3, 64, 64)
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,7 @@ def test_prune_keeps_the_model_working_and_smaller(name, criterion, global_ranki
         out_shape = model.eval()(x).shape
     stats0 = model_stats(model, x)
 
-    out = accelprune.prune(model, x, criterion, ratio, global_ranking=global_ranking)
+    out = accelprune.prune(model, x, ratio, criterion, global_ranking=global_ranking)
 
     assert out is model  # in place
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_prune_keeps_the_model_working_and_smaller(name, criterion, global_ranki
 def test_prune_coupled_prunes_residual_channels_too():
     torch.manual_seed(0)
     model, x = models.resnet20(), torch.randn(1, 3, 32, 32)
-    accelprune.prune(model, x, "l1", 0.5, prune_coupled=True)
+    accelprune.prune(model, x, 0.5, "l1", prune_coupled=True)
     assert model.conv1.out_channels == 8 and model.layer1[2].conv2.out_channels == 8
     assert model.fc.in_features == 32 and model.fc.out_features == 10
     assert model(x).shape == (1, 10)
@@ -132,7 +132,7 @@ def test_lowest_l1_channels_go_and_zero_channels_are_removed_losslessly():
             bn.bias[idx] = 0  # else the channel outputs relu(β), not zero
     with torch.no_grad():
         expected = model.eval()(x)
-    accelprune.prune(model, x[:1], "l1", 0.25)
+    accelprune.prune(model, x[:1], 0.25, "l1")
     for g in graph.groups:  # exactly the zeroed channels went (the others have γ = 1)
         assert graph.module(g.name).out_channels == 3 * (16 * 2 ** (int(g.name[5]) - 1)) // 4
         assert (graph.module(g.bns[0]).weight != 0).all()
@@ -142,7 +142,7 @@ def test_lowest_l1_channels_go_and_zero_channels_are_removed_losslessly():
 
 def test_ignored_layers_are_kept():
     model, x = models.resnet20(), torch.randn(1, 3, 32, 32)
-    accelprune.prune(model, x, "l2", 0.5, ignored_layers=["layer1.0.conv1", model.layer3])
+    accelprune.prune(model, x, 0.5, "l2", ignored_layers=["layer1.0.conv1", model.layer3])
     assert model.layer1[0].conv1.out_channels == 16 and model.layer1[1].conv1.out_channels == 8
     assert all(b.conv1.out_channels == 64 for b in model.layer3)
 
@@ -150,7 +150,7 @@ def test_ignored_layers_are_kept():
 def test_ratio_zero_changes_nothing():
     model, x = models.resnet20(), torch.randn(1, 3, 32, 32)
     params = list(model.parameters())
-    accelprune.prune(model, x, "l1", 0.0)
+    accelprune.prune(model, x, 0.0, "l1")
     assert all(a is b for a, b in zip(params, model.parameters(), strict=True))
 
 
@@ -164,7 +164,7 @@ def test_global_bn_ranking_prunes_the_smallest_scales():
         g.name: int((graph.module(g.bns[0]).weight.detach().numpy() > threshold).sum())
         for g in graph.groups
     }
-    accelprune.prune(model, x, "bn", 0.4, global_ranking=True)
+    accelprune.prune(model, x, 0.4, "bn", global_ranking=True)
     assert {g.name: graph.module(g.name).out_channels for g in graph.groups} == expected
 
 
@@ -172,7 +172,7 @@ def test_torch_pruning_importance_objects_are_accepted():
     import torch_pruning as tp
 
     model, x = models.resnet20(), torch.randn(1, 3, 32, 32)
-    accelprune.prune(model, x, tp.importance.MagnitudeImportance(p=1), 0.5)
+    accelprune.prune(model, x, 0.5, tp.importance.MagnitudeImportance(p=1))
     assert model.layer2[0].conv1.out_channels == 16
 
 
@@ -181,20 +181,20 @@ def test_failed_prune_leaves_the_model_untouched():
     model, x = ChunkCat(), torch.randn(2, 3, 8, 8)
     params = {k: (p, p.detach().clone()) for k, p in model.named_parameters()}
     with pytest.raises(ValueError, match="'c0'"):
-        accelprune.prune(model, x, "l1", 0.5)
+        accelprune.prune(model, x, 0.5, "l1")
     assert all(model.get_parameter(k) is p and torch.equal(p, v) for k, (p, v) in params.items())
     # leaving the offending layer alone works
-    accelprune.prune(model, x, "l1", 0.5, ignored_layers=["c0"])
+    accelprune.prune(model, x, 0.5, "l1", ignored_layers=["c0"])
     assert model.ca.out_channels == 3 and model.c0.out_channels == 8
 
 
 @pytest.mark.parametrize(
     "kwargs,err,match",
     [
-        ({"ratio": 1.0}, ValueError, "ratio"),
-        ({"ratio": -0.1}, ValueError, "ratio"),
-        ({"ratio": float("nan")}, ValueError, "ratio"),
-        ({"ratio": "0.5"}, TypeError, "ratio"),
+        ({"sparsity": 1.0}, ValueError, "sparsity"),
+        ({"sparsity": -0.1}, ValueError, "sparsity"),
+        ({"sparsity": float("nan")}, ValueError, "sparsity"),
+        ({"sparsity": "0.5"}, TypeError, "sparsity"),
         ({"importance": "l3"}, ValueError, "unknown importance"),
         ({"importance": 3}, TypeError, "importance"),
         ({"ignored_layers": ["layer4"]}, ValueError, "layer4"),
@@ -213,23 +213,23 @@ def test_failed_prune_leaves_the_model_untouched():
 )
 def test_bad_input(kwargs, err, match):
     model, x = models.resnet20(), torch.randn(1, 3, 32, 32)
-    args = {"importance": "l1", "ratio": 0.5, **kwargs}
+    args = {"importance": "l1", "sparsity": 0.5, **kwargs}
     with pytest.raises(err, match=match):
-        accelprune.prune(model, x, args.pop("importance"), args.pop("ratio"), **args)
+        accelprune.prune(model, x, args.pop("sparsity"), args.pop("importance"), **args)
     assert model.layer1[0].conv1.out_channels == 16
 
 
 def test_untraceable_model_names_the_op():
     with pytest.raises(ValueError, match="'conv1'"):
-        accelprune.prune(Detached(), torch.randn(1, 3, 8, 8), "l1", 0.5)
+        accelprune.prune(Detached(), torch.randn(1, 3, 8, 8), 0.5, "l1")
     with pytest.raises(TypeError, match="nn.Module"):
-        accelprune.prune("resnet", torch.randn(1), "l1", 0.5)
+        accelprune.prune("resnet", torch.randn(1), 0.5, "l1")
 
 
 def test_taylor_without_gradients_is_an_error():
     model = models.resnet20()
     with pytest.raises(ValueError, match="backward"):
-        accelprune.prune(model, torch.randn(1, 3, 32, 32), "taylor", 0.5)
+        accelprune.prune(model, torch.randn(1, 3, 32, 32), 0.5, "taylor")
     assert model.layer1[0].conv1.out_channels == 16
 
 
@@ -244,11 +244,11 @@ def test_grouped_convs_lose_the_same_channels_in_every_group():
     w0 = model[0].weight.detach().clone()
     scores = w0.abs().flatten(1).sum(1).view(2, 4).mean(0)  # per conv-group position
     keep = torch.sort(torch.argsort(scores)[2:]).values
-    m = accelprune.prune(copy.deepcopy(model), x, "l1", 0.5)
+    m = accelprune.prune(copy.deepcopy(model), x, 0.5, "l1")
     assert m[0].out_channels == 4 and m[3].weight.shape[1] == 2
     torch.testing.assert_close(m[0].weight, w0[torch.cat([keep, keep + 4])])
     assert m(x).shape == (2, 3)
-    m = accelprune.prune(copy.deepcopy(model), x, "l1", 0.5, global_ranking=True)
+    m = accelprune.prune(copy.deepcopy(model), x, 0.5, "l1", global_ranking=True)
     assert m[0].out_channels % 2 == 0 and m[3].out_channels % 2 == 0  # whole units of 2
     # 10 of the 20 channels of the 3 groups, short by less than one unit of 2 at most
     assert 10 <= m[0].out_channels + m[3].out_channels + m[6].out_channels < 12

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from accelprune.optim_state import track_parameters
-from accelprune.reprune import REPruneImportance, layer_keep_counts, reprune_select
+from accelprune import REPruneImportance, layer_keep_counts, reprune_select
 
 
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:

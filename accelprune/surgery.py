@@ -1,0 +1,163 @@
+"""All-or-nothing surgery on channel groups: cut, check by a forward pass, or put everything back.
+
+Torch-Pruning's ``group.prune()`` replaces the parameters of every member layer and edits
+attributes (``out_channels``, ``num_features``...). A :class:`ModelSnapshot` keeps what one
+surgery can change (the parameter and buffer *objects*, which are only referenced, not copied,
+and the small attributes) so that :meth:`ModelSnapshot.restore` puts the very same objects back.
+:func:`apply_checked` runs any change under a snapshot and checks the model afterwards: the
+output shapes must be those seen when the graph was traced.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from accelprune.layers import conv_groups
+from accelprune.tracing import call_model, eval_mode, output_shapes
+
+__all__ = ["ModelSnapshot", "apply_checked", "check_forward", "cut_group", "prune_groups",
+           "surgery_error"]
+
+
+class ModelSnapshot:
+    """Everything surgery on some groups can change, to be restored exactly (same objects).
+
+    Holds references to the current parameters and buffers, not copies: the surgery replaces
+    them with new, smaller tensors, so the old ones stay intact. Memory cost: the pruned members'
+    old tensors are kept alive until the snapshot is dropped.
+    """
+
+    def __init__(self, graph, groups):
+        self.graph = graph
+        DG = graph.DG
+        modules = {}
+        for g in groups:
+            for dep, _ in g.tp_group():
+                m = dep.target.module
+                if isinstance(m, nn.Module):
+                    modules[id(m)] = m
+        # unwrapped parameters are replaced on their parent module: keep every module's params
+        self.params = {m: dict(m._parameters) for m in graph.model.modules()}
+        self.buffers = {m: dict(m._buffers) for m in modules.values()}
+        self.attrs = {
+            m: {k: copy.deepcopy(v) for k, v in vars(m).items()
+                if not k.startswith("_") and k != "training"
+                and isinstance(v, (int, float, bool, str, type(None), tuple, list, dict))}
+            for m in modules.values()
+        }
+        self.module2node = dict(DG.module2node)
+        self.node_modules = {node: node.module for node in DG.module2node.values()}
+        self.param_to_name = dict(getattr(DG, "_param_to_name", {}))
+        self.history = list(DG._pruning_history)
+        self.widths = {id(g): g.n_channels for g in graph.all_groups}
+
+    def restore(self) -> None:
+        DG = self.graph.DG
+        for m, params in self.params.items():
+            m._parameters.clear()
+            m._parameters.update(params)
+        for m, bufs in self.buffers.items():
+            m._buffers.clear()
+            m._buffers.update(bufs)
+        for m, attrs in self.attrs.items():
+            for k, v in attrs.items():
+                m.__dict__[k] = copy.deepcopy(v)
+        DG.module2node.clear()
+        DG.module2node.update(self.module2node)
+        for node, module in self.node_modules.items():
+            node.module = module
+        if hasattr(DG, "_param_to_name"):
+            DG._param_to_name.clear()
+            DG._param_to_name.update(self.param_to_name)
+        DG._pruning_history[:] = self.history
+        for g in self.graph.all_groups:
+            g.n_channels = self.widths[id(g)]
+
+
+def check_forward(graph) -> None:
+    """Run the model on its example inputs (eval mode, no grad): the output shapes must be
+    those seen when it was traced."""
+    with eval_mode(graph.model), torch.no_grad():
+        out = call_model(graph.model, graph.example_inputs)
+    shapes = output_shapes(out, graph.output_transform)
+    if shapes != graph.reference_shapes:
+        raise RuntimeError(f"output shapes changed from {graph.reference_shapes} to {shapes}")
+
+
+def cut_group(graph, group, keep: np.ndarray) -> None:
+    """Remove every channel of ``group`` not in ``keep`` (sorted current indices); unchecked."""
+    n = group.n_channels
+    remove = np.setdiff1d(np.arange(n), keep)
+    if remove.size == 0:
+        return
+    tp_group = group.tp_group(remove)
+    _check_grouped_convs(graph, group, tp_group)
+    tp_group.prune(record_history=False)
+    group.n_channels = len(keep)
+
+
+def apply_checked(graph, groups, change: Callable[[], None]) -> None:
+    """Run ``change()`` (surgery on ``groups``) and check the model; on any failure restore the
+    model exactly and raise a ValueError naming the first of ``groups``."""
+    snapshot = ModelSnapshot(graph, groups)
+    try:
+        change()
+        check_forward(graph)
+    except Exception as e:
+        snapshot.restore()
+        raise surgery_error(groups[0], e) from e
+
+
+def prune_groups(graph, plan) -> None:
+    """Cut several groups (``plan``: ``(group, sorted keep)`` pairs) with one check. All or
+    nothing: on failure the model is restored and the groups are retried one by one to name the
+    culprit, after which everything is restored again."""
+    if not plan:
+        return
+    snapshot = ModelSnapshot(graph, [g for g, _ in plan])
+    try:
+        for g, keep in plan:
+            cut_group(graph, g, keep)
+        check_forward(graph)
+    except Exception as first_error:
+        snapshot.restore()
+        if len(plan) == 1:
+            raise surgery_error(plan[0][0], first_error) from first_error
+        try:  # find which group breaks the model, then leave the model as it was
+            for g, keep in plan:
+                try:
+                    cut_group(graph, g, keep)
+                    check_forward(graph)
+                except Exception as e:
+                    raise surgery_error(g, e) from e
+        finally:
+            snapshot.restore()
+        raise surgery_error(plan[-1][0], first_error) from first_error
+
+
+def surgery_error(group, e: Exception) -> ValueError:
+    if isinstance(e, ValueError) and str(e).startswith(f"group {group.name!r}"):
+        return ValueError(f"{e}; the model was restored unchanged")
+    return ValueError(f"pruning channel group {group.name!r} would break the model "
+                      f"({type(e).__name__}: {e}); the model was restored unchanged")
+
+
+def _check_grouped_convs(graph, group, tp_group) -> None:
+    """Torch-Pruning removes the input channels of a grouped conv assuming every conv group loses
+    the same local channels; refuse anything else rather than build a wrong (but runnable) model."""
+    for dep, idxs in tp_group:
+        m = dep.target.module
+        blocks = conv_groups(m)
+        if blocks == 1:
+            continue
+        width = m.out_channels if graph.DG.is_out_channel_pruning_fn(dep.handler) else m.in_channels
+        per = width // blocks
+        by_block = [sorted(i % per for i in idxs if i // per == j) for j in range(blocks)]
+        if any(b != by_block[0] for b in by_block):
+            raise ValueError(f"group {group.name!r}: grouped conv {graph.name_of(m)!r} ({blocks} "
+                             "groups) needs the same channels removed from each of its groups")
