@@ -22,8 +22,8 @@ from torch import nn
 import accelprune
 from accelprune import selection as selection_mod
 from accelprune.csgd import CSGD
-from accelprune.selection import cluster_filters
 from accelprune.models import resnet20, vgg_small
+from accelprune.selection import cluster_filters
 
 ETA, EPS = 1e-3, 0.05
 
@@ -332,7 +332,8 @@ def test_hook_composes_with_momentum(resnet_csgd):
         backward_once(model_b, seed=step)
         manual.apply_gradients()
         opt_b.step()
-    for (na, pa), (nb, pb) in zip(model_a.named_parameters(), model_b.named_parameters(), strict=True):
+    pairs = zip(model_a.named_parameters(), model_b.named_parameters(), strict=True)
+    for (na, pa), (_, pb) in pairs:
         assert torch.equal(pa, pb), na
     # momentum really was in play: the transformed update differs from a plain one
     assert all(opt_a.state[t.param].get("momentum_buffer") is not None for t in hooked.transformed)
@@ -429,7 +430,8 @@ def test_training_converges_and_pruning_is_lossless():
     report = csgd.prune()
     assert_lossless(before, logits(model, test_x))
     assert report.params_after < report.params_before and report.macs_after < report.macs_before
-    assert all(after == c.n_clusters for (_, _, after), c in zip(report.layers, csgd.clusters, strict=True))
+    layers = zip(report.layers, csgd.clusters, strict=True)
+    assert all(after == c.n_clusters for (_, _, after), c in layers)
 
 
 def test_lossless_on_torchvision_resnet18():

@@ -12,8 +12,8 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from accelprune.optim_state import track_parameters
 from accelprune import REPruneImportance, layer_keep_counts, reprune_select
+from accelprune.optim_state import track_parameters
 
 
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
