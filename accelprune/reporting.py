@@ -18,6 +18,7 @@ reported beside it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -64,16 +65,50 @@ def model_stats(model: nn.Module, example_inputs) -> dict:
 
     MACs are per input sample (counted on the first sample of ``example_inputs``) by
     Torch-Pruning's op counter (see the module docstring for its convention). The model is not
-    modified (the counter works on a deep copy) and its train/eval flags are kept.
+    modified and its train/eval flags are kept. The counter runs on a twin of the model whose
+    tensors live on the ``meta`` device (shapes only, no memory), so counting a large model
+    never needs a second copy of its weights; a model whose forward cannot run on meta tensors
+    (data-dependent control flow) is counted on a real copy instead.
     """
-    import torch_pruning as tp
-
     _check_model(model)
-    inputs = check_example_inputs(example_inputs)
+    inputs = first_sample(check_example_inputs(example_inputs))
     with torch.no_grad(), eval_mode(model):
-        macs, params = tp.utils.count_ops_and_params(model, first_sample(inputs))
+        try:
+            macs = _count_macs(_meta_twin(model), _to_meta(inputs))
+        except Exception:  # any failure on meta tensors: count on real ones
+            macs = _count_macs(model, inputs)
+    params = sum(p.numel() for p in model.parameters())
     nonzero = sum(int(torch.count_nonzero(p.detach() * m)) for p, m in _effective_weights(model))
     return {"params": int(params), "macs": int(round(macs)), "nonzero_params": nonzero}
+
+
+def _count_macs(model: nn.Module, inputs) -> float:
+    import torch_pruning as tp
+
+    return tp.utils.count_ops_and_params(model, inputs)[0]  # works on its own deep copy
+
+
+def _meta_twin(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are meta tensors (no storage)."""
+    memo = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None and id(p) not in memo:
+                memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+        for b in module._buffers.values():
+            if b is not None and id(b) not in memo:
+                memo[id(b)] = b.to("meta")
+    return copy.deepcopy(model, memo)
+
+
+def _to_meta(inputs):
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to("meta")
+    if isinstance(inputs, dict):
+        return {k: _to_meta(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to_meta(v) for v in inputs)
+    return inputs
 
 
 def _effective_weights(model: nn.Module):
