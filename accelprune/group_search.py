@@ -215,13 +215,18 @@ class _State:
     __slots__ = ("dep", "idx", "root", "seen")
 
     def __init__(self, dep):
-        self.dep, self.idx, self.root, self.seen = dep, [], [], set()
+        self.dep, self.idx, self.root, self.seen = dep, [], [], None
 
     def add(self, idx: np.ndarray, root: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Record the indices not seen before here; return them (with their roots)."""
-        keep = np.fromiter((i not in self.seen for i in idx.tolist()), bool, len(idx))
-        idx, root = idx[keep], root[keep]
-        self.seen.update(idx.tolist())
+        """Record the indices not seen before here (``idx`` has no repeats); return them."""
+        if self.seen is None:  # first arrival, by far the most common case
+            self.seen = idx
+        else:
+            keep = ~np.isin(idx, self.seen)
+            idx, root = idx[keep], root[keep]
+            if len(idx) == 0:
+                return idx, root
+            self.seen = np.concatenate([self.seen, idx])
         self.idx.append(idx)
         self.root.append(root)
         return idx, root
@@ -250,6 +255,7 @@ class _Search:
         ):
             pruning_fn = tp.pruner.function.prune_depthwise_conv_out_channels  # as TP does
         idx = np.asarray([int(i) for i in idxs], dtype=np.int64)
+        idx, _ = _first_of_each(idx, idx)  # a repeated root index adds nothing
         while True:
             try:
                 states = self._propagate(DG.module2node[module], pruning_fn, idx)
@@ -334,20 +340,43 @@ class _Search:
 
     def _to_group(self, states: dict) -> tp.dependency.Group:
         """TP's merged group: one item per (target, handler), plain idxs and ``root_idxs``."""
-        DG = self.DG
-        ignored_params = [p for p in getattr(DG, "ignored_params", [])]
+        ignored_params = list(getattr(self.DG, "ignored_params", None) or ())
         group = tp.dependency.Group()
-        group._DG = DG
+        group._DG = self.DG
+        as_list = _ListCache()
         for state in states.values():
             target = state.dep.target.module
             if isinstance(target, nn.Parameter) and any(target is p for p in ignored_params):
                 continue
-            idx = np.concatenate(state.idx).tolist()
-            root = [None if r == _NO_ROOT else r for r in np.concatenate(state.root).tolist()]
-            item = _helpers.GroupItem(state.dep, idx)
-            item.root_idxs = root
+            item = _helpers.GroupItem(state.dep, as_list(state.idx))
+            item.root_idxs = as_list(state.root, none=_NO_ROOT)
             group._group.append(item)
         return group
+
+
+class _ListCache:
+    """Python lists of numpy chunks; most states carry the very same array (no mapping on the
+    way), so convert each array once and hand out copies (TP's items own their lists)."""
+
+    def __init__(self):
+        self._lists: dict[int, list] = {}
+        self._alive: list = []  # keeps the arrays alive so that their ids stay unique
+
+    def __call__(self, chunks: list[np.ndarray], none=None) -> list:
+        if len(chunks) != 1:
+            return self._convert(np.concatenate(chunks), none)
+        key = id(chunks[0])
+        if key not in self._lists:
+            self._alive.append(chunks[0])
+            self._lists[key] = self._convert(chunks[0], none)
+        return list(self._lists[key])
+
+    @staticmethod
+    def _convert(a: np.ndarray, none) -> list:
+        out = a.tolist()
+        if none is not None and len(a) and a.min() == none:
+            out = [None if v == none else v for v in out]
+        return out
 
 
 # -- Torch-Pruning's index mappings, vectorised ----------------------------------------------
