@@ -147,12 +147,24 @@ def find_groups(
         if id(m) not in ignored and isinstance(m, root_types) and _out_channels(DG, m) is not None
     ]
     search = _Search(DG)
-    visited, groups = set(), []
+    while True:
+        groups, used = _all_groups(DG, search, roots, ignored, progress)
+        # a group found before an op was switched off may have used its mapping: search again
+        # (the switched-off set only grows, so this ends; on LLaMA no group is stale)
+        if not any(u & search.off for u in used):
+            return groups
+
+
+def _all_groups(DG, search, roots, ignored, progress):
+    """TP's get_all_groups loop: roots in graph order, skipping any already pruned as an output
+    in an earlier group; a group touching an ignored layer's outputs is left out."""
+    visited, groups, used = set(), [], []
     for m in tqdm(roots, desc="channel groups", unit="root", disable=not progress, leave=False):
         if id(m) in visited:
             continue
         pruner = DG.get_pruner_of_module(m)
         group = search.group(m, pruner.prune_out_channels, range(pruner.get_out_channels(m)))
+        used.append(search.used)
         prunable = True
         for dep, _ in group:
             if DG.is_out_channel_pruning_fn(dep.handler):
@@ -160,7 +172,7 @@ def find_groups(
                 prunable = prunable and id(dep.target.module) not in ignored
         if prunable:
             groups.append(group)
-    return groups
+    return groups, used
 
 
 def find_groups_ref(
@@ -240,6 +252,7 @@ class _Search:
         self.DG = DG
         tp_index_mapping.update_index_mapping(DG)
         self.off = _OVERRIDDEN.setdefault(DG, set())
+        self.used: set = set()
         self._widths: dict = {}
         self.bound = 1 + sum(
             w for node in DG.module2node.values() if node.type not in _OP_TYPES
@@ -257,6 +270,7 @@ class _Search:
         idx = np.asarray([int(i) for i in idxs], dtype=np.int64)
         idx, _ = _first_of_each(idx, idx)  # a repeated root index adds nothing
         while True:
+            self.used = set()  # the ops whose index mappings this group went through
             try:
                 states = self._propagate(DG.module2node[module], pruning_fn, idx)
                 break
@@ -304,7 +318,9 @@ class _Search:
             if mapping_owner is not None and mapping_owner in self.off:
                 continue
             idx, root = _apply_mapping(mapping, idx, root)
-            owner = mapping_owner if mapping_owner is not None else owner
+            if mapping_owner is not None:
+                owner = mapping_owner
+                self.used.add(mapping_owner)
         return idx, root, owner
 
     def _owner(self, dep, mapping):

@@ -249,25 +249,86 @@ def _in_members(DG, group):
     }
 
 
-def test_torch_pruning_diverges_on_llama_rotary_concat(monkeypatch):
-    """The root cause: TP's walk from a key projection never stops (indices keep growing)."""
-    model, _, DG = _llama(1)
-    k_proj = model.model.layers[0].self_attn.k_proj
+class _RotaryAttention(nn.Module):
+    """LLaMA's attention in miniature: GQA (4 query / 2 KV heads of 4), rotate_half on q and k,
+    SDPA. TP maps the keys' rotate_half concat as a channel concat with offsets [0, 8, 16]."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.o = nn.Linear(16, 16)
+        self.register_buffer("cos", torch.randn(4, 4, generator=torch.Generator().manual_seed(1)))
+
+    def _rotary(self, x):
+        half1, half2 = x[..., :2], x[..., 2:]
+        return x * self.cos + torch.cat((-half2, half1), dim=-1) * self.cos
+
+    def forward(self, x):  # x: (1, 4 tokens, 16)
+        q = self._rotary(self.q(x).view(1, 4, 4, 4).transpose(1, 2))
+        k = self._rotary(self.k(x).view(1, 4, 2, 4).transpose(1, 2))
+        v = self.v(x).view(1, 4, 2, 4).transpose(1, 2)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.o(out.transpose(1, 2).reshape(1, 4, 16))
+
+
+def _tp_walk_diverges(DG, module, monkeypatch, max_adds=3000):
+    """Run TP's get_pruning_group from ``module``'s outputs, stopped after ``max_adds`` items;
+    returns the largest index it carried, or None if it finished."""
     largest, adds = [0], [0]
     real_add = tp.dependency.Group.add_dep
 
     def add_dep(self, dep, idxs):
         adds[0] += 1
-        largest[0] = max(largest[0], max(i.idx for i in idxs))
-        if adds[0] > 3000:
+        largest[0] = max([largest[0], *(i.idx for i in idxs)])
+        if adds[0] > max_adds:
             raise RecursionError("still walking")
         return real_add(self, dep, idxs)
 
     monkeypatch.setattr(tp.dependency.Group, "add_dep", add_dep)
-    with pytest.raises(RecursionError, match="still walking"):
-        DG.get_pruning_group(k_proj, DG.get_pruner_of_module(k_proj).prune_out_channels,
-                             list(range(128)))
-    assert largest[0] > 10 * 256  # far beyond any width of the model
+    fn = DG.get_pruner_of_module(module).prune_out_channels
+    try:
+        DG.get_pruning_group(module, fn, list(range(DG.get_out_channels(module))))
+    except RecursionError:
+        return largest[0]
+    finally:
+        monkeypatch.undo()
+    return None
+
+
+def test_rotary_attention_tp_diverges_and_we_do_not(monkeypatch):
+    model = _RotaryAttention().eval()
+    x = torch.randn(1, 4, 16)
+    DG = _graph(model, x)
+    # the root cause: from the keys, TP's walk never ends, its indices growing by 8 per turn
+    assert _tp_walk_diverges(DG, model.k, monkeypatch) > 50 * 16  # 16: the widest layer
+    groups = find_groups(DG)
+    assert len(overridden_mappings(DG)) == 1
+    assert overridden_mappings(DG)[0].startswith("_ConcatOp")
+    out = [
+        {_name(DG, d.target): sorted(i) for d, i in g
+         if isinstance(d.target.module, nn.Linear) and DG.is_out_channel_pruning_fn(d.handler)}
+        for g in groups
+    ]
+    assert {"o": list(range(16))} in out
+    # channel i of q, k and v go together, as TP couples SDPA's inputs (element-wise)
+    assert {"q": list(range(8)), "k": list(range(8)), "v": list(range(8))} in out
+    # at pruning time too, and the cut model runs
+    fn = DG.get_pruner_of_module(model.v).prune_out_channels
+    cut = pruning_group(DG, model.v, fn, [1, 2])
+    linears = {
+        (_name(DG, d.target), d.handler.__name__): sorted(i)
+        for d, i in cut if isinstance(d.target.module, nn.Linear)
+    }
+    assert linears == {
+        ("v", "prune_out_channels"): [1, 2], ("k", "prune_out_channels"): [1, 2],
+        ("q", "prune_out_channels"): [1, 2], ("o", "prune_in_channels"): [1, 2],
+    }
+
+
+def test_llama_tp_diverges(monkeypatch):
+    model, _, DG = _llama(1)
+    largest = _tp_walk_diverges(DG, model.model.layers[0].self_attn.k_proj, monkeypatch)
+    assert largest is not None and largest > 10 * 256  # far beyond any width of the model
 
 
 @pytest.mark.parametrize("layers", [2, pytest.param(32, marks=pytest.mark.slow)])
