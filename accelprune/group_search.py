@@ -233,6 +233,8 @@ class _State:
         """Record the indices not seen before here (``idx`` has no repeats); return them."""
         if self.seen is None:  # first arrival, by far the most common case
             self.seen = idx
+        elif idx is self.seen or (len(idx) == len(self.seen) and np.array_equal(idx, self.seen)):
+            return idx[:0], root[:0]  # the way back over an edge: the same indices again
         else:
             keep = ~np.isin(idx, self.seen)
             idx, root = idx[keep], root[keep]
