@@ -58,7 +58,8 @@ Where the result differs from Torch-Pruning's
   layer widths, TP's own answer is wrong (importance would index out of range) or infinite. The
   op that owns the last mapping on that path (here LLaMA's ``rotate_half`` concat of the keys)
   then becomes a pass-through, as TP already treats a concat whose widths it cannot infer (the
-  queries' one), and the search is repeated. The switched-off ops are remembered per graph (so
+  queries' one), and the search is repeated (all of it, if an earlier group went through that
+  op's mapping). The switched-off ops are remembered per graph (so
   :func:`pruning_group` at pruning time agrees with the search), logged at INFO, and listed by
   :func:`overridden_mappings`. On every model where TP terminates that the tests cover, nothing
   is switched off and the groups are equal.
@@ -326,7 +327,9 @@ class _Search:
         return idx, root, owner
 
     def _owner(self, dep, mapping):
-        types = _MAPPING_OWNER.get(type(mapping), ())
+        """The op whose update function set ``mapping`` on ``dep`` (any op end for a mapping
+        class this module does not know)."""
+        types = _MAPPING_OWNER.get(type(mapping), _OP_TYPES)
         for node in (dep.source, dep.target):
             if node.type in types:
                 return node
