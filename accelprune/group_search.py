@@ -28,10 +28,12 @@ target, same handler, equal list). Three costs follow:
    every layer hits it, since SDPA couples q, k and v element-wise). The query path's concat got
    no mapping only because its widths could not be inferred (``concat_sizes`` None), so TP is
    not even consistent between q and k. Same symptom: VainF/Torch-Pruning#527 (Qwen3-8B).
-2. **Quadratic work per group**, even where it terminates: ``has_pruning_op`` and
-   ``add_and_merge`` scan the whole group list for every new item and compare index lists
-   element by element, so a group with ``k`` items of ``c`` channels costs ``O(k^2 c)`` -- the
-   residual stream of a transformer touches every layer, so ``k`` grows with depth.
+2. **Quadratic work per group**, even where it terminates: ``has_pruning_op`` (for every item
+   added) and ``add_and_merge`` (for every item merged) scan the whole group list, comparing
+   ``c``-long index lists where the target matches, and an item is added again each time a
+   different list reaches it. A group of ``k`` items thus costs at least ``O(k^2)`` scans; the
+   residual stream of a transformer has items in every layer, so ``k`` grows with depth
+   (measured in benchmarks/bench_groups.py: nn.TransformerEncoder, 6 -> 24 layers).
 3. **A full-graph pass per root**: ``index_mapping.update_index_mapping`` (every concat, split,
    reshape, slice) runs at the start of every ``get_pruning_group``.
 

@@ -53,6 +53,8 @@ def _cases(quick: bool):
     if quick:
         return cases
     return cases + [
+        ("TransformerEncoder x6 (d256)", lambda: (encoder(6), torch.randn(1, 8, 256), None)),
+        ("TransformerEncoder x24 (d256)", lambda: (encoder(24), torch.randn(1, 8, 256), None)),
         ("densenet121", lambda: (torchvision.models.densenet121(), x32, None)),
         ("timm vit_small_patch16_224", lambda: (
             timm.create_model("vit_small_patch16_224", pretrained=False), x224, None)),
