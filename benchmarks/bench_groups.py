@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
+import platform
 import time
 import warnings
 
@@ -109,6 +111,17 @@ def _time_tp(DG, repeats: int, limit_s: float):
     return result
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small models only")
@@ -164,6 +177,8 @@ def main(argv=None) -> None:
             "tp_timeout_s": limit,
             "torch_pruning": getattr(tp, "__version__", "?"),
             "torch_threads": torch.get_num_threads(),
+            "cpu": _cpu_model(),
+            "load_average_at_end": os.getloadavg(),
         },
         save=not args.quick,
     )
