@@ -409,3 +409,48 @@ def test_bad_per_layer_input(kwargs, err, match):
     with pytest.raises(err, match=match):
         accelprune.prune(model, x, 0.5, "l1", **kwargs)
     assert _group_widths(model)["layer1.0.conv1"] == 16
+
+
+# -- prune_to_macs ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,ratio", [
+    ("l1", 0.3),
+    ("bn", 0.5),
+    pytest.param("reprune", 0.5, marks=pytest.mark.slow),
+    pytest.param("csgd", 0.3, marks=pytest.mark.slow),
+])
+def test_prune_to_macs_reaches_the_target_within_2_percent(method, ratio):
+    model, x = _resnet20()
+    if method == "bn":
+        _randomise_bn(model)
+    macs0 = model_stats(model, x)["macs"]
+    sparsity = accelprune.prune_to_macs(model, x, method, ratio)
+    assert 0 < sparsity < 1
+    macs = model_stats(model, x)["macs"]
+    target = (1 - ratio) * macs0
+    assert abs(macs - target) <= 0.02 * target, (macs / macs0, sparsity)
+    assert model(x).shape == (1, 10)
+
+
+def test_sparsity_for_macs_leaves_the_model_alone_and_agrees_with_prune_to_macs():
+    model, x = _resnet20()
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    s = accelprune.sparsity_for_macs(model, x, "l2", 0.4)
+    assert all(torch.equal(p, params[k]) for k, p in model.named_parameters())
+    assert accelprune.prune_to_macs(model, x, "l2", 0.4) == s
+    assert accelprune.prune_to_macs(models.resnet20(), x, "l2", 0.0) == 0.0
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    ({"method": "l3"}, ValueError, "unknown method"),
+    ({"macs_reduction": 1.0}, ValueError, "macs_reduction"),
+    ({"macs_reduction": "half"}, TypeError, "macs_reduction"),
+    ({"tolerance": 0.0}, ValueError, "tolerance"),
+    ({"max_iterations": 0}, ValueError, "max_iterations"),
+])
+def test_prune_to_macs_bad_input(kwargs, err, match):
+    model, x = _resnet20()
+    args = {"method": "l1", "macs_reduction": 0.5, **kwargs}
+    with pytest.raises(err, match=match):
+        accelprune.prune_to_macs(model, x, args.pop("method"), args.pop("macs_reduction"), **args)
+    assert model.layer1[0].conv1.out_channels == 16
