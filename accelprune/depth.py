@@ -271,6 +271,17 @@ class _Capture:
         return False
 
 
+def _run_batch(model, inputs, index: int):
+    """The model's output on one scoring batch; a failure names the batch."""
+    try:
+        return call_model(model, inputs)
+    except Exception as e:
+        hint = (" (a batch of (inputs, target) pairs needs loss_fn)"
+                if isinstance(inputs, tuple) and len(inputs) == 2 else "")
+        raise ValueError(f"forward on data batch {index} failed{hint}: "
+                         f"{type(e).__name__}: {e}") from e
+
+
 def _per_sample_sum(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).sum(1) if t.dim() > 0 else t.reshape(1)
 
@@ -284,10 +295,10 @@ def _taylor_scores(model, blocks, batches, loss_fn) -> dict[str, float]:
     try:
         for p in flags:  # frozen models still need a graph from the blocks to the loss
             p.requires_grad_(True)
-        for batch in batches:
+        for index, batch in enumerate(batches):
             inputs, target = batch if loss_fn is not None else (batch, None)
             with torch.enable_grad(), _Capture(blocks, keep_graph=True) as cap:
-                out = call_model(model, inputs)
+                out = _run_batch(model, inputs, index)
                 loss = _default_loss(out) if loss_fn is None else loss_fn(out, target)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError("the loss must be a scalar tensor")
@@ -320,8 +331,8 @@ def _output_scores(model, blocks, batches, skipped) -> dict[str, float]:
     changes what the model returns, measured exactly (one forward per block and batch)."""
     totals = dict.fromkeys(blocks, 0.0)
     with torch.no_grad():
-        for inputs in batches:
-            ref = _float_outputs(call_model(model, inputs))
+        for index, inputs in enumerate(batches):
+            ref = _float_outputs(_run_batch(model, inputs, index))
             norm = math.sqrt(sum(float(r.double().pow(2).sum()) for r in ref)) or 1.0
             for name, block in blocks.items():
                 model.set_submodule(name, skipped[name])
@@ -348,9 +359,9 @@ def _cosine_scores(model, blocks, batches) -> dict[str, float]:
     totals = dict.fromkeys(blocks, 0.0)
     samples = 0
     with torch.no_grad():
-        for inputs in batches:
+        for index, inputs in enumerate(batches):
             with _Capture(blocks, keep_graph=False) as cap:
-                call_model(model, inputs)
+                _run_batch(model, inputs, index)
             for n in blocks:
                 x, y = cap.inputs[n].double(), cap.outputs[n].double()
                 x, y = x.reshape(_batch_size(x), -1), y.reshape(_batch_size(y), -1)

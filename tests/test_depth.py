@@ -245,6 +245,8 @@ def test_zero_blocks_is_a_no_op():
     ({"blocks": ["widen.0"]}, ValueError, "changes the shape"),
     ({"blocks": ["head"]}, ValueError, "not a non-leaf member"),
     ({"blocks": "blocks.0"}, TypeError, "iterable"),
+    ({"data": [(torch.randn(3, 6), torch.tensor([0, 1, 2]))]}, ValueError, "needs loss_fn"),
+    ({"data": [torch.randn(3, 5)], "importance": "cosine"}, ValueError, "data batch 0"),
 ])
 def test_bad_input(kwargs, err, match):
     model, x = Stack(), torch.randn(3, 6)
