@@ -454,3 +454,41 @@ def test_prune_to_macs_bad_input(kwargs, err, match):
     with pytest.raises(err, match=match):
         accelprune.prune_to_macs(model, x, args.pop("method"), args.pop("macs_reduction"), **args)
     assert model.layer1[0].conv1.out_channels == 16
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_per_layer_controls_hold_together(seed):
+    rng = np.random.default_rng(seed)
+    sparsity = float(rng.choice([0.2, 0.45, 0.7]))
+    round_to = int(rng.choice([2, 4, 8]))
+    max_sparsity = float(rng.choice([0.5, 0.75]))
+    own = {str(rng.choice(RESNET20_GROUPS)): 0.5}
+    model, x = _resnet20()
+    with torch.no_grad():  # layers of very different scales
+        for n in RESNET20_GROUPS:
+            model.get_submodule(n).weight.mul_(float(rng.uniform(0.01, 10)))
+    accelprune.prune(model, x, sparsity, "l1", global_ranking=bool(seed % 2),
+                     round_to=round_to, max_sparsity=max_sparsity, layer_sparsity=own)
+    widths = _group_widths(model)
+    before = {n: 16 * 2 ** (int(n[5]) - 1) for n in RESNET20_GROUPS}
+    for n, w in widths.items():
+        if w < before[n]:
+            assert w % round_to == 0, (n, w)
+        assert before[n] - w <= math.floor(max_sparsity * before[n]), (n, w)
+    (name, s), = own.items()
+    k = math.floor(s * before[name])
+    assert widths[name] == -(-(before[name] - k) // round_to) * round_to
+    rest = [n for n in RESNET20_GROUPS if n != name]
+    # per layer: a sum of floors; global: the budget (rounding and caps only keep more)
+    assert sum(before[n] - widths[n] for n in rest) <= math.floor(
+        sparsity * sum(before[n] for n in rest))
+    assert model(x).shape == (1, 10)
+
+
+def test_layer_sparsity_names_any_producer_of_a_coupled_group():
+    model, x = _resnet20()
+    accelprune.prune(model, x, 0.0, "l1", prune_coupled=True,
+                     layer_sparsity={"layer1.1.conv2": 0.5})
+    # the residual stream of stage 1: the stem and every block's conv2 shrink together
+    assert model.conv1.out_channels == 8 and model.layer1[2].conv2.out_channels == 8
+    assert model.layer1[0].conv1.out_channels == 16 and model(x).shape == (1, 10)
