@@ -384,7 +384,7 @@ IMPORTANCE_PANELS = ("bars", "sorted", "hist")
 
 
 def plot_importance(scores, path: str | os.PathLike, *, threshold: float | None = None,
-                    prune_ratio: float | None = None, bins: int = 30,
+                    sparsity: float | None = None, bins: int = 30,
                     title: str | None = None, panels=IMPORTANCE_PANELS) -> str:
     """Seed 001's importance figure for one layer, saved to ``path`` (format from the suffix).
 
@@ -397,13 +397,13 @@ def plot_importance(scores, path: str | os.PathLike, *, threshold: float | None 
     * ``"hist"``: the histogram of the scores (``bins``), the threshold as a vertical line.
 
     scores: 1-D scores, or a Conv/Linear module (then its filters' L1 norms, Σ|W_i|).
-    threshold: channels scoring at or below it are pruned; or ``prune_ratio`` in [0, 1): the
-        ``round(prune_ratio · n)`` lowest-scored channels are pruned (ties: the earlier
+    threshold: channels scoring at or below it are pruned; or ``sparsity`` in [0, 1): the
+        ``round(sparsity · n)`` lowest-scored channels are pruned (ties: the earlier
         channel first, as :func:`accelprune.prune` does), the threshold is the highest of
         their scores. Neither: no line is drawn, nothing is red.
     Returns the path as a string.
     """
-    values, pruned, threshold = _importance_inputs(scores, threshold, prune_ratio)
+    values, pruned, threshold = _importance_inputs(scores, threshold, sparsity)
     bins = check_int(bins, "bins", low=1)
     panels = _check_panels(panels)
     fig = _importance_figure(values, pruned, threshold, bins, title, panels)
@@ -411,7 +411,7 @@ def plot_importance(scores, path: str | os.PathLike, *, threshold: float | None 
     return str(path)
 
 
-def _importance_inputs(scores, threshold, prune_ratio):
+def _importance_inputs(scores, threshold, sparsity):
     """(scores as float64, bool mask of pruned channels, threshold or None), checked."""
     from accelprune._validation import as_float64_array, check_fraction
 
@@ -426,11 +426,11 @@ def _importance_inputs(scores, threshold, prune_ratio):
     values = as_float64_array(scores, "scores", ndim=1)
     if values.size == 0:
         raise ValueError("scores is empty")
-    if threshold is not None and prune_ratio is not None:
-        raise ValueError("give either threshold or prune_ratio, not both")
+    if threshold is not None and sparsity is not None:
+        raise ValueError("give either threshold or sparsity, not both")
     pruned = np.zeros(values.size, dtype=bool)
-    if prune_ratio is not None:
-        ratio = check_fraction(prune_ratio, "prune_ratio")
+    if sparsity is not None:
+        ratio = check_fraction(sparsity, "sparsity")
         k = int(round(ratio * values.size))
         order = np.argsort(values, kind="stable")
         pruned[order[:k]] = True

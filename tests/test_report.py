@@ -142,7 +142,7 @@ def test_plots_write_png(tmp_path):
 
     conv = nn.Conv2d(16, 32, 3)
     imp_png = tmp_path / "importance.png"
-    plot_importance(conv, imp_png, prune_ratio=0.5, title="conv")
+    plot_importance(conv, imp_png, sparsity=0.5, title="conv")
     assert imp_png.read_bytes()[:8] == PNG_MAGIC
     scores_png = tmp_path / "scores.png"
     plot_importance(torch.rand(20), scores_png, threshold=0.3)
@@ -154,8 +154,8 @@ def test_plots_write_png(tmp_path):
     (dict(scores=torch.rand(3, 3)), ValueError, "1-D"),
     (dict(scores=torch.tensor([1.0, float("nan")])), ValueError, "NaN"),
     (dict(scores=nn.ReLU()), TypeError, "Conv/Linear"),
-    (dict(threshold=0.1, prune_ratio=0.5), ValueError, "not both"),
-    (dict(prune_ratio=1.0), ValueError, "prune_ratio"),
+    (dict(threshold=0.1, sparsity=0.5), ValueError, "not both"),
+    (dict(sparsity=1.0), ValueError, "sparsity"),
     (dict(threshold=float("inf")), ValueError, "threshold"),
     (dict(bins=0), ValueError, "bins"),
 ])
@@ -206,7 +206,7 @@ def test_importance_figure_has_bars_sorted_curve_and_histogram(tmp_path):
 
     scores = torch.tensor([0.5, 0.1, 0.9, 0.1, 0.7, 0.3], dtype=torch.float64)
     path = tmp_path / "imp.png"
-    assert plot_importance(scores, path, prune_ratio=0.5) == str(path)
+    assert plot_importance(scores, path, sparsity=0.5) == str(path)
     assert path.read_bytes()[:8] == PNG_MAGIC
     image = matplotlib.image.imread(path)  # decodes: a valid PNG, three panels wide
     assert image.ndim == 3 and image.shape[1] > 2 * image.shape[0]
@@ -235,7 +235,7 @@ def test_importance_figure_panels_and_threshold(tmp_path):
     assert not pruned.any() and threshold is None
     for panels in ("sorted", ["hist", "bars"]):
         path = tmp_path / f"{len(panels)}.png"
-        plot_importance(nn.Linear(8, 16), path, prune_ratio=0.25, panels=panels)
+        plot_importance(nn.Linear(8, 16), path, sparsity=0.25, panels=panels)
         assert path.read_bytes()[:8] == PNG_MAGIC
 
 
