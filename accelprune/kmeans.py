@@ -134,19 +134,31 @@ def _options(seed, iters, tol, init_rounds, batch_size):
 
 
 class _Geometry:
-    """The data, its norms, and the float32 error bound of GEMM distances."""
+    """The data, the k centres, and the float32 error bound of GEMM distances between them.
 
-    def __init__(self, X: torch.Tensor, batch_size: int | None, width: int):
-        self.X = X
+    The GEMMs run on a centred copy of the data (X minus its float32 mean row; k-means does not
+    care about a translation) so that ||x||² and x·c do not swamp the distances when the rows
+    share a large common part. Everything exact (means, float64 tie-breaks, spreads) uses X.
+    """
+
+    def __init__(self, X: torch.Tensor, k: int, batch_size: int | None, width: int):
         n, d = X.shape
-        self.xx = (X * X).sum(1)                                     # float32 ||x||²
-        self.norm = torch.cat([torch.linalg.vector_norm(X[s:s + 4096].double(), dim=1)
-                               for s in range(0, n, 4096)])          # float64 ||x||
+        self.X = X
+        shift = torch.stack([X[s:s + 4096].double().sum(0) for s in range(0, n, 4096)]).sum(0)
+        self.shift = (shift / n).float()
+        self.Xg = X - self.shift                                     # centred, for the GEMMs
+        self.xx = (self.Xg * self.Xg).sum(1)                         # float32 ||x'||²
+        self.norm = torch.cat([torch.linalg.vector_norm(self.Xg[s:s + 4096].double(), dim=1)
+                               for s in range(0, n, 4096)])          # float64 ||x'||
+        self.C = torch.zeros(k, d, dtype=torch.float32, device=X.device)
+        self.Cg = torch.zeros_like(self.C)
+        self.cc = torch.zeros(k, dtype=torch.float32, device=X.device)
         gamma = d * _U32 / (1 - d * _U32)
         # TF32 ("high") or bf16 ("medium") matmuls round their inputs: two roundings per product
         gamma += {"highest": 0.0, "high": 2.0 ** -10, "medium": 2.0 ** -7}.get(
             torch.get_float32_matmul_precision(), 2.0 ** -7)
-        self.gamma = 1.01 * (gamma + 4 * _U32)
+        # GEMM form (γ_d + 4u) plus the centring's roundings of x' and c' (2u, rounded up)
+        self.gamma = 1.01 * (gamma + 8 * _U32)
         self.cmax = float(self.norm.max())                           # grows if a centre is longer
         self.rows = batch_size or max(1, min(n, _BLOCK_BYTES // (4 * max(width, 1))))
 
@@ -154,31 +166,40 @@ class _Geometry:
         """Per-row bound b(x) (float32) on |GEMM distance - exact distance|, any centre."""
         return (self.gamma * (self.norm[rows] + self.cmax) ** 2).float()
 
-    def see_centres(self, C: torch.Tensor) -> None:
-        self.cmax = max(self.cmax, float(torch.linalg.vector_norm(C.double(), dim=1).max()) *
-                        (1 + 1e-6))
+    def set_centres(self, ids, values: torch.Tensor) -> None:
+        self.C[ids] = values
+        self.Cg[ids] = values - self.shift
+        g = self.Cg[ids]
+        self.cc[ids] = (g * g).sum(1)
+        if len(g):
+            norm = float(torch.linalg.vector_norm(g.double(), dim=1).max())
+            self.cmax = max(self.cmax, norm * (1 + 1e-6))
 
-    def dist(self, rows, C: torch.Tensor, cc: torch.Tensor) -> torch.Tensor:
-        """float32 (len(rows), m) squared distances ||x||² - 2 x·c + ||c||², one GEMM."""
-        D = torch.addmm(cc[None, :], self.X[rows], C.T, beta=1.0, alpha=-2.0)
+    def dist(self, rows, ids=None) -> torch.Tensor:
+        """float32 (rows, centres ``ids``, default all) distances ||x||² - 2 x·c + ||c||²."""
+        Cg, cc = (self.Cg, self.cc) if ids is None else (self.Cg[ids], self.cc[ids])
+        D = torch.addmm(cc[None, :], self.Xg[rows], Cg.T, beta=1.0, alpha=-2.0)
         return D.add_(self.xx[rows, None])
 
-    def exact(self, rows: torch.Tensor, C: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    def exact(self, rows: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         """float64 sum((x - c)²) for the pairs (rows[i], centres[i]); each pair on its own."""
-        diff = self.X[rows].double() - C[centres].double()
+        diff = self.X[rows].double() - self.C[centres].double()
         return (diff * diff).sum(1)
 
-    def direct(self, labels: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    def direct(self, labels: torch.Tensor, C: torch.Tensor | None = None) -> torch.Tensor:
         """float32 sum((x - c)²) of every row to its centre (deterministic: no GEMM)."""
+        C = self.C if C is None else C
         out = torch.empty(self.X.shape[0], dtype=torch.float32, device=self.X.device)
         for s in range(0, self.X.shape[0], self.rows):
             diff = self.X[s:s + self.rows] - C[labels[s:s + self.rows]]
             out[s:s + self.rows] = (diff * diff).sum(1)
         return out
 
+    def inertia(self, labels: torch.Tensor, C: torch.Tensor | None = None) -> float:
+        return float(self.direct(labels, C).double().cpu().numpy().sum())  # numpy: fixed order
 
-def _settle(geo: _Geometry, rows: torch.Tensor, D: torch.Tensor, ids: torch.Tensor | None,
-            C: torch.Tensor):
+
+def _settle(geo: _Geometry, rows, D: torch.Tensor, ids: torch.Tensor | None):
     """Nearest centre of each row from approximate distances D (r, m).
 
     Column j of row i is centre ``ids[i, j]`` (centre j when ``ids`` is None). Rows whose best is
@@ -193,7 +214,7 @@ def _settle(geo: _Geometry, rows: torch.Tensor, D: torch.Tensor, ids: torch.Tens
         pr, pc = near[tied].nonzero(as_tuple=True)
         centre = pc if ids is None else ids[tied[pr], pc]
         row_ids = tied[pr] + rows.start if isinstance(rows, slice) else rows[tied[pr]]
-        exact = geo.exact(row_ids, C, centre).cpu().numpy()
+        exact = geo.exact(row_ids, centre).cpu().numpy()
         pr_np, centre_np = pr.cpu().numpy(), centre.cpu().numpy()
         order = np.lexsort((centre_np, exact, pr_np))      # by row, then distance, then centre
         first = order[np.r_[True, pr_np[order][1:] != pr_np[order][:-1]]]
@@ -213,7 +234,11 @@ def _settle(geo: _Geometry, rows: torch.Tensor, D: torch.Tensor, ids: torch.Tens
 
 
 def _seed(geo: _Geometry, k: int, seed: int, init_rounds: int):
-    """Blocked k-means++ (module docstring). Returns (seed rows, label, own, second)."""
+    """Blocked k-means++ (module docstring): seeds become centres 0..k'-1 of ``geo``.
+
+    Returns (seed rows, label, own, second): each row's nearest seed and the approximate
+    distances to its nearest and second-nearest seeds.
+    """
     X = geo.X
     n = X.shape[0]
     rng = np.random.default_rng(seed)
@@ -224,13 +249,12 @@ def _seed(geo: _Geometry, k: int, seed: int, init_rounds: int):
     new = seeds
     per_round = -(-(k - 1) // init_rounds)
     while True:
-        C = X[new]
-        cc = (C * C).sum(1)
-        geo.see_centres(C)
         first_id = len(seeds) - len(new)
+        ids = slice(first_id, len(seeds))
+        geo.set_centres(ids, X[new])
         for s in range(0, n, geo.rows):
             r = slice(s, s + geo.rows)
-            D = geo.dist(r, C, cc)
+            D = geo.dist(r, ids)
             top = D.topk(min(2, D.shape[1]), dim=1, largest=False)
             nb, nl = top.values[:, 0], top.indices[:, 0] + first_id
             ns = top.values[:, 1] if D.shape[1] > 1 else torch.full_like(nb, math.inf)
@@ -272,7 +296,7 @@ def kmeans_seeds(X, k: int, *, seed: int = 0, init_rounds: int = 16, device=None
     Xt = _points(X, device)
     k = _n_clusters(k, Xt.shape[0])
     seed, _, _, init_rounds, batch_size = _options(seed, 0, 0.0, init_rounds, batch_size)
-    geo = _Geometry(Xt, batch_size, -(-(k - 1) // init_rounds) or 1)
+    geo = _Geometry(Xt, k, batch_size, -(-(k - 1) // init_rounds) or 1)
     return _seed(geo, k, seed, init_rounds)[0]
 
 
@@ -280,9 +304,11 @@ def kmeans_seeds(X, k: int, *, seed: int = 0, init_rounds: int = 16, device=None
 # Lloyd iterations
 
 
-def _means(X: torch.Tensor, labels: torch.Tensor, C: torch.Tensor, which: torch.Tensor) -> None:
-    """Set C[which] (non-empty clusters) to the float32 mean of their rows, summed in row order."""
-    slot = torch.full((C.shape[0],), -1, dtype=torch.int64, device=X.device)
+def _means(geo: _Geometry, labels: torch.Tensor, which: torch.Tensor) -> None:
+    """Move centres ``which`` (non-empty clusters) to the float32 mean of their rows, summed in
+    row order (deterministic)."""
+    X = geo.X
+    slot = torch.full((geo.C.shape[0],), -1, dtype=torch.int64, device=X.device)
     slot[which] = torch.arange(len(which), device=X.device)
     rows = (slot[labels] >= 0).nonzero().squeeze(1)        # ascending row order
     pos = slot[labels[rows]]
@@ -292,10 +318,10 @@ def _means(X: torch.Tensor, labels: torch.Tensor, C: torch.Tensor, which: torch.
         sums = torch.segment_reduce(X[rows[order]], "sum", lengths=counts, axis=0, unsafe=True)
     else:  # CPU index_add_ adds the rows serially, in index order
         sums = torch.zeros(len(which), X.shape[1], dtype=X.dtype).index_add_(0, pos, X[rows])
-    C[which] = sums / counts[:, None].to(X.dtype)
+    geo.set_centres(which, sums / counts[:, None].to(X.dtype))
 
 
-def _refill_empty(geo: _Geometry, labels: torch.Tensor, C: torch.Tensor, k: int):
+def _refill_empty(geo: _Geometry, labels: torch.Tensor, k: int):
     """Refill empty clusters with the rows farthest from their centre (module docstring).
 
     Returns (refilled cluster ids, donor cluster ids, the moved rows), all int64 tensors.
@@ -305,39 +331,48 @@ def _refill_empty(geo: _Geometry, labels: torch.Tensor, C: torch.Tensor, k: int)
     none = torch.empty(0, dtype=torch.int64, device=labels.device)
     if len(empty) == 0:
         return none, none, none
-    spread = geo.direct(labels, C).double().cpu().numpy()
+    spread = geo.direct(labels).double().cpu().numpy()
     lab = labels.cpu().numpy()
     order = np.lexsort((np.arange(len(lab)), -spread))        # farthest first, then lowest row
-    rank = np.empty(len(lab), dtype=np.int64)                 # rank of a row within its cluster
     ordered = lab[order]
-    sort_within = np.argsort(ordered, kind="stable")
-    starts = np.r_[0, np.flatnonzero(np.diff(ordered[sort_within])) + 1]
-    pos = np.arange(len(lab)) - np.repeat(starts, np.diff(np.r_[starts, len(lab)]))
-    rank[order[sort_within]] = pos
+    by_cluster = np.argsort(ordered, kind="stable")           # keeps the order within a cluster
+    starts = np.r_[0, np.flatnonzero(np.diff(ordered[by_cluster])) + 1]
+    rank = np.empty(len(lab), dtype=np.int64)                 # rank of a row within its cluster
+    rank[order[by_cluster]] = np.arange(len(lab)) - np.repeat(starts, np.diff(np.r_[starts,
+                                                                                  len(lab)]))
     cnt = counts.cpu().numpy()
     eligible = order[rank[order] < cnt[lab[order]] - 1]       # never a cluster's last row
     moved = torch.as_tensor(eligible[:len(empty)], device=labels.device)
     donors = labels[moved].unique()
     labels[moved] = empty
-    C[empty] = geo.X[moved]
-    geo.see_centres(C[empty])
+    geo.set_centres(empty, geo.X[moved])
     return empty, donors, moved
 
 
-def _assign_moved(geo: _Geometry, labels, own, second, C, cc, moved: torch.Tensor) -> None:
+def _after_assignment(geo: _Geometry, labels, own, k: int, before) -> torch.Tensor:
+    """Refill empty clusters; return the clusters whose members changed (their centres move)."""
+    empty, donors, moved = _refill_empty(geo, labels, k)
+    if len(moved):
+        own[moved] = 0.0  # the row is its centre; ``second`` stays a valid bound on the others
+    if before is None:  # after the seeding: every centre becomes a mean
+        return torch.arange(k, device=labels.device)
+    diff = (labels != before).nonzero().squeeze(1)
+    return torch.cat([labels[diff], before[diff], empty, donors]).unique()
+
+
+def _assign_moved(geo: _Geometry, labels, own, second, moved: torch.Tensor) -> None:
     """Reassign every row after the centres ``moved`` changed (bounds, module docstring)."""
-    X = geo.X
-    n = X.shape[0]
-    Cm, ccm = C[moved], cc[moved]
-    is_moved = torch.zeros(C.shape[0], dtype=torch.bool, device=X.device)
+    n = geo.X.shape[0]
+    device = geo.X.device
+    is_moved = torch.zeros(geo.C.shape[0], dtype=torch.bool, device=device)
     is_moved[moved] = True
-    all_rows = torch.arange(n, device=X.device)
+    all_rows = torch.arange(n, device=device)
     undecided = []
     for s in range(0, n, geo.rows):
         sl = slice(s, s + geo.rows)
         lab = labels[sl]
         own_col = torch.where(is_moved[lab], math.inf, own[sl])
-        D = torch.cat([own_col[:, None], geo.dist(sl, Cm, ccm)], dim=1)
+        D = torch.cat([own_col[:, None], geo.dist(sl, moved)], dim=1)
         best = D.min(1).values
         # the unmoved other centres are all >= second (approx); decided if best wins by 2 b(x)
         sure = best + 2 * geo.bound(sl) < second[sl]
@@ -346,19 +381,18 @@ def _assign_moved(geo: _Geometry, labels, own, second, C, cc, moved: torch.Tenso
         if len(rs) == 0:
             continue
         ids = torch.cat([lab[sure, None], moved[None, :].expand(len(rs), -1)], dim=1)
-        new, o, sec = _settle(geo, rs, D[sure], ids, C)
+        new, o, sec = _settle(geo, rs, D[sure], ids)
         labels[rs], own[rs] = new, o
         second[rs] = torch.minimum(second[rs], sec)
-    rest = torch.cat(undecided)
-    _assign_full(geo, labels, own, second, C, cc, rest)
+    _assign_full(geo, labels, own, second, torch.cat(undecided))
 
 
-def _assign_full(geo: _Geometry, labels, own, second, C, cc, rows: torch.Tensor | None) -> None:
+def _assign_full(geo: _Geometry, labels, own, second, rows: torch.Tensor | None) -> None:
     """Nearest centre of ``rows`` (None: all rows) among all centres."""
     n = geo.X.shape[0] if rows is None else len(rows)
     for s in range(0, n, geo.rows):
         r = slice(s, s + geo.rows) if rows is None else rows[s:s + geo.rows]
-        labels[r], own[r], second[r] = _settle(geo, r, geo.dist(r, C, cc), None, C)
+        labels[r], own[r], second[r] = _settle(geo, r, geo.dist(r), None)
 
 
 def kmeans_fit(X, k: int, *, seed: int = 0, iters: int = 10, tol: float = 1e-4,
@@ -372,57 +406,38 @@ def kmeans_fit(X, k: int, *, seed: int = 0, iters: int = 10, tol: float = 1e-4,
                                                          batch_size)
     if k == n or k == 1:
         labels = np.arange(n, dtype=np.int64) if k == n else np.zeros(n, dtype=np.int64)
-        C = Xt.clone() if k == n else Xt.mean(0, keepdim=True)
-        diff = Xt - C[torch.as_tensor(labels, device=Xt.device)]
-        inertia = float((diff.double() ** 2).sum().cpu())
+        C = Xt.clone() if k == n else Xt.double().mean(0, keepdim=True).float()
+        diff = Xt.double() - C[torch.as_tensor(labels, device=Xt.device)].double()
+        inertia = float((diff ** 2).sum().cpu())
         return KMeansResult(labels, C, inertia, 0, True, np.empty(0, dtype=np.int64))
-    geo = _Geometry(Xt, batch_size, k)
+    geo = _Geometry(Xt, k, batch_size, k)
     seeds, labels, own, second = _seed(geo, k, seed, init_rounds)
-    C = torch.zeros(k, Xt.shape[1], dtype=torch.float32, device=Xt.device)
-    C[:len(seeds)] = Xt[torch.as_tensor(seeds, device=Xt.device)]
-    cc = (C * C).sum(1)
     # the seeding kept only the two nearest seeds: rows with a near tie are decided again
     tied = (own + 2 * geo.bound(slice(None)) >= second).nonzero().squeeze(1)
-    _assign_full(geo, labels, own, second, C, cc, tied)
-    changed = _after_assignment(geo, labels, own, second, C, k, None)
-    inertia = float(geo.direct(labels, C).double().cpu().numpy().sum())
+    _assign_full(geo, labels, own, second, tied)
+    changed = _after_assignment(geo, labels, own, k, None)
+    inertia = geo.inertia(labels)
     n_iter, converged = 0, False
     for n_iter in range(1, iters + 1):  # noqa: B007 (n_iter is reported)
-        _means(Xt, labels, C, changed)
-        geo.see_centres(C[changed])
-        cc[changed] = (C[changed] * C[changed]).sum(1)
+        _means(geo, labels, changed)
         before = labels.clone()
         if len(changed) > _FULL_PASS_FRACTION * k:
-            _assign_full(geo, labels, own, second, C, cc, None)
+            _assign_full(geo, labels, own, second, None)
         else:
-            _assign_moved(geo, labels, own, second, C, cc, changed)
-        changed = _after_assignment(geo, labels, own, second, C, k, before)
-        previous, inertia = inertia, float(geo.direct(labels, C).double().cpu().numpy().sum())
+            _assign_moved(geo, labels, own, second, changed)
+        changed = _after_assignment(geo, labels, own, k, before)
+        previous, inertia = inertia, geo.inertia(labels)
         if len(changed) == 0 or (tol > 0 and previous - inertia <= tol * inertia):
             converged = True
             break
     if len(changed):
-        _means(Xt, labels, C, changed)
+        _means(geo, labels, changed)
     order = relabel_first_appearance(labels.cpu().numpy())
     perm = torch.empty(k, dtype=torch.int64, device=Xt.device)
     perm[torch.as_tensor(order, device=Xt.device)] = labels
-    centres = C[perm]
-    inertia = float(geo.direct(torch.as_tensor(order, device=Xt.device), centres)
-                    .double().cpu().numpy().sum())
+    centres = geo.C[perm]
+    inertia = geo.inertia(torch.as_tensor(order, device=Xt.device), centres)
     return KMeansResult(order, centres, inertia, n_iter, converged, seeds)
-
-
-def _after_assignment(geo, labels, own, second, C, k, before) -> torch.Tensor:
-    """Refill empty clusters; return the clusters whose members changed (their centres move)."""
-    empty, donors, moved = _refill_empty(geo, labels, C, k)
-    if len(moved):
-        own[moved] = 0.0  # the row is its centre; ``second`` stays a valid bound on the others
-    if before is None:  # after the seeding: every centre becomes a mean
-        return torch.arange(k, device=labels.device)
-    else:
-        diff = (labels != before).nonzero().squeeze(1)
-        changed = torch.cat([labels[diff], before[diff]])
-    return torch.cat([changed, empty, donors]).unique()
 
 
 def kmeans(X, k: int, *, seed: int = 0, iters: int = 10, tol: float = 1e-4,
@@ -454,10 +469,11 @@ def kmeans_ref(X, k: int, *, seed: int = 0, iters: int = 10,
                init_rounds: int = 16) -> np.ndarray:
     """The reference: :func:`kmeans_seeds`, scipy's float64 ``kmeans2``, csgd's split repair.
 
-    ``kmeans2(X, X[seeds], iter=iters, minit="matrix")`` runs exactly ``iters`` iterations (no
-    tolerance: compare with ``kmeans(..., tol=0)``), keeps an empty cluster's old centre, and its
-    labels are then split one row at a time until there are k clusters (the row farthest from its
-    cluster's mean, among clusters of more than one row, lowest index on ties).
+    ``kmeans2(X, X[seeds], iter=iters + 1, minit="matrix")`` (scipy counts assignments, this
+    module centre updates: both make iters + 1 assignments) runs every iteration (no tolerance:
+    compare with ``kmeans(..., tol=0)``), keeps an empty cluster's old centre, and its labels are
+    then split one row at a time until there are k clusters (the row farthest from its cluster's
+    mean, among clusters of more than one row, lowest index on ties).
     """
     from scipy.cluster.vq import kmeans2
 
@@ -470,13 +486,9 @@ def kmeans_ref(X, k: int, *, seed: int = 0, iters: int = 10,
     if k == 1:
         return np.zeros(len(X64), dtype=np.int64)
     seeds = kmeans_seeds(Xt, k, seed=seed, init_rounds=init_rounds)
-    if iters == 0:  # kmeans2 wants at least one iteration; 0 is the seeds' assignment
-        from scipy.cluster.vq import vq
-        labels = vq(X64, X64[seeds])[0]
-    else:
-        with warnings.catch_warnings():  # empty clusters are repaired below
-            warnings.filterwarnings("ignore", message="One of the clusters is empty")
-            _, labels = kmeans2(X64, X64[seeds], iter=iters, minit="matrix", missing="warn")
+    with warnings.catch_warnings():  # empty clusters are repaired below
+        warnings.filterwarnings("ignore", message="One of the clusters is empty")
+        _, labels = kmeans2(X64, X64[seeds], iter=iters + 1, minit="matrix", missing="warn")
     return relabel_first_appearance(_split_until_ref(X64, np.asarray(labels, np.int64), k))
 
 
