@@ -94,7 +94,12 @@ def _points(X, device) -> torch.Tensor:
     if isinstance(X, np.ndarray):
         if not np.issubdtype(X.dtype, np.floating):
             raise TypeError(f"X must be a floating-point array, got dtype {X.dtype}")
-        X = torch.from_numpy(X)
+        if X.size and not np.isfinite(X).all():
+            raise ValueError("X contains NaN or Inf")
+        if X.size and np.abs(X).max() > np.finfo(np.float32).max:
+            raise ValueError("X has values beyond float32's range; rescale the data")
+        # any strides, byte order or float width: one float32 C-contiguous array (or X itself)
+        X = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
     elif not isinstance(X, torch.Tensor):
         raise TypeError(f"X must be a torch.Tensor or numpy array, got {type(X).__name__}")
     if not X.dtype.is_floating_point:
@@ -387,12 +392,14 @@ def _assign_moved(geo: _Geometry, labels, own, second, moved: torch.Tensor) -> N
     _assign_full(geo, labels, own, second, torch.cat(undecided))
 
 
-def _assign_full(geo: _Geometry, labels, own, second, rows: torch.Tensor | None) -> None:
-    """Nearest centre of ``rows`` (None: all rows) among all centres."""
+def _assign_full(geo: _Geometry, labels, own, second, rows: torch.Tensor | None,
+                 n_centres: int | None = None) -> None:
+    """Nearest centre of ``rows`` (None: all rows) among centres 0..n_centres-1 (None: all)."""
     n = geo.X.shape[0] if rows is None else len(rows)
+    ids = None if n_centres is None else slice(0, n_centres)
     for s in range(0, n, geo.rows):
         r = slice(s, s + geo.rows) if rows is None else rows[s:s + geo.rows]
-        labels[r], own[r], second[r] = _settle(geo, r, geo.dist(r), None)
+        labels[r], own[r], second[r] = _settle(geo, r, geo.dist(r, ids), None)
 
 
 def kmeans_fit(X, k: int, *, seed: int = 0, iters: int = 10, tol: float = 1e-4,
@@ -412,9 +419,10 @@ def kmeans_fit(X, k: int, *, seed: int = 0, iters: int = 10, tol: float = 1e-4,
         return KMeansResult(labels, C, inertia, 0, True, np.empty(0, dtype=np.int64))
     geo = _Geometry(Xt, k, batch_size, k)
     seeds, labels, own, second = _seed(geo, k, seed, init_rounds)
-    # the seeding kept only the two nearest seeds: rows with a near tie are decided again
+    # the seeding kept only the two nearest seeds: rows with a near tie are decided again, among
+    # the seeds only (with fewer than k distinct rows the other centres are not set yet)
     tied = (own + 2 * geo.bound(slice(None)) >= second).nonzero().squeeze(1)
-    _assign_full(geo, labels, own, second, tied)
+    _assign_full(geo, labels, own, second, tied, len(seeds))
     changed = _after_assignment(geo, labels, own, k, None)
     inertia = geo.inertia(labels)
     n_iter, converged = 0, False

@@ -261,6 +261,18 @@ def test_bad_options(option, value, exc):
         kmeans(np.zeros((5, 3), dtype=np.float32), 2, **{option: value})
 
 
+def test_any_numpy_layout_byte_order_and_float_width():
+    X = np.random.default_rng(0).normal(size=(60, 5))
+    expected = kmeans(X, 9, seed=2)
+    np.testing.assert_array_equal(kmeans(X[::-1][::-1], 9, seed=2), expected)
+    np.testing.assert_array_equal(kmeans(X.astype(">f8"), 9, seed=2), expected)
+    np.testing.assert_array_equal(kmeans(np.asfortranarray(X), 9, seed=2), expected)
+    reversed_rows = kmeans(X[::-1], 9, seed=2)  # negative strides
+    assert len(np.unique(reversed_rows)) == 9
+    assert len(np.unique(kmeans(X.astype(np.float16), 9))) == 9
+    assert len(np.unique(kmeans(torch.from_numpy(X).to(torch.bfloat16), 9))) == 9
+
+
 def test_input_never_modified():
     X = np.random.default_rng(0).normal(size=(40, 5))
     X32 = X.astype(np.float32)
