@@ -200,7 +200,7 @@ def test_k_equal_n_and_k_equal_one():
 
 
 def test_same_result_with_one_or_two_threads_and_any_batch_size():
-    X = torch.from_numpy(blobs(n_centres=40, per=15, d=48, spread=2.0, seed=5))
+    X = torch.from_numpy(blobs(n_centres=40, per=15, d=128, spread=2.0, seed=5))
     previous = torch.get_num_threads()
     try:
         fits = []
