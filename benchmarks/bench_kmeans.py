@@ -11,9 +11,9 @@ today, :func:`accelprune.csgd.cluster_filters` (exact k-means++ seeding with sci
 scipy's float64 ``kmeans2``, 10 iterations); ``kmeans_ref`` = :func:`accelprune.kmeans.kmeans_ref`
 (this module's seeds, then scipy's ``kmeans2``). scipy runs on the small case only unless
 ``--scipy-large`` (the issue extrapolates about 17 minutes there). Besides the times: the
-Lloyd iterations run, whether they converged, the fast path's CPU time (process time, all
-threads: on a shared machine, wall time / CPU time shows how much of it the run got), and the
-inertia relative to scipy's.
+Lloyd iterations run, whether they converged, each path's CPU time (process time, all threads,
+last run: on a shared machine, CPU time / wall time shows how much of the machine a run got, and
+CPU-time ratios are the fairer comparison), and the inertia relative to scipy's.
 
 Run: ``python -m benchmarks.bench_kmeans [--quick] [--device cpu|cuda] [--repeats N]
 [--threads N] [--scipy-large]``.
@@ -53,29 +53,31 @@ def run_case(name: str, n: int, d: int, k: int, device: torch.device, repeats: i
     Xd = X.to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     big = n * k * d > 1e11
-    fit = {}
+    out, cpu = {}, {}
 
-    def fast():
-        cpu = time.process_time()
-        fit["result"] = kmeans_fit(Xd, k, seed=0)
-        fit["cpu_s"] = time.process_time() - cpu
+    def run(path, fn):
+        def call():
+            start = time.process_time()
+            out[path] = fn()
+            cpu[path] = time.process_time() - start
+        return call
 
-    timings = {"accelprune": measure(fast, warmup=0 if big else 1, repeats=repeats,
+    timings = {"accelprune": measure(run("accelprune", lambda: kmeans_fit(Xd, k, seed=0)),
+                                     warmup=0 if big else 1, repeats=repeats,
                                      sync=sync).median_s}
-    result = fit["result"]
+    result = out["accelprune"]
     X64 = X.double().numpy()
     extra = {"n x d -> k": f"{n} x {d} -> {k}", "iters": result.n_iter,
-             "converged": result.converged, "cpu s (accelprune)": f"{fit['cpu_s']:.1f}"}
+             "converged": result.converged}
+    paths = {"scipy": lambda: cluster_filters(X64, k), "kmeans_ref": lambda: kmeans_ref(X, k)}
+    for path, fn in paths.items() if with_scipy else ():
+        timings[path] = measure(run(path, fn), warmup=0, repeats=1).median_s
+    for path in timings:
+        extra[f"cpu s ({path})"] = f"{cpu[path]:.2f}"
     if with_scipy:
-        out = {}
-        timings["scipy"] = measure(lambda: out.__setitem__("scipy", cluster_filters(X64, k)),
-                                   warmup=0, repeats=1).median_s
-        timings["kmeans_ref"] = measure(
-            lambda: out.__setitem__("ref", kmeans_ref(X, k, seed=0)), warmup=0,
-            repeats=1).median_s
         ours = inertia(X64, result.labels)
         extra["inertia / scipy"] = f"{ours / inertia(X64, out['scipy']):.4f}"
-        extra["inertia / kmeans_ref"] = f"{ours / inertia(X64, out['ref']):.4f}"
+        extra["inertia / kmeans_ref"] = f"{ours / inertia(X64, out['kmeans_ref']):.4f}"
     print(f"  {name}: {timings}  {extra}", flush=True)
     return Row(name, timings, extra)
 
@@ -101,7 +103,8 @@ def main(argv=None) -> dict:
         repeats = args.repeats or (1 if big else 3)
         rows.append(run_case(name, n, d, k, device, repeats, with_scipy=i == 0 or
                              args.scipy_large or args.quick))
-    suffix = "" if device.type == "cpu" else f"_{device.type}"
+    suffix = ("" if device.type == "cpu" else f"_{device.type}") + (
+        f"_threads{args.threads}" if args.threads else "")
     return report(f"kmeans{suffix}" + ("_quick" if args.quick else ""), rows,
                   fast="accelprune", references=["scipy", "kmeans_ref"],
                   notes={"device": str(device), "threads": torch.get_num_threads(),
