@@ -22,6 +22,8 @@ JSON: ``benchmarks/results/kmeans.json`` (``kmeans_cuda.json`` on a GPU).
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import time
 
 import numpy as np
@@ -82,6 +84,15 @@ def run_case(name: str, n: int, d: int, k: int, device: torch.device, repeats: i
     return Row(name, timings, extra)
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(names)
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
@@ -97,6 +108,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = QUICK_CASES if args.quick else CASES
+    load_before = os.getloadavg()
     rows = []
     for i, (name, (n, d, k)) in enumerate(cases.items()):
         big = n * k * d > 1e11
@@ -108,6 +120,9 @@ def main(argv=None) -> dict:
     return report(f"kmeans{suffix}" + ("_quick" if args.quick else ""), rows,
                   fast="accelprune", references=["scipy", "kmeans_ref"],
                   notes={"device": str(device), "threads": torch.get_num_threads(),
+                         "cpu_model": cpu_model(),
+                         "load_average_before_after": [round(load_before[0], 2),
+                                                       round(os.getloadavg()[0], 2)],
                          "data": "standard normal float32, torch seed 0",
                          "accelprune": "kmeans(seed=0) defaults: init_rounds=16, iters=10, "
                                        "tol=1e-4",
