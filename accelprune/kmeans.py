@@ -55,18 +55,18 @@ What it computes (the decisions, so that a result can be reproduced from this te
 * **Exactly k non-empty clusters.** After each assignment, the clusters left empty are refilled
   by the rows farthest from their centre (float32 ``sum((x - c)²)``, deterministic; largest first,
   lowest row index on ties), never taking the last row of a cluster; each becomes a singleton.
-  This is :func:`accelprune.csgd`'s ``_split_until`` rule done for all empty clusters at once,
+  This is the :func:`split_until_k` rule done for all empty clusters at once,
   with distances to the current centres instead of recomputed means.
 * Labels are numbered by first appearance (row 0 in cluster 0, ...), as everywhere in accelprune;
   ``k == n`` gives ``arange(n)`` and ``k == 1`` zeros, without iterating.
 
 :func:`kmeans_ref` is the reference: the same seeds (:func:`kmeans_seeds`), then scipy's float64
-``kmeans2(minit="matrix", iter=iters + 1)``, then csgd's one-row-at-a-time split repair. Where
+``kmeans2(minit="matrix", iter=iters + 1)``, then the one-row-at-a-time split repair. Where
 scipy leaves no cluster empty both give the same partition (tests pin it, ties included);
 otherwise Lloyd's local optima differ (scipy keeps an empty cluster's old centre, this module
 refills it) and the inertias are compared. ``kmeans(X, k, seed=s, init_rounds=k - 1, iters=9,
-tol=0)`` is today's :func:`accelprune.csgd.cluster_filters` (exact k-means++ with scipy's draws,
-``kmeans2``'s default 10 assignments) on such data.
+tol=0)`` is :func:`accelprune.selection.cluster_filters` with ``backend="reference"`` (exact
+k-means++ with scipy's draws, ``kmeans2``'s default 10 assignments) on such data.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ import torch
 from accelprune._validation import check_int
 from accelprune.cluster import relabel_first_appearance
 
-__all__ = ["KMeansResult", "kmeans", "kmeans_fit", "kmeans_seeds", "kmeans_ref"]
+__all__ = ["KMeansResult", "kmeans", "kmeans_fit", "kmeans_seeds", "kmeans_ref", "split_until_k"]
 
 _U32 = 2.0 ** -24           # float32 unit roundoff
 _BLOCK_BYTES = 1 << 28      # default memory for one block of distances (256 MiB)
@@ -477,7 +477,7 @@ def kmeans(X, k: int, *, seed: int = 0, iters: int = 10, tol: float = 1e-4,
     init_rounds: passes the k-means++ seeding may use (exact k-means++ when >= k - 1).
     batch_size: rows per block of distances (default: as many as fit 256 MiB of float32 distances).
     Returns labels numbered by first appearance (row 0 in cluster 0, each cluster's lowest row
-    increasing with its id), like :func:`accelprune.csgd.cluster_filters`.
+    increasing with its id), like :func:`accelprune.selection.cluster_filters`.
     """
     return kmeans_fit(X, k, seed=seed, iters=iters, tol=tol, init_rounds=init_rounds,
                       device=device, batch_size=batch_size).labels
@@ -511,11 +511,13 @@ def kmeans_ref(X, k: int, *, seed: int = 0, iters: int = 10,
     with warnings.catch_warnings():  # empty clusters are repaired below
         warnings.filterwarnings("ignore", message="One of the clusters is empty")
         _, labels = kmeans2(X64, X64[seeds], iter=iters + 1, minit="matrix", missing="warn")
-    return relabel_first_appearance(_split_until_ref(X64, np.asarray(labels, np.int64), k))
+    return relabel_first_appearance(split_until_k(X64, np.asarray(labels, np.int64), k))
 
 
-def _split_until_ref(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Move single rows into new clusters until ``labels`` has k non-empty clusters (csgd's)."""
+def split_until_k(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Move single rows into new clusters until ``labels`` has k non-empty clusters: the row
+    farthest from its cluster's mean, among clusters of more than one row (lowest index on
+    ties), becomes a cluster of its own. One row at a time (the reference's repair rule)."""
     labels = relabel_first_appearance(labels)
     while labels.max() + 1 < k:
         counts = np.bincount(labels)

@@ -49,7 +49,7 @@ def test_kmeans_is_scipys_kmeans2_plus_plus(n, d, frac, seed):
     reimplemented for speed with scipy's random draws)."""
     X = np.random.default_rng(seed).normal(size=(n, d))
     k = max(1, round(frac * n))
-    labels = cluster_filters(X, k, seed=seed)
+    labels = cluster_filters(X, k, seed=seed, backend="reference")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="One of the clusters is empty")
         _, raw = kmeans2(X, k, minit="++", **{KMEANS_RNG: np.random.default_rng(seed)})
@@ -109,7 +109,7 @@ def test_empty_kmeans_clusters_are_repaired_by_splitting_off_the_farthest_row(mo
         return centres, np.array([0, 0, 0, 1, 1, 1])
 
     monkeypatch.setattr(selection_mod, "kmeans2", kmeans2_with_empty_cluster)
-    labels = cluster_filters(X, 3)
+    labels = cluster_filters(X, 3, backend="reference")
     # cluster {5.0, 9.0, 5.1} has mean 6.37: 9.0 is the farthest row and becomes its own cluster
     np.testing.assert_array_equal(labels, [0, 0, 0, 1, 2, 1])
 
@@ -130,6 +130,18 @@ def test_cluster_filters_does_not_modify_input():
 def test_cluster_filters_bad_k(k, exc, match):
     with pytest.raises(exc, match=match):
         cluster_filters(np.zeros((5, 3)), k)
+
+
+def test_fast_kmeans_is_the_reference_where_seeding_is_exact():
+    """k <= 17: the torch k-means seeds exactly as scipy's k-means++ (blocked seeding only
+    differs above), so on well-separated data both give the same partition."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(12, 6)) * 20
+    X = centres[rng.integers(0, 12, 90)] + rng.normal(size=(90, 6)) * 0.1
+    fast = cluster_filters(X, 12, seed=4)
+    np.testing.assert_array_equal(fast, cluster_filters(X, 12, seed=4, backend="reference"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        cluster_filters(X, 12, backend="scipy")
 
 
 def test_cluster_filters_bad_input():
