@@ -11,8 +11,9 @@ Which native path a problem of n points in d dimensions takes (``method="auto"``
 
 * ``"sorted"`` when d == 1: sort, then a chain over neighbouring runs; O(n log n) time, O(n)
   memory (exact: 1-D Ward clusters are runs of the sorted points);
-* ``"matrix"`` when d >= 24 and n <= 4096: a stored n x n matrix of squared distances with
-  Lance-Williams updates; O(n^2 d + n^2) time, 8 n^2 bytes per thread;
+* ``"matrix"`` when n <= 1024 and d >= max(24, n / 16) (e.g. 7x7 kernels of 64 filters): a
+  stored n x n matrix of squared distances with Lance-Williams updates; O(n^2 d + n^2) time,
+  8 n^2 bytes per thread (it stops fitting in cache as n grows, hence the bound);
 * ``"centroids"`` otherwise: the Ward cost recomputed from cluster sizes and centroids on every
   chain step (as fastcluster's ``linkage_vector``), vectorised over clusters; O(n^2 d) time,
   O(n d) memory. This is the path for large n: 100,000 points take megabytes, not 80 GB.
@@ -223,8 +224,8 @@ def ward_linkage_batched(X, *, backend: str = "auto", n_threads: int | None = No
     The native path runs the problems in parallel on ``n_threads`` threads (default: all cores)
     with one work buffer per thread, and the result does not depend on the thread count.
     ``method="auto"`` takes the exact O(n log n) path for 1-D points (e.g. 1x1 conv kernels), the
-    O(n d)-memory centroid chain for d < 24 or n > 4096, and the stored-matrix chain otherwise
-    (see the module docstring). A problem that cannot fit in memory is refused with a
+    stored-matrix chain for n <= 1024 and d >= max(24, n / 16), and the O(n d)-memory centroid
+    chain otherwise (see the module docstring). A problem that cannot fit in memory is refused with a
     ValueError before anything is allocated; a failed allocation raises MemoryError.
     """
     arr = _points(X, batched=True)

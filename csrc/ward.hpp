@@ -65,17 +65,20 @@ inline const char* method_name(WardMethod m) {
   }
 }
 
-// The "auto" rule, from measurements on 2-core x86-64 machines (benchmarks/bench_ward.py, the
-// "crossover" rows): the centroid chain does O(d) work per cluster and chain step, the matrix
-// O(1) after an O(n^2 d) start, and the matrix's column walks leave the cache as n grows.
-// Points on a line take the sorted path; the matrix is used only for d >= kMatrixMinDims and
-// n <= kMatrixMaxPoints (a 128 MB matrix per thread), so memory stays O(n d) beyond that.
+// The "auto" rule, from measurements on a 2-core AVX-512 x86-64 machine (benchmarks/bench_ward.py,
+// the "crossover" rows): the centroid chain does O(d) work per cluster and chain step, the matrix
+// O(1) after an O(n^2 d) start, but the matrix's column walks leave the cache as n grows: the
+// matrix wins from d ~ 24 at n = 256, d ~ 32 at n = 512, d ~ 64 at n = 1024, and not at all at
+// n = 2048 (d <= 64). Points on a line take the sorted path. Memory stays O(n d) beyond
+// kMatrixMaxPoints (an 8 MB matrix per thread at most).
 constexpr int64_t kMatrixMinDims = 24;
-constexpr int64_t kMatrixMaxPoints = 4096;
+constexpr int64_t kMatrixMaxPoints = 1024;
 
 inline WardMethod choose_method(int64_t n, int64_t d) {
   if (d == 1) return WardMethod::kSorted;
-  if (d >= kMatrixMinDims && n <= kMatrixMaxPoints) return WardMethod::kMatrix;
+  if (n <= kMatrixMaxPoints && d >= std::max<int64_t>(kMatrixMinDims, n / 16)) {
+    return WardMethod::kMatrix;
+  }
   return WardMethod::kCentroids;
 }
 

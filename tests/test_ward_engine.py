@@ -75,6 +75,9 @@ def test_auto_rule():
     assert ward_method(2048, 1) == "sorted"
     assert ward_method(512, 9) == "centroids"
     assert ward_method(512, 49) == "matrix"
+    assert ward_method(64, 25) == "matrix"
+    assert ward_method(512, 25) == "centroids"
+    assert ward_method(2048, 49) == "centroids"
     assert ward_method(20_000, 49) == "centroids"  # the matrix would be 3.2 GB
     assert ward_method(100_000, 8) == "centroids"
 
