@@ -144,7 +144,9 @@ struct WardWorkspace {
   std::vector<int64_t> size, active, position;
   std::vector<double> points_t;
   // centroid path
-  std::vector<double> centroids, costs, query, centre;
+  std::vector<double> centroids, query, neighbour, centre;
+  std::vector<double> cost_rows;  // kCachedRows x ld: the last full scan of each chain depth
+  std::vector<char> cost_row_valid;
   // 1-D path
   std::vector<int64_t> order, prev, next, count;
   std::vector<double> mean;
@@ -156,7 +158,9 @@ inline double workspace_bytes(int64_t n, int64_t d, WardMethod method) {
   const double nd = static_cast<double>(n);
   const double per_point = 8.0 * 24 + 8.0 * static_cast<double>(d);  // the O(n) vectors
   if (method == WardMethod::kMatrix) return nd * (nd + 8) * 8.0 + nd * per_point;
-  if (method == WardMethod::kCentroids) return (nd + 8) * 8.0 * static_cast<double>(d) + nd * per_point;
+  if (method == WardMethod::kCentroids) {
+    return (nd + 8) * 8.0 * (static_cast<double>(d) + 16.0) + nd * per_point;  // + kept rows
+  }
   return nd * per_point;
 }
 
@@ -475,7 +479,7 @@ template <int kWidth, int kBlocks>
 __attribute__((always_inline)) inline void scan_blocks(const double* centroids, int64_t d,
                                                        const double* query, double size_x,
                                                        const double* size, const double* mask,
-                                                       int64_t first,
+                                                       int64_t first, double* cost,
                                                        LaneMinimum<kWidth>& running) noexcept {
   typedef typename NativeVector<kWidth>::type V;
   typedef typename NativeVector<kWidth>::mask M;
@@ -505,6 +509,7 @@ __attribute__((always_inline)) inline void scan_blocks(const double* centroids, 
       const int64_t at = block * kLanes + g * kWidth;
       const V ni = load(size + at);
       const V v = nx * ni / (nx + ni) * squared[u][g] + load(mask + at);
+      if (cost != nullptr) std::memcpy(cost + at, &v, sizeof v);
       const M smaller = v < running.best[g];  // lane-wise, by masks: the same on every target
       running.best[g] = reinterpret_cast<V>((smaller & reinterpret_cast<M>(v)) |
                                             (~smaller & reinterpret_cast<M>(running.best[g])));
@@ -515,11 +520,12 @@ __attribute__((always_inline)) inline void scan_blocks(const double* centroids, 
 
 // The Ward merge cost of cluster x (centroid `query`, size size_x) with every cluster i < m
 // (m a multiple of kLanes; centroids in blocks, see centroid_index), each as ward_cost(); returns
-// the smallest and, in *argmin, the lowest i that has it.
+// the smallest and, in *argmin, the lowest i that has it. Every cost is also written to cost[i]
+// unless cost is null.
 template <int kWidth>
 __attribute__((always_inline)) inline double ward_costs_kernel(
     const double* centroids, int64_t d, const double* query, double size_x, const double* size,
-    const double* mask, int64_t m, int64_t* argmin) noexcept {
+    const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
   typedef typename NativeVector<kWidth>::type V;
   typedef typename NativeVector<kWidth>::mask M;
   constexpr int kGroups = kLanes / kWidth;
@@ -532,9 +538,9 @@ __attribute__((always_inline)) inline double ward_costs_kernel(
   const int64_t n_blocks = m / kLanes;
   int64_t block = 0;
   for (; block + kBlocks <= n_blocks; block += kBlocks)
-    scan_blocks<kWidth, kBlocks>(centroids, d, query, size_x, size, mask, block, running);
+    scan_blocks<kWidth, kBlocks>(centroids, d, query, size_x, size, mask, block, cost, running);
   for (; block < n_blocks; ++block)
-    scan_blocks<kWidth, 1>(centroids, d, query, size_x, size, mask, block, running);
+    scan_blocks<kWidth, 1>(centroids, d, query, size_x, size, mask, block, cost, running);
   double out = std::numeric_limits<double>::infinity();
   int64_t where = 0;
   for (int g = 0; g < kGroups; ++g) {
@@ -555,29 +561,94 @@ __attribute__((always_inline)) inline double ward_costs_kernel(
     !defined(ACCELPRUNE_NO_CLONES)
 __attribute__((target("default"))) inline double ward_costs_from(
     const double* centroids, int64_t d, const double* query, double size_x, const double* size,
-    const double* mask, int64_t m, int64_t* argmin) noexcept {
-  return ward_costs_kernel<2>(centroids, d, query, size_x, size, mask, m, argmin);
+    const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
+  return ward_costs_kernel<2>(centroids, d, query, size_x, size, mask, m, argmin, cost);
 }
 __attribute__((target("avx2"))) inline double ward_costs_from(
     const double* centroids, int64_t d, const double* query, double size_x, const double* size,
-    const double* mask, int64_t m, int64_t* argmin) noexcept {
-  return ward_costs_kernel<4>(centroids, d, query, size_x, size, mask, m, argmin);
+    const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
+  return ward_costs_kernel<4>(centroids, d, query, size_x, size, mask, m, argmin, cost);
 }
 __attribute__((target("avx512f"))) inline double ward_costs_from(
     const double* centroids, int64_t d, const double* query, double size_x, const double* size,
-    const double* mask, int64_t m, int64_t* argmin) noexcept {
-  return ward_costs_kernel<8>(centroids, d, query, size_x, size, mask, m, argmin);
+    const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
+  return ward_costs_kernel<8>(centroids, d, query, size_x, size, mask, m, argmin, cost);
 }
 #else
 inline double ward_costs_from(const double* centroids, int64_t d, const double* query,
                               double size_x, const double* size, const double* mask, int64_t m,
-                              int64_t* argmin) noexcept {
+                              int64_t* argmin, double* cost) noexcept {
 #if defined(__AVX512F__)
-  return ward_costs_kernel<8>(centroids, d, query, size_x, size, mask, m, argmin);
+  return ward_costs_kernel<8>(centroids, d, query, size_x, size, mask, m, argmin, cost);
 #elif defined(__AVX__)
-  return ward_costs_kernel<4>(centroids, d, query, size_x, size, mask, m, argmin);
+  return ward_costs_kernel<4>(centroids, d, query, size_x, size, mask, m, argmin, cost);
 #else
-  return ward_costs_kernel<2>(centroids, d, query, size_x, size, mask, m, argmin);
+  return ward_costs_kernel<2>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+#endif
+}
+#endif
+
+// The first smallest of row[0..m) (m a multiple of kLanes) and where it is: the kept rows'
+// minimum, lane-wise as in the scan (a scalar loop is one dependent compare per element).
+template <int kWidth>
+__attribute__((always_inline)) inline double first_minimum_kernel(const double* row, int64_t m,
+                                                                  int64_t* argmin) noexcept {
+  typedef typename NativeVector<kWidth>::type V;
+  typedef typename NativeVector<kWidth>::mask M;
+  constexpr int kGroups = kLanes / kWidth;
+  LaneMinimum<kWidth> running;
+  for (int g = 0; g < kGroups; ++g) {
+    running.best[g] = V{} + std::numeric_limits<double>::infinity();
+    running.block[g] = M{};
+  }
+  for (int64_t block = 0; block < m / kLanes; ++block) {
+    for (int g = 0; g < kGroups; ++g) {
+      V v;
+      std::memcpy(&v, row + block * kLanes + g * kWidth, sizeof v);
+      const M smaller = v < running.best[g];
+      running.best[g] = reinterpret_cast<V>((smaller & reinterpret_cast<M>(v)) |
+                                            (~smaller & reinterpret_cast<M>(running.best[g])));
+      running.block[g] = (smaller & (M{} + block)) | (~smaller & running.block[g]);
+    }
+  }
+  double out = std::numeric_limits<double>::infinity();
+  int64_t where = 0;
+  for (int g = 0; g < kGroups; ++g) {
+    for (int l = 0; l < kWidth; ++l) {
+      const double v = running.best[g][l];
+      const int64_t i = running.block[g][l] * kLanes + g * kWidth + l;
+      if (v < out || (v == out && i < where)) {
+        out = v;
+        where = i;
+      }
+    }
+  }
+  *argmin = where;
+  return out;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
+    !defined(ACCELPRUNE_NO_CLONES)
+__attribute__((target("default"))) inline double first_minimum(const double* row, int64_t m,
+                                                               int64_t* argmin) noexcept {
+  return first_minimum_kernel<2>(row, m, argmin);
+}
+__attribute__((target("avx2"))) inline double first_minimum(const double* row, int64_t m,
+                                                            int64_t* argmin) noexcept {
+  return first_minimum_kernel<4>(row, m, argmin);
+}
+__attribute__((target("avx512f"))) inline double first_minimum(const double* row, int64_t m,
+                                                               int64_t* argmin) noexcept {
+  return first_minimum_kernel<8>(row, m, argmin);
+}
+#else
+inline double first_minimum(const double* row, int64_t m, int64_t* argmin) noexcept {
+#if defined(__AVX512F__)
+  return first_minimum_kernel<8>(row, m, argmin);
+#elif defined(__AVX__)
+  return first_minimum_kernel<4>(row, m, argmin);
+#else
+  return first_minimum_kernel<2>(row, m, argmin);
 #endif
 }
 #endif
@@ -592,6 +663,13 @@ inline void column_means(const double* X, int64_t n, int64_t d, std::vector<doub
   for (int64_t k = 0; k < d; ++k) centre[k] /= static_cast<double>(n);
 }
 
+// Chain depths whose scans are kept (kCachedRows x n doubles of workspace). The chain is a stack:
+// a cluster's costs to every cluster not merged since its scan are still valid, so when a merge
+// exposes it again at the top of the chain, its nearest neighbour is the minimum of its kept row
+// after the merged pair's entries are updated: a pass over m doubles instead of a scan of m
+// centroids (about a third of all scans). Deeper chains (rare) scan again.
+constexpr int64_t kCachedRows = 16;
+
 // Nearest-neighbour chain Ward on centroids: O(n d) memory. Writes Z ((n-1) x 4).
 inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& ws,
                                 double* Z) {
@@ -599,8 +677,10 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
   // ids[p] is the scipy slot id at position p. Dead positions are hidden by the mask until an
   // eighth of the positions is dead, then compacted (keeping the order, hence the tie rule).
   const int64_t ld = round_up_lanes(n);
+  const int64_t cached_rows = std::min<int64_t>(kCachedRows, n);
   ws.centroids.assign(static_cast<size_t>(ld) * d, 0.0);
   ws.query.resize(d);
+  ws.neighbour.resize(d);
   ws.size_d.assign(ld, 1.0);
   ws.mask.assign(ld, kHidden);
   ws.formed_height.assign(n, 0.0);
@@ -608,6 +688,8 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
   ws.position.resize(n);
   ws.chain.resize(n);
   ws.merges.resize(n - 1);
+  ws.cost_rows.resize(static_cast<size_t>(cached_rows) * ld);
+  ws.cost_row_valid.assign(cached_rows, 0);
   column_means(X, n, d, ws.centre);
   double* C = ws.centroids.data();
   for (int64_t i = 0; i < n; ++i)
@@ -616,6 +698,10 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
     ws.ids[i] = i;
     ws.mask[i] = 0.0;
   }
+  auto centroid_of = [&](int64_t p, std::vector<double>& out) {
+    for (int64_t j = 0; j < d; ++j) out[j] = C[centroid_index(p, j, d)];
+  };
+  auto cost_row = [&](int64_t depth) { return ws.cost_rows.data() + depth * ld; };
   int64_t m = n, dead = 0;
 
   int64_t chain_length = 0;
@@ -629,13 +715,20 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
     int64_t x = 0, y = 0;
     double current_min = 0.0;
     while (true) {
-      x = ws.chain[chain_length - 1];
-      for (int64_t j = 0; j < d; ++j) ws.query[j] = C[centroid_index(x, j, d)];
-      ws.mask[x] = kHidden;  // not its own neighbour
+      const int64_t depth = chain_length - 1;
+      x = ws.chain[depth];
+      centroid_of(x, ws.query);
       int64_t nearest = 0;
-      current_min = ward_costs_from(C, d, ws.query.data(), ws.size_d[x], ws.size_d.data(),
-                                    ws.mask.data(), round_up_lanes(m), &nearest);
-      ws.mask[x] = 0.0;
+      if (depth < cached_rows && ws.cost_row_valid[depth]) {
+        current_min = first_minimum(cost_row(depth), round_up_lanes(m), &nearest);
+      } else {
+        double* keep = depth < cached_rows ? cost_row(depth) : nullptr;
+        ws.mask[x] = kHidden;  // not its own neighbour
+        current_min = ward_costs_from(C, d, ws.query.data(), ws.size_d[x], ws.size_d.data(),
+                                      ws.mask.data(), round_up_lanes(m), &nearest, keep);
+        ws.mask[x] = 0.0;
+        if (keep != nullptr) ws.cost_row_valid[depth] = 1;
+      }
       // Ties: the previous chain element (so the chain cannot cycle), then the lowest id. The
       // test is <= with the scalar cost, and also accepts the scan naming the previous element,
       // so that the chain ends even if the two computations ever differed in the last bit.
@@ -650,6 +743,8 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
     }
     y = ws.chain[chain_length - 2];
     chain_length -= 2;
+    for (int64_t depth = chain_length; depth < std::min(chain_length + 2, cached_rows); ++depth)
+      ws.cost_row_valid[depth] = 0;
     if (x > y) std::swap(x, y);  // the merged cluster lives on at position y, as in scipy
     const double nx = ws.size_d[x], ny = ws.size_d[y];
     // Ward heights never decrease up the tree; max() keeps rounding from breaking that.
@@ -669,6 +764,15 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
     ws.size_d[y] = nx + ny;
     ws.mask[x] = kHidden;
     ++dead;
+    // The kept rows of the clusters still on the chain: x is gone, y is the merged cluster.
+    centroid_of(y, ws.neighbour);
+    for (int64_t depth = 0; depth < std::min(chain_length, cached_rows); ++depth) {
+      if (!ws.cost_row_valid[depth]) continue;
+      const int64_t w = ws.chain[depth];
+      double* row = cost_row(depth);
+      row[x] = kHidden;
+      row[y] = ward_cost(C, d, ws.neighbour.data(), ws.size_d[y], w, ws.size_d[w], 0.0);
+    }
     if (dead >= kLanes && 8 * dead >= m) {
       // Compact: live positions move down in increasing order, so nothing is overwritten
       // before it is read.
@@ -681,6 +785,8 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
           ws.ids[live] = ws.ids[p];
           ws.size_d[live] = ws.size_d[p];
           ws.formed_height[live] = ws.formed_height[p];
+          for (int64_t depth = 0; depth < std::min(chain_length, cached_rows); ++depth)
+            cost_row(depth)[live] = cost_row(depth)[p];
         }
         ++live;
       }
@@ -688,6 +794,8 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
         ws.mask[p] = kHidden;
         ws.size_d[p] = 1.0;
         for (int64_t j = 0; j < d; ++j) C[centroid_index(p, j, d)] = 0.0;
+        for (int64_t depth = 0; depth < std::min(chain_length, cached_rows); ++depth)
+          cost_row(depth)[p] = kHidden;
       }
       for (int64_t p = 0; p < live; ++p) ws.mask[p] = 0.0;
       for (int64_t c = 0; c < chain_length; ++c) ws.chain[c] = ws.position[ws.chain[c]];
