@@ -136,7 +136,7 @@ int useful_threads(int64_t B, int64_t n, int64_t d, accelprune::WardMethod metho
   switch (method) {
     case accelprune::WardMethod::kSorted: per_problem = 10.0 * nd * std::log2(nd + 1.0); break;
     case accelprune::WardMethod::kMatrix: per_problem = nd * nd * (static_cast<double>(d) + 4.0); break;
-    default: per_problem = nd * nd * (0.5 * static_cast<double>(d) + 1.0); break;
+    default: per_problem = nd * nd * (0.2 * static_cast<double>(d) + 0.4); break;
   }
   const double min_work_per_thread = 2e7;  // ~20 ms
   const double useful = static_cast<double>(B) * per_problem / min_work_per_thread;
