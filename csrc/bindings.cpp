@@ -132,11 +132,12 @@ void parallel_over_problems(int64_t n_problems, int n_threads, Body body) {
 // layers stay on one thread. The estimate is in rough nanoseconds of single-thread work.
 int useful_threads(int64_t B, int64_t n, int64_t d, accelprune::WardMethod method, int n_threads) {
   const double nd = static_cast<double>(n);
+  const double dims = static_cast<double>(d);
   double per_problem;
   switch (method) {
     case accelprune::WardMethod::kSorted: per_problem = 10.0 * nd * std::log2(nd + 1.0); break;
-    case accelprune::WardMethod::kMatrix: per_problem = nd * nd * (static_cast<double>(d) + 4.0); break;
-    default: per_problem = nd * nd * (0.2 * static_cast<double>(d) + 0.4); break;
+    case accelprune::WardMethod::kMatrix: per_problem = nd * nd * (dims + 4.0); break;
+    default: per_problem = nd * nd * (0.2 * dims + 0.4); break;
   }
   const double min_work_per_thread = 2e7;  // ~20 ms
   const double useful = static_cast<double>(B) * per_problem / min_work_per_thread;

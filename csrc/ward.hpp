@@ -11,8 +11,9 @@
 // then the lowest id):
 //  * centroid_chain_ward ("centroids"): O(n^2 d) time, O(n d) memory. Clusters are centroids and
 //    sizes; the Ward cost to every cluster is recomputed on each chain step from them (as
-//    fastcluster's linkage_vector does), in a structure-of-arrays layout that vectorises over
-//    clusters. Best for small d, and the only choice when an n x n matrix would not fit.
+//    fastcluster's linkage_vector does), in a blocked structure-of-arrays layout that vectorises
+//    over clusters, keeping each chain depth's row of costs for the rescans a merge causes.
+//    Best for small d and large n, and the only choice when an n x n matrix would not fit.
 //  * nn_chain_ward ("matrix"): O(n^2) time after an O(n^2 d) start, O(n^2) memory: a dense matrix
 //    of squared distances updated with the Lance-Williams formula. Best for larger d.
 //  * ward_1d ("sorted"): points on a line. Ward clusters of 1-D points are runs of the sorted
@@ -23,9 +24,9 @@
 // None writes to its input.
 //
 // Exceptions: only plain functions allocate (std::bad_alloc can leave them). The vectorised
-// kernels, compiled in several versions with target_clones, never allocate and are noexcept:
-// GCC treats such multi-versioned functions as non-throwing, so an exception inside one would end
-// the process instead of reaching Python.
+// kernels, compiled in several versions (target_clones, or target-attribute multi-versioning),
+// never allocate and are noexcept: GCC 12 treats such multi-versioned functions as non-throwing,
+// so an exception inside one would end the process instead of reaching Python.
 #pragma once
 
 #include <algorithm>
@@ -425,10 +426,12 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
 // The centroid path.
 
 // The Ward cost scan below is written once with GCC/Clang vector extensions over a native
-// vector type V and compiled per instruction set (C++ function multi-versioning): 2 doubles a
-// register in the SSE2 baseline, 4 with AVX2, 8 with AVX-512, eight clusters a block in each.
-// Every version does the same lane-wise arithmetic (no fused multiply-add), so all give the same
-// bits.
+// vector type V and compiled per instruction set (GCC's C++ function multi-versioning on x86-64
+// Linux; elsewhere one version for the compiler's target): 2 doubles a register in the SSE2
+// baseline, 4 with AVX2, 8 with AVX-512, eight clusters a block in each. Every version does the
+// same lane-wise arithmetic (no fused multiply-add), so all give the same bits. (Generic vectors
+// wider than the target's registers, or loops left to the auto-vectoriser, came out scalar or
+// spilled to the stack: measured 3-10x slower.)
 constexpr int64_t kLanes = 8;
 
 inline int64_t round_up_lanes(int64_t m) { return (m + kLanes - 1) / kLanes * kLanes; }
@@ -781,7 +784,8 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
         if (ws.mask[p] != 0.0) continue;
         ws.position[p] = live;
         if (live != p) {
-          for (int64_t j = 0; j < d; ++j) C[centroid_index(live, j, d)] = C[centroid_index(p, j, d)];
+          for (int64_t j = 0; j < d; ++j)
+            C[centroid_index(live, j, d)] = C[centroid_index(p, j, d)];
           ws.ids[live] = ws.ids[p];
           ws.size_d[live] = ws.size_d[p];
           ws.formed_height[live] = ws.formed_height[p];

@@ -145,7 +145,9 @@ std::string check_cuts(const Problem& p, const std::vector<double>& Z, std::mt19
     if (label > next) return "labels not in first-appearance order";
     if (label == next) ++next;
   }
-  if (next > k) return "maxclust gave " + std::to_string(next) + " clusters for k = " + std::to_string(k);
+  if (next > k) {
+    return "maxclust gave " + std::to_string(next) + " clusters for k = " + std::to_string(k);
+  }
   return "";
 }
 
@@ -162,7 +164,10 @@ int main(int argc, char** argv) {
   accelprune::WardWorkspace ws;  // reused across every problem, as one thread's is
   const auto start = std::chrono::steady_clock::now();
   long cases = 0, runs = 0, failures = 0;
-  while (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < seconds) {
+  auto elapsed_s = [&start] {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  while (elapsed_s() < seconds) {
     const Problem p = random_problem(rng);
     ++cases;
     std::vector<WardMethod> methods = {WardMethod::kAuto, WardMethod::kCentroids,
@@ -184,8 +189,7 @@ int main(int argc, char** argv) {
     }
     if (failures >= 10) break;
   }
-  const double elapsed =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double elapsed = elapsed_s();
   std::printf("fuzz_ward: %ld cases (%ld linkages) in %.1f s, seed %llu, %ld failures\n", cases,
               runs, elapsed, static_cast<unsigned long long>(seed), failures);
   return failures ? 1 : 0;
