@@ -174,8 +174,13 @@ def shape_of(batches) -> list[tuple[int, int, int]]:
 
 
 MEMORY_SCRIPT = """
-import importlib.util, json, resource, sys, time
+import importlib.util, json, sys, time
 import numpy as np
+
+def peak_rss_mb():  # VmHWM: this process's peak (ru_maxrss would carry the parent's over exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
 n, d, engine = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 X = np.random.default_rng(0).standard_normal((n, d))
 if engine == "fastcluster":
@@ -186,12 +191,11 @@ else:
     native = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(native)
     run = lambda: native.ward_linkage_batched(X[None], 1, "auto")
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss_mb()
 t = time.perf_counter()
 run()
 seconds = time.perf_counter() - t
-grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-print(json.dumps({"seconds": seconds, "rss_growth_mb": grown}))
+print(json.dumps({"seconds": seconds, "rss_growth_mb": peak_rss_mb() - before}))
 """
 
 
@@ -347,6 +351,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the fast paths")
     parser.add_argument("--ref-repeats", type=int, default=1, help="repeats of the references")
     parser.add_argument("--skip-models", action="store_true", help="no ResNet-50/VGG-16 rows")
+    parser.add_argument("--only", choices=["per-thread", "crossover", "memory", "models"],
+                        help="measure one group and replace its rows in the saved JSON")
     args = parser.parse_args(argv)
     from accelprune._backend import thread_count
 
@@ -354,15 +360,19 @@ def main(argv=None):
     started = time.time()
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     rates = {1: machine_rates(1), threads: machine_rates(threads), "threads": threads}
+    groups = {
+        "per-thread": lambda pool: per_thread_rows(args, rates, pool),
+        "crossover": lambda pool: crossover_rows(args, rates),
+        "memory": lambda pool: memory_rows(args, rates),
+        "models": lambda pool: [] if args.skip_models else model_rows(args, rates, pool),
+    }
     with ThreadPoolExecutor(2) as pool:
-        rows = per_thread_rows(args, rates, pool)
-        rows += crossover_rows(args, rates)
-        rows += memory_rows(args, rates)
-        if not args.skip_models:
-            rows += model_rows(args, rates, pool)
+        rows = [row for name, group in groups.items() if args.only in (None, name)
+                for row in group(pool)]
     load_after = Path("/proc/loadavg").read_text().split()[:3]
-    report(
-        "ward_quick" if args.quick else "ward",
+    name = "ward_quick" if args.quick else "ward"
+    doc = report(
+        name,
         rows,
         fast="native",
         references=["scipy", "fastcluster_2t", "fastcluster_1t", "native_1t", "matrix_1t",
@@ -379,7 +389,25 @@ def main(argv=None):
             "targets": "d>1 per thread >= 4x fastcluster_1t; 20,000 x 16 under 600 MB "
                        "growth; 100,000 x 8 completes; ResNet-50 >= 50x scipy",
         },
+        save=args.only is None,
     )
+    if args.only is not None:
+        merge_rows(name, doc, args.only)
+
+
+def merge_rows(name: str, doc: dict, group: str) -> None:
+    """Replace the rows of one group in results/{name}.json, noting when and in what load."""
+    from benchmarks.harness import RESULTS_DIR
+
+    path = RESULTS_DIR / f"{name}.json"
+    saved = json.loads(path.read_text())
+    fresh = {row["case"]: row for row in doc["rows"]}
+    saved["rows"] = [fresh.pop(row["case"], row) for row in saved["rows"]] + list(fresh.values())
+    saved["notes"].setdefault("remeasured", []).append({
+        "group": group, "date": doc["date"], "cases": [row["case"] for row in doc["rows"]],
+        "load_average_before_after": doc["notes"]["load_average_before_after"]})
+    path.write_text(json.dumps(saved, indent=2) + "\n")
+    print(f"(merged {len(doc['rows'])} rows into {path.name})")
 
 
 if __name__ == "__main__":
