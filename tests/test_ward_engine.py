@@ -317,7 +317,7 @@ def naive_check_every_merge_is_cheapest(X, Z):
 
 
 points = st.builds(
-    lambda n, d, kind, seed: make_points(n, d, kind, seed),
+    lambda n, d, kind, seed: (kind, make_points(n, d, kind, seed)),
     n=st.integers(1, 30),
     d=st.integers(1, 5),
     kind=st.sampled_from(["normal", "grid", "duplicates", "offset", "tiny"]),
@@ -339,15 +339,17 @@ def make_points(n, d, kind, seed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(X=points, method=st.sampled_from(["auto", "centroids", "matrix"]))
-def test_fuzz_ward_linkage(X, method):
+@given(kind_and_points=points, method=st.sampled_from(["auto", "centroids", "matrix"]))
+def test_fuzz_ward_linkage(kind_and_points, method):
+    kind, X = kind_and_points
     Z = ward_linkage(X, method=method)
     assert Z.shape == (len(X) - 1, 4)
     if len(X) < 2:
         return
     naive_check_every_merge_is_cheapest(X, Z)
-    R = sch.linkage(X, "ward")
-    np.testing.assert_allclose(np.sort(Z[:, 2]), np.sort(R[:, 2]), rtol=1e-9, atol=1e-9)
+    if kind != "grid":  # on a grid, tied choices can lead to other (equally valid) trees
+        R = sch.linkage(X, "ward")
+        np.testing.assert_allclose(np.sort(Z[:, 2]), np.sort(R[:, 2]), rtol=1e-9, atol=1e-9)
 
 
 @settings(max_examples=30, deadline=None)
@@ -364,8 +366,9 @@ def test_fuzz_ward_linkage_batched(n, d, b, seed, threads):
 
 
 @settings(max_examples=40, deadline=None)
-@given(X=points, data=st.data())
-def test_fuzz_cut_linkage(X, data):
+@given(kind_and_points=points, data=st.data())
+def test_fuzz_cut_linkage(kind_and_points, data):
+    X = kind_and_points[1]
     Z = sch.linkage(X, "ward") if len(X) > 1 else np.empty((0, 4))
     n = len(X)
     k = data.draw(st.integers(1, n))
