@@ -30,7 +30,7 @@ class BuildExt(build_ext):
         for ext in self.extensions:
             # -ffp-contract=off: no fused multiply-adds, so results do not depend on the CPU;
             # -fno-math-errno: lets sqrt vectorise (errno is never read).
-            ext.extra_compile_args += ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+            ext.extra_compile_args += ["-O3", "-fno-math-errno", "-ffp-contract=off", "-Wno-psabi"]
             if use_openmp:
                 ext.extra_compile_args.append("-fopenmp")
                 ext.extra_link_args.append("-fopenmp")
@@ -43,6 +43,7 @@ setup(
             "accelprune._native",
             ["csrc/bindings.cpp"],
             include_dirs=["csrc"],
+            depends=["csrc/ward.hpp"],  # rebuild when the header changes
             cxx_std=17,
         )
     ],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import numbers
 import os
 
 _INSTALL_HINT = {
@@ -76,12 +77,25 @@ def resolve(backend: str, *, fast: str, reference: str = "reference") -> str:
     raise ValueError(f"unknown backend {backend!r}; expected one of {choices}")
 
 
+# The most threads any engine is asked for: beyond this a count is a mistake (2**40), not a
+# machine. accelprune._native checks the same bound.
+MAX_THREADS = 1 << 16
+
+
 def thread_count(n_threads: int | None) -> int:
-    """Validate a thread count and resolve it; None means all cores this process may use."""
+    """Validate a thread count and resolve it; None means all cores this process may use.
+
+    Any integer type is accepted (``np.int64(2)`` too), bools are not.
+    """
     if n_threads is None:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if isinstance(n_threads, bool) or not isinstance(n_threads, int):
+        if hasattr(os, "sched_getaffinity"):
+            return len(os.sched_getaffinity(0))
+        return os.cpu_count() or 1
+    if isinstance(n_threads, bool) or not isinstance(n_threads, numbers.Integral):
         raise TypeError(f"n_threads must be an int or None, got {type(n_threads).__name__}")
+    n_threads = int(n_threads)
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    if n_threads > MAX_THREADS:
+        raise ValueError(f"n_threads must be <= {MAX_THREADS}, got {n_threads}")
     return n_threads

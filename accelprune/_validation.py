@@ -13,12 +13,14 @@ import numpy as np
 def as_float64_array(x, name: str, *, ndim: int | tuple[int, ...]) -> np.ndarray:
     """``x`` as a C-contiguous float64 array (a copy when needed), checked for shape and finiteness.
 
-    Accepts numpy arrays, lists and CPU torch tensors of any real floating or integer dtype.
+    Accepts numpy arrays, lists and torch tensors (any device) of any real floating or integer
+    dtype, bfloat16 included.
     """
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
-        x = x.detach().cpu().numpy()
+        x = _tensor_to_numpy(x, name)
     arr = np.asarray(x)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+    real = np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    if arr.dtype == object or not real:
         raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     ndims = (ndim,) if isinstance(ndim, int) else ndim
     if arr.ndim not in ndims:
@@ -27,6 +29,23 @@ def as_float64_array(x, name: str, *, ndim: int | tuple[int, ...]) -> np.ndarray
     if arr.size and not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or Inf")
     return np.asarray(arr, dtype=np.float64, order="C")  # ascontiguousarray would make 0-d 1-d
+
+
+def _tensor_to_numpy(t, name: str) -> np.ndarray:
+    """A torch tensor's values as a numpy array. Floating dtypes numpy has no type for (bfloat16,
+    float8) go through float32 first, exactly (float32 holds every value they can)."""
+    t = t.detach()
+    if getattr(t, "is_meta", False):
+        raise ValueError(f"{name} is on the meta device and has no values")
+    t = t.cpu()
+    if t.is_complex():
+        raise TypeError(f"{name} must be a real numeric array, got dtype {t.dtype}")
+    try:
+        return t.numpy()
+    except TypeError:
+        if t.is_floating_point():
+            return t.float().numpy()
+        raise TypeError(f"{name} must be a real numeric array, got dtype {t.dtype}") from None
 
 
 def as_int_array(x, name: str, *, ndim: int) -> np.ndarray:

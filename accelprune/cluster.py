@@ -2,9 +2,21 @@
 
 REPrune clusters, for every input channel of a layer, the kernels of all its filters: one Ward
 problem per channel, tens of thousands per model. The fast path solves a whole layer's problems
-in one call into the C++ extension (nearest-neighbour chain, Lance-Williams updates, parallel
-across problems, GIL released; an exact O(n log n) path for 1-D points). The scipy references
-sit beside it and define the expected output: scipy's linkage matrix conventions.
+in one call into the C++ extension (nearest-neighbour chains, parallel across problems, GIL
+released). The scipy references sit beside it and define the expected output: scipy's linkage
+matrix conventions.
+
+Which native path a problem of n points in d dimensions takes (``method="auto"``; measured with
+``benchmarks/bench_ward.py``, see :data:`WARD_METHODS`):
+
+* ``"sorted"`` when d == 1: sort, then a chain over neighbouring runs; O(n log n) time, O(n)
+  memory (exact: 1-D Ward clusters are runs of the sorted points);
+* ``"matrix"`` when n <= 1024 and d >= max(24, n / 16) (e.g. 7x7 kernels of 64 filters): a
+  stored n x n matrix of squared distances with Lance-Williams updates; O(n^2 d + n^2) time,
+  8 n^2 bytes per thread (it stops fitting in cache as n grows, hence the bound);
+* ``"centroids"`` otherwise: the Ward cost recomputed from cluster sizes and centroids on every
+  chain step (as fastcluster's ``linkage_vector``), vectorised over clusters; O(n^2 d) time,
+  O(n d) memory. This is the path for large n: 100,000 points take megabytes, not 80 GB.
 
 Public functions:
 
@@ -23,6 +35,8 @@ from accelprune._backend import native_module, resolve, thread_count
 from accelprune._validation import as_float64_array, check_int
 
 __all__ = [
+    "WARD_METHODS",
+    "ward_method",
     "ward_linkage",
     "ward_linkage_batched",
     "cut_linkage",
@@ -62,6 +76,39 @@ def _linkage(Z) -> np.ndarray:
     return arr
 
 
+def _as_batch(arr: np.ndarray) -> np.ndarray:
+    """(n-1, 4) or (B, n-1, 4) as (B, n-1, 4); a (0, 4) linkage (one point) is one problem."""
+    return arr[None] if arr.ndim == 2 else arr
+
+
+def _check_linkage_values(batch: np.ndarray) -> None:
+    """The rules the native cut checks (accelprune._native.check_linkage), for the reference:
+    heights >= 0, child ids whole numbers naming clusters formed before the row, each used once,
+    counts equal to the children's sizes. Both cuts accept and refuse the same matrices."""
+    n_problems, rows = batch.shape[0], batch.shape[1]
+    n = rows + 1
+    if rows == 0 or n_problems == 0:
+        return
+    if (batch[..., 2] < 0).any():
+        raise ValueError("Z has a negative, NaN or infinite height")
+    ids = batch[..., :2]
+    limit = n + np.arange(rows)[None, :, None]  # row r may name clusters 0 .. n + r - 1
+    if (ids < 0).any() or (ids >= limit).any() or (ids != np.floor(ids)).any():
+        raise ValueError("Z names a cluster which does not exist yet")
+    ids = ids.astype(np.int64)
+    sizes = np.ones((n_problems, 2 * n - 1), dtype=np.int64)
+    used = np.zeros((n_problems, 2 * n - 1), dtype=bool)
+    problems = np.arange(n_problems)
+    for r in range(rows):
+        a, b = ids[:, r, 0], ids[:, r, 1]
+        if (a == b).any() or used[problems, a].any() or used[problems, b].any():
+            raise ValueError("Z uses a cluster twice")
+        used[problems, a] = used[problems, b] = True
+        sizes[:, n + r] = sizes[problems, a] + sizes[problems, b]
+    if (batch[..., 3] != sizes[:, n:]).any():
+        raise ValueError("Z has a count that differs from the number of points its children hold")
+
+
 def relabel_first_appearance(labels) -> np.ndarray:
     """1-D labels renumbered 0..c-1 (int64) in the order of each label's first appearance."""
     _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
@@ -91,8 +138,9 @@ def ward_linkage_batched_ref(X) -> np.ndarray:
 def cut_linkage_ref(Z, *, height=None, n_clusters=None) -> np.ndarray:
     """scipy's ``fcluster`` (criterion "distance" or "maxclust"), labels renumbered 0..c-1."""
     arr = _linkage(Z)
-    batch = arr.reshape(-1, *arr.shape[-2:])
+    batch = _as_batch(arr)
     heights, counts = _cut_args(batch, height, n_clusters)
+    _check_linkage_values(batch)
     labels = []
     for b, z in enumerate(batch):
         n = z.shape[0] + 1
@@ -102,6 +150,8 @@ def cut_linkage_ref(Z, *, height=None, n_clusters=None) -> np.ndarray:
             labels.append(sch.fcluster(z, heights[b], criterion="distance"))
         else:
             labels.append(sch.fcluster(z, counts[b], criterion="maxclust"))
+    if batch.shape[0] == 0:
+        return np.zeros((0, batch.shape[1] + 1), dtype=np.int32)
     out = np.stack([relabel_first_appearance(lab) for lab in labels]).astype(np.int32)
     return out.reshape(*arr.shape[:-2], arr.shape[-2] + 1)
 
@@ -133,34 +183,67 @@ def _cut_args(batch: np.ndarray, height, n_clusters):
 # public API (dispatches to the native engine)
 
 
-def ward_linkage(X, *, backend: str = "auto") -> np.ndarray:
+WARD_METHODS = ("auto", "centroids", "matrix", "sorted")
+"""The native Ward paths (see the module docstring); "auto" picks one by n and d."""
+
+
+def ward_method(n: int, d: int) -> str:
+    """The path ``method="auto"`` takes for problems of ``n`` points in ``d`` dimensions."""
+    n = check_int(n, "n", low=1)
+    d = check_int(d, "d", low=1)
+    native = native_module()
+    if native is not None:
+        return native.ward_method(n, d)
+    return "sorted" if d == 1 else "reference"
+
+
+def _check_method(method) -> str:
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, got {type(method).__name__}")
+    if method not in WARD_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {list(WARD_METHODS)}")
+    return method
+
+
+def ward_linkage(X, *, backend: str = "auto", method: str = "auto") -> np.ndarray:
     """Ward linkage of the rows of X (n, d): the same (n-1, 4) float64 matrix as
     ``scipy.cluster.hierarchy.linkage(X, "ward")``.
 
-    X may be float32 or float64 in any memory layout; it is never modified.
+    X may be float16/32/64 (bfloat16 tensors too) in any memory layout; it is never modified.
+    ``method`` picks the native path (see :data:`WARD_METHODS`); every path gives scipy's
+    partitions and heights to 1e-9.
     """
     arr = _points(X, batched=False)
-    return ward_linkage_batched(arr[None], backend=backend, n_threads=1)[0]
+    return ward_linkage_batched(arr[None], backend=backend, n_threads=1, method=method)[0]
 
 
-def ward_linkage_batched(X, *, backend: str = "auto", n_threads: int | None = None) -> np.ndarray:
+def ward_linkage_batched(X, *, backend: str = "auto", n_threads: int | None = None,
+                         method: str = "auto") -> np.ndarray:
     """Ward linkage of every problem in X (B, n, d), in one call: (B, n-1, 4) float64.
 
     The native path runs the problems in parallel on ``n_threads`` threads (default: all cores)
-    with one O(n^2) work buffer per thread, and the result does not depend on the thread count.
-    1-D problems (d == 1, e.g. 1x1 conv kernels) take an exact O(n log n) path.
+    with one work buffer per thread, and the result does not depend on the thread count.
+    ``method="auto"`` takes the exact O(n log n) path for 1-D points (e.g. 1x1 conv kernels), the
+    stored-matrix chain for n <= 1024 and d >= max(24, n / 16), and the O(n d)-memory centroid
+    chain otherwise (see the module docstring). A problem that cannot fit in memory is refused
+    with a ValueError before anything is allocated; a failed allocation raises MemoryError.
     """
     arr = _points(X, batched=True)
     threads = thread_count(n_threads)
+    method = _check_method(method)
+    if method == "sorted" and arr.shape[-1] != 1:
+        raise ValueError(f"method 'sorted' needs 1-D points, got d = {arr.shape[-1]}")
     if resolve(backend, fast="native") == "reference":
         return ward_linkage_batched_ref(arr)
-    return native_module().ward_linkage_batched(arr, threads)
+    return native_module().ward_linkage_batched(arr, threads, method)
 
 
 def cut_linkage(Z, *, height=None, n_clusters=None, backend: str = "auto") -> np.ndarray:
     """Flat cluster labels (int32, 0..c-1 in order of first appearance) from linkage matrices.
 
-    Z is (n-1, 4) or (B, n-1, 4). Give exactly one of
+    Z is (n-1, 4) or (B, n-1, 4), as :func:`ward_linkage` returns it (also (0, 4) for a single
+    point); it is checked (ids, counts, heights) by the same rules as :func:`cut_linkage_ref`.
+    Give exactly one of
 
     * ``height``: a scalar or one per problem; the partition of ``fcluster(Z, height,
       "distance")``: points whose cophenetic distance is at most ``height`` share a cluster;
@@ -168,7 +251,7 @@ def cut_linkage(Z, *, height=None, n_clusters=None, backend: str = "auto") -> np
       "maxclust")``: the lowest cut with at most that many clusters (fewer when heights tie).
     """
     arr = _linkage(Z)
-    batch = arr.reshape(-1, *arr.shape[-2:])
+    batch = _as_batch(arr)
     heights, counts = _cut_args(batch, height, n_clusters)
     if resolve(backend, fast="native") == "reference":
         return cut_linkage_ref(arr, height=height, n_clusters=n_clusters)

@@ -1,15 +1,22 @@
-// Python bindings of accelprune._native: shape checks, GIL release, parallel loop over problems,
+// Python bindings of accelprune._native: input checks, GIL release, parallel loop over problems,
 // C++ exceptions mapped to Python ones (std::invalid_argument -> ValueError, std::bad_alloc ->
-// MemoryError, by pybind11). The Python layer (accelprune/cluster.py) has already converted the
-// inputs to C-contiguous float64; forcecast here only guards direct callers, and inputs are read
-// through const pointers, never written.
+// MemoryError, by pybind11).
+//
+// The Python layer (accelprune/cluster.py) is the documented entry point: it converts any real
+// input to C-contiguous float64. These functions do not convert (a bool, complex, object or
+// non-contiguous array is a TypeError, not a silent cast) and check everything themselves, so a
+// direct caller gets an exception, never a crash. Inputs are read through const pointers, never
+// written.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <exception>
+#include <new>
 #include <string>
 
 #ifdef _OPENMP
@@ -19,10 +26,69 @@
 #include "ward.hpp"
 
 namespace py = pybind11;
-using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
-using IntArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
 namespace {
+
+// The most threads a call may ask for; more is a mistake (2**40), not a big machine.
+constexpr int64_t kMaxThreads = 1 << 16;
+
+void require(bool ok, const std::string& message) {
+  if (!ok) throw std::invalid_argument(message);
+}
+
+// The C-contiguous array of exactly dtype T behind obj, or a TypeError naming the argument.
+template <typename T>
+py::array_t<T, py::array::c_style> exact_array(const py::handle& obj, const char* name,
+                                               const char* dtype_name) {
+  if (!py::isinstance<py::array_t<T, py::array::c_style>>(obj)) {
+    std::string got = py::isinstance<py::array>(obj)
+                          ? std::string(py::str(obj.attr("dtype"))) + " array"
+                          : std::string(py::str(py::type::of(obj).attr("__name__")));
+    throw py::type_error(std::string(name) + " must be a C-contiguous " + dtype_name +
+                         " numpy array, got " + got +
+                         " (accelprune.cluster converts other inputs)");
+  }
+  return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(obj);
+}
+
+// A thread count: a Python or numpy integer (not a bool) in [1, kMaxThreads].
+int parse_threads(const py::handle& obj) {
+  if (py::isinstance<py::bool_>(obj) || !PyIndex_Check(obj.ptr())) {
+    throw py::type_error("n_threads must be an integer, got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+  }
+  py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+  if (!index) throw py::error_already_set();
+  int overflow = 0;
+  const long long value = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (overflow != 0 || value < 1 || value > kMaxThreads) {
+    throw std::invalid_argument("n_threads must be in [1, " + std::to_string(kMaxThreads) +
+                                "], got " + std::string(py::str(index)));
+  }
+  return static_cast<int>(value);
+}
+
+accelprune::WardMethod parse_method(const std::string& name) {
+  using accelprune::WardMethod;
+  for (WardMethod m : {WardMethod::kAuto, WardMethod::kCentroids, WardMethod::kMatrix,
+                       WardMethod::kSorted}) {
+    if (name == accelprune::method_name(m)) return m;
+  }
+  throw std::invalid_argument("unknown Ward method '" + name +
+                              "'; expected 'auto', 'centroids', 'matrix' or 'sorted'");
+}
+
+// Physical memory of the machine, in bytes (0 when unknown).
+double physical_memory_bytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  return (pages > 0 && page > 0) ? static_cast<double>(pages) * static_cast<double>(page) : 0.0;
+}
+
+std::string gigabytes(double bytes) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.1f GB", bytes / 1e9);
+  return text;
+}
 
 // Runs body(problem, workspace) for every problem on n_threads threads, each thread owning one
 // workspace. Exceptions cannot cross an OpenMP region, so the first one is kept and rethrown.
@@ -34,46 +100,62 @@ void parallel_over_problems(int64_t n_problems, int n_threads, Body body) {
 #pragma omp parallel num_threads(n_threads)
 #endif
   {
-    accelprune::WardWorkspace ws;
+    try {
+      accelprune::WardWorkspace ws;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-    for (int64_t b = 0; b < n_problems; ++b) {
-      if (failed.load(std::memory_order_relaxed)) continue;
-      try {
-        body(b, ws);
-      } catch (...) {
+      for (int64_t b = 0; b < n_problems; ++b) {
+        if (failed.load(std::memory_order_relaxed)) continue;
+        try {
+          body(b, ws);
+        } catch (...) {
 #ifdef _OPENMP
 #pragma omp critical
 #endif
-        if (!failed.exchange(true)) error = std::current_exception();
+          if (!failed.exchange(true)) error = std::current_exception();
+        }
       }
+    } catch (...) {  // the workspace's destructor cannot throw; this only keeps the region safe
+#ifdef _OPENMP
+#pragma omp critical
+#endif
+      if (!failed.exchange(true)) error = std::current_exception();
     }
   }
   (void)n_threads;
   if (error) std::rethrow_exception(error);
 }
 
-void require(bool ok, const std::string& message) {
-  if (!ok) throw std::invalid_argument(message);
-}
-
 // Threads worth using for B problems of n points in d dimensions. Starting a second thread costs
 // microseconds on an idle machine but can cost a scheduler tick (~10 ms) on a busy one, so small
 // layers stay on one thread. The estimate is in rough nanoseconds of single-thread work.
-int useful_threads(int64_t B, int64_t n, int64_t d, int n_threads) {
-  const double per_problem = d == 1 ? 20.0 * n * std::log2(static_cast<double>(n) + 1.0)
-                                    : static_cast<double>(n) * n * (d + 4.0);
+int useful_threads(int64_t B, int64_t n, int64_t d, accelprune::WardMethod method, int n_threads) {
+  const double nd = static_cast<double>(n);
+  const double dims = static_cast<double>(d);
+  double per_problem;
+  switch (method) {
+    case accelprune::WardMethod::kSorted: per_problem = 10.0 * nd * std::log2(nd + 1.0); break;
+    case accelprune::WardMethod::kMatrix: per_problem = nd * nd * (dims + 4.0); break;
+    default: per_problem = nd * nd * (0.2 * dims + 0.4); break;
+  }
   const double min_work_per_thread = 2e7;  // ~20 ms
   const double useful = static_cast<double>(B) * per_problem / min_work_per_thread;
   return static_cast<int>(std::max(1.0, std::min<double>(n_threads, std::floor(useful))));
 }
 
-py::array_t<double> ward_linkage_batched(const DoubleArray& X, int n_threads) {
+py::array_t<double> ward_linkage_batched(const py::object& X_obj, const py::object& threads_obj,
+                                         const std::string& method_name) {
+  const auto X = exact_array<double>(X_obj, "X", "float64");
+  const int n_threads = parse_threads(threads_obj);
+  accelprune::WardMethod method = parse_method(method_name);
   require(X.ndim() == 3, "X must be 3-D (problems, points, dims)");
-  require(n_threads >= 1, "n_threads must be >= 1");
   const int64_t B = X.shape(0), n = X.shape(1), d = X.shape(2);
-  require(n >= 1 && d >= 1, "X needs at least one point of dimension >= 1 per problem");
+  require(B >= 1 && n >= 1 && d >= 1,
+          "X needs at least one problem of at least one point of dimension >= 1");
+  if (method == accelprune::WardMethod::kAuto) method = accelprune::choose_method(n, d);
+  require(method != accelprune::WardMethod::kSorted || d == 1,
+          "method 'sorted' needs 1-D points (d == 1)");
   const double* x = X.data();
   // The scans rely on finite, moderate distances (dead clusters sit behind a 1e300 sentinel);
   // NaN would make them run past the row. accelprune.cluster checks this too, with the same
@@ -82,13 +164,25 @@ py::array_t<double> ward_linkage_batched(const DoubleArray& X, int n_threads) {
     require(std::isfinite(x[i]) && std::fabs(x[i]) <= 1e100,
             "X has NaN, Inf or values beyond +-1e100");
   }
+  const int threads = useful_threads(B, n, d, method, n_threads);
+  // Refuse what cannot fit before allocating any of it (the output, one workspace per thread).
+  const double physical = physical_memory_bytes();
+  const double output = static_cast<double>(B) * static_cast<double>(n - 1) * 32.0;
+  const double work = accelprune::workspace_bytes(n, d, method) * threads;
+  if (physical > 0 && output + work > physical) {
+    throw std::invalid_argument(
+        "Ward on " + std::to_string(B) + " problem(s) of " + std::to_string(n) + " points in " +
+        std::to_string(d) + "-D with method '" + accelprune::method_name(method) + "' needs " +
+        gigabytes(output + work) + " of memory, more than this machine's " +
+        gigabytes(physical) +
+        (method == accelprune::WardMethod::kMatrix ? "; method 'centroids' needs O(n d)" : ""));
+  }
   py::array_t<double> Z({B, n - 1, static_cast<int64_t>(4)});
   double* z = Z.mutable_data();
-  const int threads = useful_threads(B, n, d, n_threads);
   {
     py::gil_scoped_release release;
     parallel_over_problems(B, threads, [&](int64_t b, accelprune::WardWorkspace& ws) {
-      accelprune::ward_linkage(x + b * n * d, n, d, ws, z + b * (n - 1) * 4);
+      accelprune::ward_linkage(x + b * n * d, n, d, ws, z + b * (n - 1) * 4, method);
     });
   }
   return Z;
@@ -96,8 +190,8 @@ py::array_t<double> ward_linkage_batched(const DoubleArray& X, int n_threads) {
 
 // Shared driver of the two cuts: threshold_of(b, max_dist, n) gives problem b's threshold.
 template <typename Threshold>
-py::array_t<int32_t> cut_batched(const DoubleArray& Z, Threshold threshold_of) {
-  require(Z.ndim() == 3 && Z.shape(2) == 4, "Z must have shape (problems, n-1, 4)");
+py::array_t<int32_t> cut_batched(const py::array_t<double, py::array::c_style>& Z,
+                                 Threshold threshold_of) {
   const int64_t B = Z.shape(0), n = Z.shape(1) + 1;
   py::array_t<int32_t> labels({B, n});
   const double* z = Z.data();
@@ -106,23 +200,37 @@ py::array_t<int32_t> cut_batched(const DoubleArray& Z, Threshold threshold_of) {
     py::gil_scoped_release release;
     // Cuts are cheap: one thread, no per-problem allocation beyond two small vectors.
     std::vector<double> max_dist;
-    std::vector<char> used;
+    std::vector<int64_t> size;
     for (int64_t b = 0; b < B; ++b) {
       const double* zb = z + b * (n - 1) * 4;
-      accelprune::check_linkage(zb, n, max_dist, used);
+      accelprune::check_linkage(zb, n, max_dist, size);
       accelprune::cut_at(zb, n, max_dist, threshold_of(b, max_dist, n), out + b * n);
     }
   }
   return labels;
 }
 
-py::array_t<int32_t> cut_linkage_height(const DoubleArray& Z, const DoubleArray& heights) {
+py::array_t<double, py::array::c_style> linkage_batch(const py::object& Z_obj) {
+  auto Z = exact_array<double>(Z_obj, "Z", "float64");
+  require(Z.ndim() == 3 && Z.shape(2) == 4, "Z must have shape (problems, n-1, 4)");
+  require(Z.shape(1) + 1 <= INT32_MAX, "Z has too many rows for int32 labels");
+  return Z;
+}
+
+py::array_t<int32_t> cut_linkage_height(const py::object& Z_obj, const py::object& heights_obj) {
+  const auto Z = linkage_batch(Z_obj);
+  const auto heights = exact_array<double>(heights_obj, "heights", "float64");
   require(heights.ndim() == 1 && heights.shape(0) == Z.shape(0), "need one height per problem");
   const double* h = heights.data();
+  for (int64_t b = 0; b < heights.shape(0); ++b) {
+    require(h[b] >= 0.0, "cut heights must be >= 0 (not NaN)");  // NaN fails too
+  }
   return cut_batched(Z, [h](int64_t b, const std::vector<double>&, int64_t) { return h[b]; });
 }
 
-py::array_t<int32_t> cut_linkage_maxclust(const DoubleArray& Z, const IntArray& counts) {
+py::array_t<int32_t> cut_linkage_maxclust(const py::object& Z_obj, const py::object& counts_obj) {
+  const auto Z = linkage_batch(Z_obj);
+  const auto counts = exact_array<int64_t>(counts_obj, "counts", "int64");
   require(counts.ndim() == 1 && counts.shape(0) == Z.shape(0), "need one n_clusters per problem");
   const int64_t* k = counts.data();
   for (int64_t b = 0; b < counts.shape(0); ++b) {
@@ -133,16 +241,28 @@ py::array_t<int32_t> cut_linkage_maxclust(const DoubleArray& Z, const IntArray& 
   });
 }
 
+std::string ward_method(int64_t n, int64_t d) {
+  require(n >= 1 && d >= 1, "n and d must be >= 1");
+  return accelprune::method_name(accelprune::choose_method(n, d));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-  m.doc() = "accelprune's native engines: batched Ward clustering and flat cuts.";
+  m.doc() =
+      "accelprune's native engines: batched Ward clustering and flat cuts. Private: call them "
+      "through accelprune.cluster, which converts and checks the inputs.";
   m.def("ward_linkage_batched", &ward_linkage_batched, py::arg("X"), py::arg("n_threads"),
-        "Ward linkage of every problem in X (B, n, d) -> Z (B, n-1, 4), scipy conventions.");
+        py::arg("method") = "auto",
+        "Ward linkage of every problem in X (B, n, d) float64 -> Z (B, n-1, 4), scipy "
+        "conventions. method: 'auto', 'centroids', 'matrix' or 'sorted' (d == 1).");
   m.def("cut_linkage_height", &cut_linkage_height, py::arg("Z"), py::arg("heights"),
         "fcluster 'distance' partition of each problem, labels in order of first appearance.");
   m.def("cut_linkage_maxclust", &cut_linkage_maxclust, py::arg("Z"), py::arg("counts"),
         "fcluster 'maxclust' partition of each problem, labels in order of first appearance.");
+  m.def("ward_method", &ward_method, py::arg("n"), py::arg("d"),
+        "The path method='auto' takes for problems of n points in d dimensions.");
+  m.attr("max_threads") = kMaxThreads;
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

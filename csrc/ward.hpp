@@ -5,21 +5,34 @@
 // an (n-1) x 4 matrix [child a, child b, height, size], rows in non-decreasing height order, new
 // cluster ids n, n+1, ..., the smaller child id first, heights sqrt(2 * Ward merge cost).
 //
-// Two solvers, both nearest-neighbour chains (Ward is reducible, so merging mutual nearest
+// Three solvers, all nearest-neighbour chains (Ward is reducible, so merging mutual nearest
 // neighbours in the order the chain finds them gives the same dendrogram as always merging the
-// global minimum):
-//  * nn_chain_ward: O(n^2) time on a dense matrix of squared Euclidean distances, updated with
-//    the Lance-Williams formula. Scan order and tie rule are scipy's nn_chain (previous chain
-//    element first, then the lowest id).
-//  * ward_1d: points on a line. Ward clusters of 1-D points are runs of the sorted points, and a
-//    run's nearest cluster is one of its two neighbouring runs, so after a sort the chain is O(n).
-// Both produce an unsorted list of merges that finish_linkage() turns into scipy's format.
-// Neither writes to its input.
+// global minimum). Scan order and tie rule are scipy's nn_chain (previous chain element first,
+// then the lowest id):
+//  * centroid_chain_ward ("centroids"): O(n^2 d) time, O(n d) memory. Clusters are centroids and
+//    sizes; the Ward cost to every cluster is recomputed on each chain step from them (as
+//    fastcluster's linkage_vector does), in a blocked structure-of-arrays layout that vectorises
+//    over clusters, keeping each chain depth's row of costs for the rescans a merge causes.
+//    Best for small d and large n, and the only choice when an n x n matrix would not fit.
+//  * nn_chain_ward ("matrix"): O(n^2) time after an O(n^2 d) start, O(n^2) memory: a dense matrix
+//    of squared distances updated with the Lance-Williams formula. Best for larger d.
+//  * ward_1d ("sorted"): points on a line. Ward clusters of 1-D points are runs of the sorted
+//    points, and a run's nearest cluster is one of its two neighbouring runs, so after a sort the
+//    chain is O(n).
+// choose_method() picks one by n and d (thresholds measured by benchmarks/bench_ward.py).
+// All produce an unsorted list of merges that finish_linkage() turns into scipy's format.
+// None writes to its input.
+//
+// Exceptions: only plain functions allocate (std::bad_alloc can leave them). The vectorised
+// kernels, compiled in several versions (target_clones, or target-attribute multi-versioning),
+// never allocate and are noexcept: GCC 12 treats such multi-versioned functions as non-throwing,
+// so an exception inside one would end the process instead of reaching Python.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -30,15 +43,45 @@
 #include <emmintrin.h>
 #endif
 
-// Hot loops that the compiler vectorises get an AVX2 clone besides the baseline one, chosen at load
-// time by the CPU (GCC/Clang function multi-versioning on x86-64; a no-op elsewhere).
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define ACCELPRUNE_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+// Hot loops that the compiler vectorises get AVX2 / AVX-512 clones besides the baseline one,
+// chosen at load time by the CPU (GCC/Clang function multi-versioning on x86-64; a no-op
+// elsewhere). Results are the same in every clone: no fused multiply-add (-ffp-contract=off), and
+// the same operations in the same order per lane.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(ACCELPRUNE_NO_CLONES)
+#define ACCELPRUNE_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define ACCELPRUNE_VECTOR_CLONES
 #endif
 
 namespace accelprune {
+
+enum class WardMethod { kAuto, kMatrix, kCentroids, kSorted };
+
+inline const char* method_name(WardMethod m) {
+  switch (m) {
+    case WardMethod::kMatrix: return "matrix";
+    case WardMethod::kCentroids: return "centroids";
+    case WardMethod::kSorted: return "sorted";
+    default: return "auto";
+  }
+}
+
+// The "auto" rule, from measurements on a 2-core AVX-512 x86-64 machine (benchmarks/bench_ward.py,
+// the "crossover" rows): the centroid chain does O(d) work per cluster and chain step, the matrix
+// O(1) after an O(n^2 d) start, but the matrix's column walks leave the cache as n grows: the
+// matrix wins from d ~ 24 at n = 256, d ~ 32 at n = 512, d ~ 64 at n = 1024, and not at all at
+// n = 2048 (d <= 64). Points on a line take the sorted path. Memory stays O(n d) beyond
+// kMatrixMaxPoints (an 8 MB matrix per thread at most).
+constexpr int64_t kMatrixMinDims = 24;
+constexpr int64_t kMatrixMaxPoints = 1024;
+
+inline WardMethod choose_method(int64_t n, int64_t d) {
+  if (d == 1) return WardMethod::kSorted;
+  if (n <= kMatrixMaxPoints && d >= std::max<int64_t>(kMatrixMinDims, n / 16)) {
+    return WardMethod::kMatrix;
+  }
+  return WardMethod::kCentroids;
+}
 
 // One merge before relabelling: a and b are any point (or slot) ids that lie in the two merged
 // clusters; finish_linkage() maps them to cluster ids.
@@ -51,8 +94,6 @@ struct Merge {
 // Union-find over the 2n-1 nodes of a dendrogram, as scipy's LinkageUnionFind.
 class LinkageUnionFind {
  public:
-  explicit LinkageUnionFind(int64_t n) { reset(n); }
-
   void reset(int64_t n) {
     parent_.resize(2 * n - 1);
     size_.assign(2 * n - 1, 1);
@@ -88,31 +129,127 @@ class LinkageUnionFind {
 };
 
 // Per-thread work buffers, reused across the problems one thread solves (never one per problem:
-// a 2048-filter layer would need 32 MB each).
+// a 2048-filter layer would need 32 MB each for the matrix path).
 struct WardWorkspace {
-  std::vector<double> dist;  // n x ld Euclidean distances between current clusters (NN-chain)
+  // shared by the solvers
+  std::vector<int64_t> chain, ids;
+  std::vector<Merge> merges, merges_sorted;
+  std::vector<double> formed_height, mask, size_d;
+  LinkageUnionFind union_find;
+  // stable radix sort
+  std::vector<uint64_t> keys, keys_tmp;
+  std::vector<int64_t> perm, perm_tmp;
+  // matrix path
+  std::vector<double> dist;  // n x ld squared Euclidean distances between current clusters
   int64_t ld = 0;            // row stride of dist
-  std::vector<int64_t> size, active, chain, ids, position;
-  std::vector<Merge> merges;
-  std::vector<int64_t> order, prev, next, count;  // 1-D path
-  std::vector<double> sum, points_t, mask, formed_height, size_d;
-  std::vector<std::pair<double, int64_t>> keyed;
+  std::vector<int64_t> size, active, position;
+  std::vector<double> points_t;
+  // centroid path
+  std::vector<double> centroids, query, neighbour, centre;
+  std::vector<double> cost_rows;  // kCachedRows x ld: the last full scan of each chain depth
+  std::vector<char> cost_row_valid;
+  // 1-D path
+  std::vector<int64_t> order, prev, next, count;
+  std::vector<double> mean;
 };
 
+// Bytes of workspace one thread needs for a problem of n points in d dimensions (an estimate
+// within a few percent, used to refuse problems the machine cannot hold before allocating).
+inline double workspace_bytes(int64_t n, int64_t d, WardMethod method) {
+  const double nd = static_cast<double>(n);
+  const double per_point = 8.0 * 24 + 8.0 * static_cast<double>(d);  // the O(n) vectors
+  if (method == WardMethod::kMatrix) return nd * (nd + 8) * 8.0 + nd * per_point;
+  if (method == WardMethod::kCentroids) {
+    return (nd + 8) * 8.0 * (static_cast<double>(d) + 16.0) + nd * per_point;  // + kept rows
+  }
+  return nd * per_point;
+}
+
+// ------------------------------------------------------------------------------------------
+// Sorting: a stable LSD radix sort on 64-bit keys (the merges by height, the 1-D points by value).
+// Much cheaper than std::stable_sort on these sizes (no comparisons, no temporary allocation),
+// and stable, so equal heights keep the order the chain found them in, as scipy's mergesort.
+
+// Order-preserving map of a double (never NaN) to an unsigned integer; -0.0 maps as +0.0.
+inline uint64_t sortable_bits(double v) {
+  v += 0.0;  // -0.0 + 0.0 == +0.0
+  uint64_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return (u >> 63) ? ~u : (u | (uint64_t{1} << 63));
+}
+
+// perm[0..n) = the stable ascending order of keys[0..n). keys is left in sorted order.
+inline void stable_argsort(std::vector<uint64_t>& keys, std::vector<int64_t>& perm,
+                           std::vector<uint64_t>& keys_tmp, std::vector<int64_t>& perm_tmp) {
+  const int64_t n = static_cast<int64_t>(keys.size());
+  perm.resize(n);
+  for (int64_t i = 0; i < n; ++i) perm[i] = i;
+  if (n < 48) {  // insertion sort: cheaper than the histograms on tiny inputs
+    for (int64_t i = 1; i < n; ++i) {
+      const uint64_t k = keys[i];
+      int64_t j = i;
+      for (; j > 0 && keys[j - 1] > k; --j) {
+        keys[j] = keys[j - 1];
+        perm[j] = perm[j - 1];
+      }
+      keys[j] = k;
+      perm[j] = i;
+    }
+    return;
+  }
+  keys_tmp.resize(n);
+  perm_tmp.resize(n);
+  uint32_t histogram[8][256] = {};
+  for (int64_t i = 0; i < n; ++i)
+    for (int pass = 0; pass < 8; ++pass) ++histogram[pass][(keys[i] >> (8 * pass)) & 255];
+  for (int pass = 0; pass < 8; ++pass) {
+    uint32_t* h = histogram[pass];
+    const int shift = 8 * pass;
+    // A pass whose digit is the same in every key would only copy: skip it (the exponent bytes
+    // of heights and the high bytes of small counts usually are).
+    if (h[(keys[0] >> shift) & 255] == static_cast<uint32_t>(n)) continue;
+    uint32_t offset = 0;
+    for (int b = 0; b < 256; ++b) {
+      const uint32_t c = h[b];
+      h[b] = offset;
+      offset += c;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t slot = h[(keys[i] >> shift) & 255]++;
+      keys_tmp[slot] = keys[i];
+      perm_tmp[slot] = perm[i];
+    }
+    keys.swap(keys_tmp);
+    perm.swap(perm_tmp);
+  }
+}
+
 // Sort merges by height (stable, as scipy's mergesort) and relabel into scipy's linkage format.
-inline void finish_linkage(std::vector<Merge>& merges, int64_t n, double* Z) {
-  std::stable_sort(merges.begin(), merges.end(),
-                   [](const Merge& l, const Merge& r) { return l.height < r.height; });
-  LinkageUnionFind uf(n);
-  for (size_t k = 0; k < merges.size(); ++k) {
-    int64_t ra = uf.find(merges[k].a), rb = uf.find(merges[k].b);
+inline void finish_linkage(WardWorkspace& ws, int64_t n, double* Z) {
+  const int64_t m = n - 1;
+  ws.keys.resize(m);
+  for (int64_t k = 0; k < m; ++k) ws.keys[k] = sortable_bits(ws.merges[k].height);
+  stable_argsort(ws.keys, ws.perm, ws.keys_tmp, ws.perm_tmp);
+  LinkageUnionFind& uf = ws.union_find;
+  uf.reset(n);
+  for (int64_t k = 0; k < m; ++k) {
+    const Merge& merge = ws.merges[ws.perm[k]];
+    int64_t ra = uf.find(merge.a), rb = uf.find(merge.b);
     double* row = Z + 4 * k;
     row[0] = static_cast<double>(std::min(ra, rb));
     row[1] = static_cast<double>(std::max(ra, rb));
-    row[2] = merges[k].height;
+    row[2] = merge.height;
     row[3] = static_cast<double>(uf.merge(ra, rb));
   }
 }
+
+// Added to a cost to hide a cluster from nearest-neighbour scans (dead clusters, the diagonal).
+// Finite, so that scans stay plain arithmetic; Python rejects inputs whose squared distances
+// could come near it.
+constexpr double kHidden = 1e300;
+
+// ------------------------------------------------------------------------------------------
+// The matrix path.
 
 // Lance-Williams update for Ward on squared distances, for a whole row: after merging x and y
 // (squared distance d_xy), the squared distance of the new cluster to every cluster i:
@@ -121,7 +258,7 @@ inline void finish_linkage(std::vector<Merge>& merges, int64_t n, double* Z) {
 // rounding can push an exact 0 slightly below.
 ACCELPRUNE_VECTOR_CLONES
 inline void update_row(const double* row_x, double* row_y, const double* size, int64_t m,
-                       double d_xy, int64_t size_x, int64_t size_y) {
+                       double d_xy, int64_t size_x, int64_t size_y) noexcept {
   const double nx = static_cast<double>(size_x), ny = static_cast<double>(size_y);
   for (int64_t i = 0; i < m; ++i) {
     const double ni = size[i];
@@ -133,32 +270,26 @@ inline void update_row(const double* row_x, double* row_y, const double* size, i
 // Row stride for an m x m matrix: padded where a multiple of 2 KiB would alias in the L1 cache.
 inline int64_t padded_stride(int64_t m) { return (m % 256 == 0) ? m + 8 : m; }
 
+// The upper triangle of D (n x ld) from X and its transpose xt (d x n), then the mirror.
 ACCELPRUNE_VECTOR_CLONES
-inline void pairwise_distances(const double* X, int64_t n, int64_t d, WardWorkspace& ws) {
-  // Column walks (the mirror below, the Lance-Williams updates) step by one row at a time; with a
-  // row stride that is a multiple of 2 KiB every step lands in the same L1 cache set and evicts
-  // the last, so such strides get padded.
-  const int64_t ld = padded_stride(n);
-  ws.ld = ld;
-  std::vector<double>& D = ws.dist;
-  D.resize(static_cast<size_t>(n) * ld);
-  std::vector<double>& xt = ws.points_t;  // d x n transposed points
-  xt.resize(static_cast<size_t>(n) * d);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t k = 0; k < d; ++k) xt[k * n + i] = X[i * d + k];
+inline void fill_distances(const double* X, const double* xt, int64_t n, int64_t d, int64_t ld,
+                           double* D) noexcept {
   for (int64_t i = 0; i < n; ++i) {
-    double* row = D.data() + i * ld;
+    double* row = D + i * ld;
     row[i] = 0.0;
     for (int64_t j = i + 1; j < n; ++j) row[j] = 0.0;
     for (int64_t k = 0; k < d; ++k) {  // dimension by dimension: a vectorisable loop over j
       const double xik = X[i * d + k];
-      const double* col = xt.data() + k * n;
+      const double* col = xt + k * n;
       for (int64_t j = i + 1; j < n; ++j) {
         double diff = xik - col[j];
         row[j] += diff * diff;
       }
     }
   }
+  // Column walks (this mirror, the Lance-Williams updates) step by one row at a time; with a row
+  // stride that is a multiple of 2 KiB every step lands in the same L1 cache set and evicts the
+  // last, so such strides are padded (padded_stride).
   constexpr int64_t kBlock = 32;
   for (int64_t ib = 0; ib < n; ib += kBlock)
     for (int64_t jb = ib; jb < n; jb += kBlock)
@@ -167,10 +298,14 @@ inline void pairwise_distances(const double* X, int64_t n, int64_t d, WardWorksp
           D[j * ld + i] = D[i * ld + j];
 }
 
-// Added to a distance to hide a cluster from nearest-neighbour scans (dead clusters, the diagonal).
-// Finite, so that scans stay plain arithmetic; Python rejects inputs whose squared distances
-// could come near it.
-constexpr double kHidden = 1e300;
+inline void pairwise_distances(const double* X, int64_t n, int64_t d, WardWorkspace& ws) {
+  ws.ld = padded_stride(n);
+  ws.dist.resize(static_cast<size_t>(n) * ws.ld);  // allocations here, outside the clones
+  ws.points_t.resize(static_cast<size_t>(n) * d);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < d; ++k) ws.points_t[k * n + i] = X[i * d + k];
+  fill_distances(X, ws.points_t.data(), n, d, ws.ld, ws.dist.data());
+}
 
 // min over j < n of row[j] + mask[j]. Compilers do not vectorise a floating-point min reduction
 // without fast-math, so the SSE2 version is spelled out; the scan is half the NN-chain's time.
@@ -191,7 +326,8 @@ inline double masked_min(const double* row, const double* mask, int64_t n) {
   return best;
 }
 
-// Nearest-neighbour chain Ward on points X (n x d, row-major). Writes Z ((n-1) x 4).
+// Nearest-neighbour chain Ward on points X (n x d, row-major) with a stored distance matrix.
+// Writes Z ((n-1) x 4).
 inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& ws, double* Z) {
   pairwise_distances(X, n, d, ws);
   double* D = ws.dist.data();
@@ -203,8 +339,9 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
   ws.ids.resize(n);
   ws.size.assign(n, 1);
   ws.size_d.assign(n, 1.0);  // the sizes again, as doubles for the vectorised update
-  ws.mask.assign(n, 0.0);  // 0 for live clusters, kHidden for merged-away ones
+  ws.mask.assign(n, 0.0);    // 0 for live clusters, kHidden for merged-away ones
   ws.formed_height.assign(n, 0.0);
+  ws.position.resize(n);
   for (int64_t i = 0; i < n; ++i) {
     ws.ids[i] = i;
     D[i * ld + i] = kHidden;  // a cluster is not its own neighbour
@@ -262,7 +399,6 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
       // Compact in place: every element moves to a lower address, in increasing order, so no
       // element is overwritten before it is read.
       const int64_t new_ld = padded_stride(live);
-      ws.position.assign(m, -1);
       for (int64_t r = 0; r < live; ++r) ws.position[ws.active[r]] = r;
       for (int64_t r = 0; r < live; ++r) {
         const double* from = D + ws.active[r] * ld;
@@ -283,8 +419,399 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
       ld = new_ld;
     }
   }
-  finish_linkage(ws.merges, n, Z);
+  finish_linkage(ws, n, Z);
 }
+
+// ------------------------------------------------------------------------------------------
+// The centroid path.
+
+// The Ward cost scan below is written once with GCC/Clang vector extensions over a native
+// vector type V and compiled per instruction set (GCC's C++ function multi-versioning on x86-64
+// Linux; elsewhere one version for the compiler's target): 2 doubles a register in the SSE2
+// baseline, 4 with AVX2, 8 with AVX-512, eight clusters a block in each. Every version does the
+// same lane-wise arithmetic (no fused multiply-add), so all give the same bits. (Generic vectors
+// wider than the target's registers, or loops left to the auto-vectoriser, came out scalar or
+// spilled to the stack: measured 3-10x slower.)
+constexpr int64_t kLanes = 8;
+
+inline int64_t round_up_lanes(int64_t m) { return (m + kLanes - 1) / kLanes * kLanes; }
+
+template <int kWidth>
+struct NativeVector {
+  typedef double type __attribute__((vector_size(kWidth * sizeof(double))));
+  typedef int64_t mask __attribute__((vector_size(kWidth * sizeof(int64_t))));
+};
+
+// Centroids are stored in blocks of kLanes clusters, each block d x kLanes (dimension-major within
+// the block): a scan reads memory in order, with no stride between dimensions (a d x n layout
+// with n a multiple of 512 maps every dimension's row to the same L1 cache set).
+inline int64_t centroid_index(int64_t i, int64_t k, int64_t d) {
+  return (i / kLanes) * kLanes * d + k * kLanes + i % kLanes;
+}
+
+// The Ward merge cost of clusters x and i from their centroids and sizes, in the exact order of
+// operations of the vectorised scan (so that both give the same bits):
+//   n_x n_i / (n_x + n_i) * sum_k (c_ik - c_xk)^2 + mask_i.
+// It is bitwise symmetric in x and i: (a - b)^2 == (b - a)^2, the sum runs in the same order and
+// the size factor is symmetric; the chain's termination test relies on it.
+inline double ward_cost(const double* centroids, int64_t d, const double* query, double size_x,
+                        int64_t i, double size_i, double mask_i) {
+  double squared = 0.0;
+  for (int64_t k = 0; k < d; ++k) {
+    const double diff = centroids[centroid_index(i, k, d)] - query[k];
+    squared += diff * diff;
+  }
+  return size_x * size_i / (size_x + size_i) * squared + mask_i;
+}
+
+// The running minimum of a scan: per lane, the smallest cost seen and the first block where it
+// was seen (a strict < keeps the first of equal costs).
+template <int kWidth>
+struct LaneMinimum {
+  typedef typename NativeVector<kWidth>::type V;
+  typedef typename NativeVector<kWidth>::mask M;
+  static constexpr int kGroups = kLanes / kWidth;
+  V best[kGroups];
+  M block[kGroups];
+};
+
+// Costs of cluster x to the kBlocks blocks starting at block `first`, folded into `running`.
+// Several blocks at a time give independent sums: one block's sum over d dimensions is a chain
+// of dependent additions, and a single chain leaves most of the adders idle.
+template <int kWidth, int kBlocks>
+__attribute__((always_inline)) inline void scan_blocks(const double* centroids, int64_t d,
+                                                       const double* query, double size_x,
+                                                       const double* size, const double* mask,
+                                                       int64_t first, double* cost,
+                                                       LaneMinimum<kWidth>& running) noexcept {
+  typedef typename NativeVector<kWidth>::type V;
+  typedef typename NativeVector<kWidth>::mask M;
+  constexpr int kGroups = kLanes / kWidth;
+  auto load = [](const double* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  };
+  V squared[kBlocks][kGroups];
+  for (int u = 0; u < kBlocks; ++u)
+    for (int g = 0; g < kGroups; ++g) squared[u][g] = V{};
+  const double* c = centroids + first * kLanes * d;
+  for (int64_t k = 0; k < d; ++k, c += kLanes) {
+    const double q = query[k];
+    for (int u = 0; u < kBlocks; ++u) {
+      for (int g = 0; g < kGroups; ++g) {
+        const V diff = load(c + u * kLanes * d + g * kWidth) - q;
+        squared[u][g] += diff * diff;
+      }
+    }
+  }
+  const V nx = V{} + size_x;
+  for (int u = 0; u < kBlocks; ++u) {
+    const int64_t block = first + u;
+    for (int g = 0; g < kGroups; ++g) {
+      const int64_t at = block * kLanes + g * kWidth;
+      const V ni = load(size + at);
+      const V v = nx * ni / (nx + ni) * squared[u][g] + load(mask + at);
+      if (cost != nullptr) std::memcpy(cost + at, &v, sizeof v);
+      const M smaller = v < running.best[g];  // lane-wise, by masks: the same on every target
+      running.best[g] = reinterpret_cast<V>((smaller & reinterpret_cast<M>(v)) |
+                                            (~smaller & reinterpret_cast<M>(running.best[g])));
+      running.block[g] = (smaller & (M{} + block)) | (~smaller & running.block[g]);
+    }
+  }
+}
+
+// The Ward merge cost of cluster x (centroid `query`, size size_x) with every cluster i < m
+// (m a multiple of kLanes; centroids in blocks, see centroid_index), each as ward_cost(); returns
+// the smallest and, in *argmin, the lowest i that has it. Every cost is also written to cost[i]
+// unless cost is null.
+template <int kWidth>
+__attribute__((always_inline)) inline double ward_costs_kernel(
+    const double* centroids, int64_t d, const double* query, double size_x, const double* size,
+    const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
+  typedef typename NativeVector<kWidth>::type V;
+  typedef typename NativeVector<kWidth>::mask M;
+  constexpr int kGroups = kLanes / kWidth;
+  constexpr int kBlocks = kWidth == 2 ? 2 : 4;  // SSE2 has half the registers to hold the sums
+  LaneMinimum<kWidth> running;
+  for (int g = 0; g < kGroups; ++g) {
+    running.best[g] = V{} + std::numeric_limits<double>::infinity();
+    running.block[g] = M{};
+  }
+  const int64_t n_blocks = m / kLanes;
+  int64_t block = 0;
+  for (; block + kBlocks <= n_blocks; block += kBlocks)
+    scan_blocks<kWidth, kBlocks>(centroids, d, query, size_x, size, mask, block, cost, running);
+  for (; block < n_blocks; ++block)
+    scan_blocks<kWidth, 1>(centroids, d, query, size_x, size, mask, block, cost, running);
+  double out = std::numeric_limits<double>::infinity();
+  int64_t where = 0;
+  for (int g = 0; g < kGroups; ++g) {
+    for (int l = 0; l < kWidth; ++l) {
+      const double v = running.best[g][l];
+      const int64_t i = running.block[g][l] * kLanes + g * kWidth + l;
+      if (v < out || (v == out && i < where)) {
+        out = v;
+        where = i;
+      }
+    }
+  }
+  *argmin = where;
+  return out;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
+    !defined(ACCELPRUNE_NO_CLONES)
+__attribute__((target("default"))) inline double ward_costs_from(
+    const double* centroids, int64_t d, const double* query, double size_x, const double* size,
+    const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
+  return ward_costs_kernel<2>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+}
+__attribute__((target("avx2"))) inline double ward_costs_from(
+    const double* centroids, int64_t d, const double* query, double size_x, const double* size,
+    const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
+  return ward_costs_kernel<4>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+}
+__attribute__((target("avx512f"))) inline double ward_costs_from(
+    const double* centroids, int64_t d, const double* query, double size_x, const double* size,
+    const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
+  return ward_costs_kernel<8>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+}
+#else
+inline double ward_costs_from(const double* centroids, int64_t d, const double* query,
+                              double size_x, const double* size, const double* mask, int64_t m,
+                              int64_t* argmin, double* cost) noexcept {
+#if defined(__AVX512F__)
+  return ward_costs_kernel<8>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+#elif defined(__AVX__)
+  return ward_costs_kernel<4>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+#else
+  return ward_costs_kernel<2>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+#endif
+}
+#endif
+
+// The first smallest of row[0..m) (m a multiple of kLanes) and where it is: the kept rows'
+// minimum, lane-wise as in the scan (a scalar loop is one dependent compare per element).
+template <int kWidth>
+__attribute__((always_inline)) inline double first_minimum_kernel(const double* row, int64_t m,
+                                                                  int64_t* argmin) noexcept {
+  typedef typename NativeVector<kWidth>::type V;
+  typedef typename NativeVector<kWidth>::mask M;
+  constexpr int kGroups = kLanes / kWidth;
+  LaneMinimum<kWidth> running;
+  for (int g = 0; g < kGroups; ++g) {
+    running.best[g] = V{} + std::numeric_limits<double>::infinity();
+    running.block[g] = M{};
+  }
+  for (int64_t block = 0; block < m / kLanes; ++block) {
+    for (int g = 0; g < kGroups; ++g) {
+      V v;
+      std::memcpy(&v, row + block * kLanes + g * kWidth, sizeof v);
+      const M smaller = v < running.best[g];
+      running.best[g] = reinterpret_cast<V>((smaller & reinterpret_cast<M>(v)) |
+                                            (~smaller & reinterpret_cast<M>(running.best[g])));
+      running.block[g] = (smaller & (M{} + block)) | (~smaller & running.block[g]);
+    }
+  }
+  double out = std::numeric_limits<double>::infinity();
+  int64_t where = 0;
+  for (int g = 0; g < kGroups; ++g) {
+    for (int l = 0; l < kWidth; ++l) {
+      const double v = running.best[g][l];
+      const int64_t i = running.block[g][l] * kLanes + g * kWidth + l;
+      if (v < out || (v == out && i < where)) {
+        out = v;
+        where = i;
+      }
+    }
+  }
+  *argmin = where;
+  return out;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
+    !defined(ACCELPRUNE_NO_CLONES)
+__attribute__((target("default"))) inline double first_minimum(const double* row, int64_t m,
+                                                               int64_t* argmin) noexcept {
+  return first_minimum_kernel<2>(row, m, argmin);
+}
+__attribute__((target("avx2"))) inline double first_minimum(const double* row, int64_t m,
+                                                            int64_t* argmin) noexcept {
+  return first_minimum_kernel<4>(row, m, argmin);
+}
+__attribute__((target("avx512f"))) inline double first_minimum(const double* row, int64_t m,
+                                                               int64_t* argmin) noexcept {
+  return first_minimum_kernel<8>(row, m, argmin);
+}
+#else
+inline double first_minimum(const double* row, int64_t m, int64_t* argmin) noexcept {
+#if defined(__AVX512F__)
+  return first_minimum_kernel<8>(row, m, argmin);
+#elif defined(__AVX__)
+  return first_minimum_kernel<4>(row, m, argmin);
+#else
+  return first_minimum_kernel<2>(row, m, argmin);
+#endif
+}
+#endif
+
+// The per-dimension means of X (n x d) into centre: subtracting them first keeps the centroids'
+// differences exact for data far from the origin (points at 1e12 + noise; Sterbenz: the
+// difference of two doubles within a factor of two of each other is exact).
+inline void column_means(const double* X, int64_t n, int64_t d, std::vector<double>& centre) {
+  centre.assign(d, 0.0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < d; ++k) centre[k] += X[i * d + k];
+  for (int64_t k = 0; k < d; ++k) centre[k] /= static_cast<double>(n);
+}
+
+// Chain depths whose scans are kept (kCachedRows x n doubles of workspace). The chain is a stack:
+// a cluster's costs to every cluster not merged since its scan are still valid, so when a merge
+// exposes it again at the top of the chain, its nearest neighbour is the minimum of its kept row
+// after the merged pair's entries are updated: a pass over m doubles instead of a scan of m
+// centroids (about a third of all scans). Deeper chains (rare) scan again.
+constexpr int64_t kCachedRows = 16;
+
+// Nearest-neighbour chain Ward on centroids: O(n d) memory. Writes Z ((n-1) x 4).
+inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& ws,
+                                double* Z) {
+  // Clusters live at positions 0..m-1 (m rounded up to whole lanes; the padding is hidden);
+  // ids[p] is the scipy slot id at position p. Dead positions are hidden by the mask until an
+  // eighth of the positions is dead, then compacted (keeping the order, hence the tie rule).
+  const int64_t ld = round_up_lanes(n);
+  const int64_t cached_rows = std::min<int64_t>(kCachedRows, n);
+  ws.centroids.assign(static_cast<size_t>(ld) * d, 0.0);
+  ws.query.resize(d);
+  ws.neighbour.resize(d);
+  ws.size_d.assign(ld, 1.0);
+  ws.mask.assign(ld, kHidden);
+  ws.formed_height.assign(n, 0.0);
+  ws.ids.resize(n);
+  ws.position.resize(n);
+  ws.chain.resize(n);
+  ws.merges.resize(n - 1);
+  ws.cost_rows.resize(static_cast<size_t>(cached_rows) * ld);
+  ws.cost_row_valid.assign(cached_rows, 0);
+  column_means(X, n, d, ws.centre);
+  double* C = ws.centroids.data();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < d; ++k) C[centroid_index(i, k, d)] = X[i * d + k] - ws.centre[k];
+  for (int64_t i = 0; i < n; ++i) {
+    ws.ids[i] = i;
+    ws.mask[i] = 0.0;
+  }
+  auto centroid_of = [&](int64_t p, std::vector<double>& out) {
+    for (int64_t j = 0; j < d; ++j) out[j] = C[centroid_index(p, j, d)];
+  };
+  auto cost_row = [&](int64_t depth) { return ws.cost_rows.data() + depth * ld; };
+  int64_t m = n, dead = 0;
+
+  int64_t chain_length = 0;
+  for (int64_t k = 0; k < n - 1; ++k) {
+    if (chain_length == 0) {
+      int64_t first = 0;
+      while (ws.mask[first] != 0.0) ++first;  // the lowest live position
+      ws.chain[0] = first;
+      chain_length = 1;
+    }
+    int64_t x = 0, y = 0;
+    double current_min = 0.0;
+    while (true) {
+      const int64_t depth = chain_length - 1;
+      x = ws.chain[depth];
+      centroid_of(x, ws.query);
+      int64_t nearest = 0;
+      if (depth < cached_rows && ws.cost_row_valid[depth]) {
+        current_min = first_minimum(cost_row(depth), round_up_lanes(m), &nearest);
+      } else {
+        double* keep = depth < cached_rows ? cost_row(depth) : nullptr;
+        ws.mask[x] = kHidden;  // not its own neighbour
+        current_min = ward_costs_from(C, d, ws.query.data(), ws.size_d[x], ws.size_d.data(),
+                                      ws.mask.data(), round_up_lanes(m), &nearest, keep);
+        ws.mask[x] = 0.0;
+        if (keep != nullptr) ws.cost_row_valid[depth] = 1;
+      }
+      // Ties: the previous chain element (so the chain cannot cycle), then the lowest id. The
+      // test is <= with the scalar cost, and also accepts the scan naming the previous element,
+      // so that the chain ends even if the two computations ever differed in the last bit.
+      const int64_t previous = chain_length > 1 ? ws.chain[chain_length - 2] : -1;
+      if (previous >= 0 &&
+          (nearest == previous || ward_cost(C, d, ws.query.data(), ws.size_d[x], previous,
+                                            ws.size_d[previous], 0.0) <= current_min)) {
+        break;
+      }
+      if (chain_length >= n) throw std::logic_error("Ward nearest-neighbour chain did not close");
+      ws.chain[chain_length++] = nearest;
+    }
+    y = ws.chain[chain_length - 2];
+    chain_length -= 2;
+    for (int64_t depth = chain_length; depth < std::min(chain_length + 2, cached_rows); ++depth)
+      ws.cost_row_valid[depth] = 0;
+    if (x > y) std::swap(x, y);  // the merged cluster lives on at position y, as in scipy
+    const double nx = ws.size_d[x], ny = ws.size_d[y];
+    // Ward heights never decrease up the tree; max() keeps rounding from breaking that.
+    const double height = std::max(
+        {std::sqrt(2.0 * current_min), ws.formed_height[x], ws.formed_height[y]});
+    ws.merges[k] = Merge{ws.ids[x], ws.ids[y], height};
+    ws.formed_height[y] = height;
+    // The new centroid as c_x + (c_y - c_x) n_y / (n_x + n_y): equal centroids stay exactly
+    // equal (the weighted mean (n_x c_x + n_y c_y) / (n_x + n_y) can move them by an ulp, and
+    // duplicate points would then merge at tiny heights instead of 0, in another order).
+    const double weight_y = ny / (nx + ny);
+    for (int64_t j = 0; j < d; ++j) {
+      const double cx = C[centroid_index(x, j, d)];
+      double& cy = C[centroid_index(y, j, d)];
+      cy = cx + (cy - cx) * weight_y;
+    }
+    ws.size_d[y] = nx + ny;
+    ws.mask[x] = kHidden;
+    ++dead;
+    // The kept rows of the clusters still on the chain: x is gone, y is the merged cluster.
+    centroid_of(y, ws.neighbour);
+    for (int64_t depth = 0; depth < std::min(chain_length, cached_rows); ++depth) {
+      if (!ws.cost_row_valid[depth]) continue;
+      const int64_t w = ws.chain[depth];
+      double* row = cost_row(depth);
+      row[x] = kHidden;
+      row[y] = ward_cost(C, d, ws.neighbour.data(), ws.size_d[y], w, ws.size_d[w], 0.0);
+    }
+    if (dead >= kLanes && 8 * dead >= m) {
+      // Compact: live positions move down in increasing order, so nothing is overwritten
+      // before it is read.
+      int64_t live = 0;
+      for (int64_t p = 0; p < m; ++p) {
+        if (ws.mask[p] != 0.0) continue;
+        ws.position[p] = live;
+        if (live != p) {
+          for (int64_t j = 0; j < d; ++j)
+            C[centroid_index(live, j, d)] = C[centroid_index(p, j, d)];
+          ws.ids[live] = ws.ids[p];
+          ws.size_d[live] = ws.size_d[p];
+          ws.formed_height[live] = ws.formed_height[p];
+          for (int64_t depth = 0; depth < std::min(chain_length, cached_rows); ++depth)
+            cost_row(depth)[live] = cost_row(depth)[p];
+        }
+        ++live;
+      }
+      for (int64_t p = live; p < round_up_lanes(m); ++p) {
+        ws.mask[p] = kHidden;
+        ws.size_d[p] = 1.0;
+        for (int64_t j = 0; j < d; ++j) C[centroid_index(p, j, d)] = 0.0;
+        for (int64_t depth = 0; depth < std::min(chain_length, cached_rows); ++depth)
+          cost_row(depth)[p] = kHidden;
+      }
+      for (int64_t p = 0; p < live; ++p) ws.mask[p] = 0.0;
+      for (int64_t c = 0; c < chain_length; ++c) ws.chain[c] = ws.position[ws.chain[c]];
+      m = live;
+      dead = 0;
+    }
+  }
+  finish_linkage(ws, n, Z);
+}
+
+// ------------------------------------------------------------------------------------------
+// The 1-D path.
 
 // Exact Ward for 1-D points x (n values) in O(n log n): a sort, then an O(n) nearest-neighbour
 // chain. Ward clusters of points on a line are runs of the sorted points, and a run's nearest
@@ -292,25 +819,27 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
 inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws, double* Z) {
   // Sorted order of the points (ties by index, so the order is deterministic). A run is named by
   // its first position in that order; merging two runs keeps the left name.
-  ws.keyed.resize(n);
-  for (int64_t i = 0; i < n; ++i) ws.keyed[i] = {x[i], i};
-  std::sort(ws.keyed.begin(), ws.keyed.end());  // by value, then index
-  ws.order.resize(n);
+  ws.keys.resize(n);
+  for (int64_t i = 0; i < n; ++i) ws.keys[i] = sortable_bits(x[i]);
+  stable_argsort(ws.keys, ws.order, ws.keys_tmp, ws.perm_tmp);
   ws.prev.resize(n);
   ws.next.resize(n);
   ws.count.assign(n, 1);
-  ws.sum.resize(n);
+  ws.mean.resize(n);
   ws.formed_height.assign(n, 0.0);
+  // Runs keep their mean, not their sum, and the points are centred first: means of data far
+  // from the origin (1e12 + noise) then differ exactly where the points do.
+  column_means(x, n, 1, ws.centre);
+  const double centre = ws.centre[0];
   for (int64_t p = 0; p < n; ++p) {
     ws.prev[p] = p - 1;  // -1: no left neighbour
     ws.next[p] = p + 1;  // n: no right neighbour
-    ws.order[p] = ws.keyed[p].second;
-    ws.sum[p] = ws.keyed[p].first;
+    ws.mean[p] = x[ws.order[p]] - centre;
   }
   // Ward cost of merging neighbouring runs l < r: n_l n_r / (n_l + n_r) * (m_l - m_r)^2.
   auto cost = [&ws](int64_t l, int64_t r) {
     const double nl = static_cast<double>(ws.count[l]), nr = static_cast<double>(ws.count[r]);
-    const double diff = ws.sum[r] / nr - ws.sum[l] / nl;
+    const double diff = ws.mean[r] - ws.mean[l];
     return nl * nr / (nl + nr) * diff * diff;
   };
   constexpr double kNone = std::numeric_limits<double>::infinity();
@@ -347,37 +876,55 @@ inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws, double* Z) {
         std::max({std::sqrt(2.0 * best), ws.formed_height[l], ws.formed_height[r]});
     ws.merges[k] = Merge{ws.order[l], ws.order[r], height};
     ws.formed_height[l] = height;
+    // As in the centroid path: equal means stay exactly equal.
+    const double nl = static_cast<double>(ws.count[l]), nr = static_cast<double>(ws.count[r]);
+    ws.mean[l] += (ws.mean[r] - ws.mean[l]) * (nr / (nl + nr));
     ws.count[l] += ws.count[r];
-    ws.sum[l] += ws.sum[r];
     ws.next[l] = ws.next[r];
     if (ws.next[l] < n) ws.prev[ws.next[l]] = l;
   }
-  finish_linkage(ws.merges, n, Z);
+  finish_linkage(ws, n, Z);
 }
 
-// Ward linkage of one problem, choosing the solver by dimension.
-inline void ward_linkage(const double* X, int64_t n, int64_t d, WardWorkspace& ws, double* Z) {
+// Ward linkage of one problem by the given method (kAuto: choose_method). kSorted needs d == 1.
+inline void ward_linkage(const double* X, int64_t n, int64_t d, WardWorkspace& ws, double* Z,
+                         WardMethod method = WardMethod::kAuto) {
   if (n < 2) return;
-  if (d == 1) {
-    ward_1d(X, n, ws, Z);
-  } else {
-    nn_chain_ward(X, n, d, ws, Z);
+  if (method == WardMethod::kAuto) method = choose_method(n, d);
+  switch (method) {
+    case WardMethod::kSorted:
+      if (d != 1) throw std::invalid_argument("the sorted Ward path needs 1-D points");
+      ward_1d(X, n, ws, Z);
+      break;
+    case WardMethod::kMatrix:
+      nn_chain_ward(X, n, d, ws, Z);
+      break;
+    default:
+      centroid_chain_ward(X, n, d, ws, Z);
+      break;
   }
 }
 
 // ------------------------------------------------------------------------------------------
 // Flat cuts (scipy fcluster "distance" / "maxclust"), labels 0..c-1 in order of first appearance.
 
-// Checks that Z ((n-1) x 4) is a valid linkage: child ids exist, each used once, heights >= 0.
-// Also fills max_dist[r]: the largest height in row r's subtree (scipy's monocrit for cuts).
+// Checks that Z ((n-1) x 4) is a valid linkage: heights finite and >= 0, child ids whole
+// numbers naming clusters that exist, each used once, and the count column equal to the sum of
+// the children's sizes (accelprune.cluster's reference checks the same, so both cuts accept the
+// same matrices). Also fills max_dist[r]: the largest height in row r's subtree (scipy's
+// monocrit for cuts).
 inline void check_linkage(const double* Z, int64_t n, std::vector<double>& max_dist,
-                          std::vector<char>& used) {
+                          std::vector<int64_t>& size) {
   max_dist.resize(n > 1 ? n - 1 : 0);
-  used.assign(2 * n, 0);
+  size.assign(2 * n, 1);  // 0 marks a cluster already merged into another
   for (int64_t r = 0; r < n - 1; ++r) {
     const double* row = Z + 4 * r;
     double md = row[2];
-    if (!(md >= 0.0)) throw std::invalid_argument("Z has a negative or NaN height in row " + std::to_string(r));
+    if (!(md >= 0.0) || !std::isfinite(md)) {
+      throw std::invalid_argument("Z has a negative, NaN or infinite height in row " +
+                                  std::to_string(r));
+    }
+    int64_t merged = 0;
     for (int c = 0; c < 2; ++c) {
       double id = row[c];
       if (!(id >= 0.0) || id >= static_cast<double>(n + r) || id != std::floor(id)) {
@@ -385,12 +932,19 @@ inline void check_linkage(const double* Z, int64_t n, std::vector<double>& max_d
                                     std::to_string(id) + ", which does not exist yet");
       }
       int64_t child = static_cast<int64_t>(id);
-      if (used[child]) {
+      if (size[child] == 0) {
         throw std::invalid_argument("Z uses cluster " + std::to_string(child) + " twice");
       }
-      used[child] = 1;
+      merged += size[child];
+      size[child] = 0;
       if (child >= n) md = std::max(md, max_dist[child - n]);
     }
+    if (row[3] != static_cast<double>(merged)) {
+      throw std::invalid_argument("Z row " + std::to_string(r) + " has count " +
+                                  std::to_string(row[3]) + " but its children hold " +
+                                  std::to_string(merged) + " points");
+    }
+    size[n + r] = merged;
     max_dist[r] = md;
   }
 }

@@ -22,7 +22,9 @@ def untied_cut_heights(heights, count=4):
     """Cut heights halfway between well-separated consecutive merge heights."""
     h = np.unique(heights)
     gaps = np.flatnonzero(np.diff(h) > 1e-6 * max(h[-1], 1.0))
-    picks = gaps[np.linspace(0, len(gaps) - 1, min(count, len(gaps))).astype(int)] if len(gaps) else []
+    if not len(gaps):
+        return []
+    picks = gaps[np.linspace(0, len(gaps) - 1, min(count, len(gaps))).astype(int)]
     return [(h[i] + h[i + 1]) / 2 for i in picks]
 
 
@@ -172,9 +174,11 @@ def test_cut_batched_with_per_problem_heights_and_counts():
     X = np.random.default_rng(4).standard_normal((6, 25, 2))
     Z = ward_linkage_batched(X)
     heights = Z[:, 10, 2] * 1.0000001
-    np.testing.assert_array_equal(cut_linkage(Z, height=heights), cut_linkage_ref(Z, height=heights))
+    np.testing.assert_array_equal(cut_linkage(Z, height=heights),
+                                  cut_linkage_ref(Z, height=heights))
     counts = np.arange(1, 7)
-    np.testing.assert_array_equal(cut_linkage(Z, n_clusters=counts), cut_linkage_ref(Z, n_clusters=counts))
+    np.testing.assert_array_equal(cut_linkage(Z, n_clusters=counts),
+                                  cut_linkage_ref(Z, n_clusters=counts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +269,10 @@ def test_backend_argument():
 
 def test_scalar_height_applies_to_every_problem_of_a_batch():
     Z = ward_linkage_batched(np.random.default_rng(9).standard_normal((3, 20, 2)))
-    np.testing.assert_array_equal(cut_linkage(Z, height=1.5), cut_linkage(Z, height=np.full(3, 1.5)))
-    np.testing.assert_array_equal(cut_linkage(Z, height=np.float64(1.5)), cut_linkage_ref(Z, height=1.5))
+    np.testing.assert_array_equal(cut_linkage(Z, height=1.5),
+                                  cut_linkage(Z, height=np.full(3, 1.5)))
+    np.testing.assert_array_equal(cut_linkage(Z, height=np.float64(1.5)),
+                                  cut_linkage_ref(Z, height=1.5))
 
 
 def test_the_extension_itself_refuses_non_finite_points():

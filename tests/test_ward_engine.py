@@ -1,0 +1,378 @@
+"""The native Ward engine's paths, precision, memory behaviour and input checks (issues 13, 14).
+
+Every path (centroids, matrix, sorted) against scipy; data far from the origin; out-of-memory in
+a subprocess; the raw extension's own checks; bounded Hypothesis fuzzing of the public entry
+points against scipy.
+"""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.cluster.hierarchy as sch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from accelprune import cut_linkage, cut_linkage_ref, ward_linkage, ward_linkage_batched
+from accelprune._backend import available, native_module
+from accelprune.cluster import WARD_METHODS, ward_method
+
+pytestmark = pytest.mark.skipif(not available("native"), reason="accelprune._native not built")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def untied_cut_heights(heights, count=6):
+    """Cut heights halfway between well-separated consecutive merge heights."""
+    h = np.unique(heights)
+    gaps = np.flatnonzero(np.diff(h) > 1e-6 * max(h[-1], 1.0))
+    if not len(gaps):
+        return []
+    return [(h[i] + h[i + 1]) / 2 for i in gaps[np.linspace(0, len(gaps) - 1, count).astype(int)]]
+
+
+def assert_same_dendrogram(Z, R, rtol=1e-9):
+    """Same heights (rtol) and counts, the same partitions at untied cuts."""
+    assert Z.shape == R.shape
+    np.testing.assert_allclose(Z[:, 2], R[:, 2], rtol=rtol, atol=1e-12)
+    np.testing.assert_array_equal(Z[:, 3], R[:, 3])
+    for h in untied_cut_heights(R[:, 2]):
+        np.testing.assert_array_equal(cut_linkage(Z, height=h), cut_linkage_ref(R, height=h))
+
+
+def methods_for(d):
+    return ["centroids", "matrix"] + (["sorted"] if d == 1 else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# every path against scipy
+
+
+@pytest.mark.parametrize("d", [1, 2, 9, 30])
+@pytest.mark.parametrize("n", [2, 3, 9, 64, 257, 513])
+def test_every_path_matches_scipy(n, d):
+    X = np.random.default_rng(n * 31 + d).standard_normal((n, d))
+    R = sch.linkage(X, "ward")
+    for method in methods_for(d):
+        Z = ward_linkage(X, method=method)
+        assert_same_dendrogram(Z, R)
+        np.testing.assert_array_equal(Z[:, :2], R[:, :2])  # no ties: the same children
+
+
+def test_paths_agree_on_a_batch_with_any_thread_count():
+    X = np.random.default_rng(1).standard_normal((9, 70, 5))
+    for method in ("centroids", "matrix"):
+        one = ward_linkage_batched(X, n_threads=1, method=method)
+        for threads in (2, 3):
+            np.testing.assert_array_equal(ward_linkage_batched(X, n_threads=threads, method=method),
+                                          one)
+
+
+def test_auto_rule():
+    assert WARD_METHODS == ("auto", "centroids", "matrix", "sorted")
+    assert ward_method(2048, 1) == "sorted"
+    assert ward_method(512, 9) == "centroids"
+    assert ward_method(512, 49) == "matrix"
+    assert ward_method(64, 25) == "matrix"
+    assert ward_method(512, 25) == "centroids"
+    assert ward_method(2048, 49) == "centroids"
+    assert ward_method(20_000, 49) == "centroids"  # the matrix would be 3.2 GB
+    assert ward_method(100_000, 8) == "centroids"
+
+
+def test_duplicates_merge_at_exactly_zero_on_every_path():
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((12, 3)) * 1e3 + 1e6
+    X = np.repeat(base, 5, axis=0)[rng.permutation(60)]
+    for method in ("centroids", "matrix"):
+        Z = ward_linkage(X, method=method)
+        assert (Z[:48, 2] == 0).all() and (Z[48:, 2] > 0).all()
+    x = np.repeat(rng.standard_normal(10) + 1e9, 4)[:, None]
+    for method in methods_for(1):
+        Z = ward_linkage(x, method=method)
+        assert (Z[:30, 2] == 0).all() and (Z[30:, 2] > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# precision far from the origin (issue 13, item 4)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6, 1e9, 1e12])
+@pytest.mark.parametrize("d", [1, 3])
+def test_offset_data_keeps_parity(offset, d):
+    """Points at offset + uniform(0, 200): scipy's pairwise differences are exact there, and so
+    are the engine's once it centres the data (running sums lost 1e-3 at 1e12)."""
+    rng = np.random.default_rng(int(offset) % 1000 + d)
+    X = offset + rng.uniform(0, 200, size=(300, d))
+    R = sch.linkage(X, "ward")
+    for method in methods_for(d):
+        Z = ward_linkage(X, method=method)
+        assert_same_dendrogram(Z, R)
+        for h in untied_cut_heights(R[:, 2], count=20):
+            np.testing.assert_array_equal(cut_linkage(Z, height=h), cut_linkage_ref(R, height=h))
+
+
+# ---------------------------------------------------------------------------------------------
+# memory (issue 13, item 3; issue 14)
+
+
+LOAD_NATIVE = f"""
+import importlib.util
+spec = importlib.util.spec_from_file_location("_native", {native_module().__file__!r})
+native = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(native)
+"""
+
+
+def run_native(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter with the extension loaded as ``native`` (on its own: the
+    package's __init__ would import torch, seconds per run)."""
+    return subprocess.run([sys.executable, "-c", LOAD_NATIVE + textwrap.dedent(code)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_matrix_beyond_physical_memory_is_a_value_error_before_allocating():
+    X = np.zeros((1, 1_000_000, 2))  # the matrix would need 8 TB
+    with pytest.raises(ValueError, match="memory"):
+        ward_linkage_batched(X, n_threads=1, method="matrix")
+
+
+def test_failed_allocation_is_a_memory_error_not_an_abort():
+    """Under an address-space limit the matrix cannot be allocated: MemoryError reaches Python
+    (it used to end the process: std::bad_alloc through a target_clones function)."""
+    result = run_native("""
+        import resource
+        import numpy as np
+        X = np.random.default_rng(0).standard_normal((1, 12000, 30))
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) for line in f if line.startswith("VmSize")) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), resource.RLIM_INFINITY))
+        try:
+            native.ward_linkage_batched(X, 1, "matrix")  # needs 1.15 GB
+        except MemoryError:
+            print("MemoryError")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "MemoryError"
+
+
+def test_centroid_path_memory_is_linear_in_n():
+    """8,000 points in 16-D: a matrix would take 512 MB; the centroid path takes about 1 MB
+    (bench_ward.py measures 20,000 x 16 and 100,000 x 8)."""
+    result = run_native("""
+        import numpy as np
+        def peak_kb():  # VmHWM: ru_maxrss would start from the parent's peak (kept over exec)
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+        X = np.random.default_rng(0).standard_normal((1, 8000, 16))
+        before = peak_kb()
+        Z = native.ward_linkage_batched(X, 1)
+        grown = peak_kb() - before
+        assert Z.shape == (1, 7999, 4) and np.isfinite(Z).all()
+        print(grown // 1024)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert 0 < int(result.stdout) < 40  # MB, output included; > 0: the measure sees the run
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks (issue 13, items 5 and 9)
+
+
+def test_single_point_linkages_can_be_cut():
+    Z = ward_linkage(np.zeros((1, 3)))
+    assert Z.shape == (0, 4)
+    for kwargs in ({"height": 1.0}, {"n_clusters": 1}):
+        np.testing.assert_array_equal(cut_linkage(Z, **kwargs), [0])
+        np.testing.assert_array_equal(cut_linkage_ref(Z, **kwargs), [0])
+    Zb = ward_linkage_batched(np.zeros((3, 1, 2)))
+    assert Zb.shape == (3, 0, 4)
+    for kwargs in ({"height": np.ones(3)}, {"n_clusters": 1}):
+        np.testing.assert_array_equal(cut_linkage(Zb, **kwargs), np.zeros((3, 1)))
+        np.testing.assert_array_equal(cut_linkage_ref(Zb, **kwargs), np.zeros((3, 1)))
+
+
+def broken_linkages():
+    Z = ward_linkage(np.random.default_rng(3).standard_normal((6, 2)))
+    cases = {}
+    for name, (index, value) in {
+        "count column": ((2, 3), 7.0),
+        "fractional id": ((0, 0), 0.5),
+        "id not formed yet": ((0, 1), 6.0),
+        "negative id": ((1, 0), -1.0),
+        "id used twice": ((1, 0), Z[0, 0]),
+        "negative height": ((0, 2), -0.1),
+        "nan height": ((0, 2), np.nan),
+        "inf height": ((0, 2), np.inf),
+        "zero count": ((4, 3), 0.0),
+    }.items():
+        broken = Z.copy()
+        broken[index] = value
+        cases[name] = broken
+    return Z, cases
+
+
+@pytest.mark.parametrize("case", list(broken_linkages()[1]))
+def test_both_cuts_refuse_the_same_broken_linkages(case):
+    broken = broken_linkages()[1][case]
+    for cut in (cut_linkage, cut_linkage_ref):
+        with pytest.raises(ValueError):
+            cut(broken, height=1.0)
+        with pytest.raises(ValueError):
+            cut(broken, n_clusters=2)
+
+
+def test_both_cuts_accept_scipy_and_engine_linkages():
+    X = np.random.default_rng(4).standard_normal((30, 3))
+    for Z in (ward_linkage(X), sch.linkage(X, "ward"), sch.linkage(X, "single")):
+        np.testing.assert_array_equal(cut_linkage(Z, n_clusters=4),
+                                      cut_linkage_ref(Z, n_clusters=4))
+
+
+def test_n_threads_takes_numpy_integers_and_refuses_huge_counts():
+    X = np.random.default_rng(5).standard_normal((4, 20, 3))
+    expected = ward_linkage_batched(X, n_threads=1)
+    np.testing.assert_array_equal(ward_linkage_batched(X, n_threads=np.int64(2)), expected)
+    np.testing.assert_array_equal(ward_linkage_batched(X, n_threads=np.uint8(3)), expected)
+    for huge in (2**40, 2**70, np.int64(2**40)):
+        with pytest.raises(ValueError, match="n_threads must be <= 65536"):
+            ward_linkage_batched(X, n_threads=huge)
+    with pytest.raises(TypeError, match="n_threads"):
+        ward_linkage_batched(X, n_threads=True)
+    with pytest.raises(TypeError, match="n_threads"):
+        ward_linkage_batched(X, n_threads=2.0)
+
+
+def test_bad_method():
+    X = np.zeros((4, 2))
+    with pytest.raises(ValueError, match="unknown method"):
+        ward_linkage(X, method="fast")
+    with pytest.raises(ValueError, match="1-D"):
+        ward_linkage(X, method="sorted")
+    with pytest.raises(TypeError, match="method"):
+        ward_linkage(X, method=None)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_torch_tensors_are_accepted(dtype):
+    torch = pytest.importorskip("torch")
+    t = torch.randn(40, 4, generator=torch.Generator().manual_seed(0)).to(getattr(torch, dtype))
+    expected = sch.linkage(t.float().numpy().astype(np.float64), "ward")
+    assert_same_dendrogram(ward_linkage(t), expected)
+    assert_same_dendrogram(ward_linkage_batched(t[None])[0], expected)
+
+
+def test_the_raw_extension_checks_its_own_inputs():
+    native = native_module()
+    good = np.random.default_rng(6).standard_normal((2, 5, 3))
+    Z = native.ward_linkage_batched(good, 1)
+    assert Z.shape == (2, 4, 4)
+    for bad in (good > 0, good.astype(complex), good.astype(object), good.astype(np.float32),
+                np.asfortranarray(good), good.tolist()):
+        with pytest.raises(TypeError, match="C-contiguous float64"):
+            native.ward_linkage_batched(bad, 1)
+    for threads in (0, 2**40, 2**70, -1):
+        with pytest.raises(ValueError, match="n_threads"):
+            native.ward_linkage_batched(good, threads)
+    with pytest.raises(TypeError, match="n_threads"):
+        native.ward_linkage_batched(good, 1.5)
+    np.testing.assert_array_equal(native.ward_linkage_batched(good, np.int64(2)), Z)
+    with pytest.raises(ValueError, match="method"):
+        native.ward_linkage_batched(good, 1, "nope")
+    for heights in (np.array([np.nan, 1.0]), np.array([-1.0, 1.0])):
+        with pytest.raises(ValueError, match="heights"):
+            native.cut_linkage_height(Z, heights)
+    with pytest.raises(TypeError, match="int64"):
+        native.cut_linkage_maxclust(Z, np.array([1.0, 2.0]))
+    with pytest.raises(TypeError, match="float64"):
+        native.cut_linkage_height(Z.astype(np.float32), np.ones(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# bounded fuzzing of the public entry points against scipy (issue 13, item 10)
+
+
+def naive_check_every_merge_is_cheapest(X, Z):
+    """Each merge of Z joins two clusters whose Ward cost is the smallest at that step."""
+    n = len(X)
+    X = X - X.mean(0)  # exact for offset data (Sterbenz), so the means below are accurate
+    members = {i: [i] for i in range(n)}
+    for row, (a, b, height, size) in enumerate(Z):
+        keys = list(members)
+        costs = []
+        for i in range(len(keys)):
+            for j in range(i + 1, len(keys)):
+                A, B = X[members[keys[i]]], X[members[keys[j]]]
+                diff = A.mean(0) - B.mean(0)
+                costs.append(len(A) * len(B) / (len(A) + len(B)) * float(diff @ diff))
+        A, B = X[members[int(a)]], X[members[int(b)]]
+        diff = A.mean(0) - B.mean(0)
+        cost = len(A) * len(B) / (len(A) + len(B)) * float(diff @ diff)
+        assert cost <= min(costs) * (1 + 1e-9) + 1e-12, f"merge {row} is not a cheapest one"
+        assert height == pytest.approx(np.sqrt(2 * cost), rel=1e-9, abs=1e-9)
+        assert size == len(A) + len(B)
+        members[n + row] = members.pop(int(a)) + members.pop(int(b))
+
+
+points = st.builds(
+    lambda n, d, kind, seed: (kind, make_points(n, d, kind, seed)),
+    n=st.integers(1, 30),
+    d=st.integers(1, 5),
+    kind=st.sampled_from(["normal", "grid", "duplicates", "offset", "tiny"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+
+
+def make_points(n, d, kind, seed):
+    rng = np.random.default_rng(seed)
+    if kind == "grid":  # many equal distances
+        return rng.integers(0, 3, size=(n, d)).astype(np.float64)
+    if kind == "duplicates":
+        return rng.standard_normal((max(1, n // 3), d))[rng.integers(0, max(1, n // 3), n)]
+    if kind == "offset":
+        return 1e9 + rng.uniform(0, 100, size=(n, d))
+    if kind == "tiny":
+        return rng.standard_normal((n, d)) * 1e-6
+    return rng.standard_normal((n, d))
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind_and_points=points, method=st.sampled_from(["auto", "centroids", "matrix"]))
+def test_fuzz_ward_linkage(kind_and_points, method):
+    kind, X = kind_and_points
+    Z = ward_linkage(X, method=method)
+    assert Z.shape == (len(X) - 1, 4)
+    if len(X) < 2:
+        return
+    naive_check_every_merge_is_cheapest(X, Z)
+    if kind != "grid":  # on a grid, tied choices can lead to other (equally valid) trees
+        R = sch.linkage(X, "ward")
+        np.testing.assert_allclose(np.sort(Z[:, 2]), np.sort(R[:, 2]), rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 25), d=st.integers(1, 4), b=st.integers(1, 4),
+       seed=st.integers(0, 2**32 - 1), threads=st.integers(1, 3))
+def test_fuzz_ward_linkage_batched(n, d, b, seed, threads):
+    X = np.random.default_rng(seed).standard_normal((b, n, d))
+    Z = ward_linkage_batched(X, n_threads=threads)
+    assert Z.shape == (b, n - 1, 4)
+    for z, x in zip(Z, X, strict=True):
+        np.testing.assert_array_equal(z, ward_linkage(x))
+        if n > 1:
+            assert_same_dendrogram(z, sch.linkage(x, "ward"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind_and_points=points, data=st.data())
+def test_fuzz_cut_linkage(kind_and_points, data):
+    X = kind_and_points[1]
+    Z = sch.linkage(X, "ward") if len(X) > 1 else np.empty((0, 4))
+    n = len(X)
+    k = data.draw(st.integers(1, n))
+    np.testing.assert_array_equal(cut_linkage(Z, n_clusters=k), cut_linkage_ref(Z, n_clusters=k))
+    candidates = [0.0, *Z[:, 2], *(Z[:, 2] * 1.5)] if n > 1 else [0.0, 1.0]
+    h = data.draw(st.sampled_from(candidates))
+    np.testing.assert_array_equal(cut_linkage(Z, height=h), cut_linkage_ref(Z, height=h))
