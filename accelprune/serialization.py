@@ -38,7 +38,7 @@ import tempfile
 import torch
 from torch import nn
 
-__all__ = ["save", "load", "SOURCES"]
+__all__ = ["save", "load", "constructor_of", "build", "SOURCES"]
 
 _FORMAT = "accelprune.model"
 _VERSION = 2
@@ -338,29 +338,12 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, allow_pickl
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     if not isinstance(allow_pickle, bool):
         raise TypeError(f"allow_pickle must be a bool, got {type(allow_pickle).__name__}")
-    if os.path.isdir(path):
-        raise ValueError(f"cannot load {path!r}: it is a directory")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file: {path!r}")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"cannot load {path!r}: the file is empty")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower() and "unsupported global" not in str(e).lower():
-            raise ValueError(f"cannot load {path!r}: the file is corrupted or not a torch file "
-                             f"({type(e).__name__}: {_first_line(e)})") from None
+        payload = _read(path, map_location)
+    except _PickledFile:
         if not allow_pickle:
-            raise ValueError(
-                f"refused to load {path!r}: it holds pickled Python objects, and unpickling them "
-                "could run code from the file. accelprune.save writes weights-only files; if you "
-                "wrote this one yourself with accelprune 0.1, load it once with "
-                "allow_pickle=True (unsafe) and save it again") from None
+            raise
         return _load_pickled(path, model, map_location)
-    except Exception as e:  # truncated zip, bad magic, EOF...
-        raise ValueError(f"cannot load {path!r}: the file is truncated, corrupted or not a torch "
-                         f"file ({type(e).__name__}: {_first_line(e)})") from None
-    payload = _check_payload(obj, path)
     if model is None:
         spec = payload["meta"]["constructor"]
         if spec is None:
@@ -373,6 +356,41 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, allow_pickl
         return model
     apply_payload(model, payload, where=repr(path))
     return model
+
+
+def constructor_of(path: str | os.PathLike) -> dict | None:
+    """The constructor entry (``{"name": ..., "kwargs": ...}``) of a file written by :func:`save`,
+    None when it names none. The file is read and checked as by :func:`load`."""
+    return _read(_check_path(path), "cpu")["meta"]["constructor"]
+
+
+class _PickledFile(ValueError):
+    """The file holds pickled Python objects (refused unless allow_pickle=True)."""
+
+
+def _read(path: str, map_location) -> dict:
+    """The checked payload of a weights-only file (ValueError naming ``path`` otherwise)."""
+    if os.path.isdir(path):
+        raise ValueError(f"cannot load {path!r}: it is a directory")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path!r}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"cannot load {path!r}: the file is empty")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower() and "unsupported global" not in str(e).lower():
+            raise ValueError(f"cannot load {path!r}: the file is corrupted or not a torch file "
+                             f"({type(e).__name__}: {_first_line(e)})") from None
+        raise _PickledFile(
+            f"refused to load {path!r}: it holds pickled Python objects, and unpickling them "
+            "could run code from the file. accelprune.save writes weights-only files; if you "
+            "wrote this one yourself with accelprune 0.1, load it once with "
+            "allow_pickle=True (unsafe) and save it again") from None
+    except Exception as e:  # truncated zip, bad magic, EOF...
+        raise ValueError(f"cannot load {path!r}: the file is truncated, corrupted or not a torch "
+                         f"file ({type(e).__name__}: {_first_line(e)})") from None
+    return _check_payload(obj, path)
 
 
 def _first_line(e: Exception) -> str:
