@@ -327,3 +327,161 @@ def test_save_refuses_bad_input_and_leaves_no_file(tmp_path):
     with pytest.raises(ValueError, match="make_permanent"):
         accelprune.save(masked, tmp_path / "x.pt")
     assert list(tmp_path.iterdir()) == []  # nothing written, no temporary left
+
+
+# -- checkpoint and resume -----------------------------------------------------------------------
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12)
+        self.c3, self.b3 = nn.Conv2d(12, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.drop = nn.Dropout(0.2)  # draws from torch's RNG: the recipe must restore it
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        x = torch.relu(self.b3(self.c3(x)))
+        return self.fc(self.drop(x.mean((2, 3))))
+
+
+_DATA = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+_LABELS = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(2))
+_EPOCHS = 5
+
+
+def _train_epoch(model, optimizer):
+    # Numba's OpenMP layer, started by the first max-coverage call in a process, resets the
+    # OpenMP thread count that torch shares (1 -> cores), which changes float summation order;
+    # pin it, as a run that wants bit-for-bit resumption must (reported with coverage.py).
+    torch.set_num_threads(1)
+    model.train()
+    order = torch.randperm(16)  # torch's global RNG, like a shuffling DataLoader
+    for batch in order.split(4):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(_DATA[batch]), _LABELS[batch]).backward()
+        optimizer.step()
+
+
+def _reprune(model):
+    return accelprune.REPrune(model, _DATA[:2], 0.5, schedule="linear", delta_t=1, t_prune=3,
+                              seed=3)
+
+
+def _reprune_run(tmp_path, stop_after=None, resume=False):
+    """Epochs 0.._EPOCHS-1 of train + REPrune.step; optionally checkpoint after ``stop_after``
+    and return, or resume from the checkpoint."""
+    model_path, state_path = tmp_path / "model.pt", tmp_path / "state.pt"
+    if resume:
+        model = accelprune.load(model_path, SmallNet())
+        state = torch.load(state_path, weights_only=True)
+        pruner = _reprune(model)
+        pruner.load_state_dict(state["pruner"])
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        first = state["epoch"] + 1
+    else:
+        torch.manual_seed(0)
+        model = SmallNet()
+        pruner = _reprune(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        first = 0
+    for epoch in range(first, _EPOCHS):
+        _train_epoch(model, optimizer)
+        optimizer = pruner.step(epoch, optimizer)
+        if epoch == stop_after:
+            accelprune.save(model, model_path)
+            torch.save({"pruner": pruner.state_dict(), "optimizer": optimizer.state_dict(),
+                        "rng": torch.get_rng_state(), "epoch": epoch}, state_path)
+            return None
+    return model, pruner
+
+
+@pytest.mark.parametrize("stop_after", range(_EPOCHS - 1))
+def test_reprune_resumed_after_any_epoch_equals_the_uninterrupted_run(tmp_path, stop_after):
+    model, pruner = _reprune_run(tmp_path)
+    _reprune_run(tmp_path, stop_after=stop_after)
+    resumed, resumed_pruner = _reprune_run(tmp_path, resume=True)
+    assert [g.n_channels for g in resumed_pruner.groups] == [g.n_channels for g in pruner.groups]
+    assert resumed_pruner.original_widths == pruner.original_widths == [12, 6]
+    assert [e.layers for e in resumed_pruner.events] == [e.layers for e in pruner.events]
+    assert _states_equal(resumed, model)  # bit for bit
+
+
+def test_reprune_state_is_checked(tmp_path):
+    torch.manual_seed(0)
+    model = SmallNet()
+    pruner = _reprune(model)
+    pruner.step(1)
+    state = pruner.state_dict()
+    path = tmp_path / "s.pt"
+    torch.save(state, path)
+    assert torch.load(path, weights_only=True) == state  # plain data
+    with pytest.raises(ValueError, match="sparsity"):
+        accelprune.REPrune(SmallNet(), _DATA[:2], 0.4, schedule="linear", delta_t=1, t_prune=3,
+                           seed=3).load_state_dict(state)
+    fresh = _reprune(SmallNet())  # an unpruned model: not the one saved with the state
+    with pytest.raises(ValueError, match="widths"):
+        fresh.load_state_dict(state)
+    assert fresh.events == [] and fresh.original_widths == [12, 6]
+
+
+def _csgd(model):
+    return accelprune.CSGD(model, _DATA[:2], 0.5, centripetal_strength=0.05, seed=4)
+
+
+def _csgd_run(tmp_path, stop_after=None, resume=False):
+    model_path, state_path = tmp_path / "model.pt", tmp_path / "state.pt"
+    if resume:
+        model = accelprune.load(model_path, SmallNet())
+        state = torch.load(state_path, weights_only=True)
+        csgd = _csgd(model)
+        csgd.load_state_dict(state["csgd"])
+        first = state["epoch"] + 1
+    else:
+        torch.manual_seed(0)
+        model = SmallNet()
+        csgd = _csgd(model)
+        first = 0
+    optimizer = torch.optim.SGD(csgd.param_groups(lr=0.05, momentum=0.9), lr=0.05)
+    if resume:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+    csgd.register_hook(optimizer)
+    for epoch in range(first, _EPOCHS):
+        _train_epoch(model, optimizer)
+        if epoch == stop_after:
+            accelprune.save(model, model_path)
+            torch.save({"csgd": csgd.state_dict(), "optimizer": optimizer.state_dict(),
+                        "rng": torch.get_rng_state(), "epoch": epoch}, state_path)
+            return None
+    labels = [c.labels.copy() for c in csgd.clusters]
+    csgd.prune()
+    return model, labels
+
+
+@pytest.mark.parametrize("stop_after", [0, 2])
+def test_csgd_resumed_equals_the_uninterrupted_run(tmp_path, stop_after):
+    model, labels = _csgd_run(tmp_path)
+    _csgd_run(tmp_path, stop_after=stop_after)
+    resumed, resumed_labels = _csgd_run(tmp_path, resume=True)
+    assert all(a.tolist() == b.tolist() for a, b in zip(labels, resumed_labels, strict=True))
+    assert _states_equal(resumed, model)  # bit for bit, pruned the same way
+
+
+def test_csgd_state_is_checked():
+    torch.manual_seed(0)
+    csgd = _csgd(SmallNet())
+    state = csgd.state_dict()
+    other = accelprune.CSGD(SmallNet(), _DATA[:2], 0.5, centripetal_strength=0.05, seed=5)
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(state)
+    bad = {**state, "labels": [t + 1 for t in state["labels"]]}
+    before = [c.labels.copy() for c in csgd.clusters]
+    with pytest.raises(ValueError, match="labels"):
+        csgd.load_state_dict(bad)
+    assert all((c.labels == b).all() for c, b in zip(csgd.clusters, before, strict=True))
