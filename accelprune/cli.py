@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--ignore", action="append", default=[], metavar="LAYER",
                        help="a module name whose outputs are left alone (repeatable)")
     prune.add_argument("--seed", type=_seed, default=0)
+    prune.add_argument("--allow-pickle", action="store_true",
+                       help="UNSAFE: also read a --model file holding pickled Python objects "
+                            "(accelprune 0.1 files); unpickling runs code named by the file")
 
     bench = commands.add_parser("bench", help="run benchmarks and print their ratio tables")
     bench.add_argument("which", nargs="?", default="all", choices=(*BENCHMARKS, "all"))
@@ -236,7 +239,7 @@ def _source_of(spec: str) -> str | None:
     return source if sep and source in DEFAULT_SHAPES else None
 
 
-def load_model(spec: str, num_classes: int | None):
+def load_model(spec: str, num_classes: int | None, allow_pickle: bool = False):
     """(model, default input shape, constructor for saving) from ``torchvision:NAME``,
     ``timm:NAME``, ``accelprune:NAME`` or a file written by :func:`accelprune.save` (weights
     only: nothing in the file is executed)."""
@@ -269,10 +272,14 @@ def load_model(spec: str, num_classes: int | None):
         raise UsageError(f"--model: {spec!r} is neither torchvision:NAME, timm:NAME, "
                          "accelprune:NAME nor a file")
     try:
-        constructor = serialization.constructor_of(path)
-        model = accelprune.load(path)
+        model = accelprune.load(path, allow_pickle=allow_pickle)
+        try:
+            constructor = serialization.constructor_of(path)
+        except ValueError:  # an accelprune 0.1 pickle (allowed above) names no constructor
+            constructor = None
     except (ValueError, TypeError, OSError) as error:
-        raise UsageError(f"cannot load {spec!r}: {error}") from None
+        message = str(error).replace("allow_pickle=True", "--allow-pickle")
+        raise UsageError(f"cannot load {spec!r}: {message}") from None
     source = _source_of(constructor["name"]) if constructor else None
     return model, DEFAULT_SHAPES.get(source), constructor
 
@@ -298,7 +305,8 @@ def run_prune_command(args) -> None:
         check_input_size(args.input_shape)
     sparsity = 0.5 if args.sparsity is None and args.macs is None else args.sparsity
 
-    model, default_shape, constructor = load_model(args.model, args.num_classes)
+    model, default_shape, constructor = load_model(args.model, args.num_classes,
+                                                   args.allow_pickle)
     shape = args.input_shape or default_shape
     if shape is None:
         raise UsageError("--input-shape is needed: the model file names no constructor to "

@@ -132,6 +132,19 @@ def test_a_model_file_that_runs_a_command_is_refused_without_running_it(tmp_path
     assert not marker.exists()
 
 
+def test_an_old_pickled_model_file_needs_allow_pickle(tmp_path, capsys):
+    old = tmp_path / "old.pt"
+    torch.save({"format": "accelprune.model", "version": 1, "model": models.vgg_small()}, old)
+    out = tmp_path / "new.pt"
+    args = ["prune", "--model", str(old), "--method", "l1", "--sparsity", "0.2",
+            "--input-shape", "1,3,32,32", "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and "--allow-pickle" in capsys.readouterr().err
+    assert main([*args, "--allow-pickle"]) == 0
+    assert accelprune.load(out)(torch.randn(1, 3, 32, 32)).shape == (1, 10)  # now weights-only
+
+
 def _prune_args(tmp_path, *extra, out=None):
     out = str(tmp_path / "o.pt") if out is None else out
     return ["prune", "--model", "accelprune:resnet20", "--method", "l1", "--out", out, *extra]

@@ -120,6 +120,20 @@ def test_mobilenet_and_dtypes_and_flags_round_trip(tmp_path):
     assert _outputs_equal(loaded, model, torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))
 
 
+def test_timm_model_names_its_constructor(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=4)
+    x = torch.randn(2, 3, 32, 32)
+    accelprune.prune(model, x[:1], 0.3, "l1")
+    path = tmp_path / "timm.pt"
+    accelprune.save(model, path)
+    assert accelprune.serialization.constructor_of(path) == {
+        "name": "timm:resnet18", "kwargs": {"num_classes": 4}}
+    loaded = accelprune.load(path)
+    assert _states_equal(loaded, model) and _outputs_equal(loaded, model, x)
+
+
 def test_tied_weights_stay_tied(tmp_path):
     class Tied(nn.Module):
         def __init__(self):
