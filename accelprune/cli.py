@@ -244,7 +244,7 @@ def load_model(spec: str, num_classes: int | None, allow_pickle: bool = False):
     ``timm:NAME``, ``accelprune:NAME`` or a file written by :func:`accelprune.save` (weights
     only: nothing in the file is executed)."""
     import accelprune
-    from accelprune import serialization
+    from accelprune import constructors, serialization
 
     source = _source_of(spec)
     if source is not None:
@@ -263,7 +263,7 @@ def load_model(spec: str, num_classes: int | None, allow_pickle: bool = False):
                 raise UsageError(f"torchvision has no classification model {name!r}")
         constructor = {"name": spec, "kwargs": kwargs}
         try:
-            model = serialization.build(constructor, where=f"--model {spec}")
+            model = constructors.build(constructor, where=f"--model {spec}")
         except ValueError as error:
             raise UsageError(str(error)) from None
         return model, DEFAULT_SHAPES[source], constructor

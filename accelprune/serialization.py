@@ -32,22 +32,17 @@ import hashlib
 import json
 import os
 import pickle
-import sys
 import tempfile
 
 import torch
 from torch import nn
 
-__all__ = ["save", "load", "constructor_of", "build", "SOURCES"]
+from accelprune import constructors
+
+__all__ = ["save", "load", "constructor_of"]
 
 _FORMAT = "accelprune.model"
 _VERSION = 2
-# Constructor sources load() knows; anything else in a file is refused.
-SOURCES = ("torchvision", "accelprune", "timm", "transformers")
-# Constructor arguments that would download or read weights: never passed on from a file.
-_FORBIDDEN_KWARGS = frozenset({"weights", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
-                               "checkpoint_path", "weights_backbone", "trust_remote_code"})
-
 # Integer attributes that pruning changes (Torch-Pruning's pruners, accelprune's head pruning):
 # load() sets them to the saved values. Every other integer attribute must already agree.
 WIDTH_ATTRS = frozenset({
@@ -81,7 +76,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, constructor: str | dict |
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path = _check_path(path)
-    spec = _constructor_spec(model, constructor, constructor_kwargs)
+    spec = constructors.spec_from_arguments(model, constructor, constructor_kwargs)
     payload = _payload(model, spec)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".accelprune-", suffix=".tmp")
@@ -204,116 +199,6 @@ def _digest(payload: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# constructors
-
-
-def _constructor_spec(model, constructor, kwargs) -> dict | None:
-    if isinstance(constructor, dict):  # a Hugging Face config dict
-        if kwargs is not None:
-            raise ValueError("constructor_kwargs goes with a constructor name, not a config dict")
-        architectures = constructor.get("architectures") or [type(model).__name__]
-        constructor, kwargs = f"transformers:{architectures[0]}", {"config": constructor}
-    if constructor is None:
-        if kwargs is not None:
-            raise ValueError("constructor_kwargs needs a constructor")
-        return _infer_constructor(model)
-    if not isinstance(constructor, str):
-        raise TypeError("constructor must be a str like 'torchvision:resnet18' or a Hugging Face "
-                        f"config dict, got {type(constructor).__name__}")
-    kwargs = {} if kwargs is None else kwargs
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise TypeError("constructor_kwargs must be a dict with str keys")
-    spec = {"name": constructor, "kwargs": dict(kwargs)}
-    _check_spec(spec, "constructor")
-    return spec
-
-
-def _infer_constructor(model) -> dict | None:
-    """The constructor of models that say what they are; None for the rest."""
-    from accelprune import models
-
-    if type(model) is models.CifarResNet:
-        return {"name": "accelprune:CifarResNet",
-                "kwargs": {"blocks_per_stage": len(model.layer1),
-                           "num_classes": model.fc.out_features}}
-    if type(model) is models.VGGSmall:
-        cfg = [m.out_channels if isinstance(m, nn.Conv2d) else "M" for m in model.features
-               if isinstance(m, (nn.Conv2d, nn.MaxPool2d))]
-        return {"name": "accelprune:VGGSmall",
-                "kwargs": {"num_classes": model.classifier[-1].out_features, "cfg": cfg}}
-    module = type(model).__module__
-    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    if module.startswith("timm.") and isinstance(arch, str):
-        kwargs = {}
-        if isinstance(getattr(model, "num_classes", None), int):
-            kwargs["num_classes"] = model.num_classes
-        return {"name": f"timm:{arch}", "kwargs": kwargs}
-    transformers = sys.modules.get("transformers")
-    if (module.startswith("transformers.") and transformers is not None
-            and getattr(transformers, type(model).__name__, None) is type(model)
-            and hasattr(model, "config")):
-        return {"name": f"transformers:{type(model).__name__}",
-                "kwargs": {"config": model.config.to_dict()}}
-    return None
-
-
-def _check_spec(spec, where: str) -> tuple[str, str, dict]:
-    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str)
-            and isinstance(spec.get("kwargs"), dict)):
-        raise ValueError(f"{where}: malformed constructor entry")
-    source, _, arch = spec["name"].partition(":")
-    if source not in SOURCES or not arch:
-        raise ValueError(f"{where}: unknown constructor {spec['name']!r}; expected "
-                         f"{' / '.join(s + ':NAME' for s in SOURCES)}")
-    bad = sorted(_FORBIDDEN_KWARGS & set(spec["kwargs"]))
-    if bad:
-        raise ValueError(f"{where}: constructor argument {bad[0]!r} would load weights from "
-                         "elsewhere; it is not allowed")
-    return source, arch, spec["kwargs"]
-
-
-def build(spec: dict, where: str = "constructor") -> nn.Module:
-    """A fresh model from a constructor entry (``{"name": "torchvision:resnet18", "kwargs":
-    {...}}``): only the libraries in :data:`SOURCES`, never pretrained weights."""
-    source, arch, kwargs = _check_spec(spec, where)
-    kwargs = dict(kwargs)
-    if source == "torchvision":
-        import torchvision
-
-        if arch not in torchvision.models.list_models():
-            raise ValueError(f"{where}: torchvision has no model {arch!r}")
-        return torchvision.models.get_model(arch, weights=None, **kwargs)
-    if source == "accelprune":
-        from accelprune import models
-
-        builder = getattr(models, arch, None) if arch in models.__all__ else None
-        if builder is None or builder is models.BasicBlock:
-            raise ValueError(f"{where}: accelprune.models has no model {arch!r}")
-        return builder(**kwargs)
-    if source == "timm":
-        try:
-            import timm
-        except ImportError:
-            raise ValueError(f"{where}: the model is a timm model; pip install timm") from None
-        if not timm.is_model(arch):
-            raise ValueError(f"{where}: timm has no model {arch!r}")
-        return timm.create_model(arch, pretrained=False, **kwargs)
-    try:
-        import transformers
-    except ImportError:
-        raise ValueError(f"{where}: the model is a Hugging Face model; pip install "
-                         "transformers") from None
-    cls = getattr(transformers, arch, None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise ValueError(f"{where}: transformers has no model class {arch!r}")
-    config = kwargs.pop("config", None)
-    if not isinstance(config, dict) or kwargs:
-        raise ValueError(f"{where}: a transformers constructor takes exactly one argument, "
-                         "config (a dict)")
-    return cls(cls.config_class.from_dict(dict(config)))
-
-
-# ---------------------------------------------------------------------------------------------
 # load
 
 
@@ -349,7 +234,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, allow_pickl
         if spec is None:
             raise ValueError(f"{path!r} names no constructor: pass model=, a fresh instance of "
                              "the saved architecture (or save with constructor='torchvision:...')")
-        model = build(spec, where=repr(path))
+        model = constructors.build(spec, where=repr(path))
         apply_payload(model, payload, where=repr(path))
         if isinstance(map_location, (str, torch.device)):
             model.to(map_location)
