@@ -202,21 +202,6 @@ def check_output_dir(path_text: str) -> Path:
     return path
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux: MemAvailable), None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 # The forward pass holds several activations the size of the input or larger: refuse inputs
 # above this share of the available memory rather than let the allocator fail (or the OS kill us).
 INPUT_MEMORY_SHARE = 1 / 8
@@ -225,7 +210,9 @@ INPUT_MEMORY_SHARE = 1 / 8
 def check_input_size(shape: tuple[int, ...]) -> None:
     """Refuse an example input (float32) that cannot reasonably fit in memory."""
     needed = math.prod(shape) * 4
-    available = _available_memory()
+    from accelprune.constructors import available_memory
+
+    available = available_memory()
     limit = (available if available is not None else 2**40) * INPUT_MEMORY_SHARE
     if needed > limit:
         text = ",".join(map(str, shape))

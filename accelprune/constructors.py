@@ -9,11 +9,15 @@ file is data, so what it names must not reach further than building a randomly i
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 from torch import nn
+from torch.nn.modules import module as torch_module
 
-__all__ = ["SOURCES", "build", "check_spec", "infer", "spec_from_arguments"]
+__all__ = ["SOURCES", "available_memory", "build", "check_spec", "infer", "size_limits",
+           "spec_from_arguments"]
 
 # Constructor sources load() knows; anything else in a file is refused.
 SOURCES = ("torchvision", "accelprune", "timm", "transformers")
@@ -128,3 +132,50 @@ def build(spec: dict, where: str = "constructor") -> nn.Module:
         raise ValueError(f"{where}: a transformers constructor takes exactly one argument, "
                          "config (a dict)")
     return cls(cls.config_class.from_dict(dict(config)))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux: MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def size_limits(max_modules: int, max_bytes: int, where: str):
+    """Stop a constructor as soon as the model it builds registers more than ``max_modules``
+    submodules or ``max_bytes`` of parameters and buffers: a crafted file could name a
+    constructor with huge arguments (``blocks_per_stage=10**7``) to exhaust memory. The checks
+    run at registration, before the layers' initialisation writes to their tensors."""
+    seen = {"modules": 0, "bytes": 0}
+
+    def on_module(module, name, submodule):
+        seen["modules"] += 1
+        if seen["modules"] > max_modules:
+            raise ValueError(f"{where}: the constructor builds more than {max_modules} modules, "
+                             "far more than the saved model has")
+
+    def on_tensor(module, name, tensor):
+        if tensor is not None:
+            seen["bytes"] += tensor.numel() * tensor.element_size()
+            if seen["bytes"] > max_bytes:
+                raise ValueError(f"{where}: the constructor builds more than "
+                                 f"{max_bytes / 1e9:.1f} GB of weights, more than this machine "
+                                 "can hold")
+
+    handles = [torch_module.register_module_module_registration_hook(on_module),
+               torch_module.register_module_parameter_registration_hook(on_tensor),
+               torch_module.register_module_buffer_registration_hook(on_tensor)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

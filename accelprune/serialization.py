@@ -234,13 +234,28 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, allow_pickl
         if spec is None:
             raise ValueError(f"{path!r} names no constructor: pass model=, a fresh instance of "
                              "the saved architecture (or save with constructor='torchvision:...')")
-        model = constructors.build(spec, where=repr(path))
+        model = _build_bounded(spec, payload, repr(path))
         apply_payload(model, payload, where=repr(path))
         if isinstance(map_location, (str, torch.device)):
             model.to(map_location)
         return model
     apply_payload(model, payload, where=repr(path))
     return model
+
+
+def _build_bounded(spec: dict, payload: dict, where: str) -> nn.Module:
+    """The file's constructor, stopped early if it builds far more than the file holds."""
+    max_modules = 4 * len(payload["meta"]["modules"]) + 100  # slack: modules replaced on the way
+    available = constructors.available_memory()
+    max_bytes = (available if available is not None else 2**36) // 2
+    try:
+        with constructors.size_limits(max_modules, max_bytes, where):
+            return constructors.build(spec, where=where)
+    except ValueError:
+        raise
+    except Exception as e:  # an argument the constructor rejects, an allocation that fails
+        raise ValueError(f"{where}: building {spec['name']} failed "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
 
 
 def constructor_of(path: str | os.PathLike) -> dict | None:

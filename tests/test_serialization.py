@@ -332,6 +332,21 @@ def test_crafted_constructors_are_refused(tmp_path, constructor, message):
         accelprune.load(path)
 
 
+@pytest.mark.parametrize("constructor, message", [
+    ({"name": "accelprune:CifarResNet", "kwargs": {"blocks_per_stage": 10**6}}, "modules"),
+    ({"name": "torchvision:resnet18", "kwargs": {"num_classes": 10**11}}, "GB|failed"),
+    ({"name": "accelprune:resnet20", "kwargs": {"depth": 3}}, "failed"),
+])
+def test_constructors_with_huge_or_bad_arguments_are_stopped(tmp_path, constructor, message):
+    model, _ = _pruned_resnet20()
+    path = tmp_path / "m.pt"
+    accelprune.save(model, path)
+    _forge(path, constructor=constructor)
+    with pytest.raises(ValueError, match=message) as info:
+        accelprune.load(path)
+    assert str(path) in str(info.value)
+
+
 def test_a_model_of_another_architecture_is_refused_and_left_unchanged(tmp_path):
     model, x = _pruned_resnet20()
     path = tmp_path / "m.pt"
