@@ -180,9 +180,14 @@ def _all_or_nothing(modules):
     failure on a later tensor leaves no mask on the earlier ones."""
     saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers),
               dict(m._forward_pre_hooks)) for m in modules]
+    # a third pruning extends an existing PruningContainer in place: keep its list too
+    containers = [(h, h._pruning_methods) for m in modules for h in m._forward_pre_hooks.values()
+                  if isinstance(h, prune.PruningContainer)]
     try:
         yield
     except BaseException:
+        for container, methods in containers:
+            container._pruning_methods = methods
         for m, attrs, params, buffers, hooks in saved:
             for d, content in ((m._parameters, params), (m._buffers, buffers),
                                (m._forward_pre_hooks, hooks)):

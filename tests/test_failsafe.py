@@ -198,12 +198,20 @@ def test_magnitude_prune_failing_on_a_later_tensor_leaves_no_mask(scope, target,
     assert not any(torch_prune.is_pruned(m) for m in model.modules())
 
 
-def test_magnitude_prune_failure_keeps_existing_masks(monkeypatch):
+@pytest.mark.parametrize("earlier", [1, 2])
+def test_magnitude_prune_failure_keeps_existing_masks(monkeypatch, earlier):
     model, x = Net(), _inputs()
-    accelprune.magnitude_prune(model, 0.3, scope="layer")
+    for step in range(earlier):  # two earlier calls: the hooks are PruningContainers
+        accelprune.magnitude_prune(model, 0.2 * (step + 1), scope="layer")
+    methods = {id(h): h._pruning_methods for m in model.modules()
+               for h in m._forward_pre_hooks.values()
+               if isinstance(h, torch_prune.PruningContainer)}
     _fail_on_call(monkeypatch, torch_prune, "l1_unstructured", 3)
     with leaves_unchanged(model, x, match="injected"):
-        accelprune.magnitude_prune(model, 0.6, scope="layer")
+        accelprune.magnitude_prune(model, 0.7, scope="layer")
+    assert methods == {id(h): h._pruning_methods for m in model.modules()
+                       for h in m._forward_pre_hooks.values()
+                       if isinstance(h, torch_prune.PruningContainer)}
 
 
 @pytest.mark.parametrize("call", ["ModelGraph", "prune", "prune_with_reprune", "REPrune",
