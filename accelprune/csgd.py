@@ -412,6 +412,68 @@ class CSGD:
                 f"clustering={self.clustering!r}, ε={self.centripetal_strength}, "
                 f"η={self.weight_decay}{', pruned' if self.pruned else ''})")
 
+    # -- checkpoint / resume -------------------------------------------------------------------
+
+    _STATE_CONFIG = ("sparsity", "centripetal_strength", "weight_decay", "clustering", "seed")
+
+    def state_dict(self) -> dict:
+        """The clusters (which training pulls together) and settings: rebuilding a CSGD on a
+        checkpointed model would re-run k-means on the trained filters and find other clusters.
+        Plain data and int64 tensors (``torch.load(..., weights_only=True)`` reads it).
+
+        Resuming an interrupted run, bit for bit::
+
+            # after some epoch t
+            accelprune.save(model, "model.pt")
+            torch.save({"csgd": csgd.state_dict(), "optimizer": optimizer.state_dict(),
+                        "rng": torch.get_rng_state(), "epoch": t}, "state.pt")
+            # later, in a new process
+            model = accelprune.load("model.pt", build_model())
+            state = torch.load("state.pt", weights_only=True)
+            csgd = CSGD(model, example_inputs, sparsity, ...)  # the same settings
+            csgd.load_state_dict(state["csgd"])
+            optimizer = torch.optim.SGD(csgd.param_groups(...), ...)
+            optimizer.load_state_dict(state["optimizer"])
+            csgd.register_hook(optimizer)
+            torch.set_rng_state(state["rng"])
+        """
+        return {
+            "format": "accelprune.CSGD", "version": 1,
+            "config": {k: getattr(self, k) for k in self._STATE_CONFIG},
+            "groups": [g.name for g in self.groups],
+            "labels": [torch.from_numpy(c.labels.copy()) for c in self.clusters],
+            "pruned": self.pruned,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` (see there for the recipe): the clusters replace
+        this CSGD's own. Same settings and the same (unpruned) model required; otherwise
+        ValueError, and nothing is changed."""
+        if not isinstance(state, dict) or state.get("format") != "accelprune.CSGD":
+            raise ValueError("state is not a CSGD.state_dict()")
+        if state.get("version") != 1:
+            raise ValueError(f"unsupported CSGD state version {state.get('version')!r}")
+        for key in self._STATE_CONFIG:
+            if state["config"].get(key) != getattr(self, key):
+                raise ValueError(f"the state was made with {key}={state['config'].get(key)!r}, "
+                                 f"this CSGD has {key}={getattr(self, key)!r}")
+        if list(state["groups"]) != [g.name for g in self.groups]:
+            raise ValueError("the state's channel groups differ from this CSGD's: build it on "
+                             "the model saved with the state, with the same ignored_layers")
+        if state["pruned"]:
+            raise ValueError("the state is of a CSGD that has already pruned its model")
+        clusters = []
+        for g, c, labels in zip(self.groups, self.clusters, state["labels"], strict=True):
+            labels = as_int_array(labels, f"labels of {g.name!r}", ndim=1)
+            if (labels.shape != c.labels.shape
+                    or not np.array_equal(np.unique(labels), np.arange(labels.max() + 1))):
+                raise ValueError(f"the state's labels of {g.name!r} do not fit its "
+                                 f"{g.n_channels} channels")
+            clusters.append(ClusterAssignment(c.name, list(c.producers), labels,
+                                              int(labels.max()) + 1))
+        self.clusters = clusters
+        self._plans.clear()  # built from the old labels
+
 
 # ---------------------------------------------------------------------------------------------
 # folding (ALGORITHMS.md §4.3)

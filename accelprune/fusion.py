@@ -123,13 +123,22 @@ def fuse_conv_bn(model: nn.Module, *, inplace: bool = False, pairs=None) -> nn.M
         pairs = _check_pairs(model, pairs)
     if not inplace:
         model = copy.deepcopy(model)
-    model.eval()
+    # All or nothing: build every fused conv first (fuse_conv_bn_eval works on copies), and only
+    # then swap the modules in and switch to eval mode, so a failure leaves ``model`` as it was.
+    fused = []
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         transpose = type(conv) in _CONV_TRANSPOSES
-        with torch.no_grad():
-            fused = fuse_conv_bn_eval(conv, bn, transpose=transpose)
-        _set_submodule(model, conv_name, fused)
+        conv_mode, bn_mode = conv.training, bn.training
+        try:
+            conv.eval(), bn.eval()
+            with torch.no_grad():
+                fused.append(fuse_conv_bn_eval(conv, bn, transpose=transpose))
+        finally:
+            conv.train(conv_mode), bn.train(bn_mode)
+    model.eval()
+    for (conv_name, bn_name), new in zip(pairs, fused, strict=True):
+        _set_submodule(model, conv_name, new)
         _set_submodule(model, bn_name, nn.Identity())
     return model
 

@@ -22,6 +22,7 @@ What accelprune adds over calling ``torch.nn.utils.prune`` directly:
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -156,7 +157,7 @@ def _prune(model, sparsity, scope, parameters, score_fn) -> dict[str, float]:
         if not torch.isfinite(s).all():
             raise ValueError(f"scores of {full} contain NaN or Inf")
         scores[(module, name)] = s
-    with torch.no_grad():
+    with torch.no_grad(), _all_or_nothing({m for m, _ in pairs}):
         if scope == "global":
             total = sum(s.numel() for s in scores.values())
             extra = round(sparsity * total) - sum(_n_masked(m, n) for m, n in pairs)
@@ -170,6 +171,32 @@ def _prune(model, sparsity, scope, parameters, score_fn) -> dict[str, float]:
                 extra = round(sparsity * s.numel()) - _n_masked(module, name)
                 prune.l1_unstructured(module, name, amount=max(0, extra), importance_scores=s)
     return layer_sparsity(model, pairs)
+
+
+@contextlib.contextmanager
+def _all_or_nothing(modules):
+    """On any exception, put back what ``torch.nn.utils.prune`` changes on ``modules`` (the
+    parameter, mask buffer and forward pre-hook dicts, and the plain ``weight`` attribute), so a
+    failure on a later tensor leaves no mask on the earlier ones."""
+    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers),
+              dict(m._forward_pre_hooks)) for m in modules]
+    # a third pruning extends an existing PruningContainer in place: keep its list too
+    containers = [(h, h._pruning_methods) for m in modules for h in m._forward_pre_hooks.values()
+                  if isinstance(h, prune.PruningContainer)]
+    try:
+        yield
+    except BaseException:
+        for container, methods in containers:
+            container._pruning_methods = methods
+        for m, attrs, params, buffers, hooks in saved:
+            for d, content in ((m._parameters, params), (m._buffers, buffers),
+                               (m._forward_pre_hooks, hooks)):
+                d.clear()
+                d.update(content)
+            for k in set(m.__dict__) - set(attrs):
+                del m.__dict__[k]
+            m.__dict__.update(attrs)
+        raise
 
 
 def magnitude_prune(model: nn.Module, sparsity: float, *, scope: str = "global",

@@ -329,3 +329,77 @@ class REPrune:
         return REPruneReport(layers, list(self.events), self.original_channels,
                              sum(g.n_channels for g in self.groups),
                              before["params"], after["params"], before["macs"], after["macs"])
+
+    # -- checkpoint / resume -----------------------------------------------------------------
+
+    _STATE_CONFIG = ("sparsity", "schedule", "delta_t", "t_prune", "min_keep_ratio", "tie_break",
+                     "seed")
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs beyond the model: the original widths (so that events keep
+        measuring against them instead of compounding), the events done (the schedule position)
+        and the settings they were made with. Plain data: ``torch.save`` it next to the model,
+        ``torch.load(..., weights_only=True)`` reads it. (Selection draws no global random
+        numbers: its tie-breaking is seeded by ``seed``, which the state holds.)
+
+        Resuming an interrupted run, bit for bit::
+
+            # after epoch t's step()
+            accelprune.save(model, "model.pt")
+            torch.save({"pruner": pruner.state_dict(), "optimizer": optimizer.state_dict(),
+                        "rng": torch.get_rng_state(), "epoch": t}, "state.pt")
+            # later, in a new process
+            model = accelprune.load("model.pt", build_model())  # a fresh, unpruned instance
+            state = torch.load("state.pt", weights_only=True)
+            pruner = REPrune(model, example_inputs, sparsity, ...)  # the same settings
+            pruner.load_state_dict(state["pruner"])
+            optimizer = torch.optim.SGD(model.parameters(), ...)
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            for epoch in range(state["epoch"] + 1, epochs): ...
+        """
+        def plain(v):  # numpy scalars pickle as globals that weights-only loading refuses
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return [plain(x) for x in v]
+            return v.item() if isinstance(v, np.generic) else v
+
+        return plain({
+            "format": "accelprune.REPrune", "version": 1,
+            "config": {k: getattr(self, k) for k in self._STATE_CONFIG},
+            "groups": [g.name for g in self.groups],
+            "original_widths": list(self.original_widths),
+            "stats_before": self._stats_before,
+            "events": [asdict(e) for e in self.events],
+        })
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` (see there for the recipe). This REPrune must have
+        the same settings and be built on the model as it was saved with that state; otherwise
+        ValueError, and nothing is changed."""
+        if not isinstance(state, dict) or state.get("format") != "accelprune.REPrune":
+            raise ValueError("state is not an REPrune.state_dict()")
+        if state.get("version") != 1:
+            raise ValueError(f"unsupported REPrune state version {state.get('version')!r}")
+        for key in self._STATE_CONFIG:
+            if state["config"].get(key) != getattr(self, key):
+                raise ValueError(f"the state was made with {key}={state['config'].get(key)!r}, "
+                                 f"this REPrune has {key}={getattr(self, key)!r}")
+        names = [g.name for g in self.groups]
+        if list(state["groups"]) != names or len(state["original_widths"]) != len(names):
+            raise ValueError("the state's layers differ from this REPrune's: build it on the "
+                             "model saved with the state, with the same ignored_layers")
+        events = [PruningEvent(**{**e, "layers": [LayerRecord(**r) for r in e["layers"]]})
+                  for e in state["events"]]
+        widths = [int(w) for w in state["original_widths"]]
+        for event in events:
+            widths = [min(r.kept, r.before) for r in event.layers]
+        current = [g.n_channels for g in self.groups]
+        if widths != current:
+            raise ValueError(f"the model's widths {current} are not those the state ends with "
+                             f"({widths}): load the model saved with this state")
+        self.original_widths = [int(w) for w in state["original_widths"]]
+        self.original_channels = sum(self.original_widths)
+        self._stats_before = state["stats_before"]
+        self.events = events
