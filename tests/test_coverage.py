@@ -219,20 +219,27 @@ def test_input_is_not_modified(dtype, backend):
 
 
 @needs_numba
-def test_result_does_not_depend_on_thread_count_and_restores_it():
-    numba = pytest.importorskip("numba")
-    labels = np.random.default_rng(6).integers(0, 128, (512, 256))  # big enough to use threads
-    before = numba.get_num_threads()
-    results = [max_coverage(labels, 128, n_threads=t) for t in (1, 2, 3)]
+def test_result_does_not_depend_on_thread_count(monkeypatch):
+    labels = np.random.default_rng(6).integers(0, 128, (500, 256))
+    monkeypatch.setattr(coverage, "_KERNELS_PER_THREAD", 1000)  # threads even on small layers
+    assert len(coverage._channel_blocks(500, 256, 3)) == 3
+    results = [max_coverage(labels, 128, n_threads=t) for t in (1, 2, 3, 7)]
     for result in results[1:]:
         assert_same(result, results[0])
-    assert numba.get_num_threads() == before
+
+
+def test_channel_blocks_cover_every_channel_once():
+    for c_in, n, threads in [(1, 5, 4), (17, 10**6, 2), (500, 10**5, 3), (64, 10**6, 16)]:
+        blocks = coverage._channel_blocks(c_in, n, threads)
+        assert blocks[0][0] == 0 and blocks[-1][1] == c_in and len(blocks) <= threads
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))
+        assert all(lo % coverage._TILE == 0 for lo, _ in blocks)
 
 
 @needs_numba
-@pytest.mark.parametrize("limit", ["_INT32_SLOT_KERNELS", "_INT16_MEMBER_FILTERS"])
+@pytest.mark.parametrize("limit", ["_INT32_SLOT_KERNELS", "_UINT16_MEMBER_FILTERS"])
 def test_wide_index_paths_give_the_same_result(monkeypatch, limit):
-    # more than 2**28 kernels take int64 slots, more than 32767 filters int32 members: force
+    # more than 2**28 kernels take int64 slots, more than 65535 filters uint32 members: force
     # those paths on a small layer
     labels = np.random.default_rng(8).integers(0, 7, (30, 40))
     expected = max_coverage(labels, 25)
