@@ -418,8 +418,8 @@ def _ready(kernel, args) -> None:
         except Exception as exc:  # noqa: BLE001
             warnings.warn(
                 f"accelprune.coverage: Numba's cache in {_cache_dir(kernel)} could not be used "
-                f"({type(exc).__name__}: {exc}); recompiling and rewriting it",
-                RuntimeWarning, stacklevel=4)
+                f"for {kernel.py_func.__name__} ({type(exc).__name__}: {exc}); recompiling and "
+                "rewriting it", RuntimeWarning, stacklevel=4)
         try:
             kernel._cache.flush()
             kernel.compile(signature)
