@@ -373,6 +373,7 @@ def pristine_cache(tmp_path_factory):
 
 
 @needs_numba
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [("truncate", ".nbi", "flip", ".nbc"),
                                     ("flip", ".nbi", "truncate", ".nbc")])
 def test_a_damaged_numba_cache_is_rebuilt_with_a_warning(tmp_path, pristine_cache, damage):
@@ -427,6 +428,7 @@ print(json.dumps({"all_equal": all(results.values()), "calls": len(results)}))
 
 
 @needs_numba
+@pytest.mark.slow
 def test_concurrent_calls_are_safe_under_the_workqueue_layer(tmp_path):
     """Numba's workqueue layer aborts the process when two threads enter parallel regions; the
     coverage kernels use no Numba threading layer (threads are Python's), so this is safe."""
