@@ -89,13 +89,16 @@ def peak_bandwidth_gbs(device: torch.device) -> float | None:
         clock_khz = getattr(props, "memory_clock_rate", 0)
         bus_bits = getattr(props, "memory_bus_width", 0)
         return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
-    return cpu_stream_gbs()
+    return stream_gbs(device)
 
 
-def cpu_stream_gbs(n: int = 1 << 26) -> float:
-    """Measured CPU memory bandwidth (GB/s) of ``c = a + b`` on float32 arrays of ``n``."""
-    a, b, c = torch.ones(n), torch.ones(n), torch.empty(n)
-    best = min(measure(lambda: torch.add(a, b, out=c), warmup=1, repeats=5).min_s, 1e9)
+def stream_gbs(device: torch.device, n: int = 1 << 26) -> float:
+    """Measured memory bandwidth (GB/s) of ``c = a + b`` on float32 arrays of ``n`` elements
+    (three 256 MB streams), the best of 5."""
+    a, b = torch.ones(n, device=device), torch.ones(n, device=device)
+    c = torch.empty(n, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    best = measure(lambda: torch.add(a, b, out=c), warmup=1, repeats=5, sync=sync).min_s
     return 3 * n * 4 / best / 1e9
 
 
@@ -203,8 +206,9 @@ def main(argv=None):
         cs += csgd_rows(model_name, layers, device, timer, peak)
 
     suffix = "_quick" if args.quick else ""
-    tag = "" if device.type == "cuda" else "_cpu"
+    tag = "_gpu" if device.type == "cuda" else "_cpu"
     notes = {"device": str(device), "repeats": repeats, "peak_bandwidth_GBps": peak,
+             "stream_add_GBps (measured)": round(stream_gbs(device), 1),
              "cpu_threads": torch.get_num_threads(),
              "weights": "random init (only shapes matter)"}
     report(f"kernels_importance{tag}{suffix}", imp, fast="triton", references=["eager"],

@@ -909,3 +909,13 @@ def test_cached_plans_are_bounded_and_bad_labels_are_not_cached():
     with pytest.raises(ValueError, match="negative"):
         csgd_transform_([p], [np.array([0, 1, -1, 0, 1, 2])], weight_decay=0.0, centripetal=0.1)
     assert len(csgd_mod._plans._entries) == 0
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU message")
+def test_gpu_script_fails_loudly_without_cuda():
+    script = os.path.join(ROOT, "benchmarks", "gpu.sh")
+    result = subprocess.run(["bash", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 1
+    assert "no usable CUDA device" in result.stderr and "sees no CUDA device" in result.stderr
+    assert "pytest" not in result.stdout  # stopped before running anything
