@@ -172,8 +172,9 @@ def _max_coverage_numpy(labels, k, *, tie_break: str = "random", seed: int = 0) 
 #
 # Layout, chosen for the caches: each pair's filters are listed contiguously in `members`
 # (channel j owns the block [j*n, (j+1)*n)); a pair is named by `start`, the offset of its
-# list, which is also its bit in the coverage bitset. slot[q, j] = start * 8 + size class of
-# the pair that position q covers in channel j, so selecting q reads one contiguous row.
+# list, which is also its bit in the coverage bitset. slot[q, j] = (start - j*n) * 8 + size
+# class of the pair that position q covers in channel j (offsets within the channel's block
+# keep slots in uint16 up to 8191 filters), so selecting q reads one contiguous row.
 # Size classes 1.._BIG-1 are exact sizes and _BIG means "_BIG or more, size in pair_size":
 # grouping newly covered pairs by size makes the decrement loops branch-predictable, which
 # is most of the speed on big layers.
@@ -186,7 +187,7 @@ def _max_coverage_numpy(labels, k, *, tie_break: str = "random", seed: int = 0) 
 _TILE = 16  # channels per tile in the index build: one 64-byte line of int32 slots per row
 _BIG = 7  # size classes fit in the low 3 bits of a slot
 _KERNELS_PER_THREAD = 1 << 18  # about a millisecond of index building: less is not worth a thread
-_INT32_SLOT_KERNELS = 1 << 28  # slots (start * 8 + class) fit in int32 up to this many kernels
+_UINT16_SLOT_FILTERS = (np.iinfo(np.uint16).max + 1) // 8 - 1  # local slots fit in uint16
 _UINT16_MEMBER_FILTERS = np.iinfo(np.uint16).max  # positions and sizes fit in uint16 to here
 
 
@@ -237,7 +238,7 @@ def _pair_index_py(labels, rank, j_begin, j_end, slot, members, pair_size):
                 size = start[c + 1] - start[c]
                 # an unused id writes the next list's start, which that list then overwrites
                 pair_size[base + start[c]] = size
-                code[c] = (base + start[c]) * 8 + min(size, _BIG)
+                code[c] = start[c] * 8 + min(size, _BIG)
                 cursor[c] = start[c]
             row = j - j0
             for i in range(n):
@@ -284,7 +285,7 @@ def _greedy_py(slot, members, pair_size, k):
         n_new[:] = 0
         for j in range(c_in):
             entry = slot[best, j]
-            start, size_class = entry >> 3, entry & 7
+            start, size_class = j * n + (entry >> 3), entry & 7
             word, bit = start >> 6, one << np.uint64(start & 63)
             is_new = (covered[word] & bit) == 0
             covered[word] |= bit
@@ -306,9 +307,9 @@ def _greedy_py(slot, members, pair_size, k):
 def _index_dtypes(c_in: int, n: int) -> tuple[type, type]:
     """The narrowest dtypes for (slot, members and pair_size): smaller index, fewer cache misses.
 
-    Members are unsigned: Numba then indexes with them without a negative-index check.
+    Unsigned: Numba then indexes with them without a negative-index check.
     """
-    slot_dtype = np.int32 if c_in * n <= _INT32_SLOT_KERNELS else np.int64
+    slot_dtype = np.uint16 if n <= _UINT16_SLOT_FILTERS else np.uint32
     member_dtype = np.uint16 if n <= _UINT16_MEMBER_FILTERS else np.uint32
     return slot_dtype, member_dtype
 

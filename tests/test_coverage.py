@@ -237,10 +237,10 @@ def test_channel_blocks_cover_every_channel_once():
 
 
 @needs_numba
-@pytest.mark.parametrize("limit", ["_INT32_SLOT_KERNELS", "_UINT16_MEMBER_FILTERS"])
+@pytest.mark.parametrize("limit", ["_UINT16_SLOT_FILTERS", "_UINT16_MEMBER_FILTERS"])
 def test_wide_index_paths_give_the_same_result(monkeypatch, limit):
-    # more than 2**28 kernels take int64 slots, more than 65535 filters uint32 members: force
-    # those paths on a small layer
+    # more than 8191 filters take uint32 slots, more than 65535 uint32 members: force those
+    # paths on a small layer
     labels = np.random.default_rng(8).integers(0, 7, (30, 40))
     expected = max_coverage(labels, 25)
     monkeypatch.setattr(coverage, limit, 10)

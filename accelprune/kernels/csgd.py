@@ -244,9 +244,7 @@ class _PlanCache:
         if isinstance(c, torch.Tensor):
             if c.device.type != "cpu":
                 return ("tensor", c, c._version)  # holds c: its address is not reused
-            c = c.detach().numpy() if not c.is_conj() else None
-            if c is None:
-                return None
+            c = c.detach().numpy()
         if isinstance(c, np.ndarray):
             return (c.dtype.str, c.shape, np.ascontiguousarray(c).tobytes())
         return None  # lists etc.: not cached, a plan is built for the call
