@@ -446,11 +446,14 @@ def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def _channel_blocks(c_in: int, n: int, n_threads: int) -> list[tuple[int, int]]:
-    """Split the channels into at most ``n_threads`` blocks of whole tiles, one per thread, with
-    at least _KERNELS_PER_THREAD kernels each (below that a thread costs more than it saves)."""
-    blocks = max(1, min(n_threads, c_in * n // _KERNELS_PER_THREAD, -(-c_in // _TILE)))
-    tiles = -(-c_in // _TILE)
-    bounds = [min(c_in, (tiles * b // blocks) * _TILE) for b in range(blocks + 1)]
+    """Split the channels into at most ``n_threads`` blocks, one per thread, with at least
+    _KERNELS_PER_THREAD kernels each (below that a thread costs more than it saves). Blocks
+    start at multiples of 64 channels, so that two threads never write one cache line of a
+    slot row."""
+    align = 4 * _TILE
+    units = -(-c_in // align)
+    blocks = max(1, min(n_threads, c_in * n // _KERNELS_PER_THREAD, units))
+    bounds = [min(c_in, (units * b // blocks) * align) for b in range(blocks + 1)]
     return [(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
 
 

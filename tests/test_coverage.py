@@ -233,7 +233,7 @@ def test_channel_blocks_cover_every_channel_once():
         blocks = coverage._channel_blocks(c_in, n, threads)
         assert blocks[0][0] == 0 and blocks[-1][1] == c_in and len(blocks) <= threads
         assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))
-        assert all(lo % coverage._TILE == 0 for lo, _ in blocks)
+        assert all(lo % 64 == 0 for lo, _ in blocks)
 
 
 @needs_numba

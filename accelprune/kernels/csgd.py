@@ -472,7 +472,7 @@ def _csgd_transform_cpu(params, plan: CSGDPlan, etas, epss) -> None:
     gradient rows are dense blocks of one layout; the torch segment form on the others."""
     fused, views, rest = [], [], []
     for i, p in enumerate(params):
-        W, G = p.detach(), p.grad
+        W, G = p.detach(), p.grad.detach()  # numpy views need tensors outside autograd
         if p.dtype in _cpu.SUPPORTED and same_layout(W, G) and _cpu.ready(p.dtype):
             W2, G2 = _cpu.rows_view(W), _cpu.rows_view(G)
             if W2 is not None and G2 is not None:
