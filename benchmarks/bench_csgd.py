@@ -26,6 +26,7 @@ inputs are small (the step, not the transform, dominates anyway); on a GPU, Imag
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -127,6 +128,7 @@ def main(argv=None) -> dict:
                   references=["dense_ref", "segment_ref", "reference"],
                   notes={"setup_s (trace + k-means, once)": round(setup_s, 2),
                          "peak_bandwidth_GBps": peak,
+                         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                          "groups": len(csgd.groups), "keep_ratio": args.keep_ratio,
                          "quick": args.quick},
                   save=not args.quick)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 import torch
 
@@ -209,6 +210,7 @@ def main(argv=None):
     tag = "_gpu" if device.type == "cuda" else "_cpu"
     notes = {"device": str(device), "repeats": repeats, "peak_bandwidth_GBps": peak,
              "stream_add_GBps (measured)": round(stream_gbs(device), 1),
+             "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
              "cpu_threads": torch.get_num_threads(),
              "weights": "random init (only shapes matter)"}
     report(f"kernels_importance{tag}{suffix}", imp, fast="triton", references=["eager"],
