@@ -17,23 +17,27 @@ Public functions:
 The Numba path keeps a gain vector (uncovered pairs per filter) and, when a pair is first
 covered, decrements the gain of every filter in it: each pair is handled once, so a run costs
 O(c_in * n + k * n) instead of the textbook O(k * (n - k) * c_in). Coverage is a bitset of
-uint64 words. The index of which filters share each pair is built in parallel over channels;
-the greedy loop is sequential (each step depends on the last) and touches only what changed.
-The result does not depend on the thread count. ResNet-50 (53 convs, 13.4 M kernels, labels
-from Ward cuts at 50%) takes about 0.1 s on two cores against ~20 s for a NumPy greedy that
-recomputes every gain at every step (benchmarks/bench_coverage.py).
+uint64 words. The index of which filters share each pair is built by threads over blocks of
+channels (one counting sort per channel); the greedy loop is sequential (each step depends on
+the last) and touches only what changed. The result does not depend on the thread count.
+benchmarks/bench_coverage.py compares it with a NumPy greedy that recomputes every gain at
+every step, on the labels of every conv of ResNet-50 and VGG-16.
 """
 from __future__ import annotations
 
-import functools
+import concurrent.futures
+import itertools
+import threading
+import time
+import warnings
 from typing import NamedTuple
 
 import numpy as np
 
-from accelprune._backend import resolve, thread_count
+from accelprune._backend import available, resolve, thread_count
 from accelprune._validation import as_int_array, check_int
 
-__all__ = ["CoverageResult", "max_coverage", "max_coverage_ref"]
+__all__ = ["CoverageResult", "max_coverage", "max_coverage_ref", "warmup"]
 
 TIE_BREAKS = ("random", "index")
 
@@ -56,16 +60,17 @@ class CoverageResult(NamedTuple):
 
 
 def _check_inputs(labels, k, tie_break, seed) -> tuple[np.ndarray, int, np.ndarray]:
-    """Validated (labels: C-contiguous int32/int64 (c_in, n), k, priority order of the filters)."""
+    """Validated (labels: C-contiguous int32 (c_in, n), or int64 when ids need it; k; priority
+    order of the filters)."""
     if isinstance(labels, np.ndarray) and labels.dtype == np.int32 and labels.ndim == 2:
         arr = np.ascontiguousarray(labels)  # what cut_linkage returns: used without a copy
+        if arr.size and arr.min() < 0:
+            raise ValueError(f"labels must be non-negative cluster ids, got minimum {arr.min()}")
     else:
-        arr = as_int_array(labels, "labels", ndim=2)
+        arr = _as_label_array(labels)
     if arr.size == 0:
         raise ValueError(
             f"labels is empty (shape {arr.shape}); need at least one channel and one filter")
-    if arr.min() < 0:
-        raise ValueError(f"labels must be non-negative cluster ids, got minimum {arr.min()}")
     n = arr.shape[1]
     k = check_int(k, "k", low=1, high=n)
     if not isinstance(tie_break, str):
@@ -74,6 +79,27 @@ def _check_inputs(labels, k, tie_break, seed) -> tuple[np.ndarray, int, np.ndarr
         raise ValueError(f"unknown tie_break {tie_break!r}; expected one of {list(TIE_BREAKS)}")
     seed = check_int(seed, "seed", low=0)
     return arr, k, _priority_order(n, tie_break, seed)
+
+
+def _as_label_array(labels) -> np.ndarray:
+    """Any integer labels as int32 (int64 when an id exceeds int32), checked non-negative.
+
+    uint64 ids of 2**63 and more do not fit int64: those rows are renumbered (ids in order of
+    value, per channel), which keeps every channel's partition and so the result.
+    """
+    if hasattr(labels, "detach") and hasattr(labels, "cpu"):  # torch.Tensor
+        labels = labels.detach().cpu().numpy()
+    raw = np.asarray(labels)
+    if raw.dtype == np.uint64 and raw.ndim == 2 and raw.size and raw.max() > np.iinfo(np.int64).max:
+        raw = np.stack([np.unique(row, return_inverse=True)[1].reshape(-1) for row in raw])
+    arr = as_int_array(raw, "labels", ndim=2)
+    if arr.size:
+        low, high = arr.min(), arr.max()
+        if low < 0:
+            raise ValueError(f"labels must be non-negative cluster ids, got minimum {low}")
+        if high <= np.iinfo(np.int32).max:
+            arr = arr.astype(np.int32)  # one kernel signature for (almost) every input
+    return arr
 
 
 def _priority_order(n: int, tie_break: str, seed: int) -> np.ndarray:
@@ -146,68 +172,84 @@ def _max_coverage_numpy(labels, k, *, tie_break: str = "random", seed: int = 0) 
 #
 # Layout, chosen for the caches: each pair's filters are listed contiguously in `members`
 # (channel j owns the block [j*n, (j+1)*n)); a pair is named by `start`, the offset of its
-# list, which is also its bit in the coverage bitset. slot[q, j] = start * 8 + size class of
-# the pair that position q covers in channel j, so selecting q reads one contiguous row.
+# list, which is also its bit in the coverage bitset. slot[q, j] = (start - j*n) * 8 + size
+# class of the pair that position q covers in channel j (offsets within the channel's block
+# keep slots in uint16 up to 8191 filters), so selecting q reads one contiguous row.
 # Size classes 1.._BIG-1 are exact sizes and _BIG means "_BIG or more, size in pair_size":
 # grouping newly covered pairs by size makes the decrement loops branch-predictable, which
 # is most of the speed on big layers.
+#
+# The kernels are serial and release the GIL; the index build is split between Python threads
+# by blocks of channels (each call owns its channels), so no Numba threading layer is involved:
+# concurrent calls are safe under every layer (workqueue aborts on concurrent parallel
+# regions), there is no thread count to set and restore, and compiling is faster.
 
 _TILE = 16  # channels per tile in the index build: one 64-byte line of int32 slots per row
 _BIG = 7  # size classes fit in the low 3 bits of a slot
-_KERNELS_PER_THREAD = 1 << 17  # about half a millisecond of index building
-_INT32_SLOT_KERNELS = 1 << 28  # slots (start * 8 + class) fit in int32 up to this many kernels
-_INT16_MEMBER_FILTERS = np.iinfo(np.int16).max  # positions and sizes fit in int16 up to here
+_KERNELS_PER_THREAD = 1 << 18  # about a millisecond of index building: less is not worth a thread
+_UINT16_SLOT_FILTERS = (np.iinfo(np.uint16).max + 1) // 8 - 1  # local slots fit in uint16
+_UINT16_MEMBER_FILTERS = np.iinfo(np.uint16).max  # positions and sizes fit in uint16 to here
 
 
-def _pair_index_py(labels, order, slot, members, pair_size):
-    """Build the pair index in place; parallel over tiles of channels (each owns its slots).
+def _pair_index_py(labels, rank, j_begin, j_end, slot, members, pair_size):
+    """Build the pair index of channels ``j_begin .. j_end`` in place.
 
     labels  int32/int64 (c_in, n): non-negative cluster ids (any values).
-    order   int64 (n,): the filter at each priority position.
+    rank    int64 (n,): the priority position of each filter (inverse of the order).
     slot (n, c_in), members (c_in * n,), pair_size (c_in * n,): out, as described above
             (pair_size is written at each list's start only); dtypes from :func:`_index_dtypes`.
+
+    Each channel is one counting sort of its filters by cluster id, reading the labels row in
+    filter order (contiguous) and scattering positions through ``rank``. Slots are gathered per
+    tile of _TILE channels and written to ``slot`` as one cache line per position.
     """
-    c_in, n = labels.shape
-    for tile in numba.prange((c_in + _TILE - 1) // _TILE):
-        j0, j1 = tile * _TILE, min(tile * _TILE + _TILE, c_in)
-        tile_slots = np.empty((_TILE, n), dtype=slot.dtype)
-        label = np.empty(n, dtype=np.int64)
-        start = np.empty(n + 1, dtype=np.int64)
-        cursor = np.empty(n, dtype=np.int64)
+    n = labels.shape[1]
+    tile = np.empty((_TILE, n), dtype=slot.dtype)
+    ids = np.empty(n, dtype=np.int64)  # this channel's ids, renumbered into [0, n) if needed
+    start = np.empty(n + 1, dtype=np.int64)
+    cursor = np.empty(n, dtype=np.int64)
+    code = np.empty(n, dtype=np.int64)  # per cluster: its slot value
+    for j0 in range(j_begin, j_end, _TILE):
+        j1 = min(j0 + _TILE, j_end)
         for j in range(j0, j1):
             largest = 0
-            for q in range(n):
-                label[q] = labels[j, order[q]]
-                largest = max(largest, label[q])
+            for i in range(n):
+                ids[i] = labels[j, i]
+                largest = max(largest, ids[i])
             if largest >= n:  # arbitrary ids: renumber into [0, n), same partition
-                by_label = np.argsort(label, kind="mergesort")
+                by_id = np.argsort(ids, kind="mergesort")
                 renumbered = np.empty(n, dtype=np.int64)
                 c = 0
                 for t in range(n):
-                    if t > 0 and label[by_label[t]] != label[by_label[t - 1]]:
+                    if t > 0 and ids[by_id[t]] != ids[by_id[t - 1]]:
                         c += 1
-                    renumbered[by_label[t]] = c
-                label[:] = renumbered
-            # counting sort of the positions by label: pair c's list is start[c]:start[c + 1]
-            start[:] = 0
-            for q in range(n):
-                start[label[q] + 1] += 1
-            for c in range(n):
+                    renumbered[by_id[t]] = c
+                ids[:] = renumbered
+                largest = c
+            n_ids = largest + 1
+            # counting sort: cluster c's list is start[c]:start[c + 1] of this channel's block
+            start[: n_ids + 1] = 0
+            for i in range(n):
+                start[ids[i] + 1] += 1
+            for c in range(n_ids):
                 start[c + 1] += start[c]
             base = j * n
-            for c in range(n):
-                if start[c + 1] > start[c]:
-                    pair_size[base + start[c]] = start[c + 1] - start[c]
-            cursor[:] = start[:n]
-            for q in range(n):
-                c = label[q]
+            for c in range(n_ids):
+                size = start[c + 1] - start[c]
+                # an unused id writes the next list's start, which that list then overwrites
+                pair_size[base + start[c]] = size
+                code[c] = start[c] * 8 + min(size, _BIG)
+                cursor[c] = start[c]
+            row = j - j0
+            for i in range(n):
+                c = ids[i]
+                q = rank[i]
                 members[base + cursor[c]] = q
                 cursor[c] += 1
-                size_class = min(start[c + 1] - start[c], _BIG)
-                tile_slots[j - j0, q] = (base + start[c]) * 8 + size_class
+                tile[row, q] = code[c]
         for q in range(n):  # row q receives the tile's channels as one contiguous run
             for j in range(j0, j1):
-                slot[q, j] = tile_slots[j - j0, q]
+                slot[q, j] = tile[j - j0, q]
 
 
 def _greedy_py(slot, members, pair_size, k):
@@ -243,7 +285,7 @@ def _greedy_py(slot, members, pair_size, k):
         n_new[:] = 0
         for j in range(c_in):
             entry = slot[best, j]
-            start, size_class = entry >> 3, entry & 7
+            start, size_class = j * n + (entry >> 3), entry & 7
             word, bit = start >> 6, one << np.uint64(start & 63)
             is_new = (covered[word] & bit) == 0
             covered[word] |= bit
@@ -262,45 +304,212 @@ def _greedy_py(slot, members, pair_size, k):
     return selected, gains, total
 
 
-@functools.cache
-def _numba_kernels():
-    # numba is imported here, on first use, and bound as a module global because the kernels
-    # above refer to numba.prange
-    global numba
+def _index_dtypes(c_in: int, n: int) -> tuple[type, type]:
+    """The narrowest dtypes for (slot, members and pair_size): smaller index, fewer cache misses.
+
+    Unsigned: Numba then indexes with them without a negative-index check.
+    """
+    slot_dtype = np.uint16 if n <= _UINT16_SLOT_FILTERS else np.uint32
+    member_dtype = np.uint16 if n <= _UINT16_MEMBER_FILTERS else np.uint32
+    return slot_dtype, member_dtype
+
+
+class _KernelsUnavailable(RuntimeError):
+    """Numba could neither load nor compile the kernels (the caller falls back)."""
+
+
+_LOAD_LOCK = threading.RLock()  # one thread loads, compiles or repairs the kernels at a time
+_POOL_LOCK = threading.Lock()
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_kernels: tuple | None = None  # (pair_index, greedy) once checked
+
+
+def _new_kernels():
     import numba
 
-    pair_index = numba.njit(cache=True, parallel=True, nogil=True)(_pair_index_py)
+    pair_index = numba.njit(cache=True, nogil=True)(_pair_index_py)
     greedy = numba.njit(cache=True, nogil=True)(_greedy_py)
     return pair_index, greedy
 
 
-def _index_dtypes(c_in: int, n: int) -> tuple[type, type]:
-    """The narrowest dtypes for (slot, members and pair_size): smaller index, fewer cache misses."""
-    slot_dtype = np.int32 if c_in * n <= _INT32_SLOT_KERNELS else np.int64
-    member_dtype = np.int16 if n <= _INT16_MEMBER_FILTERS else np.int32
-    return slot_dtype, member_dtype
+def _cache_dir(kernel) -> str:
+    cache = getattr(kernel, "_cache", None)
+    return str(getattr(cache, "_cache_path", "(no cache directory)"))
+
+
+def _self_check(kernels) -> None:
+    """Run a small instance of the common signature and compare with the NumPy greedy.
+
+    Loading from Numba's cache happens here, and a damaged cache file shows up either as an
+    exception (UnpicklingError, EOFError, LLVM errors) or, in principle, as wrong machine code;
+    both are caught.
+    """
+    labels = np.random.default_rng(0).integers(0, 5, (20, 40)).astype(np.int32)
+    order = _priority_order(40, "random", 0)
+    got = _run_kernels(kernels, labels, 25, order, 1)
+    expected = _max_coverage_numpy(labels, 25, tie_break="random", seed=0)
+    if not (np.array_equal(got.selected, expected.selected)
+            and np.array_equal(got.gains, expected.gains)):
+        raise RuntimeError("the kernels' results differ from the NumPy greedy")
+
+
+def _numba_kernels():
+    """The two kernels as checked Numba dispatchers, created on first use.
+
+    When loading them fails, or they fail the self-check, the cache index of both functions is
+    emptied (Numba's ``flush``; the recompile writes a fresh cache) with a warning naming the
+    cache directory; if that fails too, the cache is bypassed, and as a last resort
+    :class:`_KernelsUnavailable` is raised (:func:`max_coverage` then falls back, with a
+    warning).
+    """
+    global _kernels
+    if _kernels is not None:
+        return _kernels
+    with _LOAD_LOCK:
+        if _kernels is not None:
+            return _kernels
+        kernels = _new_kernels()
+        try:
+            _self_check(kernels)
+        except Exception as exc:  # noqa: BLE001  (any failure to load is handled the same way)
+            warnings.warn(
+                f"accelprune.coverage: Numba's cache in {_cache_dir(kernels[0])} could not be "
+                f"used ({type(exc).__name__}: {exc}); recompiling and rewriting it",
+                RuntimeWarning, stacklevel=3)
+            kernels = _repaired_kernels()
+        _kernels = kernels
+        return kernels
+
+
+def _repaired_kernels():
+    try:
+        for kernel in _new_kernels():
+            kernel._cache.flush()  # an empty index for this function
+        kernels = _new_kernels()
+        _self_check(kernels)
+        return kernels
+    except Exception:  # noqa: BLE001  (e.g. an unwritable cache directory)
+        pass
+    try:
+        from numba.core.caching import NullCache
+
+        kernels = _new_kernels()
+        for kernel in kernels:
+            kernel._cache = NullCache()  # compile without the cache
+        _self_check(kernels)
+        return kernels
+    except Exception as exc:  # noqa: BLE001
+        raise _KernelsUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _ready(kernel, args) -> None:
+    """Make sure ``kernel`` has machine code for ``args``' types (a signature other than the
+    checked one: wide index dtypes, int64 ids), repairing a damaged cache as above."""
+    import numba
+
+    signature = tuple(numba.typeof(a) for a in args)
+    if signature in kernel.overloads:
+        return
+    with _LOAD_LOCK:
+        if signature in kernel.overloads:
+            return
+        try:
+            kernel.compile(signature)
+            return
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(
+                f"accelprune.coverage: Numba's cache in {_cache_dir(kernel)} could not be used "
+                f"for {kernel.py_func.__name__} ({type(exc).__name__}: {exc}); recompiling and "
+                "rewriting it", RuntimeWarning, stacklevel=4)
+        try:
+            kernel._cache.flush()
+            kernel.compile(signature)
+            return
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            from numba.core.caching import NullCache
+
+            kernel._cache = NullCache()
+            kernel.compile(signature)
+        except Exception as exc:  # noqa: BLE001
+            raise _KernelsUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    with _POOL_LOCK:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=thread_count(None), thread_name_prefix="accelprune-coverage")
+        return _pool
+
+
+def _channel_blocks(c_in: int, n: int, n_threads: int) -> list[tuple[int, int]]:
+    """Split the channels into at most ``n_threads`` blocks, one per thread, with at least
+    _KERNELS_PER_THREAD kernels each (below that a thread costs more than it saves). Blocks
+    start at multiples of 64 channels, so that two threads never write one cache line of a
+    slot row."""
+    align = 4 * _TILE
+    units = -(-c_in // align)
+    blocks = max(1, min(n_threads, c_in * n // _KERNELS_PER_THREAD, units))
+    bounds = [min(c_in, (units * b // blocks) * align) for b in range(blocks + 1)]
+    return [(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
+
+
+def _build_index(pair_index, labels, rank, slot, members, pair_size, n_threads) -> None:
+    c_in, n = labels.shape
+    blocks = _channel_blocks(c_in, n, n_threads)
+    _ready(pair_index, (labels, rank, 0, c_in, slot, members, pair_size))
+    if len(blocks) == 1:
+        pair_index(labels, rank, 0, c_in, slot, members, pair_size)
+        return
+    # the kernel releases the GIL; this thread builds the first block itself
+    futures = [_thread_pool().submit(pair_index, labels, rank, lo, hi, slot, members, pair_size)
+               for lo, hi in blocks[1:]]
+    pair_index(labels, rank, *blocks[0], slot, members, pair_size)
+    for future in futures:
+        future.result()
+
+
+def _run_kernels(kernels, labels, k, order, n_threads) -> CoverageResult:
+    pair_index, greedy = kernels
+    c_in, n = labels.shape
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    slot_dtype, member_dtype = _index_dtypes(c_in, n)
+    slot = np.empty((n, c_in), dtype=slot_dtype)
+    members = np.empty(c_in * n, dtype=member_dtype)
+    pair_size = np.empty(c_in * n, dtype=member_dtype)
+    _build_index(pair_index, labels, rank, slot, members, pair_size, n_threads)
+    _ready(greedy, (slot, members, pair_size, k))
+    positions, gains, covered = greedy(slot, members, pair_size, k)
+    return CoverageResult(order[positions], gains, int(covered))
 
 
 def _max_coverage_numba(labels: np.ndarray, k: int, order: np.ndarray,
                         n_threads: int) -> CoverageResult:
     """Fast path on validated input (see :func:`_check_inputs`)."""
-    pair_index, greedy = _numba_kernels()
-    c_in, n = labels.shape
-    slot_dtype, member_dtype = _index_dtypes(c_in, n)
-    slot = np.empty((n, c_in), dtype=slot_dtype)
-    members = np.empty(c_in * n, dtype=member_dtype)
-    pair_size = np.empty(c_in * n, dtype=member_dtype)
-    # a thread per _KERNELS_PER_THREAD kernels at most: below that, starting threads costs more
-    # than it saves (and much more when the cores are busy with other work)
-    threads = min(n_threads, numba.config.NUMBA_NUM_THREADS, -(-c_in * n // _KERNELS_PER_THREAD))
-    previous = numba.get_num_threads()
-    numba.set_num_threads(threads)
-    try:
-        pair_index(labels, order, slot, members, pair_size)
-    finally:
-        numba.set_num_threads(previous)
-    positions, gains, covered = greedy(slot, members, pair_size, k)
-    return CoverageResult(order[positions], gains, int(covered))
+    return _run_kernels(_numba_kernels(), labels, k, order, n_threads)
+
+
+def warmup() -> float:
+    """Load (or, the first time on a machine, compile) the Numba kernels now; returns seconds.
+
+    The first :func:`max_coverage` call of a process otherwise pays this inside the call:
+    loading Numba's on-disk cache takes about 0.1-0.3 s, compiling (empty cache) a few seconds.
+    Call it where a one-off pause is harmless (e.g. when a pruner is built), so that timed
+    pruning events measure the algorithm. It also checks the kernels on a small instance and
+    repairs a damaged cache (see :func:`max_coverage`). Costs microseconds once done; a no-op
+    without Numba.
+    """
+    t0 = time.perf_counter()
+    if available("numba"):
+        try:
+            _numba_kernels()
+        except _KernelsUnavailable:
+            pass  # max_coverage warns and falls back when it is called
+    return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,8 +527,14 @@ def max_coverage(labels, k, *, tie_break: str = "random", seed: int = 0, backend
     tie_break: "random" (default; the paper's random choice among ties, seeded by ``seed``) or
         "index" (lowest index). See the module docstring for the exact rule.
     backend: "auto" | "numba" | "reference".
-    n_threads: threads for the parallel part of the Numba path (default: all cores); the result
-        does not depend on it, and Numba's thread count is restored afterwards.
+    n_threads: threads for building the pair index on the Numba path (default: all cores;
+        small layers use one); the result does not depend on it. Calls from several threads at
+        once are safe (no Numba threading layer is used, so also under ``workqueue``).
+
+    The first call in a process loads the compiled kernels from Numba's cache (or compiles
+    them); :func:`warmup` does that ahead of time. A damaged cache is recompiled and rewritten
+    with a RuntimeWarning naming its directory; if Numba cannot compile at all, the NumPy greedy
+    gives the same selection, with a warning.
 
     Returns a :class:`CoverageResult` (selected, gains, covered).
     """
@@ -327,4 +542,10 @@ def max_coverage(labels, k, *, tie_break: str = "random", seed: int = 0, backend
     threads = thread_count(n_threads)
     if resolve(backend, fast="numba") == "reference":
         return max_coverage_ref(labels, k, tie_break=tie_break, seed=seed)
-    return _max_coverage_numba(labels, k, order, threads)
+    try:
+        return _max_coverage_numba(labels, k, order, threads)
+    except _KernelsUnavailable as exc:
+        # same selection, by the NumPy greedy (exact, and far faster than the set reference)
+        warnings.warn(f"accelprune.coverage: Numba kernels unavailable ({exc}); using the NumPy "
+                      "greedy (same result, slower)", RuntimeWarning, stacklevel=2)
+        return _max_coverage_numpy(labels, k, tie_break=tie_break, seed=seed)

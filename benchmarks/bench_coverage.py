@@ -13,8 +13,11 @@ channel is cut at the layer-wide height h_l = max over channels of the height of
   for a whole ResNet-50, so by default it runs only on the layers with at most 128 filters,
   a row of its own; ``--reference-all`` runs it on whole models too.
 
-Also reported: the first call's cost in a fresh process, with an empty Numba cache (compiling)
-and again with the cache it left (loading), each in its own subprocess.
+Also reported, each in a fresh subprocess: importing numba; the first call with an empty Numba
+cache (compiling: "cold"); the first call with the cache it left (loading: "warm"); and, in a
+process that called :func:`accelprune.coverage.warmup` first (what a pruner does when it is
+built), the warmup itself and then the first call, which is then free of loading. The timed
+rows above are all after warmup.
 
 Run: ``python -m benchmarks.bench_coverage [--quick] [--repeats N] [--reference-all]``.
 """
@@ -30,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from accelprune._backend import thread_count
 from accelprune.cluster import cut_linkage, ward_linkage_batched
-from accelprune.coverage import _max_coverage_numpy, max_coverage, max_coverage_ref
+from accelprune.coverage import _max_coverage_numpy, max_coverage, max_coverage_ref, warmup
 from benchmarks.harness import Row, measure, report
 from benchmarks.model_shapes import conv_weights, ward_problems
 
@@ -64,28 +68,30 @@ def run_all(layers, solve):
 
 
 FIRST_CALL = textwrap.dedent("""
-    import time
+    import sys, time
     import numpy as np
-    from accelprune.coverage import max_coverage
+    from accelprune.coverage import max_coverage, warmup
     labels = np.random.default_rng(0).integers(0, 8, (32, 64)).astype(np.int32)
     t0 = time.perf_counter()
     import numba
     t1 = time.perf_counter()
+    warm = warmup() if sys.argv[1] == "warmup" else 0.0
+    t2 = time.perf_counter()
     max_coverage(labels, 32)
-    print(t1 - t0, time.perf_counter() - t1)
+    print(t1 - t0, warm, time.perf_counter() - t2)
 """)
 
 
-def first_call_seconds(cache_dir: str) -> tuple[float, float]:
-    """Seconds to import numba, then for the first max_coverage call, in a new Python process
-    using ``cache_dir`` as Numba's cache."""
+def first_call_seconds(cache_dir: str, warm_up: bool = False) -> tuple[float, float, float]:
+    """Seconds to import numba, for warmup() (0 unless ``warm_up``), and for the first
+    max_coverage call, in a new Python process using ``cache_dir`` as Numba's cache."""
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir,
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, check=True,
-                         capture_output=True, text=True)
-    import_s, call_s = out.stdout.strip().splitlines()[-1].split()
-    return float(import_s), float(call_s)
+    out = subprocess.run([sys.executable, "-c", FIRST_CALL, "warmup" if warm_up else "call"],
+                         env=env, check=True, capture_output=True, text=True)
+    import_s, warmup_s, call_s = out.stdout.strip().splitlines()[-1].split()
+    return float(import_s), float(warmup_s), float(call_s)
 
 
 def main(argv=None):
@@ -96,15 +102,18 @@ def main(argv=None):
     parser.add_argument("--reference-all", action="store_true",
                         help="also run the textbook reference on whole models (minutes)")
     args = parser.parse_args(argv)
-    import numba
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
     with tempfile.TemporaryDirectory() as cache_dir:
-        numba_import_s, compile_s = first_call_seconds(cache_dir)
-        _, cached_s = first_call_seconds(cache_dir)
+        numba_import_s, _, compile_s = first_call_seconds(cache_dir)
+        _, _, cached_s = first_call_seconds(cache_dir)
+        _, warmup_s, after_warmup_s = first_call_seconds(cache_dir, warm_up=True)
     jit = {"import numba": numba_import_s,
-           "first call, empty cache (compiles)": compile_s,
-           "first call, next process (loads the cache)": cached_s}
-    max_coverage(np.zeros((1, 2), dtype=np.int32), 1)  # compiled (or loaded) before any timing
+           "first call, cold (empty cache: compiles)": compile_s,
+           "first call, warm (next process: loads the cache)": cached_s,
+           "warmup() in a new process (loads the cache)": warmup_s,
+           "first call after warmup()": after_warmup_s}
+    warmup()  # loaded (or compiled) before any timing
 
     rows, totals = [], {}
     for model_name in ("resnet50", "vgg16"):
@@ -120,18 +129,23 @@ def main(argv=None):
             def numpy_greedy(subset=subset, out=numpy_results):
                 out[:] = run_all(subset, _max_coverage_numpy)
 
+            def numba_all_threads(subset=subset):
+                run_all(subset, max_coverage)
+
             def numba_one_thread(subset=subset):
-                run_all(subset, lambda labels, k: max_coverage(labels, k, n_threads=1))
+                run_all(subset, lambda lab, keep: max_coverage(lab, keep, n_threads=1))
+
+            def reference(subset=subset):
+                run_all(subset, max_coverage_ref)
 
             timings = {
-                "numba": measure(lambda: run_all(subset, max_coverage), repeats=args.repeats),
+                "numba": measure(numba_all_threads, repeats=args.repeats),
                 "numba_1t": measure(numba_one_thread, repeats=args.repeats),
                 "numpy": measure(numpy_greedy, warmup=0, repeats=slow_repeats),
             }
             with_reference = args.quick or args.reference_all or subset is narrow
             if with_reference:
-                timings["reference"] = measure(lambda: run_all(subset, max_coverage_ref),
-                                               warmup=0, repeats=slow_repeats)
+                timings["reference"] = measure(reference, warmup=0, repeats=slow_repeats)
             # the timed paths must agree, or the comparison means nothing
             for fast, slow in zip(run_all(subset, max_coverage), numpy_results, strict=True):
                 assert np.array_equal(fast.selected, slow.selected), case
@@ -151,8 +165,10 @@ def main(argv=None):
             "sparsity": SPARSITY,
             "labels": "Ward per input channel, all channels cut at the layer-wide height of merge "
                       "n - k (ALGORITHMS.md 3.2); computed before timing",
-            "numba_threads": numba.config.NUMBA_NUM_THREADS,
-            "threading_layer": numba.threading_layer(),
+            "threads": "index built by Python threads over channel blocks (all cores); the "
+                       "greedy loop is serial; no Numba threading layer",
+            "cpus": thread_count(None),
+            "load_average_at_start": load_at_start,
             "jit_seconds": jit,
             "reference_subset": f"layers with <= {REFERENCE_MAX_FILTERS} filters"
                                 " (whole models too with --reference-all)",
@@ -164,7 +180,7 @@ def main(argv=None):
     key = "resnet50 all convs"
     if key in totals:
         fast, numpy_s = totals[key]["numba"].median_s, totals[key]["numpy"].median_s
-        print(f"\nResNet-50, all convs: {fast:.3f} s on {numba.config.NUMBA_NUM_THREADS} threads "
+        print(f"\nResNet-50, all convs: {fast:.3f} s on {thread_count(None)} threads "
               f"(target <= {TARGET_SECONDS} s on 2 cores); numpy / numba = {numpy_s / fast:.0f}x "
               f"(target >= {TARGET_RATIO}x)")
     return doc

@@ -9,11 +9,16 @@ between ``backward()`` and ``optimizer.step()``. Two rows:
   without C-SGD, so ``overhead`` is what C-SGD adds to training.
 
 Transform paths: ``accelprune`` = :meth:`CSGD.apply_gradients` (:func:`csgd_transform_` with a
-prebuilt plan: the fused Triton kernel on CUDA, the torch segment form on the CPU);
-``dense_ref`` = the paper's ``G' = M·G + D·W`` (:func:`csgd_transform_dense_ref`, M and D built
-per call); ``segment_ref`` = :func:`csgd_transform_ref` (a Python loop over clusters, transform
-row only). The setup (tracing the model and k-means on every group, once per training run) is
-reported beside them.
+prebuilt plan: the fused Triton kernel on CUDA, the fused Numba pass on the CPU);
+``function`` = :func:`csgd_transform_` called with the label arrays, as a user's own loop would
+(the plan is cached by the labels' content); ``reference`` = ``backend="reference"`` (the torch
+segment form); ``dense_ref`` = the paper's ``G' = M·G + D·W`` (:func:`csgd_transform_dense_ref`,
+M and D built per call); ``segment_ref`` = :func:`csgd_transform_ref` (a Python loop over
+clusters, transform row only). Roofline columns beside the transform: the bytes a perfect
+kernel moves (read W and G, write G), the GB/s of ``accelprune`` and ``function``, and the
+percentage of the machine's bandwidth (GPU: nominal DRAM; CPU: a measured STREAM-style add).
+The setup (tracing the model and k-means on every group, once per training run) is reported
+beside them.
 
 Run: ``python -m benchmarks.bench_csgd [--quick] [--device cpu|cuda] [--repeats N]``. On the CPU
 inputs are small (the step, not the transform, dominates anyway); on a GPU, ImageNet-sized.
@@ -21,13 +26,15 @@ inputs are small (the step, not the transform, dominates anyway); on a GPU, Imag
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 from torch import nn
 
 from accelprune import CSGD
-from accelprune.kernels import csgd_transform_dense_ref, csgd_transform_ref
+from accelprune.kernels import csgd_transform_, csgd_transform_dense_ref, csgd_transform_ref
+from benchmarks.bench_kernels import peak_bandwidth_gbs, roofline
 from benchmarks.harness import Row, measure, report
 
 
@@ -40,6 +47,7 @@ def build(device: torch.device, batch: int, size: int, keep_ratio: float):
     x = torch.randn(batch, 3, size, size, generator=gen).to(device)
     y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     t0 = time.perf_counter()
+    # the third argument becomes ``sparsity`` (issue 11); at 0.5 both readings agree
     csgd = CSGD(model, x[:1], keep_ratio, centripetal_strength=0.05, weight_decay=1e-4)
     setup_s = time.perf_counter() - t0
     return model, csgd, x, y, setup_s
@@ -76,6 +84,9 @@ def main(argv=None) -> dict:
 
     transforms = {
         "accelprune": csgd.apply_gradients,
+        "function": lambda: csgd_transform_(params, labels, weight_decay=etas, centripetal=epss),
+        "reference": lambda: csgd_transform_(params, labels, weight_decay=etas, centripetal=epss,
+                                             backend="reference"),
         "dense_ref": lambda: csgd_transform_dense_ref(params, labels, weight_decay=etas,
                                                       centripetal=epss),
         "segment_ref": lambda: csgd_transform_ref(params, labels, weight_decay=etas,
@@ -102,13 +113,22 @@ def main(argv=None) -> dict:
 
     shape = {"model": "resnet50", "input": f"{batch}x3x{size}x{size}", "device": str(device),
              "params": len(params), "clusters": sum(c.n_clusters for c in csgd.clusters)}
+    bytes_moved = 3 * sum(p.numel() * p.element_size() for p in params)  # W, G read; G written
+    peak = peak_bandwidth_gbs(device)
+    function_s = transform_times["function"]
+    transform_extra = {**roofline(bytes_moved, transform_times["accelprune"], peak),
+                       "GB/s function": round(bytes_moved / function_s / 1e9, 1),
+                       "dense_ref / function": f"{transform_times['dense_ref'] / function_s:.1f}x"}
     rows = [
-        Row("transform", transform_times, {**shape, "overhead": ""}),
+        Row("transform", transform_times, {**shape, **transform_extra, "overhead": ""}),
         Row("train step", step_times,
             {**shape, "overhead": f"{step_times['accelprune'] / step_times['sgd'] - 1:+.1%}"}),
     ]
-    return report("csgd", rows, fast="accelprune", references=["dense_ref", "segment_ref"],
+    return report("csgd_gpu" if cuda else "csgd", rows, fast="accelprune",
+                  references=["dense_ref", "segment_ref", "reference"],
                   notes={"setup_s (trace + k-means, once)": round(setup_s, 2),
+                         "peak_bandwidth_GBps": peak,
+                         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                          "groups": len(csgd.groups), "keep_ratio": args.keep_ratio,
                          "quick": args.quick},
                   save=not args.quick)

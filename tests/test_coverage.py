@@ -219,21 +219,28 @@ def test_input_is_not_modified(dtype, backend):
 
 
 @needs_numba
-def test_result_does_not_depend_on_thread_count_and_restores_it():
-    numba = pytest.importorskip("numba")
-    labels = np.random.default_rng(6).integers(0, 128, (512, 256))  # big enough to use threads
-    before = numba.get_num_threads()
-    results = [max_coverage(labels, 128, n_threads=t) for t in (1, 2, 3)]
+def test_result_does_not_depend_on_thread_count(monkeypatch):
+    labels = np.random.default_rng(6).integers(0, 128, (500, 256))
+    monkeypatch.setattr(coverage, "_KERNELS_PER_THREAD", 1000)  # threads even on small layers
+    assert len(coverage._channel_blocks(500, 256, 3)) == 3
+    results = [max_coverage(labels, 128, n_threads=t) for t in (1, 2, 3, 7)]
     for result in results[1:]:
         assert_same(result, results[0])
-    assert numba.get_num_threads() == before
+
+
+def test_channel_blocks_cover_every_channel_once():
+    for c_in, n, threads in [(1, 5, 4), (17, 10**6, 2), (500, 10**5, 3), (64, 10**6, 16)]:
+        blocks = coverage._channel_blocks(c_in, n, threads)
+        assert blocks[0][0] == 0 and blocks[-1][1] == c_in and len(blocks) <= threads
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))
+        assert all(lo % 64 == 0 for lo, _ in blocks)
 
 
 @needs_numba
-@pytest.mark.parametrize("limit", ["_INT32_SLOT_KERNELS", "_INT16_MEMBER_FILTERS"])
+@pytest.mark.parametrize("limit", ["_UINT16_SLOT_FILTERS", "_UINT16_MEMBER_FILTERS"])
 def test_wide_index_paths_give_the_same_result(monkeypatch, limit):
-    # more than 2**28 kernels take int64 slots, more than 32767 filters int32 members: force
-    # those paths on a small layer
+    # more than 8191 filters take uint32 slots, more than 65535 uint32 members: force those
+    # paths on a small layer
     labels = np.random.default_rng(8).integers(0, 7, (30, 40))
     expected = max_coverage(labels, 25)
     monkeypatch.setattr(coverage, limit, 10)
@@ -293,3 +300,145 @@ def test_bad_input_raises_a_clear_error(fn, labels, k, kwargs, error, match):
 def test_bad_options_raise_a_clear_error(kwargs, error, match):
     with pytest.raises(error, match=match):
         max_coverage(GOOD, 1, **kwargs)
+
+
+def test_uint64_ids_beyond_int64_are_ids_not_negative():
+    labels = np.random.default_rng(10).integers(0, 4, (5, 9))
+    spread = np.array([2**63, 2**64 - 1, 7, 2**63 + 12345], dtype=np.uint64)
+    expected = max_coverage_ref(labels, 5)
+    assert_same(max_coverage(spread[labels], 5), expected)
+    assert_same(max_coverage_ref(spread[labels], 5), expected)
+    with pytest.raises(ValueError, match="minimum -5"):
+        max_coverage(np.array([[0, -5, 3]]), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiled kernels in a fresh process: first-use cost, a damaged cache, threads
+
+RUN_ONE = """
+import json, sys, warnings
+import numpy as np
+from accelprune.coverage import max_coverage, max_coverage_ref
+labels = np.random.default_rng(1).integers(0, 6, (48, 96)).astype(np.int32)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fast = max_coverage(labels, 40, backend="numba")
+ref = max_coverage_ref(labels, 40)
+print(json.dumps({"equal": fast.selected.tolist() == ref.selected.tolist(),
+                  "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+def _fresh_process(code: str, env_extra: dict) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, **env_extra,
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _cache_files(cache_dir, suffix):
+    import pathlib
+
+    files = sorted(p for p in pathlib.Path(cache_dir).rglob(f"*coverage*{suffix}"))
+    assert files, f"no {suffix} files for accelprune.coverage in {cache_dir}"
+    return files
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 3)])
+
+
+def _flip_header(path):
+    data = bytearray(path.read_bytes())
+    for i in range(min(8, len(data))):
+        data[i] ^= 0xA5  # the pickle's protocol header: unreadable
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def pristine_cache(tmp_path_factory):
+    """A Numba cache directory written by one fresh process (compiling takes seconds)."""
+    cache_dir = tmp_path_factory.mktemp("pristine") / "numba cache"
+    assert _fresh_process(RUN_ONE, {"NUMBA_CACHE_DIR": str(cache_dir)}) == {
+        "equal": True, "warnings": []}
+    return cache_dir
+
+
+@needs_numba
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [("truncate", ".nbi", "flip", ".nbc"),
+                                    ("flip", ".nbi", "truncate", ".nbc")])
+def test_a_damaged_numba_cache_is_rebuilt_with_a_warning(tmp_path, pristine_cache, damage):
+    """Truncated or bit-flipped index/data files (issue 13.6): same result, a warning naming
+    the directory, and the next process finds a good cache again."""
+    import shutil
+
+    cache_dir = tmp_path / "numba cache"
+    shutil.copytree(pristine_cache, cache_dir)
+    env = {"NUMBA_CACHE_DIR": str(cache_dir)}
+    for how, suffix in (damage[:2], damage[2:]):
+        for path in _cache_files(cache_dir, suffix):
+            (_truncate if how == "truncate" else _flip_header)(path)
+    damaged = _fresh_process(RUN_ONE, env)
+    assert damaged["equal"]
+    assert damaged["warnings"], damaged
+    for message in damaged["warnings"]:
+        assert str(cache_dir) in message and "recompiling and rewriting it" in message
+    assert _fresh_process(RUN_ONE, env) == {"equal": True, "warnings": []}  # rewritten
+
+
+@needs_numba
+def test_unusable_numba_falls_back_to_the_same_selection(monkeypatch):
+    def broken():
+        raise coverage._KernelsUnavailable("compiler broken")
+
+    monkeypatch.setattr(coverage, "_numba_kernels", broken)
+    labels = np.random.default_rng(12).integers(0, 5, (10, 30))
+    with pytest.warns(RuntimeWarning, match="NumPy greedy"):
+        result = max_coverage(labels, 12, backend="numba")
+    assert_same(result, max_coverage_ref(labels, 12))
+
+
+CONCURRENT = """
+import json, threading
+import numpy as np
+import numba
+from accelprune.coverage import max_coverage, warmup
+warmup()
+layers = [np.random.default_rng(s).integers(0, 64, (512, 1024)).astype(np.int32) for s in range(4)]
+expected = [max_coverage(labels, 300, n_threads=1).selected.tolist() for labels in layers]
+results = {}
+def work(t):
+    for rep in range(3):
+        i = (t + rep) % len(layers)
+        results[(t, rep)] = max_coverage(layers[i], 300).selected.tolist() == expected[i]
+threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps({"all_equal": all(results.values()), "calls": len(results)}))
+"""
+
+
+@needs_numba
+@pytest.mark.slow
+def test_concurrent_calls_are_safe_under_the_workqueue_layer(tmp_path):
+    """Numba's workqueue layer aborts the process when two threads enter parallel regions; the
+    coverage kernels use no Numba threading layer (threads are Python's), so this is safe."""
+    out = _fresh_process(CONCURRENT, {"NUMBA_THREADING_LAYER": "workqueue",
+                                      "NUMBA_CACHE_DIR": str(tmp_path)})
+    assert out == {"all_equal": True, "calls": 12}
+
+
+@needs_numba
+def test_warmup_loads_the_kernels_and_is_cheap_afterwards():
+    coverage.warmup()
+    assert coverage._kernels is not None
+    assert coverage.warmup() < 0.05

@@ -173,7 +173,7 @@ COEFS = dict(weight_decay=[1e-2, 0.0, 0.0, 0.0, 3e-2, 1e-2, 0.1],
 def csgd_fp64_truth(params, clusters, **coefs):
     ps64 = [p.detach().double().requires_grad_() for p in params]
     for q, p in zip(ps64, params, strict=True):
-        q.grad = p.grad.double()
+        q.grad = p.grad.double().clone()  # .double() of a float64 grad is the grad itself
     csgd_transform_ref(ps64, clusters, **coefs)
     return [q.grad for q in ps64]
 
@@ -182,10 +182,18 @@ def csgd_fp64_truth(params, clusters, **coefs):
 # import hygiene
 
 
-def test_import_does_not_load_triton_or_initialise_cuda():
+def test_import_does_not_load_kernels_or_initialise_cuda():
+    """What accelprune controls: importing it loads none of its Triton kernels (the module that
+    imports Triton) and no Numba kernel, and does not initialise CUDA. (Whether ``triton`` is in
+    sys.modules is not accelprune's to decide: torchvision imports torch._dynamo, which imports
+    Triton when it is installed.)"""
     code = (
-        "import sys, torch, accelprune, accelprune.kernels\n"
-        "assert 'triton' not in sys.modules, 'triton imported eagerly'\n"
+        "import sys, torch, accelprune, accelprune.kernels, accelprune.coverage\n"
+        "assert 'accelprune.kernels._triton_kernels' not in sys.modules, "
+        "'accelprune imported its Triton kernels eagerly'\n"
+        "assert accelprune.coverage._kernels is None, 'coverage kernels loaded on import'\n"
+        "from accelprune.kernels import _cpu_kernels\n"
+        "assert _cpu_kernels._kernel.cache_info().currsize == 0, 'CPU kernel loaded on import'\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised on import'\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -201,15 +209,15 @@ def test_import_does_not_load_triton_or_initialise_cuda():
 
 def test_select_backend_auto_uses_triton_only_on_cuda(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert select_backend("auto", torch.device("cpu")) == "torch"
+    assert select_backend("auto", torch.device("cpu")) == "reference"
     assert select_backend("auto", torch.device("cuda")) == "triton"
-    assert select_backend("torch", torch.device("cuda")) == "torch"
+    assert select_backend("reference", torch.device("cuda")) == "reference"
     assert select_backend("triton", torch.device("cpu")) == "triton"
 
 
 def test_select_backend_without_triton_falls_back_or_raises(monkeypatch):
     monkeypatch.setattr(backend_mod, "available", lambda fast: False)
-    assert select_backend("auto", torch.device("cuda")) == "torch"
+    assert select_backend("auto", torch.device("cuda")) == "reference"
     with pytest.raises(RuntimeError, match="triton"):
         select_backend("triton", torch.device("cuda"))
 
@@ -223,10 +231,19 @@ def test_explicit_triton_on_cpu_without_interpreter_raises(no_interpreter):
                         centripetal=0.1, backend="triton")
 
 
-@pytest.mark.parametrize("bad", ["reference", "cuda", 3])
+@pytest.mark.parametrize("bad", ["torch", "cuda", "Reference", 3])
 def test_unknown_backend_rejected(bad):
-    with pytest.raises((ValueError, TypeError)):
+    """0.x: the old name "torch" is gone (no alias); errors name the valid choices."""
+    error, match = (TypeError, "backend must be a string") if bad == 3 else (
+        ValueError, r"unknown backend .*'auto'.*'reference'.*'triton'")
+    with pytest.raises(error, match=match):
         filter_scores([torch.randn(3, 2)], backend=bad)
+    p = _one_param()
+    before = p.grad.clone()
+    with pytest.raises(error, match=match):
+        csgd_transform_([p], [torch.zeros(6, dtype=torch.long)], weight_decay=0.0,
+                        centripetal=0.1, backend=bad)
+    assert torch.equal(p.grad, before)
 
 
 def test_auto_on_cpu_runs_the_torch_path_even_under_the_interpreter(monkeypatch):
@@ -291,7 +308,8 @@ def test_filter_scores_mixed_dtypes_in_one_call():
     need_triton_on_cpu()
     tensors = [torch.randn(5, 4), torch.randn(3, 8).half(), torch.randn(6, dtype=torch.float64)]
     ours = filter_scores(tensors, kind="l2", backend="triton")
-    for o, r, t in zip(ours, filter_scores_ref(tensors, kind="l2"), scores_fp64(tensors, "l2"), strict=True):
+    ref = filter_scores_ref(tensors, kind="l2")
+    for o, r, t in zip(ours, ref, scores_fp64(tensors, "l2"), strict=True):
         assert_close_to_fp64(o, r, t)
 
 
@@ -301,7 +319,7 @@ def test_filter_scores_does_not_modify_inputs():
     grads = [p.grad for p in with_grads(tensors)]
     before = [t.clone() for t in tensors + grads]
     filter_scores(tensors, kind="taylor", grads=grads, backend="triton")
-    filter_scores(tensors, kind="taylor", grads=grads, backend="torch")
+    filter_scores(tensors, kind="taylor", grads=grads, backend="reference")
     for t, b in zip(tensors + grads, before, strict=True):
         assert torch.equal(t, b)
 
@@ -334,7 +352,7 @@ def test_filter_scores_random_shapes(shapes, kind, seed):
 # filter_scores: bad input
 
 
-@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("path", ["reference", "auto", "triton"])
 def test_filter_scores_rejects_non_finite(path):
     if path == "triton":
         need_triton_on_cpu()
@@ -387,10 +405,11 @@ def test_csgd_paths_agree_with_fp64_reference():
     ref, torch_path, dense, fused = (clone_params(params) for _ in range(4))
     grad_objects = [q.grad for q in fused + torch_path]
     csgd_transform_ref(ref, clusters, **COEFS)
-    csgd_transform_(torch_path, clusters, backend="torch", **COEFS)
+    csgd_transform_(torch_path, clusters, backend="reference", **COEFS)
     csgd_transform_dense_ref(dense, clusters, **COEFS)
     csgd_transform_(fused, clusters, backend="triton", **COEFS)
-    assert all(q.grad is g for q, g in zip(fused + torch_path, grad_objects, strict=True))  # in place
+    in_place = zip(fused + torch_path, grad_objects, strict=True)
+    assert all(q.grad is g for q, g in in_place)
     assert fused[5].grad.is_contiguous(memory_format=torch.channels_last)  # written in place
     for i, t in enumerate(truth):
         for result in (torch_path, dense, fused):
@@ -405,7 +424,7 @@ def test_csgd_low_and_double_precision(dtype):
     truth = csgd_fp64_truth(params, clusters, **COEFS)
     ref, torch_path, fused = (clone_params(params) for _ in range(3))
     csgd_transform_ref(ref, clusters, **COEFS)
-    csgd_transform_(torch_path, clusters, backend="torch", **COEFS)
+    csgd_transform_(torch_path, clusters, backend="reference", **COEFS)
     csgd_transform_(fused, clusters, backend="triton", **COEFS)
     for i, t in enumerate(truth):
         assert ref[i].grad.dtype == dtype
@@ -432,7 +451,7 @@ def test_csgd_exact_on_dyadic_data():
     truth = csgd_fp64_truth(params, clusters, **coefs)
     results = [clone_params(params) for _ in range(4)]
     csgd_transform_ref(results[0], clusters, **coefs)
-    csgd_transform_(results[1], clusters, backend="torch", **coefs)
+    csgd_transform_(results[1], clusters, backend="reference", **coefs)
     csgd_transform_dense_ref(results[2], clusters, **coefs)
     csgd_transform_(results[3], clusters, backend="triton", **coefs)
     for result in results:
@@ -445,8 +464,8 @@ def test_csgd_plan_gives_the_same_result_as_raw_clusters():
     params, clusters = csgd_params()
     plan = CSGDPlan(params, clusters)
     a, b, c = (clone_params(params) for _ in range(3))
-    csgd_transform_(a, clusters, backend="torch", **COEFS)
-    csgd_transform_(b, plan, backend="torch", **COEFS)
+    csgd_transform_(a, clusters, backend="reference", **COEFS)
+    csgd_transform_(b, plan, backend="reference", **COEFS)
     assert all(torch.equal(x.grad, y.grad) for x, y in zip(a, b, strict=True))
     csgd_transform_(c, plan, backend="triton", **COEFS)
     d = clone_params(params)
@@ -454,7 +473,7 @@ def test_csgd_plan_gives_the_same_result_as_raw_clusters():
     assert all(torch.equal(x.grad, y.grad) for x, y in zip(c, d, strict=True))
 
 
-@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("path", ["reference", "auto", "triton"])
 def test_csgd_plan_reused_over_steps(path):
     """Like a training loop: one plan, fresh gradient tensors each step, changing coefficients.
     The per-plan caches (validated coefficients, the kernel's address table) must follow."""
@@ -491,7 +510,7 @@ def test_csgd_plan_still_validates_each_call():
         csgd_transform_(params[:6], plan, **COEFS)
 
 
-@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("path", ["reference", "auto", "triton"])
 def test_csgd_non_contiguous_grad_is_written_in_place(path):
     if path == "triton":
         need_triton_on_cpu()
@@ -529,7 +548,7 @@ def check_csgd_invariants(before, after, labels, eta, eps):
                                    atol=scale, rtol=0)
 
 
-@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("path", ["reference", "auto", "triton"])
 def test_csgd_invariants(path):
     if path == "triton":
         need_triton_on_cpu()
@@ -556,7 +575,7 @@ def test_csgd_torch_path_random(n, inner, k, eta, eps, seed):
     (p,) = with_grads([torch.randn((n, *inner), generator=g)], seed=seed + 1)
     labels = torch.randint(0, k, (n,), generator=g)
     after, ref = clone_params([p]), clone_params([p])
-    csgd_transform_(after, [labels], weight_decay=eta, centripetal=eps, backend="torch")
+    csgd_transform_(after, [labels], weight_decay=eta, centripetal=eps, backend="reference")
     csgd_transform_ref(ref, [labels], weight_decay=eta, centripetal=eps)
     truth = csgd_fp64_truth([p], [labels], weight_decay=eta, centripetal=eps)
     assert_close_to_fp64(after[0].grad, ref[0].grad, truth[0])
@@ -723,3 +742,180 @@ def test_gpu_csgd_parity(monkeypatch):
     assert calls == [1]
     for q, r, t in zip(gpu, ref, truth, strict=True):
         assert_close_to_fp64(q.grad.cpu(), r.grad, t)
+
+
+# ---------------------------------------------------------------------------------------------
+# C-SGD: the fused CPU pass (backend="auto" on CPU tensors), plan caching, dtypes
+
+
+def _run_paths(params, clusters, coefs):
+    """(fused CPU pass, torch reference path, readable reference) results, each on a copy."""
+    fused, torch_path, ref = (clone_params(params) for _ in range(3))
+    csgd_transform_(fused, clusters, backend="auto", **coefs)
+    csgd_transform_(torch_path, clusters, backend="reference", **coefs)
+    csgd_transform_ref(ref, clusters, **coefs)
+    return fused, torch_path, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_csgd_fused_cpu_pass_matches_the_references(monkeypatch, dtype):
+    calls = []
+    real = csgd_mod._csgd_transform_cpu
+    monkeypatch.setattr(csgd_mod, "_csgd_transform_cpu", lambda *a: calls.append(1) or real(*a))
+    params, clusters = csgd_params(dtype)
+    grads = [p.grad for p in params]
+    truth = csgd_fp64_truth(params, clusters, **COEFS)
+    fused, torch_path, ref = _run_paths(params, clusters, COEFS)
+    assert calls == [1]
+    dense = clone_params(params)
+    csgd_transform_dense_ref(dense, clusters, **COEFS)
+    for i, t in enumerate(truth):
+        assert fused[i].grad.dtype == dtype
+        assert_close_to_fp64(fused[i].grad, ref[i].grad, t, rel_atol=1e-5 if dtype ==
+                             torch.float32 else 1e-12)
+        torch.testing.assert_close(fused[i].grad, dense[i].grad, rtol=1e-5, atol=1e-5)
+        assert torch.equal(params[i].grad, grads[i])  # the originals were copies
+    assert fused[5].grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_csgd_fused_cpu_pass_is_exact_on_dyadic_data():
+    g = torch.Generator().manual_seed(5)
+    params = [torch.randint(-8, 9, (8, 2, 3, 3), generator=g).float(),
+              torch.randint(-8, 9, (8,), generator=g).double(),
+              torch.randint(-8, 9, (4, 1030), generator=g).float()]
+    params = with_grads(params, integer=True)
+    clusters = [torch.tensor([0, 1, 1, 2, 2, 2, 2, 3]), torch.tensor([0, 1, 1, 2, 2, 2, 2, 3]),
+                torch.tensor([5, 5, 0, 1])]
+    coefs = dict(weight_decay=0.5, centripetal=[0.25, 0.125, 0.75])
+    truth = csgd_fp64_truth(params, clusters, **coefs)
+    fused = clone_params(params)
+    csgd_transform_(fused, clusters, **coefs)
+    for q, t in zip(fused, truth, strict=True):
+        assert torch.equal(q.grad.double(), t)
+
+
+def test_csgd_fused_cpu_pass_does_not_depend_on_the_thread_split(monkeypatch):
+    from accelprune.kernels import _cpu_kernels
+
+    g = torch.Generator().manual_seed(2)
+    params = with_grads([torch.randn(64, 16, 3, 3, generator=g), torch.randn(64, generator=g),
+                         torch.randn(40, 300, generator=g)])
+    clusters = [torch.randint(0, 20, (64,), generator=g)] * 2 + [torch.randint(0, 9, (40,),
+                                                                               generator=g)]
+    results = []
+    for work in (1 << 40, 1, 500):  # one chunk; as many chunks as threads; in between
+        monkeypatch.setattr(_cpu_kernels, "_WORK_PER_THREAD", work)
+        plan = CSGDPlan(params, clusters)
+        for threads in (1, 2, 3):
+            monkeypatch.setattr(csgd_mod, "thread_count", lambda _, t=threads: t)
+            out = clone_params(params)
+            csgd_transform_(out, plan, weight_decay=0.01, centripetal=0.2)
+            results.append([q.grad for q in out])
+    for result in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(result, results[0], strict=True))
+
+
+def test_split_work_covers_every_cluster_once():
+    from accelprune.kernels._cpu_kernels import split_work
+
+    rng = np.random.default_rng(0)
+    sizes = [rng.integers(1, 9, k) for k in (1, 50, 7, 300)]
+    for threads in (1, 2, 3, 8):
+        chunks = split_work(sizes, [9, 1, 4608, 3], threads)
+        assert 1 <= len(chunks) <= threads
+        pieces = sorted(piece for chunk in chunks for piece in chunk)
+        for p, k in enumerate(len(s) for s in sizes):
+            mine = [(c0, c1) for q, c0, c1 in pieces if q == p]
+            assert mine[0][0] == 0 and mine[-1][1] == k
+            assert all(a[1] == b[0] for a, b in zip(mine, mine[1:], strict=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["auto", "reference"])
+def test_half_precision_weights_are_accepted(dtype, path):
+    """Any real float dtype (the docs' promise): float16/bfloat16 params, grads and scores."""
+    params, clusters = csgd_params(dtype)
+    truth = csgd_fp64_truth(params, clusters, **COEFS)
+    ours = clone_params(params)
+    csgd_transform_(ours, clusters, backend=path, **COEFS)
+    for q, t in zip(ours, truth, strict=True):
+        assert q.grad.dtype == dtype
+        ulp = (t.abs() * torch.finfo(dtype).eps).clamp_min(torch.finfo(dtype).tiny)
+        assert bool(((q.grad.double() - t).abs() <= 2 * ulp + 1e-3).all())
+    tensors = mixed_tensors(dtype)
+    for kind in ("l1", "l2", "taylor"):
+        grads = [p.grad for p in with_grads(tensors)] if kind == "taylor" else None
+        scores = filter_scores(tensors, kind=kind, grads=grads, backend=path)
+        for s, t in zip(scores, scores_fp64(tensors, kind, grads), strict=True):
+            assert s.dtype == torch.float32
+            torch.testing.assert_close(s.double(), t, rtol=1e-5, atol=1e-5)
+
+
+def test_csgd_cluster_ids_beyond_int64_are_ids_not_negative():
+    p = _one_param()
+    huge = np.array([2**63, 5, 2**64 - 1, 5, 2**63, 0], dtype=np.uint64)
+    small = np.array([2, 1, 3, 1, 2, 0])  # the same partition
+    a, b = clone_params([p]), clone_params([p])
+    csgd_transform_(a, [huge], weight_decay=0.1, centripetal=0.2)
+    csgd_transform_ref(b, [small], weight_decay=0.1, centripetal=0.2)
+    torch.testing.assert_close(a[0].grad, b[0].grad)
+
+
+def test_function_calls_reuse_one_plan_per_label_content(monkeypatch):
+    built = []
+    real_init = CSGDPlan.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(CSGDPlan, "__init__", counting_init)
+    csgd_mod._plans.clear()
+    params, clusters = csgd_params()
+    for step in range(3):  # fresh gradients each step, the same label arrays
+        ours = clone_params(params)
+        for q in ours:
+            q.grad = q.grad * (step + 1)
+        csgd_transform_(ours, clusters, **COEFS)
+    assert len(built) == 1
+    copies = [c.clone() for c in clusters]  # other objects, same content: the same plan
+    csgd_transform_(clone_params(params), copies, **COEFS)
+    assert len(built) == 1
+    # changed in place: a new plan, and the result follows the new labels
+    clusters[0][0], clusters[0][1] = 1, 3
+    ours, expected = clone_params(params), clone_params(params)
+    csgd_transform_(ours, clusters, **COEFS)
+    assert len(built) == 2
+    csgd_transform_ref(expected, clusters, **COEFS)  # the references build their own plan
+    for q, e in zip(ours, expected, strict=True):
+        torch.testing.assert_close(q.grad, e.grad)
+    # numpy label arrays are keyed by content too (the same content as the tensors: a hit)
+    built.clear()
+    as_numpy = [c.numpy().copy() for c in clusters]
+    csgd_transform_(clone_params(params), as_numpy, **COEFS)
+    csgd_transform_(clone_params(params), [a.copy() for a in as_numpy], **COEFS)
+    as_numpy[3][0] = 7
+    csgd_transform_(clone_params(params), as_numpy, **COEFS)
+    assert len(built) == 1
+
+
+def test_cached_plans_are_bounded_and_bad_labels_are_not_cached():
+    csgd_mod._plans.clear()
+    p = _one_param()
+    for shift in range(csgd_mod._PlanCache.SIZE + 5):
+        csgd_transform_([p], [np.arange(6) + shift], weight_decay=0.0, centripetal=0.1)
+    assert len(csgd_mod._plans._entries) == csgd_mod._PlanCache.SIZE
+    csgd_mod._plans.clear()
+    with pytest.raises(ValueError, match="negative"):
+        csgd_transform_([p], [np.array([0, 1, -1, 0, 1, 2])], weight_decay=0.0, centripetal=0.1)
+    assert len(csgd_mod._plans._entries) == 0
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU message")
+def test_gpu_script_fails_loudly_without_cuda():
+    script = os.path.join(ROOT, "benchmarks", "gpu.sh")
+    result = subprocess.run(["bash", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 1
+    assert "no usable CUDA device" in result.stderr and "sees no CUDA device" in result.stderr
+    assert "pytest" not in result.stdout  # stopped before running anything

@@ -15,25 +15,31 @@ from accelprune._backend import resolve, triton_interpreted
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def select_backend(backend, device: torch.device) -> str:
-    """``"triton"`` or ``"torch"`` for tensors on ``device``.
+BACKENDS = ("auto", "triton", "reference")
 
+
+def select_backend(backend, device: torch.device) -> str:
+    """``"triton"`` or ``"reference"`` for tensors on ``device``.
+
+    ``backend`` is ``"auto"`` | ``"triton"`` | ``"reference"``, resolved by
+    :func:`accelprune._backend.resolve` (which also takes ``"native"`` for the fast path, as
+    everywhere in accelprune); anything else raises an error naming the choices.
     ``"auto"`` runs Triton on CUDA tensors only (the interpreter is far too slow to be picked
     implicitly). An explicit ``"triton"`` also runs on CPU tensors under ``TRITON_INTERPRET=1``
     and raises otherwise.
     """
-    path = resolve(backend, fast="triton", reference="torch")
-    if path == "torch":
-        return "torch"
+    path = resolve(backend, fast="triton", reference="reference")
+    if path == "reference":
+        return "reference"
     if device.type == "cuda":
         return "triton"
     if backend == "auto":
-        return "torch"
+        return "reference"
     if triton_interpreted():
         return "triton"
     raise RuntimeError(
         f"backend={backend!r} needs CUDA tensors (these are on {device}), or TRITON_INTERPRET=1 "
-        "to run the Triton interpreter on the CPU; use backend='torch' or 'auto' instead"
+        "to run the Triton interpreter on the CPU; use backend='reference' or 'auto' instead"
     )
 
 

@@ -15,8 +15,10 @@ so one segmented mean (of G − ε·W) is enough. Paths:
 
 * ``"triton"``: one fused launch over all params (per dtype present), from a :class:`CSGDPlan`'s
   index tables (rows grouped by cluster);
-* ``"torch"``: the same segment form with ``index_add_`` / ``index_select`` per param (the CPU
-  path);
+* the fused CPU pass (Numba, :mod:`._cpu_kernels`): one visit of each cluster's rows, W and G
+  read once and G written once (``backend="auto"`` on the CPU);
+* ``"reference"``: the same segment form with ``index_add_`` / ``index_select`` per param, in
+  torch (any device; the CPU path where Numba is missing);
 * :func:`csgd_transform_ref`: a readable loop over clusters; :func:`csgd_transform_dense_ref`.
 
 NaN/Inf in gradients are *not* rejected: they propagate into G' as they would through the
@@ -25,11 +27,14 @@ optimizer, so mixed-precision training (``GradScaler``) still sees them and skip
 from __future__ import annotations
 
 import numbers
+import threading
 
 import numpy as np
 import torch
 
+from accelprune._backend import thread_count
 from accelprune._validation import as_int_array
+from accelprune.kernels import _cpu_kernels as _cpu
 from accelprune.kernels._common import (
     FLOAT_DTYPES,
     acc_dtype,
@@ -85,11 +90,11 @@ class CSGDPlan:
             if len(shape) == 0 or int(np.prod(shape)) == 0:
                 raise ValueError(f"params[{i}] must be non-empty with at least one dimension, "
                                  f"got shape {shape}")
-            ids = as_int_array(c, f"clusters[{i}]", ndim=1)
+            ids = _cluster_ids(c, f"clusters[{i}]")
             if len(ids) != shape[0]:
                 raise ValueError(f"clusters[{i}] has {len(ids)} entries but params[{i}] has "
                                  f"{shape[0]} rows (shape {shape})")
-            if ids.min() < 0:
+            if ids.dtype.kind == "i" and ids.min() < 0:
                 raise ValueError(f"clusters[{i}] has negative cluster ids (min {ids.min()})")
             _, labels = np.unique(ids, return_inverse=True)
             labels = labels.reshape(-1).astype(np.int64)
@@ -97,6 +102,8 @@ class CSGDPlan:
             self.sizes.append(np.bincount(labels).astype(np.int64))
         self._torch_index: dict = {}
         self._triton_index: dict = {}
+        self._cpu_index: dict = {}
+        self._cpu_chunks: dict = {}
         # per-call caches: the same params and coefficients come back at every training step
         self._coefficients: tuple | None = None  # (raw arguments, η list, ε list)
         self._param_tables: dict = {}  # device -> (addresses + coefficients, device table)
@@ -121,6 +128,29 @@ class CSGDPlan:
             self._torch_index[key] = (labels, inv_size)
         return self._torch_index[key]
 
+    # -- fused CPU path -------------------------------------------------------------------------
+
+    def cpu_index(self, i: int, dtype: torch.dtype):
+        """(rows grouped by cluster (n,) int64, bounds (k + 1,) int64, 1/size (k,) of ``dtype``)
+        of param ``i`` for the fused CPU pass, cached."""
+        key = (i, dtype)
+        if key not in self._cpu_index:
+            labels, sizes = self.labels[i], self.sizes[i]
+            rows = np.argsort(labels, kind="stable").astype(np.int64)
+            bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            np_dtype = np.float64 if dtype == torch.float64 else np.float32
+            self._cpu_index[key] = (rows, bounds, (1.0 / sizes).astype(np_dtype))
+        return self._cpu_index[key]
+
+    def cpu_chunks(self, indices: tuple[int, ...], n_threads: int):
+        """The fused CPU pass's work split for the params ``indices`` (positions in that list)."""
+        key = (indices, n_threads)
+        if key not in self._cpu_chunks:
+            row_lengths = [int(np.prod(self.shapes[i])) // self.shapes[i][0] for i in indices]
+            self._cpu_chunks[key] = _cpu.split_work([self.sizes[i] for i in indices],
+                                                    row_lengths, n_threads)
+        return self._cpu_chunks[key]
+
     def all_singletons(self, i: int) -> bool:
         return len(self.sizes[i]) == self.shapes[i][0]
 
@@ -139,7 +169,8 @@ class CSGDPlan:
         if key not in self._triton_index:
             members, clusters, tasks = [], [], []
             member_base = cluster_base = 0
-            for p, (shape, labels, sizes) in enumerate(zip(self.shapes, self.labels, self.sizes, strict=True)):
+            per_param = zip(self.shapes, self.labels, self.sizes, strict=True)
+            for p, (shape, labels, sizes) in enumerate(per_param):
                 n, k = shape[0], len(sizes)
                 row_len = int(np.prod(shape)) // n
                 by_size = np.argsort(sizes, kind="stable")
@@ -160,6 +191,86 @@ class CSGDPlan:
                 tasks[:, 0].copy(),
             )
         return self._triton_index[key]
+
+
+def _cluster_ids(c, name: str) -> np.ndarray:
+    """A 1-D integer array of cluster ids (int64, or uint64 when ids exceed int64)."""
+    if hasattr(c, "detach") and hasattr(c, "cpu"):
+        c = c.detach().cpu().numpy()
+    raw = np.asarray(c)
+    if raw.dtype == np.uint64 and raw.ndim == 1:
+        return raw  # np.unique renumbers them; ids >= 2**63 are fine
+    return as_int_array(raw, name, ndim=1)
+
+
+class _PlanCache:
+    """Plans for label arrays passed to :func:`csgd_transform_` directly, keyed by content.
+
+    A training loop that passes the same clusters at every step then builds one plan, not one
+    per call. The key holds the shapes and every label array's bytes (arrays shared by several
+    params are read once), so a changed label array is a different key: no identity or
+    staleness rule is needed. CUDA label tensors are keyed by identity and version counter
+    instead (reading them would synchronise with the GPU); the cache holds a reference to
+    them, so their memory cannot be reused by another tensor while the entry lives. A few
+    entries are kept, least recently used first out.
+    """
+
+    SIZE = 8
+
+    def __init__(self):
+        self._entries: dict = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(params, clusters):
+        if not isinstance(params, (list, tuple)) or not isinstance(clusters, (list, tuple)):
+            return None
+        if len(params) != len(clusters):
+            return None
+        shapes = tuple(tuple(p.shape) if isinstance(p, torch.Tensor) else None for p in params)
+        parts, seen = [], {}
+        for c in clusters:
+            part = seen.get(id(c))
+            if part is None:
+                part = _PlanCache._fingerprint(c)
+                if part is None:
+                    return None
+                seen[id(c)] = part
+            parts.append(part)
+        return shapes, tuple(parts)
+
+    @staticmethod
+    def _fingerprint(c):
+        if isinstance(c, torch.Tensor):
+            if c.device.type != "cpu":
+                return ("tensor", c, c._version)  # holds c: its address is not reused
+            c = c.detach().numpy()
+        if isinstance(c, np.ndarray):
+            return (c.dtype.str, c.shape, np.ascontiguousarray(c).tobytes())
+        return None  # lists etc.: not cached, a plan is built for the call
+
+    def get(self, params, clusters) -> CSGDPlan:
+        key = self.key(params, clusters)
+        if key is None:
+            return CSGDPlan(params, clusters)
+        with self._lock:
+            plan = self._entries.pop(key, None)
+            if plan is not None:
+                self._entries[key] = plan  # most recently used last
+                return plan
+        plan = CSGDPlan(params, clusters)  # validates; raises before anything is cached
+        with self._lock:
+            self._entries[key] = plan
+            while len(self._entries) > self.SIZE:
+                self._entries.pop(next(iter(self._entries)))
+        return plan
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+_plans = _PlanCache()
 
 
 def _csgd_tasks(p: int, cluster_base: int, sorted_sizes: np.ndarray, row_len: int,
@@ -184,8 +295,11 @@ def _csgd_tasks(p: int, cluster_base: int, sorted_sizes: np.ndarray, row_len: in
 # input checks
 
 
-def _check_call(params, clusters, weight_decay, centripetal):
-    plan = clusters if isinstance(clusters, CSGDPlan) else CSGDPlan(params, clusters)
+def _check_call(params, clusters, weight_decay, centripetal, *, cached: bool = False):
+    if isinstance(clusters, CSGDPlan):
+        plan = clusters
+    else:
+        plan = _plans.get(params, clusters) if cached else CSGDPlan(params, clusters)
     if isinstance(params, torch.Tensor) or not isinstance(params, (list, tuple)):
         raise TypeError(f"params must be a list or tuple, got {type(params).__name__}")
     if len(params) != len(plan):
@@ -258,10 +372,16 @@ def _coefficients(plan: CSGDPlan, weight_decay, centripetal):
 
 def _prepare_call(params, clusters, weight_decay, centripetal):
     """(plan, device, η list, ε list) for a call of :func:`csgd_transform_`; raises on bad input."""
-    if isinstance(clusters, CSGDPlan):
-        device = _quick_check(params, clusters)
+    plan = clusters if isinstance(clusters, CSGDPlan) else None
+    if plan is None:
+        try:
+            plan = _plans.get(params, clusters)
+        except (TypeError, ValueError):
+            plan = None  # the full check below names the problem
+    if plan is not None:
+        device = _quick_check(params, plan)
         if device is not None:
-            return (clusters, device, *_coefficients(clusters, weight_decay, centripetal))
+            return (plan, device, *_coefficients(plan, weight_decay, centripetal))
     return _check_call(params, clusters, weight_decay, centripetal)
 
 
@@ -315,13 +435,15 @@ def csgd_transform_dense_ref(params, clusters, *, weight_decay, centripetal) -> 
 # torch segment form (the CPU path)
 
 
-def _csgd_transform_torch(params, plan: CSGDPlan, etas, epss) -> None:
+def _csgd_transform_torch(params, plan: CSGDPlan, etas, epss, indices=None) -> None:
     """Per param: two segment sums into (k, F) cluster tables, then one gather into G.
 
     No (n, F) temporary for float32/float64 params: the cluster sums are taken before G is
     overwritten, and G is then rebuilt in place (index_select into it, plus (η + ε)·W).
+    ``indices``: the params to transform (default: all).
     """
-    for i, (p, eta, eps) in enumerate(zip(params, etas, epss, strict=True)):
+    for i in range(len(params)) if indices is None else indices:
+        p, eta, eps = params[i], etas[i], epss[i]
         W, G = p.detach(), p.grad
         if plan.all_singletons(i):  # every row its own cluster: G' = G + η·W
             G.add_(W, alpha=eta)
@@ -339,6 +461,32 @@ def _csgd_transform_torch(params, plan: CSGDPlan, etas, epss) -> None:
             G.add_(W, alpha=eta + eps)
         else:  # float16 / bfloat16: finish in float32, round once
             G.copy_(centre.index_select(0, labels).add_(W_acc, alpha=eta + eps))
+
+
+# ---------------------------------------------------------------------------------------------
+# fused CPU path (Numba)
+
+
+def _csgd_transform_cpu(params, plan: CSGDPlan, etas, epss) -> None:
+    """The fused CPU pass (:mod:`._cpu_kernels`) on every float32/float64 param whose weight and
+    gradient rows are dense blocks of one layout; the torch segment form on the others."""
+    fused, views, rest = [], [], []
+    for i, p in enumerate(params):
+        W, G = p.detach(), p.grad.detach()  # numpy views need tensors outside autograd
+        if p.dtype in _cpu.SUPPORTED and same_layout(W, G) and _cpu.ready(p.dtype):
+            W2, G2 = _cpu.rows_view(W), _cpu.rows_view(G)
+            if W2 is not None and G2 is not None:
+                fused.append(i)
+                views.append((W2.numpy(), G2.numpy()))
+                continue
+        rest.append(i)
+    if fused:
+        index = [plan.cpu_index(i, params[i].dtype) for i in fused]
+        _cpu.run([w for w, _ in views], [g for _, g in views], [x[0] for x in index],
+                 [x[1] for x in index], [x[2] for x in index], [etas[i] for i in fused],
+                 [epss[i] for i in fused], plan.cpu_chunks(tuple(fused), thread_count(None)))
+    if rest:
+        _csgd_transform_torch(params, plan, etas, epss, rest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,18 +562,26 @@ def csgd_transform_(params, clusters, *, weight_decay, centripetal, backend: str
 
     Args:
         params: list of tensors with ``.grad`` set: conv / linear weights, biases, BN γ and β,
-            mixed freely; rows (dim 0) are output channels. All on one device.
-        clusters: a :class:`CSGDPlan` for these params (build it once: the clusters do not
-            change during training), or one 1-D integer array of cluster ids per param (a plan
-            is then built on every call).
+            mixed freely, of any real float dtype (float16, bfloat16, float32, float64); rows
+            (dim 0) are output channels. All on one device.
+        clusters: a :class:`CSGDPlan` for these params, or one 1-D integer array of cluster ids
+            per param (any non-negative ids, numpy / tensor / list). Plans for label arrays are
+            cached by content (tensors on a GPU: by identity and version), so passing the same
+            arrays at every step builds one plan; building the plan yourself skips even the
+            lookup.
         weight_decay: η, one float or one per param (e.g. 0 for BN γ/β).
         centripetal: ε, one float or one per param (e.g. 0.1·ε for biases and BN).
-        backend: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` (CUDA, or
-            CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (segment form with index_add).
+        backend: ``"auto"`` (Triton on CUDA tensors; on the CPU the fused Numba pass, or the
+            reference where Numba is missing and for float16/bfloat16), ``"triton"`` (CUDA, or
+            CPU under ``TRITON_INTERPRET=1``), ``"reference"`` (the torch segment form with
+            ``index_add_``, any device).
     """
     plan, device, etas, epss = _prepare_call(params, clusters, weight_decay, centripetal)
+    path = select_backend(backend, device)
     with torch.no_grad():
-        if select_backend(backend, device) == "torch":
-            _csgd_transform_torch(params, plan, etas, epss)
-        else:
+        if path == "triton":
             _csgd_transform_triton(params, plan, etas, epss, device)
+        elif backend == "auto" and device.type == "cpu" and _cpu.available():  # numba
+            _csgd_transform_cpu(params, plan, etas, epss)
+        else:
+            _csgd_transform_torch(params, plan, etas, epss)

@@ -180,8 +180,8 @@ def filter_scores(tensors, *, kind: str = "l1", grads=None,
         kind: ``"l1"`` Σ|w|, ``"l2"`` ‖w‖₂, ``"abs"`` |w| (1-D params only), ``"taylor"``
             Σ|w·g| (needs ``grads``).
         grads: for ``"taylor"``, one gradient per tensor, same shapes and dtypes.
-        backend: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` (CUDA, or
-            CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (the eager loop,
+        backend: ``"auto"`` (Triton on CUDA tensors, the reference otherwise), ``"triton"``
+            (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"reference"`` (the eager loop,
             :func:`filter_scores_ref`).
 
     Returns:
@@ -192,6 +192,6 @@ def filter_scores(tensors, *, kind: str = "l1", grads=None,
         ``backend="triton"`` cannot run here.
     """
     tensors, grads, device = _check_inputs(tensors, kind, grads)
-    if select_backend(backend, device) == "torch":
+    if select_backend(backend, device) == "reference":
         return filter_scores_ref(tensors, kind=kind, grads=grads)
     return _filter_scores_triton(tensors, grads, kind, device)
