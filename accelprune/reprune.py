@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from accelprune._backend import resolve
 from accelprune._distributed import on_rank0
 from accelprune._validation import check_fraction, check_int
+from accelprune.coverage import warmup
 from accelprune.graph import ModelGraph
 from accelprune.layers import PRODUCER_TYPES, out_channel_view
 from accelprune.optim_state import track_parameters
@@ -170,7 +171,8 @@ class REPrune:
                              f"({t_prune}) must be >= delta_t ({delta_t})")
         self.min_keep_ratio = check_fraction(min_keep_ratio, "min_keep_ratio", allow_one=True)
         self.tie_break, self.seed = tie_break, check_int(seed, "seed", low=0)
-        resolve(backend, fast="native")  # a bad name fails here, not at the first event
+        if resolve(backend, fast="native") != "reference":  # a bad name fails here, not later
+            warmup()  # load Numba's compiled coverage now: events time the algorithm
         self.backend = backend
         self.progress, self.process_group = progress, process_group
 
