@@ -72,7 +72,7 @@ from accelprune._distributed import on_rank0
 from accelprune._validation import as_int_array, check_fraction, check_int
 from accelprune.graph import ChannelGroup, ModelGraph
 from accelprune.layers import PRODUCER_TYPES, conv_groups, is_depthwise
-from accelprune.reporting import model_stats
+from accelprune.reporting import size_stats
 from accelprune.selection import CLUSTERINGS, cluster_filters
 from accelprune.tables import format_table
 
@@ -390,7 +390,7 @@ class CSGD:
                 raise RuntimeError(f"group {g.name!r} has {g.n_channels} channels but was "
                                    f"clustered with {len(c.labels)}: the model was pruned by "
                                    "someone else")
-        before = model_stats(self.model, self.example_inputs)
+        before = size_stats(self.model, self.example_inputs)
         widths = [g.n_channels for g in self.groups]
         folding = [(g, c) for g, c in zip(self.groups, self.clusters, strict=True)
                    if c.n_clusters < g.n_channels]
@@ -401,7 +401,7 @@ class CSGD:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        after = model_stats(self.model, self.example_inputs)
+        after = size_stats(self.model, self.example_inputs)
         layers = [(g.name, n, g.n_channels) for g, n in zip(self.groups, widths, strict=True)]
         return CSGDReport(before["params"], after["params"], before["macs"], after["macs"], layers)
 

@@ -70,16 +70,23 @@ def model_stats(model: nn.Module, example_inputs) -> dict:
     never needs a second copy of its weights; a model whose forward cannot run on meta tensors
     (data-dependent control flow) is counted on a real copy instead.
     """
+    stats = size_stats(model, example_inputs)
+    nonzero = sum(int(torch.count_nonzero(p.detach() * m)) for p, m in _effective_weights(model))
+    return {**stats, "nonzero_params": nonzero}
+
+
+def size_stats(model: nn.Module, example_inputs) -> dict:
+    """``{"params": int, "macs": int}`` as :func:`model_stats` counts them; also works on a model
+    whose tensors are on the meta device (see :func:`meta_copy`)."""
     _check_model(model)
     inputs = first_sample(check_example_inputs(example_inputs))
     with torch.no_grad(), eval_mode(model):
         try:
-            macs = _count_macs(_meta_twin(model), _to_meta(inputs))
+            macs = _count_macs(meta_copy(model), _to_meta(inputs))
         except Exception:  # any failure on meta tensors: count on real ones
             macs = _count_macs(model, inputs)
     params = sum(p.numel() for p in model.parameters())
-    nonzero = sum(int(torch.count_nonzero(p.detach() * m)) for p, m in _effective_weights(model))
-    return {"params": int(params), "macs": int(round(macs)), "nonzero_params": nonzero}
+    return {"params": int(params), "macs": int(round(macs))}
 
 
 def _count_macs(model: nn.Module, inputs) -> float:
@@ -88,8 +95,9 @@ def _count_macs(model: nn.Module, inputs) -> float:
     return tp.utils.count_ops_and_params(model, inputs)[0]  # works on its own deep copy
 
 
-def _meta_twin(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers are meta tensors (no storage)."""
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are meta tensors: the architecture
+    and every shape, no storage (e.g. to count the MACs of a model as it was before pruning)."""
     memo = {}
     for module in model.modules():
         for p in module._parameters.values():

@@ -30,7 +30,7 @@ from accelprune.coverage import warmup
 from accelprune.graph import ModelGraph
 from accelprune.layers import PRODUCER_TYPES, out_channel_view
 from accelprune.optim_state import track_parameters
-from accelprune.reporting import model_stats
+from accelprune.reporting import meta_copy, size_stats
 from accelprune.schedule import SCHEDULES, sparsity_at
 from accelprune.selection import layer_keep_counts, reprune_select
 from accelprune.tables import format_table
@@ -189,7 +189,9 @@ class REPrune:
             self._check_group(g)
         self.original_widths = [g.n_channels for g in self.groups]
         self.original_channels = sum(self.original_widths)
-        self._stats_before: dict | None = None  # params/MACs, taken just before the first event
+        # the model as found, shapes only (no storage): params/MACs "before" when asked
+        self._original = meta_copy(model)
+        self._stats_before: dict | None = None
         self.events: list[PruningEvent] = []
 
     # -- checks and helpers ------------------------------------------------------------------
@@ -267,8 +269,6 @@ class REPrune:
         target = round((1 - sparsity) * self.original_channels)
         if sum(g.n_channels for g in self.groups) <= target:  # reached: nothing to do
             return optimizer
-        if self._stats_before is None:
-            self._stats_before = model_stats(self.model, self.example_inputs)
         t0 = time.perf_counter()
         event = on_rank0(lambda: self._plan(sparsity, target, epoch), self.process_group)
         t1 = time.perf_counter()
@@ -315,6 +315,12 @@ class REPrune:
 
     # -- reporting ---------------------------------------------------------------------------
 
+    def _before_stats(self) -> dict:
+        """Params and MACs of the model as REPrune found it (counted once, on demand)."""
+        if self._stats_before is None:
+            self._stats_before = size_stats(self._original, self.example_inputs)
+        return self._stats_before
+
     def report(self) -> REPruneReport:
         """Per layer s_l, k_l, h_l, clusters per channel and coverage of the latest event (layers
         it left alone show their current width), and params / MACs before any pruning and now."""
@@ -326,8 +332,8 @@ class REPrune:
                 r = LayerRecord(g.name, original=n0, before=g.n_channels, kept=g.n_channels,
                                 sparsity=1 - g.n_channels / n0)
             layers.append(r)
-        after = model_stats(self.model, self.example_inputs)
-        before = self._stats_before or after
+        after = size_stats(self.model, self.example_inputs)
+        before = self._before_stats()
         return REPruneReport(layers, list(self.events), self.original_channels,
                              sum(g.n_channels for g in self.groups),
                              before["params"], after["params"], before["macs"], after["macs"])
@@ -372,7 +378,7 @@ class REPrune:
             "config": {k: getattr(self, k) for k in self._STATE_CONFIG},
             "groups": [g.name for g in self.groups],
             "original_widths": list(self.original_widths),
-            "stats_before": self._stats_before,
+            "stats_before": self._before_stats(),
             "events": [asdict(e) for e in self.events],
         })
 
