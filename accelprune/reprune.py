@@ -218,7 +218,7 @@ class REPrune:
                 raise ValueError(f"BatchNorm {name!r} after {g.name!r} has no learnable scale γ "
                                  "(affine=False); REPrune needs it")
 
-    def _filters(self, g) -> list[torch.Tensor]:
+    def filters_of(self, g) -> list[torch.Tensor]:
         """The group's filters for selection, one tensor per producer, pooled over conv-group
         blocks: with B blocks, row p holds the filters at position p of every block side by side
         (as extra input channels), so one selection of positions serves every block alike."""
@@ -298,7 +298,7 @@ class REPrune:
             if k < n:
                 B = g.blocks
                 k_block = max(1, round(k / B))  # every block keeps the same positions
-                sel = reprune_select(self._filters(g), k_block, tie_break=self.tie_break,
+                sel = reprune_select(self.filters_of(g), k_block, tie_break=self.tie_break,
                                      seed=self.seed + i, backend=self.backend,
                                      return_details=True)
                 clusters = sel.labels.max(axis=1).astype(np.int64) + 1  # labels: 0..c-1 per row

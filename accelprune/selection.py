@@ -33,8 +33,8 @@ from accelprune.cluster import cut_linkage, relabel_first_appearance, ward_linka
 from accelprune.coverage import max_coverage
 from accelprune.kmeans import kmeans, split_until_k
 
-__all__ = ["Selection", "reprune_select", "keep_floor", "layer_keep_counts", "cluster_filters",
-           "CLUSTERINGS"]
+__all__ = ["Selection", "reprune_select", "ward_problems", "keep_floor", "layer_keep_counts",
+           "cluster_filters", "CLUSTERINGS"]
 
 CLUSTERINGS = ("kmeans", "even")
 
@@ -59,7 +59,7 @@ class Selection(NamedTuple):
     covered: int
 
 
-def _ward_problems(weight, name: str) -> np.ndarray:
+def ward_problems(weight, name: str = "weight") -> np.ndarray:
     """A producer's weight (n, c_in, *kernel) as Ward problems (c_in, n, prod(kernel)) float64."""
     arr = as_float64_array(weight, name, ndim=tuple(range(2, 6)))
     n, c_in = arr.shape[:2]
@@ -89,7 +89,7 @@ def reprune_select(weight, k, *, tie_break: str = "random", seed: int = 0, backe
     weights = list(weight) if isinstance(weight, (list, tuple)) else [weight]
     if not weights:
         raise ValueError("weight is an empty list; give at least one weight")
-    problems = [_ward_problems(w, f"weight[{i}]" if len(weights) > 1 else "weight")
+    problems = [ward_problems(w, f"weight[{i}]" if len(weights) > 1 else "weight")
                 for i, w in enumerate(weights)]
     n = problems[0].shape[1]
     if any(p.shape[1] != n for p in problems):

@@ -2,14 +2,17 @@
 
 Rows: the whole event (threshold + clustering + coverage + surgery, graph building excluded) and
 its parts, native (C++ Ward + Numba coverage) against the reference (scipy + Python greedy), and
-Torch-Pruning's plain L1 prune of the same model (MetaPruner.step, all groups, 50%) for scale.
-The breakdown times clustering and coverage layer by layer on the same k_l the event used.
+Torch-Pruning's plain L1 prune of the same model (MetaPruner.step, all groups, 50%); then both
+from scratch (REPrune's construction and event; MetaPruner's construction and step), the
+comparison issue 14 sets a target for (REPrune <= 3x Torch-Pruning's L1). The breakdown times
+clustering and coverage layer by layer on the same k_l the event used.
 
-    python -m benchmarks.bench_reprune           # ResNet-50, 1x3x64x64 (reference path: minutes)
+    python -m benchmarks.bench_reprune           # ResNet-50, 1x3x128x128 (reference: minutes)
     python -m benchmarks.bench_reprune --quick   # CIFAR ResNet-56: a smoke check
 
-Random-init BN γ are all equal (1.0): the threshold then spreads sparsity evenly over layers;
-clustering and coverage cost the same as on trained weights of the same shapes.
+The BN scales γ are drawn uniformly from [0.1, 1] (at initialisation they are all 1, and the
+budget rule would spread sparsity evenly); clustering and coverage cost the same as on trained
+weights of the same shapes.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch_pruning as tp
 from accelprune import REPrune
 from accelprune.cluster import cut_linkage, ward_linkage_batched
 from accelprune.coverage import max_coverage
-from accelprune.reprune import _ward_problems
+from accelprune.selection import ward_problems
 from benchmarks.harness import Row, measure, report
 
 SPARSITY = 0.5
@@ -40,7 +43,11 @@ def _models(quick: bool):
     import torchvision
 
     model = torchvision.models.resnet50(weights=None)
-    return "resnet50 (random init)", model, torch.randn(1, 3, 64, 64)
+    with torch.no_grad():  # random BN scales: REPrune's budget rule has something to rank
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.1, 1.0)
+    return "resnet50 (random init, random BN scales)", model, torch.randn(1, 3, 128, 128)
 
 
 def _timed_pops(objects: list, call, *, repeats: int, warmup: int):
@@ -65,35 +72,53 @@ def _event_time(model, x, backend: str, repeats: int, warmup: int) -> tuple[floa
     return _timed_pops(pruners, REPrune.prune, repeats=repeats, warmup=warmup)
 
 
-def _parts(pruner: REPrune, original, backend: str) -> dict[str, float]:
+def _parts(pruner: REPrune, original, x, backend: str) -> dict[str, float]:
     """Clustering (Ward + cut) and coverage, layer by layer, for the k_l the event chose."""
     event = pruner.events[-1]
-    weights = {n: m.weight.detach() for n, m in original.named_modules() if hasattr(m, "weight")}
+    unpruned = REPrune(copy.deepcopy(original), x, SPARSITY, backend=backend)  # its filters
     clustering = selection = 0.0
-    for g, rec in zip(pruner.groups, event.layers, strict=True):
+    for g, rec in zip(unpruned.groups, event.layers, strict=True):
         if rec.kept == rec.before:
             continue
         labels = []
         height = rec.height
         t0 = time.perf_counter()
-        for name in g.producers:
-            problems = _ward_problems(weights[name], "weight")
+        for w in unpruned.filters_of(g):
+            problems = ward_problems(w)
             Z = ward_linkage_batched(problems, backend=backend)
             labels.append(cut_linkage(Z, height=np.full(len(Z), height), backend=backend))
         t1 = time.perf_counter()
-        max_coverage(np.concatenate(labels), rec.kept, seed=pruner.seed, backend=backend)
+        max_coverage(np.concatenate(labels), rec.kept // g.blocks, seed=pruner.seed,
+                     backend=backend)
         clustering += t1 - t0
         selection += time.perf_counter() - t1
     return {"clustering": clustering, "coverage": selection}
 
 
+def _tp_pruner(m, x):
+    return tp.pruner.MetaPruner(m, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                pruning_ratio=SPARSITY, ignored_layers=[_classifier(m)])
+
+
 def _tp_l1_time(model, x, repeats: int) -> float:
-    def build():
-        m = copy.deepcopy(model)
-        return tp.pruner.MetaPruner(m, x, importance=tp.importance.MagnitudeImportance(p=1),
-                                    pruning_ratio=SPARSITY, ignored_layers=[_classifier(m)])
-    pruners = [build() for _ in range(repeats + 1)]
+    pruners = [_tp_pruner(copy.deepcopy(model), x) for _ in range(repeats + 1)]
     return _timed_pops(pruners, lambda p: p.step(), repeats=repeats, warmup=1)[0]
+
+
+def _from_scratch(model, x, repeats: int) -> dict[str, float]:
+    """Both methods from scratch on fresh copies (the copies are made before timing): REPrune's
+    construction (graph, Numba cache) and event, and Torch-Pruning's MetaPruner build and step."""
+    def reprune(m):
+        REPrune(m, x, SPARSITY).prune()
+
+    def tp_l1(m):
+        _tp_pruner(m, x).step()
+
+    out = {}
+    for name, call in (("native", reprune), ("tp_l1", tp_l1)):
+        copies = [copy.deepcopy(model) for _ in range(repeats + 1)]
+        out[name] = _timed_pops(copies, call, repeats=repeats, warmup=1)[0]
+    return out
 
 
 def _classifier(model):
@@ -116,10 +141,11 @@ def main(argv=None) -> dict:
     reference, ref_pruner = _event_time(model, x, "reference", 1, warmup=0)  # minutes: once
     assert [r.kept_indices for r in pruner.events[-1].layers] == \
         [r.kept_indices for r in ref_pruner.events[-1].layers], "native and reference disagree"
-    parts_native = _parts(pruner, model, "auto")
-    parts_ref = _parts(ref_pruner, model, "reference")
+    parts_native = _parts(pruner, model, x, "auto")
+    parts_ref = _parts(ref_pruner, model, x, "reference")
     surgery = {"native": pruner.events[-1].seconds["surgery"]}  # same code on both paths
     tp_l1 = _tp_l1_time(model, x, repeats)
+    scratch = _from_scratch(model, x, repeats)
 
     rep = pruner.report()
     rows = [
@@ -131,6 +157,7 @@ def main(argv=None) -> dict:
         Row("whole event", {"native": native, "reference": reference, "tp_l1": tp_l1},
             {"kept": f"{rep.kept_channels}/{rep.original_channels}",
              "macs": f"{rep.macs_before / 1e6:.0f}M->{rep.macs_after / 1e6:.0f}M"}),
+        Row("from scratch (graph + event)", scratch),
     ]
     notes = {"model": label, "input": list(x.shape), "sparsity": SPARSITY,
              "setup_s (graph + stats, untimed in events)": setup,
