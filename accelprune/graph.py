@@ -31,7 +31,13 @@ from tqdm.auto import tqdm
 from accelprune import surgery
 from accelprune._validation import as_int_array
 from accelprune.group_search import find_groups, pruning_group
-from accelprune.layers import BATCHNORM_TYPES, PRODUCER_TYPES, blocks_of, is_depthwise
+from accelprune.layers import (
+    BATCHNORM_TYPES,
+    PRODUCER_TYPES,
+    blocks_of,
+    is_depthwise,
+    is_norm,
+)
 from accelprune.tracing import (
     ForwardDiagnosis,
     TraceError,
@@ -53,6 +59,11 @@ class ChannelGroup:
     consumers: modules (Conv/Linear, not depthwise) whose INPUT channels these are.
     n_channels: current width (updated in place after pruning).
     coupled: more than one (non-depthwise) producer, e.g. outputs summed by a residual add.
+    norms: the other normalisation layers whose per-channel weights are members (pruned with
+        the group, like ``bns``): LayerNorm, ConvNeXt's LayerNorm2d, GroupNorm, RMSNorm (torch's
+        and Hugging Face's ``LlamaRMSNorm``...), in model order. Use
+        :func:`accelprune.layers.normalises_over_channels` to know whether a norm mixes the
+        channels (LayerNorm / RMSNorm do: their output for one channel depends on all).
     """
 
     name: str
@@ -61,6 +72,7 @@ class ChannelGroup:
     consumers: list[str]
     n_channels: int
     coupled: bool
+    norms: list[str] = field(default_factory=list)
     _graph: ModelGraph = field(repr=False, compare=False, default=None)
     _root: nn.Module = field(repr=False, compare=False, default=None)
     _root_fn: object = field(repr=False, compare=False, default=None)
@@ -184,7 +196,8 @@ class ModelGraph:
                 # is what tells whether that was right.
                 warnings.simplefilter("ignore")
                 DG = tp.DependencyGraph().build_dependency(
-                    model, self.example_inputs, forward_fn=forward, verbose=False)
+                    model, self.example_inputs, forward_fn=forward, verbose=False,
+                    customized_pruners=_customized_pruners(model))
         except TraceError as e:
             raise ValueError(str(e)) from e.__cause__
         except ValueError:
@@ -221,12 +234,25 @@ class ModelGraph:
                     if g.name not in to_output and (self.prune_coupled or not g.coupled)]
         return prunable, groups
 
+    def _owner_name(self, m) -> str | None:
+        """The module name of a group member: a module's own name, or for an unwrapped parameter
+        (Torch-Pruning's node for e.g. ``LlamaRMSNorm.weight``) the name of the module holding
+        it; None for Torch-Pruning's own ops (add, concat, reshape)."""
+        if isinstance(m, nn.Parameter):
+            pname = getattr(self.DG, "_param_to_name", {}).get(m)
+            return pname.rsplit(".", 1)[0] if pname and "." in pname else None
+        return self._names.get(m)
+
     def _describe(self, tp_group) -> ChannelGroup:
-        producers, depthwise, bns, consumers = [], set(), [], []
+        producers, depthwise, bns, consumers, norms = [], set(), [], [], []
         for dep, _ in tp_group:
             m, fn = dep.target.module, dep.handler
-            name = self._names.get(m)
-            if name is None:  # Torch-Pruning's own ops (add, concat, reshape) and unwrapped params
+            name = self._owner_name(m)
+            if name is None:
+                continue
+            if isinstance(m, nn.Parameter):
+                if name in self._order and is_norm(self.module(name)):
+                    norms.append(name)
                 continue
             if isinstance(m, PRODUCER_TYPES) and self.DG.is_out_channel_pruning_fn(fn):
                 producers.append(name)
@@ -236,6 +262,8 @@ class ModelGraph:
                 consumers.append(name)
             elif isinstance(m, BATCHNORM_TYPES):
                 bns.append(name)
+            elif is_norm(m):
+                norms.append(name)
         producers = sorted(set(producers), key=self._order.get)
         root = self.module(producers[0])
         return ChannelGroup(
@@ -245,6 +273,7 @@ class ModelGraph:
             consumers=sorted(set(consumers) - set(producers), key=self._order.get),
             n_channels=int(self.DG.get_out_channels(root)),
             coupled=len(set(producers) - depthwise) > 1,
+            norms=sorted(set(norms), key=self._order.get),
             _graph=self,
             _root=root,
             _root_fn=self.DG.get_pruner_of_module(root).prune_out_channels,
@@ -307,6 +336,36 @@ class ModelGraph:
         names the group that breaks it (see :func:`accelprune.surgery.prune_groups`)."""
         plan = [(g, self.check_keep(g, keep)) for g, keep in plan]
         surgery.prune_groups(self, [(g, keep) for g, keep in plan if len(keep) < g.n_channels])
+
+
+class _RMSNormPruner(tp.pruner.BasePruningFunc):
+    """torch's ``nn.RMSNorm``: Torch-Pruning (1.6) sees only its weight as a bare parameter and
+    would leave ``normalized_shape`` stale; this prunes the weight and the shape together."""
+
+    TARGET_MODULES = nn.RMSNorm
+
+    def prune_out_channels(self, layer: nn.RMSNorm, idxs) -> nn.Module:
+        n = layer.normalized_shape[-1]
+        keep = torch.tensor(sorted(set(range(n)) - {int(i) for i in idxs}), dtype=torch.long)
+        if layer.weight is not None:
+            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, -1)
+        layer.normalized_shape = (*layer.normalized_shape[:-1], len(keep))
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.RMSNorm) -> int:
+        return layer.normalized_shape[-1]
+
+    get_in_channels = get_out_channels
+
+
+def _customized_pruners(model: nn.Module) -> dict:
+    """Pruners Torch-Pruning lacks, for the module types present in ``model``."""
+    pruners = {}
+    if any(isinstance(m, nn.RMSNorm) for m in model.modules()):
+        pruners[nn.RMSNorm] = _RMSNormPruner()
+    return pruners
 
 
 class _HookState:
