@@ -20,8 +20,8 @@ from torch import nn
 from accelprune.layers import conv_groups
 from accelprune.tracing import call_model, eval_mode, output_shapes
 
-__all__ = ["ModelSnapshot", "apply_checked", "check_forward", "cut_group", "prune_groups",
-           "surgery_error"]
+__all__ = ["ModelSnapshot", "ModuleSnapshot", "apply_checked", "check_forward", "cut_group",
+           "prune_groups", "surgery_error"]
 
 
 class ModelSnapshot:
@@ -77,6 +77,41 @@ class ModelSnapshot:
         DG._pruning_history[:] = self.history
         for g in self.graph.all_groups:
             g.n_channels = self.widths[id(g)]
+
+
+_SIMPLE = (int, float, bool, str, type(None), tuple, list, dict)
+
+
+class ModuleSnapshot:
+    """What a surgery on some modules can change, for a change that is not a channel group's
+    (e.g. removing attention heads): each module's parameter and buffer objects (references)
+    and its plain attributes, and the plain attributes of ``extra`` objects (a Hugging Face
+    config, shared by every layer)."""
+
+    def __init__(self, modules, extra=()):
+        modules = list({id(m): m for m in modules}.values())
+        self.params = {m: dict(m._parameters) for m in modules}
+        self.buffers = {m: dict(m._buffers) for m in modules}
+        self.attrs = [(obj, _plain_attrs(obj)) for obj in [*modules, *extra]]
+
+    def restore(self) -> None:
+        for m, params in self.params.items():
+            m._parameters.clear()
+            m._parameters.update(params)
+        for m, bufs in self.buffers.items():
+            m._buffers.clear()
+            m._buffers.update(bufs)
+        for obj, attrs in self.attrs:
+            for k in [k for k in vars(obj) if k not in attrs and not k.startswith("_")
+                      and isinstance(vars(obj)[k], _SIMPLE)]:
+                del obj.__dict__[k]  # added by the change
+            for k, v in attrs.items():
+                obj.__dict__[k] = copy.deepcopy(v)
+
+
+def _plain_attrs(obj) -> dict:
+    return {k: copy.deepcopy(v) for k, v in vars(obj).items()
+            if not k.startswith("_") and k != "training" and isinstance(v, _SIMPLE)}
 
 
 def check_forward(graph) -> None:
