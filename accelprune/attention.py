@@ -78,6 +78,11 @@ class HeadGroup:
         name = self.name if role is None else self.projections[role]
         return self._model.get_submodule(name)
 
+    def update_module_attrs(self) -> None:
+        """Set the attention module's head-count attributes (``num_heads``,
+        ``num_key_value_heads``, ``all_head_size``...) from this group's counts."""
+        _set_head_attrs(self)
+
     def rows(self, units) -> dict[str, np.ndarray]:
         """For kept ``units``: role → output rows to keep (``o``: input columns)."""
         units = np.asarray(units, dtype=np.int64)
@@ -241,11 +246,10 @@ def _cut(group: HeadGroup, keep_units: np.ndarray) -> None:
     G = group.heads_per_unit
     group.num_kv_heads = len(keep_units)
     group.num_heads = len(keep_units) * G
-    _update_head_attrs(group)
+    group.update_module_attrs()
 
 
-def _update_head_attrs(group: HeadGroup) -> None:
-    """The attention module's head-count attributes set from ``group``'s counts."""
+def _set_head_attrs(group: HeadGroup) -> None:
     attn = group.module()
     for attr in _QUERY_HEAD_ATTRS:
         if _int_attr(attn, attr):

@@ -30,7 +30,9 @@ from tqdm.auto import tqdm
 
 from accelprune import surgery
 from accelprune._validation import as_int_array
+from accelprune.attention import find_head_groups, unsupported_attention
 from accelprune.group_search import find_groups, pruning_group
+from accelprune.hf import sync_config
 from accelprune.layers import (
     BATCHNORM_TYPES,
     PRODUCER_TYPES,
@@ -58,7 +60,10 @@ class ChannelGroup:
     bns: BatchNorm modules over these channels, in model order.
     consumers: modules (Conv/Linear, not depthwise) whose INPUT channels these are.
     n_channels: current width (updated in place after pruning).
-    coupled: more than one (non-depthwise) producer, e.g. outputs summed by a residual add.
+    coupled: more than one (non-depthwise) producer, e.g. outputs summed by a residual add,
+        or multiplied (LLaMA's gate and up projections, squeeze-and-excitation).
+    residual: several producers' outputs are *added* (a residual stream): such groups are
+        listed only with ``prune_coupled=True``. Multiplied producers (gated MLPs) are not.
     norms: the other normalisation layers whose per-channel weights are members (pruned with
         the group, like ``bns``): LayerNorm, ConvNeXt's LayerNorm2d, GroupNorm, RMSNorm (torch's
         and Hugging Face's ``LlamaRMSNorm``...), in model order. Use
@@ -73,6 +78,7 @@ class ChannelGroup:
     n_channels: int
     coupled: bool
     norms: list[str] = field(default_factory=list)
+    residual: bool = False
     _graph: ModelGraph = field(repr=False, compare=False, default=None)
     _root: nn.Module = field(repr=False, compare=False, default=None)
     _root_fn: object = field(repr=False, compare=False, default=None)
@@ -127,7 +133,12 @@ class ModelGraph:
     Attributes:
         groups: the prunable :class:`ChannelGroup` s, in model order.
         all_groups: every group Torch-Pruning found outside ``ignored_layers``, including the
-            classifier's and (with ``prune_coupled=False``) the coupled ones.
+            classifier's, (with ``prune_coupled=False``) the residual ones and the attention
+            inner widths.
+        head_groups: the attention modules whose whole heads can be pruned
+            (:class:`accelprune.attention.HeadGroup`, see :func:`accelprune.prune_heads`). The
+            channel groups of their inner width (q/k/v outputs) are never in ``groups``:
+            removing single channels there shifts the head boundaries.
         DG: the underlying ``torch_pruning.DependencyGraph``.
         reference_shapes: the output shapes every surgery must preserve.
 
@@ -156,6 +167,7 @@ class ModelGraph:
 
         with tqdm(total=None, desc="tracing model", disable=not progress, leave=False):
             self.DG = self._build_dependency()
+        self.head_groups = find_head_groups(model, self.ignored_layers)
         self.groups, self.all_groups = self._find_groups(progress)
 
     # -- construction ------------------------------------------------------------------------
@@ -230,8 +242,11 @@ class ModelGraph:
             if self._reaches_output(tp_group):
                 to_output.add(g.name)
         groups.sort(key=lambda g: self._order[g.name])
+        inner = {n for h in self.head_groups for r, n in h.projections.items() if r != "o"}
+        inner |= {f"{n}.out_proj" for n in unsupported_attention(self.model)}
         prunable = [g for g in groups
-                    if g.name not in to_output and (self.prune_coupled or not g.coupled)]
+                    if g.name not in to_output and (self.prune_coupled or not g.residual)
+                    and not inner.intersection(g.producers)]
         return prunable, groups
 
     def _owner_name(self, m) -> str | None:
@@ -274,6 +289,7 @@ class ModelGraph:
             n_channels=int(self.DG.get_out_channels(root)),
             coupled=len(set(producers) - depthwise) > 1,
             norms=sorted(set(norms), key=self._order.get),
+            residual=len(set(producers) - depthwise) > 1 and _joined_by_add(tp_group),
             _graph=self,
             _root=root,
             _root_fn=self.DG.get_pruner_of_module(root).prune_out_channels,
@@ -336,6 +352,21 @@ class ModelGraph:
         names the group that breaks it (see :func:`accelprune.surgery.prune_groups`)."""
         plan = [(g, self.check_keep(g, keep)) for g, keep in plan]
         surgery.prune_groups(self, [(g, keep) for g, keep in plan if len(keep) < g.n_channels])
+        sync_config(self.model)  # a Hugging Face config follows the new widths
+
+
+def _joined_by_add(tp_group) -> bool:
+    """Some addition (or subtraction) in the group takes two of the group's tensors: the
+    producers' outputs are summed, as in a residual stream."""
+    nodes = {dep.target for dep, _ in tp_group} | {dep.source for dep, _ in tp_group}
+    for node in nodes:
+        if node.type != tp.ops.OPTYPE.ELEMENTWISE:
+            continue
+        op = type(node.grad_fn).__name__ if node.grad_fn is not None else ""
+        if op.startswith(("AddBackward", "SubBackward")) and sum(
+                i in nodes for i in node.inputs) >= 2:
+            return True
+    return False
 
 
 class _RMSNormPruner(tp.pruner.BasePruningFunc):

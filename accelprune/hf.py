@@ -51,7 +51,8 @@ def mlp_widths(model: nn.Module) -> dict[str, int]:
 
 def sync_config(model: nn.Module) -> dict:
     """Bring ``model.config`` (a Hugging Face config; anything else: nothing happens) in step
-    with the modules' current shapes; returns the changed values. See the module docstring."""
+    with the modules' current shapes; returns ``{key: (new, old)}`` for the values changed. See
+    the module docstring."""
     from accelprune.attention import find_head_groups
 
     config = _config(model)
@@ -83,6 +84,7 @@ def sync_config(model: nn.Module) -> dict:
     if isinstance(emb, nn.Embedding) and hasattr(config, "hidden_size"):
         _set_uniform(config, "hidden_size", {"embeddings": emb.embedding_dim}, changes, differing)
 
+    _keep_config_valid(config, changes, differing)
     if differing:
         config.accelprune_pruned = differing
         warnings.warn(f"the config cannot describe the pruned model ({sorted(differing)} differ "
@@ -93,6 +95,25 @@ def sync_config(model: nn.Module) -> dict:
     return changes
 
 
+def _keep_config_valid(config, changes: dict, differing: dict) -> None:
+    """Hugging Face validates configs (LLaMA: ``hidden_size`` a multiple of the head count, even
+    with an explicit ``head_dim``). A value the config refuses is put back and recorded as one
+    the config cannot describe, newest kind first (hidden size, heads, MLP width)."""
+    validate = getattr(config, "validate", None)
+    if not callable(validate) or not changes:
+        return
+    for key in ("hidden_size", "head_dim", "num_key_value_heads", "num_attention_heads",
+                "intermediate_size"):
+        try:
+            validate()
+            return
+        except Exception:
+            if key in changes:
+                new, old = changes.pop(key)
+                differing[key] = {"model": new}
+                setattr(config, key, old)
+
+
 def _set_uniform(config, key, values: dict, changes: dict, differing: dict) -> None:
     if not values or not hasattr(config, key):
         return
@@ -101,16 +122,17 @@ def _set_uniform(config, key, values: dict, changes: dict, differing: dict) -> N
         differing[key] = dict(values)
         return
     (value,) = distinct
-    if getattr(config, key) != value:
+    old = getattr(config, key)
+    if old != value:
         setattr(config, key, value)
-        changes[key] = value
+        changes[key] = (value, old)
 
 
 def resize_to_state_dict(model: nn.Module, state_dict: dict) -> None:
     """Give every parameter and buffer of ``model`` named in ``state_dict`` the saved shape
     (new uninitialised tensors where they differ) and update Linear / Embedding / norm sizes and
     the attention modules' head counts, so that ``load_state_dict`` then fits."""
-    from accelprune.attention import _update_head_attrs, find_head_groups
+    from accelprune.attention import find_head_groups
 
     for key, tensor in state_dict.items():
         owner_name, _, attr = key.rpartition(".")
@@ -128,7 +150,7 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict) -> None:
             owner._buffers[attr] = new
         _update_sizes(owner)
     for g in find_head_groups(model):
-        _update_head_attrs(g)
+        g.update_module_attrs()
 
 
 def _update_sizes(m: nn.Module) -> None:

@@ -155,9 +155,11 @@ def prune_groups(graph, plan) -> None:
     if not plan:
         return
     snapshot = ModelSnapshot(graph, [g for g, _ in plan])
+    ties = shared_parameters(graph.model)
     try:
         for g, keep in plan:
             cut_group(graph, g, keep)
+        retie(graph, ties)
         check_forward(graph)
     except Exception as first_error:
         snapshot.restore()
@@ -167,12 +169,40 @@ def prune_groups(graph, plan) -> None:
             for g, keep in plan:
                 try:
                     cut_group(graph, g, keep)
+                    retie(graph, ties)
                     check_forward(graph)
                 except Exception as e:
                     raise surgery_error(g, e) from e
         finally:
             snapshot.restore()
         raise surgery_error(plan[-1][0], first_error) from first_error
+
+
+def shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Parameters held by several modules (a tied ``lm_head`` and input embedding): for each,
+    the ``(module, attribute)`` places holding it."""
+    places: dict[int, list] = {}
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                places.setdefault(id(p), []).append((m, name))
+    return [v for v in places.values() if len(v) > 1]
+
+
+def retie(graph, ties) -> None:
+    """After a cut, make tied parameters one object again. Torch-Pruning prunes each holder
+    separately, which unties them; where every holder lost the same entries the first new
+    tensor is shared again, otherwise ValueError (the ties would be pruned differently)."""
+    for places in ties:
+        params = [m._parameters[n] for m, n in places]
+        if all(p is params[0] for p in params):
+            continue
+        first = params[0]
+        for (m, n), p in zip(places, params, strict=True):
+            if p.shape != first.shape or not torch.equal(p, first):
+                where = ", ".join(f"{graph.name_of(mm)}.{nn_}" for mm, nn_ in places)
+                raise ValueError(f"tied parameters ({where}) would be pruned differently")
+            m._parameters[n] = first
 
 
 def surgery_error(group, e: Exception) -> ValueError:
