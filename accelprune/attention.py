@@ -16,8 +16,13 @@ Recognised layouts (by structure, not by class, so that relatives work too):
   ``head_dim`` (timm's ``Attention``, used by its ViTs). Skipped when it has a ``norm`` over the
   inner dimension or a ``gate``.
 
-``nn.MultiheadAttention`` is not head-prunable in place: its forward requires the inner width to
-equal the embedding width. Its modules are reported by :func:`unsupported_attention`.
+* ``"packed"``: ``nn.MultiheadAttention`` (self-attention shapes: one ``in_proj_weight``,
+  no ``bias_k``/``bias_v``, no ``add_zero_attn``). Its own forward requires the inner width to
+  equal the embedding width, so when its heads are pruned the module's class is switched to
+  :class:`HeadPrunedMultiheadAttention`, a subclass with the same parameters, attributes and call
+  signature whose forward allows ``num_heads * head_dim < embed_dim`` (it also turns PyTorch's
+  fused encoder fast path off for that layer). Others are listed by
+  :func:`unsupported_attention`.
 
 After pruning, the head-count attributes the module keeps (``num_heads``,
 ``num_attention_heads``, ``num_key_value_heads``, ``all_head_size``, ``attn_dim``) are updated,
@@ -36,8 +41,8 @@ from accelprune import surgery
 from accelprune._validation import check_fraction, check_int
 from accelprune.tracing import call_model, check_example_inputs, eval_mode, output_shapes
 
-__all__ = ["HeadGroup", "find_head_groups", "head_scores", "prune_heads", "prune_head_groups",
-           "unsupported_attention"]
+__all__ = ["HeadGroup", "HeadPrunedMultiheadAttention", "find_head_groups", "head_scores",
+           "prune_heads", "prune_head_groups", "unsupported_attention"]
 
 # Attributes holding a head count or an inner width, updated after pruning when present.
 _QUERY_HEAD_ATTRS = ("num_heads", "num_attention_heads")
@@ -90,7 +95,7 @@ class HeadGroup:
         q_heads = (units[:, None] * G + np.arange(G)).ravel()
         q_rows = (q_heads[:, None] * D + np.arange(D)).ravel()
         kv_rows = (units[:, None] * D + np.arange(D)).ravel()
-        if self.layout == "fused":
+        if self.layout in ("fused", "packed"):
             inner = self.num_heads * D
             return {"qkv": np.concatenate([q_rows, kv_rows + inner, kv_rows + 2 * inner]),
                     "o": q_rows}
@@ -128,6 +133,14 @@ def _describe(model: nn.Module, name: str, m: nn.Module) -> HeadGroup | None:
         D = m.attention_head_size
         layout = "separate"
         q, k = m.query.out_features, m.key.out_features
+    elif isinstance(m, nn.MultiheadAttention):
+        packed = m._qkv_same_embed_dim or isinstance(m, HeadPrunedMultiheadAttention)
+        if not packed or m.bias_k is not None or m.add_zero_attn:
+            return None
+        D = m.head_dim
+        names = {"qkv": name, "o": f"{name}.out_proj" if name else "out_proj"}
+        layout = "packed"
+        q = k = m.in_proj_weight.shape[0] // 3
     elif (_linear(m, "qkv") and _linear(m, "proj") and _int_attr(m, "num_heads")
           and _int_attr(m, "head_dim")):
         if not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity) or getattr(
@@ -187,9 +200,17 @@ def _ignored_names(model, ignored_layers) -> set[str]:
 
 
 def unsupported_attention(model: nn.Module) -> list[str]:
-    """Names of attention modules whose heads cannot be pruned in place
-    (``nn.MultiheadAttention``: its forward needs inner width == embedding width)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    """Names of ``nn.MultiheadAttention`` modules whose heads cannot be pruned (separate
+    key/value widths, ``bias_k``/``bias_v``, ``add_zero_attn``)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention) and _describe(model, n, m) is None]
+
+
+def _param_names(group: HeadGroup, role: str) -> tuple[str, str]:
+    """The weight and bias attribute names of projection ``role``."""
+    if group.layout == "packed" and role == "qkv":
+        return "in_proj_weight", "in_proj_bias"
+    return "weight", "bias"
 
 
 @torch.no_grad()
@@ -216,13 +237,15 @@ def head_scores(group: HeadGroup, importance="l1", *, generator=None) -> np.ndar
     for u in range(group.n_units):
         for role, rows in group.rows([u]).items():
             m = group.module(role)
-            idx = torch.as_tensor(rows, device=m.weight.device)
+            w_name, b_name = _param_names(group, role)
+            weight, bias = getattr(m, w_name), getattr(m, b_name)
+            idx = torch.as_tensor(rows, device=weight.device)
             if role == "o":
-                parts = [m.weight.index_select(1, idx)]
+                parts = [weight.index_select(1, idx)]
             else:
-                parts = [m.weight.index_select(0, idx)]
-                if m.bias is not None:
-                    parts.append(m.bias.index_select(0, idx))
+                parts = [weight.index_select(0, idx)]
+                if bias is not None:
+                    parts.append(bias.index_select(0, idx))
             total[u] += sum(float(p.double().abs().pow(power).sum()) for p in parts)
     return total if power == 1 else np.sqrt(total)
 
@@ -230,19 +253,29 @@ def head_scores(group: HeadGroup, importance="l1", *, generator=None) -> np.ndar
 def _cut(group: HeadGroup, keep_units: np.ndarray) -> None:
     """Keep only ``keep_units`` (sorted) of ``group``: slice the projections, update the
     attention module's head-count attributes. Unchecked."""
+    if group.layout == "packed" and not isinstance(group.module(),
+                                                   HeadPrunedMultiheadAttention):
+        group.module().__class__ = HeadPrunedMultiheadAttention  # a forward for inner < embed
+        group.module()._qkv_same_embed_dim = False  # keeps PyTorch's fused encoder path off
+        for enc in _encoders(group._model):  # decided at construction: nested tensors
+            if any(getattr(layer, "self_attn", None) is group.module() for layer in enc.layers):
+                enc.use_nested_tensor = False
     for role, rows in group.rows(keep_units).items():
         m = group.module(role)
-        idx = torch.as_tensor(rows, device=m.weight.device)
+        w_name, b_name = _param_names(group, role)
+        weight, bias = getattr(m, w_name), getattr(m, b_name)
+        idx = torch.as_tensor(rows, device=weight.device)
         dim = 1 if role == "o" else 0
-        m.weight = nn.Parameter(m.weight.detach().index_select(dim, idx).clone(),
-                                requires_grad=m.weight.requires_grad)
+        setattr(m, w_name, nn.Parameter(weight.detach().index_select(dim, idx).clone(),
+                                        requires_grad=weight.requires_grad))
         if role == "o":
             m.in_features = len(rows)
         else:
-            if m.bias is not None:
-                m.bias = nn.Parameter(m.bias.detach().index_select(0, idx).clone(),
-                                      requires_grad=m.bias.requires_grad)
-            m.out_features = len(rows)
+            if bias is not None:
+                setattr(m, b_name, nn.Parameter(bias.detach().index_select(0, idx).clone(),
+                                                requires_grad=bias.requires_grad))
+            if isinstance(m, nn.Linear):
+                m.out_features = len(rows)
     G = group.heads_per_unit
     group.num_kv_heads = len(keep_units)
     group.num_heads = len(keep_units) * G
@@ -260,6 +293,10 @@ def _set_head_attrs(group: HeadGroup) -> None:
     for attr in _INNER_WIDTH_ATTRS:
         if _int_attr(attn, attr):
             setattr(attn, attr, group.num_heads * group.head_dim)
+
+
+def _encoders(model: nn.Module) -> list[nn.TransformerEncoder]:
+    return [m for m in model.modules() if isinstance(m, nn.TransformerEncoder)]
 
 
 class _Checker:
@@ -294,6 +331,7 @@ def prune_head_groups(model: nn.Module, example_inputs, plan, *, output_transfor
         return
     checker = _Checker(model, example_inputs, output_transform)
     modules = [g.module(r) for g, _ in checked for r in [None, *g.projections]]
+    modules += _encoders(model)
     counts = [(g, g.num_heads, g.num_kv_heads) for g, _ in checked]
     config = getattr(model, "config", None)
     snapshot = surgery.ModuleSnapshot(modules, extra=[config] if config is not None else [])
@@ -332,7 +370,7 @@ def prune_heads(model: nn.Module, example_inputs, sparsity: float = 0.25, import
     groups = find_head_groups(model, ignored_layers)
     if not groups:
         extra = unsupported_attention(model)
-        hint = (f" (nn.MultiheadAttention is not supported: {extra[:3]})" if extra else "")
+        hint = (f" (unsupported nn.MultiheadAttention: {extra[:3]})" if extra else "")
         raise ValueError(f"the model has no attention module whose heads can be pruned{hint}")
     generator = torch.Generator().manual_seed(seed)
     plan = []
@@ -345,3 +383,74 @@ def prune_heads(model: nn.Module, example_inputs, sparsity: float = 0.25, import
         plan.append((g, np.setdiff1d(np.arange(g.n_units), drop)))
     prune_head_groups(model, example_inputs, plan, output_transform=output_transform)
     return model
+
+
+class HeadPrunedMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` after head pruning: the same parameters (``in_proj_weight`` of
+    shape (3 · num_heads · head_dim, embed_dim), ``out_proj`` from that inner width back to
+    ``embed_dim``), attributes and call signature, with a forward that does not require the
+    inner width to equal ``embed_dim``. Not constructed directly: :func:`prune_heads` switches
+    the class of a pruned module. Self-attention layouts only (no ``bias_k``/``add_zero_attn``).
+    ``_qkv_same_embed_dim`` is set False so that ``nn.TransformerEncoderLayer`` does not take
+    its fused fast path (which assumes inner width == ``embed_dim``); the weights stay packed.
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("HeadPrunedMultiheadAttention is made by accelprune.prune_heads from an "
+                        "nn.MultiheadAttention, not constructed")
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
+                attn_mask=None, average_attn_weights=True, is_causal=False):
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        B, L, _ = query.shape
+        S = key.shape[1]
+        H, D = self.num_heads, self.head_dim
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = (self.in_proj_bias.chunk(3) if self.in_proj_bias is not None
+                         else (None, None, None))
+
+        def heads(x, w, b, n):
+            return nn.functional.linear(x, w, b).view(B, n, H, D).transpose(1, 2)
+
+        q, k, v = heads(query, w_q, b_q, L), heads(key, w_k, b_k, S), heads(value, w_v, b_v, S)
+        scores = q @ k.transpose(-2, -1) * D ** -0.5
+        scores = scores + _additive_mask(attn_mask, key_padding_mask, is_causal, (B, H, L, S),
+                                         scores.dtype, scores.device)
+        weights = scores.softmax(dim=-1)
+        weights = nn.functional.dropout(weights, self.dropout, self.training)
+        out = self.out_proj((weights @ v).transpose(1, 2).reshape(B, L, H * D))
+        if unbatched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        weights = weights.mean(1) if average_attn_weights else weights
+        return out, weights.squeeze(0) if unbatched else weights
+
+
+def _additive_mask(attn_mask, key_padding_mask, is_causal, shape, dtype, device):
+    """nn.MultiheadAttention's masks (boolean: True = not allowed; float: added) as one float
+    tensor broadcastable to ``shape`` = (B, H, L, S)."""
+    B, H, L, S = shape
+
+    def additive(m):
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=dtype, device=device).masked_fill(m, float("-inf"))
+        return m.to(dtype)
+
+    total = torch.zeros((), dtype=dtype, device=device)
+    if attn_mask is not None:
+        m = additive(attn_mask)
+        total = total + (m.view(B, H, L, S) if m.dim() == 3 else m)
+    elif is_causal:
+        total = total + additive(torch.ones(L, S, dtype=torch.bool, device=device).triu(1))
+    if key_padding_mask is not None:
+        total = total + additive(key_padding_mask).view(B, 1, 1, S)
+    return total

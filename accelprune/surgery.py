@@ -80,6 +80,7 @@ class ModelSnapshot:
 
 
 _SIMPLE = (int, float, bool, str, type(None), tuple, list, dict)
+_PRIVATE_FLAGS = ("_qkv_same_embed_dim",)
 
 
 class ModuleSnapshot:
@@ -93,6 +94,9 @@ class ModuleSnapshot:
         self.params = {m: dict(m._parameters) for m in modules}
         self.buffers = {m: dict(m._buffers) for m in modules}
         self.attrs = [(obj, _plain_attrs(obj)) for obj in [*modules, *extra]]
+        # a surgery may switch a module's class (nn.MultiheadAttention → its head-pruned form)
+        self.classes = [(m, type(m), {k: m.__dict__[k] for k in _PRIVATE_FLAGS if k in vars(m)})
+                        for m in modules]
 
     def restore(self) -> None:
         for m, params in self.params.items():
@@ -101,6 +105,9 @@ class ModuleSnapshot:
         for m, bufs in self.buffers.items():
             m._buffers.clear()
             m._buffers.update(bufs)
+        for m, cls, flags in self.classes:
+            m.__class__ = cls
+            m.__dict__.update(flags)
         for obj, attrs in self.attrs:
             for k in [k for k in vars(obj) if k not in attrs and not k.startswith("_")
                       and isinstance(vars(obj)[k], _SIMPLE)]:
