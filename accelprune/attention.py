@@ -424,7 +424,10 @@ class HeadPrunedMultiheadAttention(nn.MultiheadAttention):
                                          scores.dtype, scores.device)
         weights = scores.softmax(dim=-1)
         weights = nn.functional.dropout(weights, self.dropout, self.training)
-        out = self.out_proj((weights @ v).transpose(1, 2).reshape(B, L, H * D))
+        # F.linear as in torch's own forward: out_proj is not run as a module, so tracers
+        # (Torch-Pruning) see one attention node, as for nn.MultiheadAttention
+        out = nn.functional.linear((weights @ v).transpose(1, 2).reshape(B, L, H * D),
+                                   self.out_proj.weight, self.out_proj.bias)
         if unbatched:
             out = out.squeeze(0)
         elif not self.batch_first:

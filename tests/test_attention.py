@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import accelprune
 from accelprune import surgery
 from accelprune.attention import (
     HeadPrunedMultiheadAttention,
@@ -153,6 +154,9 @@ def test_torchvision_vit_heads():
     assert [g.layout for g in groups] == ["packed", "packed"]
     prune_heads(model, x, 0.25)
     assert model.encoder.layers[0].self_attention.num_heads == 3
+    assert model(x).shape == (1, 3)
+    accelprune.prune(model, x, 0.3, "l1")  # the graph is traced through the pruned attention
+    assert model.encoder.layers[0].mlp[0].out_features == 45
     assert model(x).shape == (1, 3)
 
 
