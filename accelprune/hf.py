@@ -12,8 +12,10 @@ modules (called after every checked surgery: channel groups and heads):
   it cannot describe pruned heads);
 * ``hidden_size``: the input embedding's width.
 
-A value is written only where every layer agrees. Where layers differ (global ranking, heads of
-a BERT), the config cannot describe the model: the per-layer values are recorded in
+A value is written only where every layer agrees and the config's own validation accepts it
+(LLaMA's config wants ``hidden_size`` to be a multiple of ``num_attention_heads``, even with an
+explicit ``head_dim``). Where layers differ (global ranking, heads of a BERT) or the validation
+refuses, the config cannot describe the model: the per-layer values are recorded in
 ``config.accelprune_pruned`` and ``from_pretrained`` would fail on the shapes; load such a
 checkpoint with :func:`load_pruned`, which builds the model from its config and then resizes
 every parameter to the saved shape.
@@ -88,8 +90,8 @@ def sync_config(model: nn.Module) -> dict:
     if differing:
         config.accelprune_pruned = differing
         warnings.warn(f"the config cannot describe the pruned model ({sorted(differing)} differ "
-                      "across layers): save_pretrained works, load with accelprune.hf.load_pruned",
-                      stacklevel=2)
+                      "across layers, or the config's validation refuses them): save_pretrained "
+                      "works, load with accelprune.hf.load_pruned", stacklevel=2)
     elif hasattr(config, "accelprune_pruned"):
         del config.accelprune_pruned
     return changes
