@@ -222,6 +222,7 @@ class ModelGraph:
             for p, flag in grads.items():
                 p.requires_grad_(flag)
         self.reference_shapes = forward.reference_shapes
+        self._output_grad_fns = forward.output_grad_fns
         unreached = [m for m in forward.executed
                      if isinstance(m, (*PRODUCER_TYPES, BATCHNORM_TYPES))
                      and m not in DG.module2node]
@@ -305,6 +306,8 @@ class ModelGraph:
                 continue  # the channels end here (input side of a consumer)
             if node.type == tp.ops.OPTYPE.OUTPUT or not node.outputs:
                 return True
+            if node.grad_fn is not None and node.grad_fn in self._output_grad_fns:
+                return True  # it makes an output tensor that also feeds on (BERT's hidden states)
         return False
 
     # -- public API --------------------------------------------------------------------------

@@ -204,3 +204,15 @@ def test_timm_vit_heads_and_default_prune():
     attn = model.blocks[0].attn
     assert attn.num_heads == 2 and attn.attn_dim == 128 and attn.qkv.out_features == 384
     assert model(x).shape == (1, 3)
+
+
+def test_bert_hidden_states_are_output_not_pruned(ids):
+    """BERT returns its residual stream (last_hidden_state): that group reaches the output and
+    is never listed, while its MLPs still prune with prune_coupled=True."""
+    model = tiny_bert()
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    graph = ModelGraph(model, inputs, prune_coupled=True)
+    assert not any(g.residual for g in graph.groups)
+    accelprune.prune(model, inputs, 0.25, "l1", prune_coupled=True)
+    assert model.config.hidden_size == 32 and model.config.intermediate_size == 36
+    assert model(**inputs).last_hidden_state.shape == (1, 8, 32)
