@@ -178,3 +178,18 @@ def test_unsupported_mha_is_named():
     assert unsupported_attention(model) == ["attn"]
     with pytest.raises(ValueError, match="unsupported nn.MultiheadAttention"):
         prune_heads(model, torch.randn(1, 4), 0.5)
+
+
+def test_torchvision_convnext_norms_and_residual_stream():
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    model = ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    graph = ModelGraph(model, x, prune_coupled=True)
+    stem = graph.groups[0]
+    assert stem.residual and stem.norms == ["features.0.1", "features.1.0.block.2", "features.2.0"]
+    assert all(normalises_over_channels(graph.module(n)) for n in stem.norms)
+    accelprune.prune(model, x, 0.25, "l1", prune_coupled=True)
+    assert model.features[0][1].weight.shape == (12,)  # the stem's LayerNorm2d
+    assert model(x).shape == (1, 3)
