@@ -339,13 +339,13 @@ def prune_head_groups(model: nn.Module, example_inputs, plan, *, output_transfor
         for g, keep in checked:
             _cut(g, keep)
         surgery.check_forward(checker)
-        sync_config(model)
     except Exception as e:
         snapshot.restore()
         for g, h, kv in counts:
             g.num_heads, g.num_kv_heads = h, kv
         raise ValueError(f"pruning the heads of {checked[0][0].name!r} would break the model "
                          f"({type(e).__name__}: {e}); the model was restored unchanged") from e
+    sync_config(model)  # after the check: it may only warn, never undo the surgery
 
 
 def prune_heads(model: nn.Module, example_inputs, sparsity: float = 0.25, importance="l1", *,

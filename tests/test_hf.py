@@ -216,3 +216,34 @@ def test_bert_hidden_states_are_output_not_pruned(ids):
     accelprune.prune(model, inputs, 0.25, "l1", prune_coupled=True)
     assert model.config.hidden_size == 32 and model.config.intermediate_size == 36
     assert model(**inputs).last_hidden_state.shape == (1, 8, 32)
+
+
+def test_head_scores_l1_owns_q_k_v_rows_and_o_columns():
+    from accelprune.attention import head_scores
+
+    model = tiny_llama()
+    g = find_head_groups(model)[0]
+    attn = model.model.layers[0].self_attn
+    D = 8  # unit 1 = KV head 1 = query heads 2, 3
+    parts = [attn.q_proj.weight[2 * D:4 * D], attn.k_proj.weight[D:2 * D],
+             attn.v_proj.weight[D:2 * D], attn.o_proj.weight[:, 2 * D:4 * D]]
+    want = sum(p.detach().double().abs().sum() for p in parts)
+    scores = head_scores(g, "l1")
+    assert scores.shape == (2,)
+    assert scores[1] == pytest.approx(float(want), rel=1e-6)
+    with pytest.raises(ValueError, match="unknown head importance"):
+        head_scores(g, "bn")
+
+
+def test_head_groups_respect_ignored_layers(ids):
+    model = tiny_llama()
+    groups = find_head_groups(model, ignored_layers=["model.layers.0"])
+    assert [g.name for g in groups] == ["model.layers.1.self_attn"]
+    graph = ModelGraph(model, ids, ignored_layers=["model.layers.1.self_attn.k_proj"])
+    assert [g.name for g in graph.head_groups] == ["model.layers.0.self_attn"]
+    with pytest.warns(UserWarning, match="load_pruned"):  # layers now differ
+        prune_heads(model, ids, 0.5, ignored_layers=["model.layers.0"])
+    assert model.model.layers[0].self_attn.q_proj.out_features == 32
+    assert model.model.layers[1].self_attn.q_proj.out_features == 16
+    with pytest.raises(ValueError, match="sparsity"):
+        prune_heads(model, ids, 1.5)
