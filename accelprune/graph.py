@@ -30,8 +30,16 @@ from tqdm.auto import tqdm
 
 from accelprune import surgery
 from accelprune._validation import as_int_array
+from accelprune.attention import find_head_groups, unsupported_attention
 from accelprune.group_search import find_groups, pruning_group
-from accelprune.layers import BATCHNORM_TYPES, PRODUCER_TYPES, blocks_of, is_depthwise
+from accelprune.hf import sync_config
+from accelprune.layers import (
+    BATCHNORM_TYPES,
+    PRODUCER_TYPES,
+    blocks_of,
+    is_depthwise,
+    is_norm,
+)
 from accelprune.tracing import (
     ForwardDiagnosis,
     TraceError,
@@ -52,7 +60,15 @@ class ChannelGroup:
     bns: BatchNorm modules over these channels, in model order.
     consumers: modules (Conv/Linear, not depthwise) whose INPUT channels these are.
     n_channels: current width (updated in place after pruning).
-    coupled: more than one (non-depthwise) producer, e.g. outputs summed by a residual add.
+    coupled: more than one (non-depthwise) producer, e.g. outputs summed by a residual add,
+        or multiplied (LLaMA's gate and up projections, squeeze-and-excitation).
+    residual: several producers' outputs are *added* (a residual stream): such groups are
+        listed only with ``prune_coupled=True``. Multiplied producers (gated MLPs) are not.
+    norms: the other normalisation layers whose per-channel weights are members (pruned with
+        the group, like ``bns``): LayerNorm, ConvNeXt's LayerNorm2d, GroupNorm, RMSNorm (torch's
+        and Hugging Face's ``LlamaRMSNorm``...), in model order. Use
+        :func:`accelprune.layers.normalises_over_channels` to know whether a norm mixes the
+        channels (LayerNorm / RMSNorm do: their output for one channel depends on all).
     """
 
     name: str
@@ -61,6 +77,8 @@ class ChannelGroup:
     consumers: list[str]
     n_channels: int
     coupled: bool
+    norms: list[str] = field(default_factory=list)
+    residual: bool = False
     _graph: ModelGraph = field(repr=False, compare=False, default=None)
     _root: nn.Module = field(repr=False, compare=False, default=None)
     _root_fn: object = field(repr=False, compare=False, default=None)
@@ -115,7 +133,12 @@ class ModelGraph:
     Attributes:
         groups: the prunable :class:`ChannelGroup` s, in model order.
         all_groups: every group Torch-Pruning found outside ``ignored_layers``, including the
-            classifier's and (with ``prune_coupled=False``) the coupled ones.
+            classifier's, (with ``prune_coupled=False``) the residual ones and the attention
+            inner widths.
+        head_groups: the attention modules whose whole heads can be pruned
+            (:class:`accelprune.attention.HeadGroup`, see :func:`accelprune.prune_heads`). The
+            channel groups of their inner width (q/k/v outputs) are never in ``groups``:
+            removing single channels there shifts the head boundaries.
         DG: the underlying ``torch_pruning.DependencyGraph``.
         reference_shapes: the output shapes every surgery must preserve.
 
@@ -145,6 +168,7 @@ class ModelGraph:
 
         with tqdm(total=None, desc="tracing model", disable=not progress, leave=False):
             self.DG = self._build_dependency()
+        self.head_groups = find_head_groups(model, self.ignored_layers)
         self.groups, self.all_groups = self._find_groups(progress)
 
     # -- construction ------------------------------------------------------------------------
@@ -185,7 +209,8 @@ class ModelGraph:
                 # is what tells whether that was right.
                 warnings.simplefilter("ignore")
                 DG = tp.DependencyGraph().build_dependency(
-                    model, self.example_inputs, forward_fn=forward, verbose=False)
+                    model, self.example_inputs, forward_fn=forward, verbose=False,
+                    customized_pruners=_customized_pruners(model))
         except TraceError as e:
             raise ValueError(str(e)) from e.__cause__
         except ValueError:
@@ -198,6 +223,7 @@ class ModelGraph:
             for p, flag in grads.items():
                 p.requires_grad_(flag)
         self.reference_shapes = forward.reference_shapes
+        self._output_grad_fns = forward.output_grad_fns
         unreached = [m for m in forward.executed
                      if isinstance(m, (*PRODUCER_TYPES, BATCHNORM_TYPES))
                      and m not in DG.module2node]
@@ -218,16 +244,32 @@ class ModelGraph:
             if self._reaches_output(tp_group):
                 to_output.add(g.name)
         groups.sort(key=lambda g: self._order[g.name])
+        inner = {n for h in self.head_groups for r, n in h.projections.items() if r != "o"}
+        inner |= {f"{n}.out_proj" for n in unsupported_attention(self.model)}
         prunable = [g for g in groups
-                    if g.name not in to_output and (self.prune_coupled or not g.coupled)]
+                    if g.name not in to_output and (self.prune_coupled or not g.residual)
+                    and not inner.intersection(g.producers)]
         return prunable, groups
 
+    def _owner_name(self, m) -> str | None:
+        """The module name of a group member: a module's own name, or for an unwrapped parameter
+        (Torch-Pruning's node for e.g. ``LlamaRMSNorm.weight``) the name of the module holding
+        it; None for Torch-Pruning's own ops (add, concat, reshape)."""
+        if isinstance(m, nn.Parameter):
+            pname = getattr(self.DG, "_param_to_name", {}).get(m)
+            return pname.rsplit(".", 1)[0] if pname and "." in pname else None
+        return self._names.get(m)
+
     def _describe(self, tp_group) -> ChannelGroup:
-        producers, depthwise, bns, consumers = [], set(), [], []
+        producers, depthwise, bns, consumers, norms = [], set(), [], [], []
         for dep, _ in tp_group:
             m, fn = dep.target.module, dep.handler
-            name = self._names.get(m)
-            if name is None:  # Torch-Pruning's own ops (add, concat, reshape) and unwrapped params
+            name = self._owner_name(m)
+            if name is None:
+                continue
+            if isinstance(m, nn.Parameter):
+                if name in self._order and is_norm(self.module(name)):
+                    norms.append(name)
                 continue
             if isinstance(m, PRODUCER_TYPES) and self.DG.is_out_channel_pruning_fn(fn):
                 producers.append(name)
@@ -237,6 +279,8 @@ class ModelGraph:
                 consumers.append(name)
             elif isinstance(m, BATCHNORM_TYPES):
                 bns.append(name)
+            elif is_norm(m):
+                norms.append(name)
         producers = sorted(set(producers), key=self._order.get)
         root = self.module(producers[0])
         return ChannelGroup(
@@ -246,6 +290,8 @@ class ModelGraph:
             consumers=sorted(set(consumers) - set(producers), key=self._order.get),
             n_channels=int(self.DG.get_out_channels(root)),
             coupled=len(set(producers) - depthwise) > 1,
+            norms=sorted(set(norms), key=self._order.get),
+            residual=len(set(producers) - depthwise) > 1 and _joined_by_add(tp_group),
             _graph=self,
             _root=root,
             _root_fn=self.DG.get_pruner_of_module(root).prune_out_channels,
@@ -261,6 +307,8 @@ class ModelGraph:
                 continue  # the channels end here (input side of a consumer)
             if node.type == tp.ops.OPTYPE.OUTPUT or not node.outputs:
                 return True
+            if node.grad_fn is not None and node.grad_fn in self._output_grad_fns:
+                return True  # it makes an output tensor that also feeds on (BERT's hidden states)
         return False
 
     # -- public API --------------------------------------------------------------------------
@@ -308,6 +356,51 @@ class ModelGraph:
         names the group that breaks it (see :func:`accelprune.surgery.prune_groups`)."""
         plan = [(g, self.check_keep(g, keep)) for g, keep in plan]
         surgery.prune_groups(self, [(g, keep) for g, keep in plan if len(keep) < g.n_channels])
+        sync_config(self.model)  # a Hugging Face config follows the new widths
+
+
+def _joined_by_add(tp_group) -> bool:
+    """Some addition (or subtraction) in the group takes two of the group's tensors: the
+    producers' outputs are summed, as in a residual stream."""
+    nodes = {dep.target for dep, _ in tp_group} | {dep.source for dep, _ in tp_group}
+    for node in nodes:
+        if node.type != tp.ops.OPTYPE.ELEMENTWISE:
+            continue
+        op = type(node.grad_fn).__name__ if node.grad_fn is not None else ""
+        if op.startswith(("AddBackward", "SubBackward")) and sum(
+                i in nodes for i in node.inputs) >= 2:
+            return True
+    return False
+
+
+class _RMSNormPruner(tp.pruner.BasePruningFunc):
+    """torch's ``nn.RMSNorm``: Torch-Pruning (1.6) sees only its weight as a bare parameter and
+    would leave ``normalized_shape`` stale; this prunes the weight and the shape together."""
+
+    TARGET_MODULES = nn.RMSNorm
+
+    def prune_out_channels(self, layer: nn.RMSNorm, idxs) -> nn.Module:
+        n = layer.normalized_shape[-1]
+        keep = torch.tensor(sorted(set(range(n)) - {int(i) for i in idxs}), dtype=torch.long)
+        if layer.weight is not None:
+            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, -1)
+        layer.normalized_shape = (*layer.normalized_shape[:-1], len(keep))
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.RMSNorm) -> int:
+        return layer.normalized_shape[-1]
+
+    get_in_channels = get_out_channels
+
+
+def _customized_pruners(model: nn.Module) -> dict:
+    """Pruners Torch-Pruning lacks, for the module types present in ``model``."""
+    pruners = {}
+    if any(isinstance(m, nn.RMSNorm) for m in model.modules()):
+        pruners[nn.RMSNorm] = _RMSNormPruner()
+    return pruners
 
 
 class _HookState:

@@ -11,19 +11,52 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["PRODUCER_TYPES", "BATCHNORM_TYPES", "is_depthwise", "conv_groups", "blocks_of",
-           "out_channel_view"]
+__all__ = ["PRODUCER_TYPES", "BATCHNORM_TYPES", "NORM_TYPES", "is_depthwise", "is_norm",
+           "normalises_over_channels", "conv_groups", "blocks_of", "out_channel_view"]
 
 # Layers whose output channels a channel group removes: convolutions (transposed ones too) and
 # Linear layers.
 PRODUCER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 BATCHNORM_TYPES = nn.modules.batchnorm._BatchNorm
+# Normalisation layers other than BatchNorm whose per-channel weights (γ, β) a channel group
+# prunes: LayerNorm (torchvision's and timm's ConvNeXt LayerNorm2d are subclasses), GroupNorm,
+# torch's RMSNorm. Norms from other libraries are recognised by class name (see is_norm).
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+# Class names of norms defined outside torch (Hugging Face LlamaRMSNorm, T5LayerNorm, timm's
+# RmsNorm / LayerNorm2d / LayerNormAct...): matched on the lower-cased name's ending.
+_NORM_NAME_ENDINGS = ("rmsnorm", "layernorm", "layernorm2d", "groupnorm", "layernormact",
+                      "rmsnorm2d", "layernormact2d")
 
 
 def is_depthwise(m: nn.Module) -> bool:
     """A conv with one filter per input channel (groups == in == out > 1)."""
     return (isinstance(m, nn.modules.conv._ConvNd)
             and 1 < m.groups == m.in_channels == m.out_channels)
+
+
+def is_norm(m: nn.Module) -> bool:
+    """A LayerNorm / RMSNorm / GroupNorm (not a BatchNorm): a torch type of :data:`NORM_TYPES`,
+    or a module from another library whose class name ends in one of theirs (Hugging Face's
+    ``LlamaRMSNorm``, timm's ``RmsNorm``)."""
+    if isinstance(m, NORM_TYPES):
+        return True
+    if isinstance(m, BATCHNORM_TYPES) or not isinstance(m, nn.Module):
+        return False
+    return type(m).__name__.lower().endswith(_NORM_NAME_ENDINGS)
+
+
+def normalises_over_channels(m: nn.Module) -> bool:
+    """True when the norm's output for one channel depends on the other channels of the pruned
+    dimension: LayerNorm and RMSNorm (mean / variance over the channel dim, LayerNorm2d too) and
+    GroupNorm with fewer groups than channels (statistics over each group's channels).
+
+    Removing channels in front of such a norm changes the statistics of those that stay, so a
+    fold that merges channels before it (C-SGD) is not exact. False for BatchNorm, InstanceNorm
+    and GroupNorm with one channel per group (per-channel statistics), and for non-norm layers.
+    """
+    if isinstance(m, nn.GroupNorm):
+        return m.num_groups < m.num_channels
+    return is_norm(m)
 
 
 def conv_groups(m: nn.Module) -> int:

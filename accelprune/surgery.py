@@ -20,8 +20,8 @@ from torch import nn
 from accelprune.layers import conv_groups
 from accelprune.tracing import call_model, eval_mode, output_shapes
 
-__all__ = ["ModelSnapshot", "apply_checked", "check_forward", "cut_group", "prune_groups",
-           "surgery_error"]
+__all__ = ["ModelSnapshot", "ModuleSnapshot", "apply_checked", "check_forward", "cut_group",
+           "prune_groups", "surgery_error"]
 
 
 class ModelSnapshot:
@@ -79,6 +79,48 @@ class ModelSnapshot:
             g.n_channels = self.widths[id(g)]
 
 
+_SIMPLE = (int, float, bool, str, type(None), tuple, list, dict)
+_PRIVATE_FLAGS = ("_qkv_same_embed_dim",)
+
+
+class ModuleSnapshot:
+    """What a surgery on some modules can change, for a change that is not a channel group's
+    (e.g. removing attention heads): each module's parameter and buffer objects (references)
+    and its plain attributes, and the plain attributes of ``extra`` objects (a Hugging Face
+    config, shared by every layer)."""
+
+    def __init__(self, modules, extra=()):
+        modules = list({id(m): m for m in modules}.values())
+        self.params = {m: dict(m._parameters) for m in modules}
+        self.buffers = {m: dict(m._buffers) for m in modules}
+        self.attrs = [(obj, _plain_attrs(obj)) for obj in [*modules, *extra]]
+        # a surgery may switch a module's class (nn.MultiheadAttention → its head-pruned form)
+        self.classes = [(m, type(m), {k: m.__dict__[k] for k in _PRIVATE_FLAGS if k in vars(m)})
+                        for m in modules]
+
+    def restore(self) -> None:
+        for m, params in self.params.items():
+            m._parameters.clear()
+            m._parameters.update(params)
+        for m, bufs in self.buffers.items():
+            m._buffers.clear()
+            m._buffers.update(bufs)
+        for m, cls, flags in self.classes:
+            m.__class__ = cls
+            m.__dict__.update(flags)
+        for obj, attrs in self.attrs:
+            for k in [k for k in vars(obj) if k not in attrs and not k.startswith("_")
+                      and isinstance(vars(obj)[k], _SIMPLE)]:
+                del obj.__dict__[k]  # added by the change
+            for k, v in attrs.items():
+                obj.__dict__[k] = copy.deepcopy(v)
+
+
+def _plain_attrs(obj) -> dict:
+    return {k: copy.deepcopy(v) for k, v in vars(obj).items()
+            if not k.startswith("_") and k != "training" and isinstance(v, _SIMPLE)}
+
+
 def check_forward(graph) -> None:
     """Run the model on its example inputs (eval mode, no grad): the output shapes must be
     those seen when it was traced."""
@@ -120,9 +162,11 @@ def prune_groups(graph, plan) -> None:
     if not plan:
         return
     snapshot = ModelSnapshot(graph, [g for g, _ in plan])
+    ties = shared_parameters(graph.model)
     try:
         for g, keep in plan:
             cut_group(graph, g, keep)
+        retie(graph, ties)
         check_forward(graph)
     except Exception as first_error:
         snapshot.restore()
@@ -132,12 +176,40 @@ def prune_groups(graph, plan) -> None:
             for g, keep in plan:
                 try:
                     cut_group(graph, g, keep)
+                    retie(graph, ties)
                     check_forward(graph)
                 except Exception as e:
                     raise surgery_error(g, e) from e
         finally:
             snapshot.restore()
         raise surgery_error(plan[-1][0], first_error) from first_error
+
+
+def shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Parameters held by several modules (a tied ``lm_head`` and input embedding): for each,
+    the ``(module, attribute)`` places holding it."""
+    places: dict[int, list] = {}
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                places.setdefault(id(p), []).append((m, name))
+    return [v for v in places.values() if len(v) > 1]
+
+
+def retie(graph, ties) -> None:
+    """After a cut, make tied parameters one object again. Torch-Pruning prunes each holder
+    separately, which unties them; where every holder lost the same entries the first new
+    tensor is shared again, otherwise ValueError (the ties would be pruned differently)."""
+    for places in ties:
+        params = [m._parameters[n] for m, n in places]
+        if all(p is params[0] for p in params):
+            continue
+        first = params[0]
+        for (m, n), p in zip(places, params, strict=True):
+            if p.shape != first.shape or not torch.equal(p, first):
+                where = ", ".join(f"{graph.name_of(mm)}.{nn_}" for mm, nn_ in places)
+                raise ValueError(f"tied parameters ({where}) would be pruned differently")
+            m._parameters[n] = first
 
 
 def surgery_error(group, e: Exception) -> ValueError:

@@ -134,6 +134,7 @@ class ForwardDiagnosis:
         self.output_transform = output_transform
         self.executed: list[nn.Module] = []
         self.reference_shapes: list[tuple] | None = None
+        self.output_grad_fns: set = set()  # autograd nodes that made the output tensors
 
     def __call__(self, model: nn.Module, example_inputs):
         stack, last_with_grad = [], []
@@ -190,5 +191,6 @@ class ForwardDiagnosis:
                              f"graph{after} (.detach(), .data, .numpy(), .item(), "
                              "torch.no_grad(), integer ops)")
         self.reference_shapes = [tuple(t.shape) for t in tensors]
+        self.output_grad_fns = {t.grad_fn for t in floats}
         # Torch-Pruning walks back from what the forward returns: give it only float tensors
         return floats[0] if len(floats) == 1 else floats
