@@ -3,6 +3,7 @@
 Importing accelprune is cheap: it does not import Triton or initialise CUDA.
 """
 from accelprune import models  # resnet20, resnet56, vgg_small
+from accelprune.attention import HeadGroup, find_head_groups, prune_heads
 from accelprune.cluster import (
     cut_linkage,
     cut_linkage_ref,
@@ -65,5 +66,6 @@ __all__ = [
     "sparsity_for_macs", "ward_linkage", "ward_linkage_batched", "ward_linkage_batched_ref",
     "ward_linkage_ref", "weight_sparsity",
     "LayerPruneResult", "SkippedBlock", "find_blocks", "prune_layers", "NMReport", "is_nm_sparse",
-    "nm_prune", "to_semi_structured", "plot_importance",
+    "nm_prune", "to_semi_structured", "plot_importance", "HeadGroup", "find_head_groups",
+    "prune_heads",
 ]
