@@ -485,6 +485,26 @@ def plot(doc: dict, path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def merge(docs: list[dict]) -> dict:
+    """One document from runs of the same configuration on different seeds (run side by side:
+    ``--seeds 1 --name quality_seed1``, ...), with the summary over all of them."""
+    first = docs[0]
+    keys = ("budgets", "methods", "width", "image_size", "base_epochs", "finetune_epochs",
+            "csgd_epochs")
+    for d in docs[1:]:
+        differ = [k for k in keys if d["config"][k] != first["config"][k]]
+        if differ:
+            raise ValueError(f"cannot merge runs whose configurations differ in {differ}")
+    out = {**first, "config": {**first["config"],
+                               "seeds": [s for d in docs for s in d["config"]["seeds"]]},
+           "seconds": sum(d["seconds"] for d in docs),
+           "merged_from": [d["date"] for d in docs]}
+    for key in ("base", "runs", "swaps", "schedule", "gamma"):
+        out[key] = [row for d in docs for row in d[key]]
+    out["summary"] = summarize(out)
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 2 budgets")
@@ -499,6 +519,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--name", help="results file stem (default: quality / quality_quick)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="merge these results (one per seed) into --name, run nothing")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in {
         "seeds": tuple(args.seeds) if args.seeds else None,
@@ -516,7 +538,10 @@ def main(argv=None) -> dict:
         (RESULTS_DIR / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
         plot(doc, RESULTS_DIR / f"{name}.png")
 
-    doc = run(cfg, progress=not args.no_progress, checkpoint=save)
+    if args.merge:
+        doc = merge([json.loads(open(path).read()) for path in args.merge])
+    else:
+        doc = run(cfg, progress=not args.no_progress, checkpoint=save)
     save(doc)
     print(tables(doc))
     print(f"(saved benchmarks/results/{name}.json and .png; {doc['seconds']:.0f} s)")
