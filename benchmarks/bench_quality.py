@@ -188,8 +188,8 @@ def find_sparsity(base, example, method, budget, seed) -> float:
     spares Taylor: sparsity_for_macs prunes deep copies, and deepcopy drops ``.grad``)."""
     key = (id(base), "l1" if method in PER_LAYER else method, budget, seed)
     if key not in _SPARSITY_CACHE:
-        _SPARSITY_CACHE[key] = sparsity_for_macs(base, example, key[1], budget, tolerance=0.015,
-                                                 max_iterations=10, seed=seed)
+        _SPARSITY_CACHE[key] = sparsity_for_macs(base, example, key[1], budget, tolerance=0.02,
+                                                 max_iterations=8, seed=seed)
     return _SPARSITY_CACHE[key]
 
 
@@ -335,7 +335,7 @@ def run_schedule(cfg, budget, sparsity0, seed, example, base_macs, *, bar) -> di
 
 def run(cfg: Config, *, progress: bool = True, checkpoint=None) -> dict:
     """The benchmark's JSON document; ``checkpoint(doc)`` gets the partial document after every
-    seed (a long run interrupted keeps its finished seeds)."""
+    run (a long run interrupted keeps what it finished)."""
     unknown = set(cfg.methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; expected some of {METHODS}")
@@ -349,6 +349,11 @@ def run(cfg: Config, *, progress: bool = True, checkpoint=None) -> dict:
     bar = tqdm(total=epochs, desc="quality (epochs)", disable=not progress, smoothing=0)
     started = time.perf_counter()
     base_rows, runs, swaps, schedules, gammas = [], [], [], [], []
+
+    def save():  # after every run: an interrupted benchmark keeps what it finished
+        if checkpoint is not None:
+            checkpoint(_document(cfg, started, base_rows, runs, swaps, schedules, gammas))
+
     for seed in cfg.seeds:
         torch.manual_seed(seed)
         train, test = make_data(cfg, seed)
@@ -358,14 +363,15 @@ def run(cfg: Config, *, progress: bool = True, checkpoint=None) -> dict:
         stats = model_stats(base, example)
         base_rows.append({"seed": seed, "acc": evaluate(base, test), **stats,
                           "widths": conv_widths(base)})
+        save()
         for budget in cfg.budgets:
             for method in cfg.methods:
                 bar.set_description(f"seed {seed}: {method} -{budget:.0%}")
                 runs.append(run_method(cfg, base, method, budget, seed, example, stats["macs"],
                                        bar=bar))
-        if checkpoint is not None:
-            checkpoint(_document(cfg, started, base_rows, runs, swaps, schedules, gammas))
-        for budget in ablation_budgets:
+                save()
+            if budget not in ablation_budgets:
+                continue
             sparsity = {m: find_sparsity(base, example, m, budget, seed)
                         for m in ("l1", "reprune")}
             l1_w = pruned_widths(base, example, "l1", sparsity["l1"], seed)
@@ -377,11 +383,13 @@ def run(cfg: Config, *, progress: bool = True, checkpoint=None) -> dict:
                                   stats["macs"], bar=bar))
             swaps.append(run_swap(cfg, base, "l1", rep_w, budget, seed, example, stats["macs"],
                                   bar=bar))
+            save()
+        for budget in ablation_budgets:  # the costliest runs last
             bar.set_description(f"seed {seed}: REPrune during training -{budget:.0%}")
-            schedules.append(run_schedule(cfg, budget, sparsity["reprune"], seed, example,
-                                          stats["macs"], bar=bar))
-        if checkpoint is not None:
-            checkpoint(_document(cfg, started, base_rows, runs, swaps, schedules, gammas))
+            schedules.append(run_schedule(cfg, budget, find_sparsity(base, example, "reprune",
+                                                                     budget, seed),
+                                          seed, example, stats["macs"], bar=bar))
+            save()
     bar.close()
     return _document(cfg, started, base_rows, runs, swaps, schedules, gammas)
 
