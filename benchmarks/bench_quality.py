@@ -494,21 +494,23 @@ def plot(doc: dict, path) -> None:
 
 
 def merge(docs: list[dict]) -> dict:
-    """One document from runs of the same configuration on different seeds (run side by side:
-    ``--seeds 1 --name quality_seed1``, ...), with the summary over all of them."""
+    """One document from runs of the same configuration on different seeds or budgets (run side
+    by side: ``--seeds 1 --name quality_seed1``, ...), with the summary over all of them."""
     first = docs[0]
-    keys = ("budgets", "methods", "width", "image_size", "base_epochs", "finetune_epochs",
-            "csgd_epochs")
+    keys = ("width", "image_size", "base_epochs", "finetune_epochs", "csgd_epochs", "lr",
+            "finetune_lr", "centripetal_strength")
     for d in docs[1:]:
         differ = [k for k in keys if d["config"][k] != first["config"][k]]
         if differ:
             raise ValueError(f"cannot merge runs whose configurations differ in {differ}")
-    out = {**first, "config": {**first["config"],
-                               "seeds": [s for d in docs for s in d["config"]["seeds"]]},
+    union = {k: sorted({v for d in docs for v in d["config"][k]})
+             for k in ("seeds", "budgets", "methods")}
+    out = {**first, "config": {**first["config"], **union},
            "seconds": sum(d["seconds"] for d in docs),
            "merged_from": [d["date"] for d in docs]}
     for key in ("base", "runs", "swaps", "schedule", "gamma"):
         out[key] = [row for d in docs for row in d[key]]
+    out["base"] = list({b["seed"]: b for b in out["base"]}.values())  # one per seed
     out["summary"] = summarize(out)
     return out
 
