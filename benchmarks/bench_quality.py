@@ -68,7 +68,8 @@ TITLES = {"l1": "L1", "bn": "BN scale", "taylor": "Taylor", "random": "random",
           "reprune": "REPrune", "csgd": "C-SGD",
           "reprune_sel@l1_widths": "REPrune sel. @ L1 widths",
           "l1_sel@reprune_widths": "L1 sel. @ REPrune widths",
-          "reprune_schedule": "REPrune during training"}
+          "reprune_schedule": "REPrune during training",
+          "reprune@l1_macs": "REPrune @ L1's MACs", "csgd@l1_macs": "C-SGD @ L1's MACs"}
 
 
 @dataclasses.dataclass
@@ -427,7 +428,7 @@ def summarize(doc: dict) -> dict:
     """{method: {budget: {metric: [mean, std over seeds]}}} for every kind of run."""
     out: dict = {"unpruned": {m: _mean_std([b[m] for b in doc["base"]])
                               for m in ("acc", "macs", "params")}}
-    for r in doc["runs"] + doc["swaps"] + doc["schedule"]:
+    for r in doc["runs"] + doc["swaps"] + doc["schedule"] + doc.get("matched", []):
         out.setdefault(r["method"], {}).setdefault(str(r["budget"]), []).append(r)
     for method, by_budget in out.items():
         if method == "unpruned":
@@ -488,7 +489,7 @@ def plot(doc: dict, path) -> None:
         ax.set(xlabel="MACs (M)", title=title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%), mean ± std over seeds")
-    axes[1].legend(fontsize=7, loc="lower right")
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
