@@ -31,7 +31,10 @@ Diagnostics of REPrune (``--no-ablations`` skips them):
   bisection so that it lands on the budget), with the same total epochs (``base_epochs +
   finetune_epochs``) as everyone else.
 
-Run: ``python -m benchmarks.bench_quality [--quick] [--seeds 0 1 2] [--budgets 0.5 0.8]``.
+Run: ``python -m benchmarks.bench_quality [--quick] [--seeds 0 1 2] [--budgets 0.5 0.8]``. On a
+busy machine set ``NUMBA_NUM_THREADS=1``: numba's pool thread, started by REPrune's coverage step,
+was seen using as much CPU as the training thread for the rest of the process. Seeds can run side
+by side (``--seeds 1 --name quality_seed1``) and be joined with ``--merge a.json b.json ...``.
 Writes ``benchmarks/results/quality.json`` (``quality_quick.json`` with ``--quick``) and a plot of
 accuracy against MACs with error bars (mean ± std over seeds) beside it.
 """
