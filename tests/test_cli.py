@@ -248,7 +248,12 @@ def test_demo_prunes_every_method_to_the_budget(tmp_path):
         assert methods[name]["macs_reduction"] == pytest.approx(0.5, abs=0.03), name
     for r in methods.values():
         assert r["macs"] < doc["base"]["macs"]
+        assert 0 <= r["acc_pruned"] <= 1 and 0 <= r["acc_recalibrated"] <= 1
         assert 0 <= r["acc_finetuned"] <= 1
+    # the same training after the base model for every method: C-SGD's centripetal epochs count
+    config = doc["config"]
+    assert methods["l1"]["finetune_epochs"] == config["finetune_epochs"]
+    assert methods["csgd"]["finetune_epochs"] == config["finetune_epochs"] - config["csgd_epochs"]
     saved = json.loads((tmp_path / "demo.json").read_text())
     assert saved["methods"] == doc["methods"]
     for png in ("widths.png", "accuracy_vs_macs.png"):
