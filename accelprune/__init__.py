@@ -49,6 +49,7 @@ from accelprune.schedule import SCHEDULES, SparsitySchedule, sparsity_at
 from accelprune.selection import cluster_filters, layer_keep_counts, reprune_select
 from accelprune.semi_structured import NMReport, is_nm_sparse, nm_prune, to_semi_structured
 from accelprune.serialization import load, save
+from accelprune.training import recalibrate_bn
 
 __version__ = "0.1.0"
 
@@ -67,5 +68,5 @@ __all__ = [
     "ward_linkage_ref", "weight_sparsity",
     "LayerPruneResult", "SkippedBlock", "find_blocks", "prune_layers", "NMReport", "is_nm_sparse",
     "nm_prune", "to_semi_structured", "plot_importance", "HeadGroup", "find_head_groups",
-    "prune_heads",
+    "prune_heads", "recalibrate_bn",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -363,7 +364,7 @@ def sparsity_for_macs(model: nn.Module, example_inputs, method: str, macs_reduct
     best, best_gap = 0.0, macs_reduction / (1 - macs_reduction)  # the gap of not pruning
     for _ in range(max_iterations):
         mid = (low + high) / 2
-        trial = prune_with(copy.deepcopy(model), example_inputs, mid, method,
+        trial = prune_with(_copy_with_grads(model), example_inputs, mid, method,
                            ignored_layers=ignored_layers, seed=seed)
         macs = model_stats(trial, example_inputs)["macs"]
         gap = abs(macs - target) / target
@@ -372,7 +373,22 @@ def sparsity_for_macs(model: nn.Module, example_inputs, method: str, macs_reduct
         if gap <= tolerance:
             break
         low, high = (mid, high) if macs > target else (low, mid)
+    if best_gap > tolerance:
+        warnings.warn(f"method {method!r} cannot bring the model within {tolerance:.0%} of "
+                      f"{1 - macs_reduction:.0%} of its MACs; the closest is {best_gap:.1%} "
+                      f"away (sparsity {best:.3f}): layer floors, ignored layers or per-layer "
+                      "rounding limit it", RuntimeWarning, stacklevel=2)
     return best
+
+
+def _copy_with_grads(model: nn.Module) -> nn.Module:
+    """A deep copy that keeps the parameters' ``.grad`` (deepcopy drops them), so gradient
+    criteria (taylor, gradient) score the trial copies as they would score the model."""
+    twin = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        if p.grad is not None:
+            q.grad = p.grad.detach().clone()
+    return twin
 
 
 def prune_to_macs(model: nn.Module, example_inputs, method: str, macs_reduction: float, *,
