@@ -1,0 +1,312 @@
+"""Transformers and LLMs: C-SGD folds only what it can fold exactly, masks cover attention's packed
+projections, REPrune prunes MLP widths without BatchNorm.
+
+Every model is built from a config with random weights (nothing downloads), at toy sizes:
+nn.TransformerEncoder, a BERT-style encoder, torchvision's VisionTransformer and a timm ViT,
+ConvNeXt, LLaMA's gated MLP (and a whole LlamaForCausalLM where the channel groups can be built).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from accelprune import CSGD
+from accelprune.csgd import fold_and_prune, fold_blockers
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+
+# Torch-Pruning's DependencyGraph.get_all_groups does not finish on LlamaForCausalLM, even with
+# one layer (issue 12, item 2: scalable group discovery in graph.py is another engineer's work).
+LLAMA_GROUPS_HANG = pytest.mark.skip(
+    reason="channel groups of LlamaForCausalLM: Torch-Pruning's get_all_groups does not finish "
+           "(issue 12 item 2, graph.py); enable once graph.py builds them")
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+class Encoder(nn.Module):
+    """Linear in → nn.TransformerEncoder (2 layers, MHA + LayerNorm) → Linear head."""
+
+    def __init__(self, d=32, heads=4, ff=64, layers=2):
+        super().__init__()
+        self.inp = nn.Linear(8, d)
+        layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        return self.head(self.enc(self.inp(x)))
+
+
+class LlamaMLPNet(nn.Module):
+    """LLaMA's own RMSNorm + gated MLP (SiLU(gate) * up → down) between two Linear layers."""
+
+    def __init__(self, hidden=32, intermediate=64):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+        cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate)
+        self.inp = nn.Linear(8, hidden)
+        self.norm = LlamaRMSNorm(hidden)
+        self.mlp = LlamaMLP(cfg)
+        self.head = nn.Linear(hidden, 5)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.head(h + self.mlp(self.norm(h)))
+
+
+class FunctionalRMSNorm(nn.Module):
+    """fc1 → RMS normalisation written out (no module) → fc2: the reduction is over the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class SoftmaxMix(nn.Module):
+    """fc1 → softmax over its channels → fc2."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.softmax(self.fc1(x), dim=-1))
+
+
+def tv_vit():
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                             hidden_dim=32, mlp_dim=64, num_classes=5)
+
+
+def timm_vit():
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                             depth=2, embed_dim=32, num_heads=2, num_classes=5)
+
+
+def convnext():
+    return timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1),
+                             dims=(16, 24, 32, 40), num_classes=5)
+
+
+def bert():
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64,
+                                  max_position_embeddings=32)
+    return transformers.BertModel(cfg, add_pooling_layer=False)
+
+
+def llama(layers=1):
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=layers, num_attention_heads=8,
+                                   num_key_value_heads=4, max_position_embeddings=32,
+                                   use_cache=False)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def image(seed=0):
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def tokens(seed=0):
+    return torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def sequence(seed=0):
+    return torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(seed))
+
+
+# (builder, example inputs, the groups C-SGD must cluster: the MLP hidden widths)
+MODELS = {
+    "encoder": (Encoder, sequence, ["enc.layers.0.linear1", "enc.layers.1.linear1"]),
+    "llama_mlp": (LlamaMLPNet, sequence, ["mlp.gate_proj"]),
+    "tv_vit": (tv_vit, image, ["encoder.layers.encoder_layer_0.mlp.0",
+                               "encoder.layers.encoder_layer_1.mlp.0"]),
+    "timm_vit": (timm_vit, image, ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]),
+    "convnext": (convnext, image, [f"stages.{i}.blocks.0.mlp.fc1" for i in range(4)]),
+    "bert": (bert, tokens, ["encoder.layer.0.intermediate.dense",
+                            "encoder.layer.1.intermediate.dense"]),
+}
+
+
+def build(key, seed=0):
+    make, inputs, expected = MODELS[key]
+    torch.manual_seed(seed)
+    return make().eval(), inputs(), expected
+
+
+def output(model, x):
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def collapse_clusters(csgd: CSGD) -> None:
+    """Force convergence: every cluster member becomes a copy of the cluster's kept channel, in
+    every tensor C-SGD transforms (and BN running statistics)."""
+    with torch.no_grad():
+        for g, c in zip(csgd.groups, csgd.clusters, strict=True):
+            source = torch.from_numpy(c.kept[c.labels])
+            for name in list(g.producers) + list(g.bns):
+                m = csgd.graph.module(name)
+                for attr in ("weight", "bias", "running_mean", "running_var"):
+                    t = getattr(m, attr, None)
+                    if isinstance(t, torch.Tensor):
+                        t.copy_(t[source])
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert after[k].shape == v.shape and torch.equal(after[k], v), k
+
+
+# ---------------------------------------------------------------------------------------------
+# C-SGD: exact folds only
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_csgd_clusters_exactly_the_mlp_widths_and_folds_them_losslessly(key):
+    model, x, expected = build(key)
+    csgd = CSGD(model, x, 0.5, seed=0)
+    assert [g.name for g in csgd.groups] == expected
+    assert all(s.reasons for s in csgd.skipped)  # every skipped group says why
+    collapse_clusters(csgd)
+    before = output(model, x)
+    report = csgd.prune()
+    after = output(model, x)
+    assert after.shape == before.shape
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    assert report.params_after < report.params_before
+    assert [s.name for s in report.skipped] == [s.name for s in csgd.skipped]
+    for name, n_before, n_after in report.layers:
+        assert n_after == round(0.5 * n_before), name
+
+
+def test_transformer_encoder_residual_stream_is_never_clustered():
+    """The issue's case: default C-SGD pruned the residual stream 64 → 32 and moved the output by
+    0.29 even with fully collapsed clusters. Now it is skipped, by name, with the reasons."""
+    model, x, _ = build("encoder")
+    csgd = CSGD(model, x, 0.5)
+    skipped = {s.name: " ".join(s.reasons) for s in csgd.skipped}
+    assert list(skipped) == ["inp"]
+    for why in ("LayerNorm 'enc.layers.0.norm1'", "MultiheadAttention 'enc.layers.0.self_attn'",
+                "in_proj"):
+        assert why in skipped["inp"]
+    assert "inp" in str(csgd) or "skipped" in repr(csgd)
+    collapse_clusters(csgd)
+    csgd.prune()
+    assert model.inp.out_features == 32 and model.head.in_features == 32  # residual untouched
+    assert model.enc.layers[0].linear1.out_features == 32
+
+
+def test_strict_refuses_at_construction_naming_group_and_reason():
+    model, x, _ = build("encoder")
+    before = state(model)
+    with pytest.raises(ValueError, match=r"inp: .*LayerNorm 'enc\.layers\.0\.norm1'"):
+        CSGD(model, x, 0.5, strict=True)
+    assert_same_state(model, before)
+    with pytest.raises(TypeError, match="strict"):
+        CSGD(model, x, 0.5, strict=1)
+
+
+@pytest.mark.parametrize("key, group, why", [
+    ("timm_vit", "blocks.0.attn.qkv", "ScaledDotProduct"),
+    ("timm_vit", "patch_embed.proj", "parameter 'pos_embed'"),
+    ("bert", "encoder.layer.0.attention.self.query", "ScaledDotProduct"),
+    ("tv_vit", "conv_proj", "MultiheadAttention 'encoder.layers.encoder_layer_0.self_attention'"),
+    ("convnext", "stem.0", "LayerNorm2d 'stem.1'"),
+    ("llama_mlp", "inp", "LlamaRMSNorm 'norm'"),
+])
+def test_attention_norms_and_embeddings_block_the_fold(key, group, why):
+    model, x, _ = build(key)
+    csgd = CSGD(model, x, 0.5)
+    skipped = {s.name: " ".join(s.reasons) for s in csgd.skipped}
+    assert why in skipped[group]
+
+
+@pytest.mark.parametrize("make, why", [(FunctionalRMSNorm, "reduction (Mean)"),
+                                       (SoftmaxMix, "operation Softmax")])
+def test_functional_channel_mixing_blocks_the_fold(make, why):
+    torch.manual_seed(0)
+    model = make()
+    with pytest.raises(ValueError, match=r"fc1: .*" + why.replace("(", r"\(").replace(")", r"\)")):
+        CSGD(model, torch.randn(3, 8), 0.5, strict=True)
+
+
+def test_fold_and_prune_refuses_a_group_it_cannot_fold_exactly():
+    model, x, _ = build("encoder")
+    csgd = CSGD(model, x, 0.5)
+    residual = next(g for g in csgd.graph.groups if g.name == "inp")
+    assert fold_blockers(residual)
+    before = state(model)
+    with pytest.raises(ValueError, match="cannot be folded exactly.*LayerNorm"):
+        fold_and_prune(residual, torch.arange(32) // 2)
+    assert_same_state(model, before)
+    mlp = csgd.groups[0]
+    assert fold_blockers(mlp) == []
+
+
+def test_without_collapse_the_mlp_fold_changes_outputs():
+    """The lossless checks above are not vacuous."""
+    model, x, _ = build("timm_vit")
+    csgd = CSGD(model, x, 0.5)
+    before = output(model, x)
+    csgd.prune()
+    assert (before - output(model, x)).abs().max() > 1e-3
+
+
+def test_cnn_groups_stay_exact():
+    """Residual adds, BatchNorm, max/avg pooling and flatten keep CNN groups foldable."""
+    from torchvision.models import resnet18
+
+    model = resnet18(weights=None, num_classes=5)
+    csgd = CSGD(model, image(), 0.5)
+    assert csgd.skipped == []
+    assert any(g.coupled for g in csgd.groups)
+
+
+@LLAMA_GROUPS_HANG
+def test_csgd_on_llama_folds_the_mlps_and_generate_works():
+    model = llama(layers=2).eval()
+    x = tokens()
+    csgd = CSGD(model, x, 0.5)
+    assert {g.name for g in csgd.groups} == {f"model.layers.{i}.mlp.gate_proj" for i in range(2)}
+    collapse_clusters(csgd)
+    before = output(model, x)
+    csgd.prune()
+    torch.testing.assert_close(output(model, x), before, atol=1e-5, rtol=1e-5)
+    assert model.model.layers[0].mlp.down_proj.in_features == 64
+    out = model.generate(x[:1, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+def test_csgd_leaves_model_as_it_was_when_nothing_is_foldable():
+    torch.manual_seed(0)
+    model = SoftmaxMix()
+    before = state(model)
+    with pytest.raises(ValueError, match="nothing C-SGD can prune.*Softmax"):
+        CSGD(model, torch.randn(3, 8), 0.5)
+    assert_same_state(model, before)
+    copy.deepcopy(model)(torch.randn(3, 8))
