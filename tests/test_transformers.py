@@ -310,3 +310,74 @@ def test_csgd_leaves_model_as_it_was_when_nothing_is_foldable():
         CSGD(model, torch.randn(3, 8), 0.5)
     assert_same_state(model, before)
     copy.deepcopy(model)(torch.randn(3, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# masks: attention's packed projections are masked, and reports say what was masked
+
+
+def _effective_zeros(model):
+    """(zeros, entries) over every Conv/Linear weight and MHA projection, as the forward sees."""
+    zeros = total = 0
+    for m in model.modules():
+        names = []
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            names = ["weight"]
+        elif isinstance(m, nn.MultiheadAttention):
+            names = (["in_proj_weight"] if m._qkv_same_embed_dim
+                     else ["q_proj_weight", "k_proj_weight", "v_proj_weight"])
+        for n in names:
+            w = getattr(m, n)
+            zeros, total = zeros + int((w == 0).sum()), total + w.numel()
+    return zeros, total
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_magnitude_prune_masks_multihead_attention_in_proj(scope):
+    from accelprune.masks import magnitude_prune, make_permanent, weight_sparsity
+
+    model, x, _ = build("encoder")
+    report = magnitude_prune(model, 0.5, scope=scope)
+    for i in range(2):
+        assert f"enc.layers.{i}.self_attn.in_proj_weight" in report
+        assert f"enc.layers.{i}.self_attn.out_proj.weight" in report
+    model(x)  # the masks are applied by a forward pre-hook
+    zeros, total = _effective_zeros(model)
+    assert zeros == round(0.5 * total) if scope == "global" else abs(zeros / total - 0.5) < 1e-2
+    assert weight_sparsity(model) == pytest.approx(zeros / total)
+    if scope == "layer":
+        assert report["enc.layers.0.self_attn.in_proj_weight"] == pytest.approx(0.5)
+    before = output(model, x)
+    make_permanent(model)
+    assert isinstance(model.enc.layers[0].self_attn.in_proj_weight, nn.Parameter)
+    torch.testing.assert_close(output(model, x), before)
+    assert _effective_zeros(model)[0] == zeros
+
+
+def test_masks_cover_separate_qkv_projections_and_gradient_scores():
+    from accelprune.masks import gradient_magnitude_prune, prunable_parameters
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, kdim=8, vdim=8, batch_first=True)
+    model = nn.ModuleDict({"attn": mha})
+    names = [n for _, n in prunable_parameters(model)]
+    assert names == ["q_proj_weight", "k_proj_weight", "v_proj_weight", "weight"]
+    q, kv = torch.randn(2, 3, 16), torch.randn(2, 5, 8)
+    mha(q, kv, kv)[0].sum().backward()
+    report = gradient_magnitude_prune(model, 0.25, scope="layer")
+    assert set(report) == {"attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight",
+                           "attn.out_proj.weight"}
+    assert all(v == pytest.approx(0.25, abs=0.01) for v in report.values())
+    mha(q, kv, kv)  # still runs with masked projections
+    assert int((mha.q_proj_weight == 0).sum()) == round(0.25 * mha.q_proj_weight.numel())
+
+
+def test_a_module_in_parameters_stands_for_its_attention_projection():
+    from accelprune.masks import magnitude_prune
+
+    model, x, _ = build("encoder")
+    attn = model.enc.layers[0].self_attn
+    report = magnitude_prune(model, 0.5, parameters=[attn, "enc.layers.1.self_attn"])
+    assert set(report) == {"enc.layers.0.self_attn.in_proj_weight",
+                           "enc.layers.1.self_attn.in_proj_weight"}
+    assert model.inp.weight.ne(0).all()  # nothing else was masked
