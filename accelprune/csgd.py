@@ -529,12 +529,13 @@ class CSGD:
 
 # grad_fn names (without the "Backward<n>" suffix) of operations that act on every channel on its
 # own: element-wise arithmetic and activations, moves of data, dropout, per-channel pooling.
+# Left out on purpose: repeat / flip / roll (they may duplicate or reorder the channels).
 _PER_CHANNEL_OPS = frozenset("""
     Add Sub Mul Div Neg Abs Exp Log Pow Sqrt Rsqrt Erf Reciprocal Sign Clamp ClampMin ClampMax
     Relu Relu6 Gelu Silu Sigmoid Tanh Hardtanh Hardswish Hardsigmoid LeakyRelu Elu Selu Celu
     Softplus Mish Threshold Where MaskedFill
     ToCopy Clone Alias View UnsafeView Reshape Permute Transpose T Squeeze Unsqueeze Expand
-    Select Slice Cat Split SplitWithSizes Unbind Stack Flip Roll ConstantPadNd Repeat Narrow
+    Select Slice Cat Split SplitWithSizes Unbind Stack ConstantPadNd Narrow
     NativeDropout Dropout
     AvgPool1D AvgPool2D AvgPool3D MaxPool2DWithIndices MaxPool3DWithIndices AdaptiveAvgPool2D
     AdaptiveAvgPool3D AdaptiveMaxPool2D AdaptiveMaxPool3D UpsampleNearest1D UpsampleNearest2D

@@ -268,8 +268,9 @@ class REPrune:
             else:
                 self.groups.append(g)
         if not self.groups:
+            skipped = "".join(f"; {name}: {why}" for name, why in self.skipped.items())
             raise ValueError("the model has no prunable layers (after ignored_layers, the stem and "
-                             "coupled groups are left out)")
+                             f"coupled groups are left out){skipped}")
         for g in self.groups:
             self._check_group(g)
         self.original_widths = [g.n_channels for g in self.groups]

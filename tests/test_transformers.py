@@ -529,3 +529,19 @@ def test_csgd_on_llama_with_attention_skips_heads_and_residual_stream():
     csgd = CSGD(model, tokens(), 0.5)
     assert {g.name for g in csgd.groups} == {f"model.layers.{i}.mlp.gate_proj" for i in range(2)}
     assert csgd.skipped  # q/k/v (attention) and the residual stream (RMSNorm, embeddings)
+
+
+def test_reprune_refuses_attention_only_model_naming_why_and_leaves_it_unchanged():
+    from accelprune import REPrune
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.Linear(4, 16), nn.TransformerEncoder(layer, 1,
+                                                                   enable_nested_tensor=False),
+                          nn.Linear(16, 3)).eval()
+    before = state(model)
+    x = torch.randn(2, 5, 4)
+    pruner = REPrune(model, x, 0.5, prune_coupled=True)
+    assert "attention" in pruner.skipped["0"]
+    assert [g.name for g in pruner.groups] == ["1.layers.0.linear1"]
+    assert_same_state(model, before)
