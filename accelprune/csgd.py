@@ -40,10 +40,8 @@ What is clustered, and how (this module's decisions where the paper leaves thing
   and must all keep the same local channels: the B blocks then share one clustering of the
   n/B positions (k = B·max(1, round((1 - sparsity)·n/B))). Depthwise convs are per channel: their
   filters, biases and BNs are clustered with the group, like any producer's.
-* **k-means** for groups of 1024+ filters under ``kmeans_backend="auto"``:
-  :func:`accelprune.kmeans.kmeans` (torch, GEMM distances, on the weights' device, seeded with
-  ``seed + group index``); otherwise (:func:`accelprune.selection.cluster_filters`):
-  :func:`scipy.cluster.vq.kmeans2` with ``minit="++"`` seeded by
+* **k-means** (:func:`accelprune.selection.cluster_filters`): :func:`scipy.cluster.vq.kmeans2`
+  with ``minit="++"`` seeded by
   ``numpy.random.default_rng(seed + group index)`` (the ``++`` seeding is computed here with
   scipy's exact random draws, in O(n·k·d) instead of scipy's O(n·k²·d); see
   :func:`accelprune.selection.cluster_filters`). kmeans2 can return empty clusters, and its
@@ -90,31 +88,6 @@ from accelprune.tables import format_table
 
 __all__ = ["CSGD", "CSGDReport", "ClusterAssignment", "Deviation", "SkippedGroup",
            "TransformedParam", "feeds_attention", "fold_and_prune", "fold_blockers"]
-
-# Groups with at least this many filters (per conv-group block) are clustered by the torch
-# k-means (accelprune.kmeans) under kmeans_backend="auto": scipy's float64 kmeans2 takes ~15 s on
-# a ViT-B MLP group (3072 filters) and extrapolates to ~17 min on a LLaMA-7B one; below, scipy's
-# exact k-means++ stays the default (every ResNet/VGG layer up to 1024 channels).
-TORCH_KMEANS_MIN_ROWS = 1024
-
-
-def _has_torch_kmeans() -> bool:
-    try:
-        import accelprune.kmeans  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _torch_kmeans():
-    """:func:`accelprune.kmeans.kmeans`, or an ImportError saying what is missing."""
-    try:
-        from accelprune.kmeans import kmeans
-    except ImportError as e:
-        raise ImportError("kmeans_backend='torch' needs accelprune.kmeans (the batched torch "
-                          f"k-means), which this installation lacks: {e}") from e
-    return kmeans
-
 
 # Biases and BN affine params are pulled together 10x more gently than kernels, and not decayed.
 _SECONDARY_CENTRIPETAL = 0.1
@@ -224,13 +197,6 @@ class CSGD:
     seed: k-means seed; group i uses ``seed + i`` (i counts the clustered groups).
     backend: ``"auto"`` | ``"triton"`` | ``"reference"``, for
         :func:`accelprune.kernels.csgd_transform_` (``"auto"``: Triton on CUDA tensors).
-    kmeans_backend: ``"auto"`` | ``"torch"`` | ``"reference"``: who runs ``"kmeans"``
-        clustering. ``"reference"``: scipy's float64 kmeans2 (:func:`cluster_filters`);
-        ``"torch"``: :func:`accelprune.kmeans.kmeans` (batched k-means++ seeding and GEMM Lloyd
-        iterations, float32, on the weights' device); ``"auto"``: torch for groups of at least
-        ``TORCH_KMEANS_MIN_ROWS`` (1024) filters per block, scipy below (every CNN layer up to
-        1024 channels keeps its exact scipy clustering), scipy everywhere when
-        :mod:`accelprune.kmeans` is not installed.
     process_group: the torch.distributed group whose ranks must agree (default: the world).
     progress: a tqdm bar while tracing the model.
     """
@@ -238,8 +204,8 @@ class CSGD:
     def __init__(self, model: nn.Module, example_inputs, sparsity: float, *,
                  centripetal_strength: float = 3e-3, weight_decay: float = 1e-4,
                  clustering: str = "kmeans", ignored_layers=None, prune_coupled: bool = True,
-                 strict: bool = False, seed: int = 0, backend: str = "auto",
-                 kmeans_backend: str = "auto", process_group=None, progress: bool = False):
+                 strict: bool = False, seed: int = 0, backend: str = "auto", process_group=None,
+                 progress: bool = False):
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         if not isinstance(model, nn.Module):
@@ -251,14 +217,6 @@ class CSGD:
             raise ValueError(f"unknown clustering {clustering!r}; "
                              f"expected one of {list(CLUSTERINGS)}")
         self.clustering = clustering
-        if kmeans_backend not in ("auto", "torch", "reference"):
-            raise ValueError(f"unknown kmeans_backend {kmeans_backend!r}; expected 'auto', "
-                             "'torch' or 'reference'")
-        if kmeans_backend == "torch":
-            _torch_kmeans()  # fails here, naming what is missing
-        elif kmeans_backend == "auto" and not _has_torch_kmeans():
-            kmeans_backend = "reference"
-        self.kmeans_backend = kmeans_backend
         self.seed = check_int(seed, "seed", low=0)
         resolve(backend, fast="triton")  # a bad name fails here, not at the first step
         self.backend, self.process_group = backend, process_group
@@ -332,20 +290,11 @@ class CSGD:
             seen[id(t.param)] = g.name
         return found
 
-    def _features(self, gi: int, torch_path: bool = False):
-        """The group's filters (n, Σ F): its producers' kernels flattened and concatenated; a
-        float64 numpy array for scipy, or a float32 tensor on the weights' device for torch."""
+    def _features(self, gi: int) -> np.ndarray:
+        """The group's filters (n, Σ F): its producers' kernels flattened and concatenated."""
         kernels = [t.param.detach() for t in self._transformed if t.group == gi and t.kernel]
-        if torch_path:
-            return torch.cat([k.reshape(k.shape[0], -1).float() for k in kernels], dim=1)
         rows = [k.reshape(k.shape[0], -1).cpu().double() for k in kernels]
         return torch.cat(rows, dim=1).numpy()
-
-    def _uses_torch_kmeans(self, per_block: int) -> bool:
-        """Whether a group of ``per_block`` filters per block is clustered by torch k-means."""
-        if self.clustering != "kmeans" or self.kmeans_backend == "reference":
-            return False
-        return self.kmeans_backend == "torch" or per_block >= TORCH_KMEANS_MIN_ROWS
 
     def _cluster_all(self) -> list[np.ndarray]:
         """Labels per group. With grouped convs the channels' B blocks share one clustering of
@@ -355,17 +304,11 @@ class CSGD:
         for gi, g in enumerate(self.groups):
             blocks = g.blocks
             per_block = g.n_channels // blocks
-            fast = self._uses_torch_kmeans(per_block)
-            features = self._features(gi, fast).reshape(blocks, per_block, -1)
-            features = features.transpose(1, 0) if fast else features.transpose(1, 0, 2)
-            features = features.reshape(per_block, -1)
+            features = self._features(gi).reshape(blocks, per_block, -1)
+            features = features.transpose(1, 0, 2).reshape(per_block, -1)
             k = max(1, round((1 - self.sparsity) * per_block))
             try:
-                if fast:
-                    local = _torch_kmeans()(features, k, seed=self.seed + gi)
-                else:
-                    local = cluster_filters(features, k, method=self.clustering,
-                                            seed=self.seed + gi)
+                local = cluster_filters(features, k, method=self.clustering, seed=self.seed + gi)
             except ValueError as e:
                 raise ValueError(f"cannot cluster group {g.name!r}: {e}") from None
             out.append((np.arange(blocks)[:, None] * k + local[None, :]).reshape(-1))

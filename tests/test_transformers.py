@@ -481,56 +481,6 @@ def test_reprune_on_llama_prunes_gate_up_and_down_and_generate_works():
     assert model.generate(x[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
 
 
-# ---------------------------------------------------------------------------------------------
-# C-SGD clustering at LLM scale: torch k-means for large groups
-
-
-def _inertia(X: torch.Tensor, labels) -> float:
-    labels = torch.as_tensor(labels)
-    k = int(labels.max()) + 1
-    sums = torch.zeros(k, X.shape[1], dtype=torch.float64).index_add_(0, labels, X.double())
-    means = sums / torch.bincount(labels, minlength=k)[:, None]
-    return float(((X.double() - means[labels]) ** 2).sum())
-
-
-def test_large_groups_use_torch_kmeans_and_match_scipy_inertia():
-    """k = n/2 clusters of 1200 random filters: the torch path (blocked k-means++ seeding, GEMM
-    Lloyd) and scipy's exact one are different local optima; their inertias must agree."""
-    pytest.importorskip("accelprune.kmeans")
-    from accelprune.csgd import TORCH_KMEANS_MIN_ROWS
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 1200), nn.ReLU(), nn.Linear(1200, 3))
-    x = torch.randn(2, 16)
-    assert model[0].out_features >= TORCH_KMEANS_MIN_ROWS
-    fast = CSGD(model, x, 0.5, kmeans_backend="auto")
-    ref = CSGD(model, x, 0.5, kmeans_backend="reference")
-    assert fast._uses_torch_kmeans(1200) and not ref._uses_torch_kmeans(1200)
-    a, b = fast.clusters[0], ref.clusters[0]
-    assert a.n_clusters == b.n_clusters == 600 == len(set(a.labels.tolist()))
-    assert (a.kept == sorted(a.kept)).all() and a.labels[0] == 0  # first-appearance numbering
-    W = torch.cat([model[0].weight, model[0].bias[:, None]], 1).detach()
-    assert _inertia(W, a.labels) <= 1.05 * _inertia(W, b.labels)
-    small = CSGD(build("encoder")[0], sequence(), 0.5)  # 64 filters: scipy's exact path
-    assert not small._uses_torch_kmeans(64)
-
-
-def test_kmeans_backend_argument():
-    model, x, _ = build("encoder")
-    with pytest.raises(ValueError, match="kmeans_backend"):
-        CSGD(model, x, 0.5, kmeans_backend="sklearn")
-    ref = CSGD(model, x, 0.5, kmeans_backend="reference")
-    assert not ref._uses_torch_kmeans(10**6)
-
-
-@LLAMA_GROUPS_HANG
-def test_csgd_on_llama_with_attention_skips_heads_and_residual_stream():
-    model = llama(layers=2).eval()
-    csgd = CSGD(model, tokens(), 0.5)
-    assert {g.name for g in csgd.groups} == {f"model.layers.{i}.mlp.gate_proj" for i in range(2)}
-    assert csgd.skipped  # q/k/v (attention) and the residual stream (RMSNorm, embeddings)
-
-
 def test_reprune_refuses_attention_only_model_naming_why_and_leaves_it_unchanged():
     from accelprune import REPrune
 
