@@ -495,3 +495,11 @@ def test_reprune_refuses_attention_only_model_naming_why_and_leaves_it_unchanged
     assert "attention" in pruner.skipped["0"]
     assert [g.name for g in pruner.groups] == ["1.layers.0.linear1"]
     assert_same_state(model, before)
+
+
+@LLAMA_GROUPS_HANG
+def test_csgd_on_llama_with_attention_skips_heads_and_residual_stream():
+    model = llama(layers=2).eval()
+    csgd = CSGD(model, tokens(), 0.5)
+    assert {g.name for g in csgd.groups} == {f"model.layers.{i}.mlp.gate_proj" for i in range(2)}
+    assert csgd.skipped  # q/k/v (attention) and the residual stream (RMSNorm, embeddings)
