@@ -13,6 +13,7 @@ from accelprune.cluster import (
 )
 from accelprune.coverage import CoverageResult, max_coverage, max_coverage_ref  # numba: lazily
 from accelprune.csgd import CSGD, CSGDReport, fold_and_prune
+from accelprune.depth import LayerPruneResult, SkippedBlock, find_blocks, prune_layers
 from accelprune.fusion import find_conv_bn_pairs, fuse_conv_bn
 from accelprune.graph import ChannelGroup, ModelGraph, prune_channels
 from accelprune.importance import (
@@ -41,10 +42,11 @@ from accelprune.masks import (
     weight_sparsity,
 )
 from accelprune.pruning import METHODS, prune, prune_to_macs, prune_with, sparsity_for_macs
-from accelprune.reporting import Report, measure_latency, model_stats, report
+from accelprune.reporting import Report, measure_latency, model_stats, plot_importance, report
 from accelprune.reprune import REPrune, REPruneReport
 from accelprune.schedule import SCHEDULES, SparsitySchedule, sparsity_at
 from accelprune.selection import cluster_filters, layer_keep_counts, reprune_select
+from accelprune.semi_structured import NMReport, is_nm_sparse, nm_prune, to_semi_structured
 from accelprune.serialization import load, save
 
 __version__ = "0.1.0"
@@ -62,4 +64,6 @@ __all__ = [
     "prune_to_macs", "prune_with", "report", "reprune_select", "save", "sparsity_at",
     "sparsity_for_macs", "ward_linkage", "ward_linkage_batched", "ward_linkage_batched_ref",
     "ward_linkage_ref", "weight_sparsity",
+    "LayerPruneResult", "SkippedBlock", "find_blocks", "prune_layers", "NMReport", "is_nm_sparse",
+    "nm_prune", "to_semi_structured", "plot_importance",
 ]

@@ -308,7 +308,9 @@ class CSGD:
             features = features.transpose(1, 0, 2).reshape(per_block, -1)
             k = max(1, round((1 - self.sparsity) * per_block))
             try:
-                local = cluster_filters(features, k, method=self.clustering, seed=self.seed + gi)
+                local = cluster_filters(features, k, method=self.clustering, seed=self.seed + gi,
+                                        backend="reference" if self.backend == "reference"
+                                        else "auto")
             except ValueError as e:
                 raise ValueError(f"cannot cluster group {g.name!r}: {e}") from None
             out.append((np.arange(blocks)[:, None] * k + local[None, :]).reshape(-1))

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from accelprune import surgery
 from accelprune._validation import as_int_array
+from accelprune.group_search import find_groups, pruning_group
 from accelprune.layers import BATCHNORM_TYPES, PRODUCER_TYPES, blocks_of, is_depthwise
 from accelprune.tracing import (
     ForwardDiagnosis,
@@ -92,7 +93,9 @@ class ChannelGroup:
         DG = self._graph.DG
         if idxs is None:
             idxs = range(int(DG.get_out_channels(self._root)))
-        return DG.get_pruning_group(self._root, self._root_fn, [int(i) for i in idxs])
+        # Torch-Pruning's own get_pruning_group never ends on some graphs (e.g. LLaMA's rotary
+        # embedding): accelprune.group_search walks the same edges in linear time
+        return pruning_group(DG, self._root, self._root_fn, [int(i) for i in idxs])
 
 
 class ModelGraph:
@@ -139,14 +142,9 @@ class ModelGraph:
         self._order = {n: i for i, n in enumerate(self._names.values())}
         self.ignored_layers = self._resolve_ignored(ignored_layers)
 
-        bar = tqdm(total=None, desc="tracing model", unit="group", disable=not progress,
-                   leave=False)
-        try:
+        with tqdm(total=None, desc="tracing model", disable=not progress, leave=False):
             self.DG = self._build_dependency()
-            bar.set_description("channel groups")
-            self.groups, self.all_groups = self._find_groups(bar)
-        finally:
-            bar.close()
+        self.groups, self.all_groups = self._find_groups(progress)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -210,19 +208,14 @@ class ModelGraph:
                 f"(.detach(), .data, .numpy(), .item(), torch.no_grad(), integer ops)")
         return DG
 
-    def _find_groups(self, bar) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
-        DG = self.DG
-        roots = [m for m in DG.module2node if isinstance(m, PRODUCER_TYPES)]
-        bar.reset(total=len(roots))
+    def _find_groups(self, progress: bool) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
         groups, to_output = [], set()
-        for tp_group in DG.get_all_groups(ignored_layers=self.ignored_layers,
-                                          root_module_types=PRODUCER_TYPES):
+        for tp_group in find_groups(self.DG, ignored_layers=self.ignored_layers,
+                                    root_module_types=PRODUCER_TYPES, progress=progress):
             g = self._describe(tp_group)
             groups.append(g)
             if self._reaches_output(tp_group):
                 to_output.add(g.name)
-            bar.update(len(g.producers))
-        bar.update(bar.total - bar.n)
         groups.sort(key=lambda g: self._order[g.name])
         prunable = [g for g in groups
                     if g.name not in to_output and (self.prune_coupled or not g.coupled)]

@@ -255,9 +255,9 @@ class REPruneImportance(tp.importance.Importance):
 
     A pruner removes the lowest-scored channels; this importance scores the filters REPrune keeps
     highest, in selection order (the first selected scores highest), and the others below them
-    (by their L1 norm, scaled into [0, 0.5]). With ``sparsity`` equal to the ``pruning_ratio`` r
-    of a one-step MetaPruner (local pruning, the default), the pruner keeps exactly the REPrune
-    selection for ``k = int(n * (1 - r))``, the count MetaPruner keeps.
+    (by their L1 norm, scaled into [0, 0.5]). With ``sparsity`` equal to the ratio r given to
+    a one-step MetaPruner's ``pruning_ratio`` (local pruning, the default), the pruner keeps
+    exactly the REPrune selection for ``k = int(n * (1 - r))``, the count MetaPruner keeps.
 
     Producers of a group (its Conv/Linear layers whose outputs are pruned, ``groups == 1``) are
     pooled as in :func:`reprune_select` with a list of weights. Groups without one score None

@@ -18,6 +18,7 @@ reported beside it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -64,16 +65,50 @@ def model_stats(model: nn.Module, example_inputs) -> dict:
 
     MACs are per input sample (counted on the first sample of ``example_inputs``) by
     Torch-Pruning's op counter (see the module docstring for its convention). The model is not
-    modified (the counter works on a deep copy) and its train/eval flags are kept.
+    modified and its train/eval flags are kept. The counter runs on a twin of the model whose
+    tensors live on the ``meta`` device (shapes only, no memory), so counting a large model
+    never needs a second copy of its weights; a model whose forward cannot run on meta tensors
+    (data-dependent control flow) is counted on a real copy instead.
     """
-    import torch_pruning as tp
-
     _check_model(model)
-    inputs = check_example_inputs(example_inputs)
+    inputs = first_sample(check_example_inputs(example_inputs))
     with torch.no_grad(), eval_mode(model):
-        macs, params = tp.utils.count_ops_and_params(model, first_sample(inputs))
+        try:
+            macs = _count_macs(_meta_twin(model), _to_meta(inputs))
+        except Exception:  # any failure on meta tensors: count on real ones
+            macs = _count_macs(model, inputs)
+    params = sum(p.numel() for p in model.parameters())
     nonzero = sum(int(torch.count_nonzero(p.detach() * m)) for p, m in _effective_weights(model))
     return {"params": int(params), "macs": int(round(macs)), "nonzero_params": nonzero}
+
+
+def _count_macs(model: nn.Module, inputs) -> float:
+    import torch_pruning as tp
+
+    return tp.utils.count_ops_and_params(model, inputs)[0]  # works on its own deep copy
+
+
+def _meta_twin(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are meta tensors (no storage)."""
+    memo = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None and id(p) not in memo:
+                memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+        for b in module._buffers.values():
+            if b is not None and id(b) not in memo:
+                memo[id(b)] = b.to("meta")
+    return copy.deepcopy(model, memo)
+
+
+def _to_meta(inputs):
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to("meta")
+    if isinstance(inputs, dict):
+        return {k: _to_meta(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to_meta(v) for v in inputs)
+    return inputs
 
 
 def _effective_weights(model: nn.Module):
@@ -345,17 +380,39 @@ def plot_layer_widths(rep: Report, path: str | os.PathLike) -> str:
     return str(path)
 
 
+IMPORTANCE_PANELS = ("bars", "sorted", "hist")
+
+
 def plot_importance(scores, path: str | os.PathLike, *, threshold: float | None = None,
-                    prune_ratio: float | None = None, bins: int = 30,
-                    title: str | None = None) -> str:
-    """Histogram of a layer's per-filter importance with the prune threshold marked (seed 001's
-    figure), saved to ``path``.
+                    sparsity: float | None = None, bins: int = 30,
+                    title: str | None = None, panels=IMPORTANCE_PANELS) -> str:
+    """Seed 001's importance figure for one layer, saved to ``path`` (format from the suffix).
+
+    Panels, left to right (``panels`` picks and orders them):
+
+    * ``"bars"``: one bar per channel, in channel order; the channels that would be pruned in
+      red, the threshold as a dashed line;
+    * ``"sorted"``: the scores sorted ascending (rank on x), the threshold as a dashed
+      horizontal line and the cut (how many go) as a dotted vertical one;
+    * ``"hist"``: the histogram of the scores (``bins``), the threshold as a vertical line.
 
     scores: 1-D scores, or a Conv/Linear module (then its filters' L1 norms, Σ|W_i|).
-    threshold: the score at or below which filters are pruned; or ``prune_ratio`` in [0, 1): the
-        threshold is the score of the ``round(prune_ratio * n)``-th smallest filter.
-        Neither: no line is drawn.
+    threshold: channels scoring at or below it are pruned; or ``sparsity`` in [0, 1): the
+        ``round(sparsity · n)`` lowest-scored channels are pruned (ties: the earlier
+        channel first, as :func:`accelprune.prune` does), the threshold is the highest of
+        their scores. Neither: no line is drawn, nothing is red.
+    Returns the path as a string.
     """
+    values, pruned, threshold = _importance_inputs(scores, threshold, sparsity)
+    bins = check_int(bins, "bins", low=1)
+    panels = _check_panels(panels)
+    fig = _importance_figure(values, pruned, threshold, bins, title, panels)
+    fig.savefig(path)
+    return str(path)
+
+
+def _importance_inputs(scores, threshold, sparsity):
+    """(scores as float64, bool mask of pruned channels, threshold or None), checked."""
     from accelprune._validation import as_float64_array, check_fraction
 
     if isinstance(scores, nn.Module):
@@ -369,26 +426,78 @@ def plot_importance(scores, path: str | os.PathLike, *, threshold: float | None 
     values = as_float64_array(scores, "scores", ndim=1)
     if values.size == 0:
         raise ValueError("scores is empty")
-    if threshold is not None and prune_ratio is not None:
-        raise ValueError("give either threshold or prune_ratio, not both")
-    if prune_ratio is not None:
-        ratio = check_fraction(prune_ratio, "prune_ratio")
+    if threshold is not None and sparsity is not None:
+        raise ValueError("give either threshold or sparsity, not both")
+    pruned = np.zeros(values.size, dtype=bool)
+    if sparsity is not None:
+        ratio = check_fraction(sparsity, "sparsity")
         k = int(round(ratio * values.size))
-        threshold = float(np.sort(values)[k - 1]) if k > 0 else None
+        order = np.argsort(values, kind="stable")
+        pruned[order[:k]] = True
+        threshold = float(values[order[k - 1]]) if k > 0 else None
     elif threshold is not None:
         threshold = _finite(threshold, "threshold")
-    bins = check_int(bins, "bins", low=1)
-    fig, ax = new_figure((6, 4))
-    ax.hist(values, bins=bins, color="tab:blue", alpha=0.8)
-    if threshold is not None:
-        pruned = int((values <= threshold).sum())
-        ax.axvline(threshold, color="r", linestyle="--",
-                   label=f"threshold {threshold:.4g} ({pruned}/{values.size} pruned)")
-        ax.legend()
-    ax.set_xlabel("filter importance (L1 norm)")
-    ax.set_ylabel("filters")
-    ax.set_title(title or "Filter importance distribution")
-    ax.grid(True, alpha=0.3)
+        pruned = values <= threshold
+    return values, pruned, threshold
+
+
+def _check_panels(panels) -> tuple[str, ...]:
+    if isinstance(panels, str):
+        panels = (panels,)
+    try:
+        panels = tuple(panels)
+    except TypeError:
+        raise TypeError(f"panels must be a sequence of names from {IMPORTANCE_PANELS}, got "
+                        f"{type(panels).__name__}") from None
+    if not panels:
+        raise ValueError("panels is empty")
+    for p in panels:
+        if p not in IMPORTANCE_PANELS:
+            raise ValueError(f"unknown panel {p!r}; expected some of {IMPORTANCE_PANELS}")
+    if len(set(panels)) != len(panels):
+        raise ValueError(f"panels repeats a panel: {panels}")
+    return panels
+
+
+def _importance_figure(values, pruned, threshold, bins, title, panels):
+    """The figure of :func:`plot_importance` (returned, for tests to look inside)."""
+    n = values.size
+    fig, first = new_figure((5.0 * len(panels), 4))
+    fig.delaxes(first)  # new_figure makes one axes; this figure has a row of them
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    count = f" ({int(pruned.sum())}/{n} pruned)" if threshold is not None else ""
+    for ax, panel in zip(axes, panels, strict=True):
+        if panel == "bars":
+            colors = np.where(pruned, "tab:red", "tab:blue")
+            ax.bar(np.arange(n), values, color=list(colors), width=0.8)
+            if threshold is not None:
+                ax.axhline(threshold, color="r", linestyle="--",
+                           label=f"threshold {threshold:.4g}{count}")
+                ax.legend()
+            ax.set_xlabel("channel index")
+            ax.set_ylabel("importance")
+            ax.set_title("Importance per channel")
+        elif panel == "sorted":
+            ax.plot(np.arange(n), np.sort(values), "b-", marker="." if n <= 64 else None)
+            if threshold is not None:
+                ax.axhline(threshold, color="r", linestyle="--",
+                           label=f"threshold {threshold:.4g}{count}")
+                ax.axvline(int(pruned.sum()) - 0.5, color="r", linestyle=":")
+                ax.legend()
+            ax.set_xlabel("rank")
+            ax.set_ylabel("importance")
+            ax.set_title("Sorted importance")
+        else:
+            ax.hist(values, bins=bins, color="tab:blue", alpha=0.8)
+            if threshold is not None:
+                ax.axvline(threshold, color="r", linestyle="--",
+                           label=f"threshold {threshold:.4g}{count}")
+                ax.legend()
+            ax.set_xlabel("filter importance")
+            ax.set_ylabel("filters")
+            ax.set_title("Importance distribution")
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
-    return str(path)
+    return fig

@@ -22,8 +22,8 @@ from torch import nn
 import accelprune
 from accelprune import selection as selection_mod
 from accelprune.csgd import CSGD
-from accelprune.selection import cluster_filters
 from accelprune.models import resnet20, vgg_small
+from accelprune.selection import cluster_filters
 
 ETA, EPS = 1e-3, 0.05
 
@@ -49,7 +49,7 @@ def test_kmeans_is_scipys_kmeans2_plus_plus(n, d, frac, seed):
     reimplemented for speed with scipy's random draws)."""
     X = np.random.default_rng(seed).normal(size=(n, d))
     k = max(1, round(frac * n))
-    labels = cluster_filters(X, k, seed=seed)
+    labels = cluster_filters(X, k, seed=seed, backend="reference")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="One of the clusters is empty")
         _, raw = kmeans2(X, k, minit="++", **{KMEANS_RNG: np.random.default_rng(seed)})
@@ -109,7 +109,7 @@ def test_empty_kmeans_clusters_are_repaired_by_splitting_off_the_farthest_row(mo
         return centres, np.array([0, 0, 0, 1, 1, 1])
 
     monkeypatch.setattr(selection_mod, "kmeans2", kmeans2_with_empty_cluster)
-    labels = cluster_filters(X, 3)
+    labels = cluster_filters(X, 3, backend="reference")
     # cluster {5.0, 9.0, 5.1} has mean 6.37: 9.0 is the farthest row and becomes its own cluster
     np.testing.assert_array_equal(labels, [0, 0, 0, 1, 2, 1])
 
@@ -130,6 +130,18 @@ def test_cluster_filters_does_not_modify_input():
 def test_cluster_filters_bad_k(k, exc, match):
     with pytest.raises(exc, match=match):
         cluster_filters(np.zeros((5, 3)), k)
+
+
+def test_fast_kmeans_is_the_reference_where_seeding_is_exact():
+    """k <= 17: the torch k-means seeds exactly as scipy's k-means++ (blocked seeding only
+    differs above), so on well-separated data both give the same partition."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(12, 6)) * 20
+    X = centres[rng.integers(0, 12, 90)] + rng.normal(size=(90, 6)) * 0.1
+    fast = cluster_filters(X, 12, seed=4)
+    np.testing.assert_array_equal(fast, cluster_filters(X, 12, seed=4, backend="reference"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        cluster_filters(X, 12, backend="scipy")
 
 
 def test_cluster_filters_bad_input():
@@ -332,7 +344,8 @@ def test_hook_composes_with_momentum(resnet_csgd):
         backward_once(model_b, seed=step)
         manual.apply_gradients()
         opt_b.step()
-    for (na, pa), (nb, pb) in zip(model_a.named_parameters(), model_b.named_parameters(), strict=True):
+    pairs = zip(model_a.named_parameters(), model_b.named_parameters(), strict=True)
+    for (na, pa), (_, pb) in pairs:
         assert torch.equal(pa, pb), na
     # momentum really was in play: the transformed update differs from a plain one
     assert all(opt_a.state[t.param].get("momentum_buffer") is not None for t in hooked.transformed)
@@ -429,7 +442,8 @@ def test_training_converges_and_pruning_is_lossless():
     report = csgd.prune()
     assert_lossless(before, logits(model, test_x))
     assert report.params_after < report.params_before and report.macs_after < report.macs_before
-    assert all(after == c.n_clusters for (_, _, after), c in zip(report.layers, csgd.clusters, strict=True))
+    layers = zip(report.layers, csgd.clusters, strict=True)
+    assert all(after == c.n_clusters for (_, _, after), c in layers)
 
 
 def test_lossless_on_torchvision_resnet18():

@@ -125,7 +125,8 @@ def test_load_restores_pruned_shapes_in_process(tmp_path):
         k: v.shape for k, v in model.state_dict().items()
     }
     assert all(
-        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
+        torch.equal(a, b)
+        for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
     )
 
 

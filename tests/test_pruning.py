@@ -253,3 +253,242 @@ def test_grouped_convs_lose_the_same_channels_in_every_group():
     # 10 of the 20 channels of the 3 groups, short by less than one unit of 2 at most
     assert 10 <= m[0].out_channels + m[3].out_channels + m[6].out_channels < 12
     assert m(x).shape == (2, 3)
+
+
+# -- per-layer control: round_to, max_sparsity, layer_sparsity, normalize ----------------------
+
+RESNET20_GROUPS = [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+
+
+def _group_widths(model):
+    return {n: model.get_submodule(n).out_channels for n in RESNET20_GROUPS}
+
+
+def _resnet20():
+    torch.manual_seed(0)
+    return models.resnet20(), torch.randn(1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("sparsity,expected", [(0.3, (16, 24, 48)), (0.5, (8, 16, 32))])
+def test_round_to_rounds_kept_widths_up_to_a_multiple(sparsity, expected):
+    # 0.3: 16 -> 12 rounds back to 16 (untouched); 32 -> 23 -> 24; 64 -> 45 -> 48
+    model, x = _resnet20()
+    accelprune.prune(model, x, sparsity, "l1", round_to=8)
+    widths = _group_widths(model)
+    assert widths == {n: expected[int(n[5]) - 1] for n in RESNET20_GROUPS}
+    assert model(x).shape == (1, 10)
+
+
+def test_round_to_under_global_ranking_keeps_multiples():
+    model, x = _resnet20()
+    accelprune.prune(model, x, 0.4, "l1", global_ranking=True, round_to=8)
+    widths = _group_widths(model)
+    assert all(w % 8 == 0 for w in widths.values())
+    assert sum(widths.values()) >= 336 - math.floor(0.4 * 336)  # rounding only keeps more
+
+
+def test_round_to_counts_whole_blocks_of_grouped_convs():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 36, 3),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    # 8 channels in 2 blocks of 4: 0.25 drops one unit (2 channels), kept 6 rounds up to 8
+    m = accelprune.prune(copy.deepcopy(model), x, 0.25, "l1", round_to=4)
+    assert m[0].out_channels == 8
+    m = accelprune.prune(copy.deepcopy(model), x, 0.5, "l1", round_to=4)
+    assert m[0].out_channels == 4 and m(x).shape == (2, 3)
+
+
+def test_max_sparsity_caps_global_ranking():
+    model, x = _resnet20()
+    with torch.no_grad():
+        model.layer1[0].conv1.weight.mul_(1e-3)  # raw global ranking would empty this layer
+    raw = accelprune.prune(copy.deepcopy(model), x, 0.3, "l1", global_ranking=True,
+                           normalize=None)
+    assert raw.layer1[0].conv1.out_channels == 1
+    accelprune.prune(model, x, 0.3, "l1", global_ranking=True, normalize=None, max_sparsity=0.5)
+    widths = _group_widths(model)
+    assert widths["layer1.0.conv1"] == 8
+    before = {n: 16 * 2 ** (int(n[5]) - 1) for n in RESNET20_GROUPS}
+    assert all(before[n] - widths[n] <= math.floor(0.5 * before[n]) for n in widths)
+    assert sum(before.values()) - sum(widths.values()) == math.floor(0.3 * 336)
+
+
+def test_max_sparsity_caps_the_per_layer_default():
+    model, x = _resnet20()
+    accelprune.prune(model, x, 0.75, "l1", max_sparsity=0.5)
+    assert _group_widths(model) == {n: 8 * 2 ** (int(n[5]) - 1) for n in RESNET20_GROUPS}
+
+
+def test_layer_sparsity_overrides_by_layer_and_container():
+    model, x = _resnet20()
+    accelprune.prune(model, x, 0.25, "l1",
+                     layer_sparsity={"layer3": 0.75, "layer1.0.conv1": 0.5,
+                                     "layer2": 0.5, "layer2.1.conv1": 0.0})
+    assert _group_widths(model) == {
+        "layer1.0.conv1": 8, "layer1.1.conv1": 12, "layer1.2.conv1": 12,
+        "layer2.0.conv1": 16, "layer2.1.conv1": 32, "layer2.2.conv1": 16,
+        "layer3.0.conv1": 16, "layer3.1.conv1": 16, "layer3.2.conv1": 16,
+    }
+    assert model(x).shape == (1, 10)
+
+
+def test_layer_sparsity_under_global_ranking():
+    model, x = _resnet20()
+    accelprune.prune(model, x, 0.5, "l1", global_ranking=True, layer_sparsity={"layer3": 0.25})
+    widths = _group_widths(model)
+    assert all(widths[f"layer3.{b}.conv1"] == 48 for b in range(3))
+    rest = [n for n in RESNET20_GROUPS if not n.startswith("layer3")]
+    assert sum(widths[n] for n in rest) == 144 - math.floor(0.5 * 144)
+
+
+def test_layer_sparsity_alone_with_zero_sparsity():
+    model, x = _resnet20()
+    accelprune.prune(model, x, 0.0, "l1", layer_sparsity={"layer2.2.conv1": 0.5})
+    widths = _group_widths(model)
+    assert widths["layer2.2.conv1"] == 16
+    assert all(widths[n] == 16 * 2 ** (int(n[5]) - 1) for n in RESNET20_GROUPS
+               if n != "layer2.2.conv1")
+
+
+@pytest.mark.parametrize("normalize", ["mean", "max"])
+def test_normalised_global_ranking_ignores_each_layers_scale(normalize):
+    model, x = _resnet20()
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():  # L1 scores of a layer scale with its weights; normalised ones do not
+        for i, n in enumerate(RESNET20_GROUPS):
+            scaled.get_submodule(n).weight.mul_(10.0 ** (i % 4 - 1))
+    a = accelprune.prune(model, x, 0.4, "l1", global_ranking=True, normalize=normalize)
+    b = accelprune.prune(scaled, x, 0.4, "l1", global_ranking=True, normalize=normalize)
+    assert _group_widths(a) == _group_widths(b)
+    assert sum(_group_widths(a).values()) == 336 - math.floor(0.4 * 336)
+
+
+def test_mean_normalisation_matches_a_hand_ranking():
+    model, x = _resnet20()
+    graph = ModelGraph(model, x)
+    scores = {}
+    for g in graph.groups:
+        s = graph.module(g.name).weight.detach().abs().flatten(1).sum(1).double().numpy()
+        scores[g.name] = s / s.mean()
+    cand = sorted((s, k, j) for k, (name, sc) in enumerate(scores.items())
+                  for j, s in enumerate(sc) if j != int(np.argmax(sc)))
+    removed = dict.fromkeys(scores, 0)
+    for _, k, _ in cand[: math.floor(0.4 * 336)]:
+        removed[list(scores)[k]] += 1
+    accelprune.prune(model, x, 0.4, "l1", global_ranking=True)  # "auto" is "mean" for l1
+    assert _group_widths(model) == {n: len(scores[n]) - removed[n] for n in scores}
+
+
+def test_raw_global_ranking_strips_the_smallest_layers_scale():
+    model, x = _resnet20()
+    with torch.no_grad():
+        model.layer3[0].conv1.weight.mul_(100.0)
+    accelprune.prune(model, x, 0.3, "l1", global_ranking=True, normalize=None)
+    assert model.layer3[0].conv1.out_channels == 64  # raw: the scaled layer looks important
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    ({"round_to": 0}, ValueError, "round_to"),
+    ({"round_to": 2.0}, TypeError, "round_to"),
+    ({"max_sparsity": 1.5}, ValueError, "max_sparsity"),
+    ({"layer_sparsity": [("layer1", 0.5)]}, TypeError, "layer_sparsity must be a dict"),
+    ({"layer_sparsity": {1: 0.5}}, TypeError, "module names"),
+    ({"layer_sparsity": {"layer1": 1.0}}, ValueError, "layer1"),
+    ({"layer_sparsity": {"layer9": 0.5}}, ValueError, "layer9"),
+    ({"layer_sparsity": {"fc": 0.5}}, ValueError, "covers no prunable layer"),
+    ({"layer_sparsity": {"layer1": 0.8}, "max_sparsity": 0.5}, ValueError, "exceeds"),
+    ({"normalize": "median"}, ValueError, "normalize"),
+    ({"normalize": 1}, TypeError, "normalize"),
+])
+def test_bad_per_layer_input(kwargs, err, match):
+    model, x = _resnet20()
+    with pytest.raises(err, match=match):
+        accelprune.prune(model, x, 0.5, "l1", **kwargs)
+    assert _group_widths(model)["layer1.0.conv1"] == 16
+
+
+# -- prune_to_macs ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,ratio", [
+    ("l1", 0.3),
+    ("bn", 0.5),
+    pytest.param("reprune", 0.5, marks=pytest.mark.slow),
+    pytest.param("csgd", 0.3, marks=pytest.mark.slow),
+])
+def test_prune_to_macs_reaches_the_target_within_2_percent(method, ratio):
+    model, x = _resnet20()
+    if method == "bn":
+        _randomise_bn(model)
+    macs0 = model_stats(model, x)["macs"]
+    sparsity = accelprune.prune_to_macs(model, x, method, ratio)
+    assert 0 < sparsity < 1
+    macs = model_stats(model, x)["macs"]
+    target = (1 - ratio) * macs0
+    assert abs(macs - target) <= 0.02 * target, (macs / macs0, sparsity)
+    assert model(x).shape == (1, 10)
+
+
+def test_sparsity_for_macs_leaves_the_model_alone_and_agrees_with_prune_to_macs():
+    model, x = _resnet20()
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    s = accelprune.sparsity_for_macs(model, x, "l2", 0.4)
+    assert all(torch.equal(p, params[k]) for k, p in model.named_parameters())
+    assert accelprune.prune_to_macs(model, x, "l2", 0.4) == s
+    assert accelprune.prune_to_macs(models.resnet20(), x, "l2", 0.0) == 0.0
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    ({"method": "l3"}, ValueError, "unknown method"),
+    ({"macs_reduction": 1.0}, ValueError, "macs_reduction"),
+    ({"macs_reduction": "half"}, TypeError, "macs_reduction"),
+    ({"tolerance": 0.0}, ValueError, "tolerance"),
+    ({"max_iterations": 0}, ValueError, "max_iterations"),
+])
+def test_prune_to_macs_bad_input(kwargs, err, match):
+    model, x = _resnet20()
+    args = {"method": "l1", "macs_reduction": 0.5, **kwargs}
+    with pytest.raises(err, match=match):
+        accelprune.prune_to_macs(model, x, args.pop("method"), args.pop("macs_reduction"), **args)
+    assert model.layer1[0].conv1.out_channels == 16
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_per_layer_controls_hold_together(seed):
+    rng = np.random.default_rng(seed)
+    sparsity = float(rng.choice([0.2, 0.45, 0.7]))
+    round_to = int(rng.choice([2, 4, 8]))
+    max_sparsity = float(rng.choice([0.5, 0.75]))
+    own = {str(rng.choice(RESNET20_GROUPS)): 0.5}
+    model, x = _resnet20()
+    with torch.no_grad():  # layers of very different scales
+        for n in RESNET20_GROUPS:
+            model.get_submodule(n).weight.mul_(float(rng.uniform(0.01, 10)))
+    accelprune.prune(model, x, sparsity, "l1", global_ranking=bool(seed % 2),
+                     round_to=round_to, max_sparsity=max_sparsity, layer_sparsity=own)
+    widths = _group_widths(model)
+    before = {n: 16 * 2 ** (int(n[5]) - 1) for n in RESNET20_GROUPS}
+    for n, w in widths.items():
+        if w < before[n]:
+            assert w % round_to == 0, (n, w)
+        assert before[n] - w <= math.floor(max_sparsity * before[n]), (n, w)
+    (name, s), = own.items()
+    k = math.floor(s * before[name])
+    assert widths[name] == -(-(before[name] - k) // round_to) * round_to
+    rest = [n for n in RESNET20_GROUPS if n != name]
+    # per layer: a sum of floors; global: the budget (rounding and caps only keep more)
+    assert sum(before[n] - widths[n] for n in rest) <= math.floor(
+        sparsity * sum(before[n] for n in rest))
+    assert model(x).shape == (1, 10)
+
+
+def test_layer_sparsity_names_any_producer_of_a_coupled_group():
+    model, x = _resnet20()
+    accelprune.prune(model, x, 0.0, "l1", prune_coupled=True,
+                     layer_sparsity={"layer1.1.conv2": 0.5})
+    # the residual stream of stage 1: the stem and every block's conv2 shrink together
+    assert model.conv1.out_channels == 8 and model.layer1[2].conv2.out_channels == 8
+    assert model.layer1[0].conv1.out_channels == 16 and model(x).shape == (1, 10)

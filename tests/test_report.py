@@ -142,7 +142,7 @@ def test_plots_write_png(tmp_path):
 
     conv = nn.Conv2d(16, 32, 3)
     imp_png = tmp_path / "importance.png"
-    plot_importance(conv, imp_png, prune_ratio=0.5, title="conv")
+    plot_importance(conv, imp_png, sparsity=0.5, title="conv")
     assert imp_png.read_bytes()[:8] == PNG_MAGIC
     scores_png = tmp_path / "scores.png"
     plot_importance(torch.rand(20), scores_png, threshold=0.3)
@@ -154,8 +154,8 @@ def test_plots_write_png(tmp_path):
     (dict(scores=torch.rand(3, 3)), ValueError, "1-D"),
     (dict(scores=torch.tensor([1.0, float("nan")])), ValueError, "NaN"),
     (dict(scores=nn.ReLU()), TypeError, "Conv/Linear"),
-    (dict(threshold=0.1, prune_ratio=0.5), ValueError, "not both"),
-    (dict(prune_ratio=1.0), ValueError, "prune_ratio"),
+    (dict(threshold=0.1, sparsity=0.5), ValueError, "not both"),
+    (dict(sparsity=1.0), ValueError, "sparsity"),
     (dict(threshold=float("inf")), ValueError, "threshold"),
     (dict(bins=0), ValueError, "bins"),
 ])
@@ -197,3 +197,55 @@ def test_stats_and_latency_on_cuda():
     stats = model_stats(model, x)
     assert (stats["params"], stats["macs"]) == hand_counted(4)
     assert measure_latency(model, x, repeats=3) > 0
+
+
+def test_importance_figure_has_bars_sorted_curve_and_histogram(tmp_path):
+    import matplotlib.image
+
+    from accelprune.reporting import _importance_figure, _importance_inputs
+
+    scores = torch.tensor([0.5, 0.1, 0.9, 0.1, 0.7, 0.3], dtype=torch.float64)
+    path = tmp_path / "imp.png"
+    assert plot_importance(scores, path, sparsity=0.5) == str(path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = matplotlib.image.imread(path)  # decodes: a valid PNG, three panels wide
+    assert image.ndim == 3 and image.shape[1] > 2 * image.shape[0]
+
+    values, pruned, threshold = _importance_inputs(scores, None, 0.5)
+    assert pruned.tolist() == [False, True, False, True, False, True] and threshold == 0.3
+    fig = _importance_figure(values, pruned, threshold, 30, "layer", ("bars", "sorted", "hist"))
+    bars_ax, sorted_ax, hist_ax = fig.axes
+    bars = bars_ax.patches
+    assert len(bars) == 6 and [b.get_height() for b in bars] == pytest.approx(scores.tolist())
+    red = [b.get_facecolor() for b in bars]
+    assert red[1] == red[3] == red[5] != red[0]  # pruned channels stand out
+    (curve, hline, vline) = sorted_ax.lines
+    assert curve.get_ydata().tolist() == pytest.approx(sorted(scores.tolist()))
+    assert hline.get_ydata()[0] == pytest.approx(0.3) and vline.get_xdata()[0] == 2.5
+    assert any(line.get_ydata()[0] == pytest.approx(0.3) for line in bars_ax.lines)
+    assert len(hist_ax.patches) == 30
+
+
+def test_importance_figure_panels_and_threshold(tmp_path):
+    from accelprune.reporting import _importance_inputs
+
+    _, pruned, threshold = _importance_inputs(torch.tensor([1.0, 2.0, 2.0, 3.0]), 2.0, None)
+    assert pruned.tolist() == [True, True, True, False] and threshold == 2.0
+    _, pruned, threshold = _importance_inputs(torch.tensor([1.0, 2.0]), None, 0.0)
+    assert not pruned.any() and threshold is None
+    for panels in ("sorted", ["hist", "bars"]):
+        path = tmp_path / f"{len(panels)}.png"
+        plot_importance(nn.Linear(8, 16), path, sparsity=0.25, panels=panels)
+        assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("panels, exc, match", [
+    ((), ValueError, "empty"),
+    (("bars", "pie"), ValueError, "unknown panel"),
+    (("bars", "bars"), ValueError, "repeats"),
+    (3, TypeError, "panels"),
+])
+def test_plot_importance_bad_panels(tmp_path, panels, exc, match):
+    with pytest.raises(exc, match=match):
+        plot_importance(torch.rand(5), tmp_path / "x.png", panels=panels)
+    assert not (tmp_path / "x.png").exists()
