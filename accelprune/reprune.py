@@ -195,9 +195,9 @@ class REPrune:
     process_group: the torch.distributed group whose ranks must agree (default: the world).
 
     Attributes: ``groups`` (the layers pruned) and ``skipped`` (``{group name: reason}``): groups
-    whose channels go through attention (q/k/v of a head, a transformer's residual stream: only
-    whole heads could go, which REPrune does not select) and, unless ``prune_coupled``,
-    residual-coupled groups.
+    whose channels go through attention (q/k/v of a head: only whole heads could go, which
+    REPrune does not select; a residual stream with a MultiheadAttention in it) and, unless
+    ``prune_coupled``, residual-coupled groups (a transformer's hidden size).
 
     Layer budgets (``budget="auto"``). Each channel c of layer l gets a score r_c:
 
@@ -259,7 +259,7 @@ class REPrune:
         for g in self.graph.groups:
             if any(self.graph.module(p) is stem for p in g.producers):
                 continue
-            if feeds_attention(g):  # q/k/v channels (heads) or the residual stream
+            if feeds_attention(g):  # q/k/v channels (heads), or a residual stream with MHA in it
                 self.skipped[g.name] = ("its channels go through attention (q·kᵀ, softmax): "
                                         "single channels of q/k/v cannot be removed, only heads")
             elif g.coupled and not (prune_coupled or _gated(g)):

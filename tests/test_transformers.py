@@ -19,13 +19,8 @@ from accelprune.csgd import fold_and_prune, fold_blockers
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 
-# Torch-Pruning's DependencyGraph.get_all_groups does not finish on LlamaForCausalLM, even with
-# one layer, unless the attention modules are ignored (issue 12, item 2: scalable group discovery
-# in graph.py is another engineer's work). The LLaMA tests below ignore attention; this marks
-# the one that does not.
-LLAMA_GROUPS_HANG = pytest.mark.skip(
-    reason="channel groups of LlamaForCausalLM with attention: Torch-Pruning's get_all_groups "
-           "does not finish (issue 12 item 2, graph.py); enable once graph.py builds them")
+# LLaMA's attention modules are ignored in most LLaMA tests (it keeps them fast, and pruning heads
+# is graph.py's work); one test runs with attention, through graph.py's group search.
 
 
 def llama_attention(model):
@@ -497,9 +492,17 @@ def test_reprune_refuses_attention_only_model_naming_why_and_leaves_it_unchanged
     assert_same_state(model, before)
 
 
-@LLAMA_GROUPS_HANG
-def test_csgd_on_llama_with_attention_skips_heads_and_residual_stream():
+def test_llama_with_attention_skips_heads_and_residual_stream():
+    from accelprune import REPrune
+
     model = llama(layers=2).eval()
     csgd = CSGD(model, tokens(), 0.5)
-    assert {g.name for g in csgd.groups} == {f"model.layers.{i}.mlp.gate_proj" for i in range(2)}
-    assert csgd.skipped  # q/k/v (attention) and the residual stream (RMSNorm, embeddings)
+    mlps = {f"model.layers.{i}.mlp.gate_proj" for i in range(2)}
+    assert {g.name for g in csgd.groups} == mlps
+    skipped = {s.name: " ".join(s.reasons) for s in csgd.skipped}
+    assert "ScaledDotProduct" in skipped["model.layers.0.self_attn.q_proj"]
+    assert any("Embedding 'model.embed_tokens'" in why for why in skipped.values())
+    pruner = REPrune(model, tokens(), 0.5)
+    assert {g.name for g in pruner.groups} == mlps
+    assert "attention" in pruner.skipped["model.layers.0.self_attn.q_proj"]
+    assert "residual" in pruner.skipped["model.layers.0.self_attn.o_proj"]  # the hidden size
