@@ -516,10 +516,7 @@ def _module_blocker(graph: ModelGraph, m: nn.Module, name: str, fn) -> str | Non
     if isinstance(m, PRODUCER_TYPES) and graph.DG.is_in_channel_pruning_fn(fn):
         return None  # a consumer: its input columns are folded
     if isinstance(m, PRODUCER_TYPES):
-        if getattr(m, "transposed", False):
-            return (f"transposed convolution {name!r} produces these channels; C-SGD pulls rows of "
-                    "dim 0 together and supports Conv1d/2d/3d and Linear producers")
-        return None
+        return None  # a producer (a transposed conv is refused by name when params are collected)
     if isinstance(m, BATCHNORM_TYPES):
         return None
     kind = type(m).__name__
