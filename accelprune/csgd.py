@@ -22,7 +22,15 @@ what the trained one did.
 What is clustered, and how (this module's decisions where the paper leaves things open):
 
 * **Layers**: every channel group of :class:`accelprune.graph.ModelGraph` (any architecture the
-  dependency graph understands; the classifier's outputs are never a group). With
+  dependency graph understands; the classifier's outputs are never a group) **whose fold is
+  exact** (:func:`fold_blockers`): its members are Conv/Linear producers, BatchNorms and
+  Conv/Linear consumers, and everything between them acts on each channel separately. Groups
+  with a LayerNorm / RMSNorm / GroupNorm over their channels (a transformer's residual stream),
+  attention (MultiheadAttention's packed in_proj, q·kᵀ, softmax), a reduction over the channels
+  or an unwrapped parameter over them (a position embedding) are never clustered: by default they
+  are skipped and listed with the reasons in :attr:`CSGD.skipped` and in the report;
+  ``strict=True`` makes them an error at construction. Transformer MLPs (fc1 rows clustered,
+  folded into fc2; SwiGLU's gate and up rows clustered together) are exact. With
   ``prune_coupled=True`` (the default) residual-coupled groups (outputs summed by an add) are
   clustered too, with **one** clustering for all their producers, computed on the concatenation
   of the producers' flattened filters along the feature axis.
@@ -61,9 +69,11 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 
 import numpy as np
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from accelprune import surgery
@@ -71,13 +81,13 @@ from accelprune._backend import resolve
 from accelprune._distributed import on_rank0
 from accelprune._validation import as_int_array, check_fraction, check_int
 from accelprune.graph import ChannelGroup, ModelGraph
-from accelprune.layers import PRODUCER_TYPES, conv_groups, is_depthwise
+from accelprune.layers import BATCHNORM_TYPES, PRODUCER_TYPES, conv_groups, is_depthwise
 from accelprune.reporting import size_stats
 from accelprune.selection import CLUSTERINGS, cluster_filters
 from accelprune.tables import format_table
 
-__all__ = ["CSGD", "CSGDReport", "ClusterAssignment", "Deviation", "TransformedParam",
-           "fold_and_prune"]
+__all__ = ["CSGD", "CSGDReport", "ClusterAssignment", "Deviation", "SkippedGroup",
+           "TransformedParam", "feeds_attention", "fold_and_prune", "fold_blockers"]
 
 # Biases and BN affine params are pulled together 10x more gently than kernels, and not decayed.
 _SECONDARY_CENTRIPETAL = 0.1
@@ -102,6 +112,16 @@ class ClusterAssignment:
 
 
 @dataclasses.dataclass
+class SkippedGroup:
+    """A channel group C-SGD leaves alone because folding it would not be exact."""
+    name: str               # the group's name (its first producer)
+    reasons: list[str]      # see :func:`fold_blockers`
+
+    def __str__(self) -> str:
+        return f"{self.name}: {'; '.join(self.reasons)}"
+
+
+@dataclasses.dataclass
 class Deviation:
     """Σ of squared distances of the rows from their cluster means (the paper's χ)."""
     total: float
@@ -116,6 +136,7 @@ class CSGDReport:
     macs_before: int
     macs_after: int
     layers: list[tuple[str, int, int]]  # (group name, channels before, channels after)
+    skipped: list[SkippedGroup] = dataclasses.field(default_factory=list)  # not foldable exactly
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,7 +147,8 @@ class CSGDReport:
                                             ("MACs", self.macs_before, self.macs_after))]
         return (format_table(("", "before", "after", "kept"), rows)
                 + f"\n{len(self.layers)} channel groups: {sum(b for _, b, _ in self.layers)} -> "
-                  f"{sum(a for _, _, a in self.layers)} channels")
+                  f"{sum(a for _, _, a in self.layers)} channels"
+                + "".join(f"\nskipped (fold not exact) {s}" for s in self.skipped))
 
 
 @dataclasses.dataclass
@@ -167,7 +189,12 @@ class CSGD:
     clustering: ``"kmeans"`` or ``"even"`` (see :func:`accelprune.selection.cluster_filters`).
     ignored_layers: module names or modules whose output channels are not clustered.
     prune_coupled: also cluster residual-coupled groups (one clustering shared by all producers).
-    seed: k-means seed; group i uses ``seed + i``.
+    strict: what to do with a group whose fold would not be exact (:func:`fold_blockers`: a
+        LayerNorm or attention over its channels, ...). False (default): leave it out of the
+        clustering and record it, with the reasons, in :attr:`skipped` (and in the report of
+        :meth:`prune`); True: raise a ValueError naming every such group and why. Either way
+        C-SGD never clusters a group it cannot fold losslessly.
+    seed: k-means seed; group i uses ``seed + i`` (i counts the clustered groups).
     backend: ``"auto"`` | ``"triton"`` | ``"reference"``, for
         :func:`accelprune.kernels.csgd_transform_` (``"auto"``: Triton on CUDA tensors).
     process_group: the torch.distributed group whose ranks must agree (default: the world).
@@ -177,7 +204,8 @@ class CSGD:
     def __init__(self, model: nn.Module, example_inputs, sparsity: float, *,
                  centripetal_strength: float = 3e-3, weight_decay: float = 1e-4,
                  clustering: str = "kmeans", ignored_layers=None, prune_coupled: bool = True,
-                 seed: int = 0, backend: str = "auto", process_group=None, progress: bool = False):
+                 strict: bool = False, seed: int = 0, backend: str = "auto", process_group=None,
+                 progress: bool = False):
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         if not isinstance(model, nn.Module):
@@ -196,11 +224,25 @@ class CSGD:
 
         self.graph = ModelGraph(model, example_inputs, ignored_layers=ignored_layers,
                                 prune_coupled=prune_coupled, progress=progress)
-        self.groups = list(self.graph.groups)
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
+        self.groups, self.skipped = [], []
+        for g in self.graph.groups:
+            reasons = fold_blockers(g)
+            if reasons:
+                self.skipped.append(SkippedGroup(g.name, reasons))
+            else:
+                self.groups.append(g)
+        if strict and self.skipped:
+            raise ValueError("C-SGD cannot fold these channel groups exactly (pass their layers in "
+                             "ignored_layers, or strict=False to skip them): "
+                             + " | ".join(str(s) for s in self.skipped))
         if not self.groups:
+            skipped = ("; not exactly foldable: " + " | ".join(str(s) for s in self.skipped)
+                       if self.skipped else "")
             raise ValueError("the model has nothing C-SGD can prune: the dependency graph found no "
                              "prunable channel groups (after ignored_layers"
-                             f"{'' if prune_coupled else ' and coupled groups'})")
+                             f"{'' if prune_coupled else ' and coupled groups'}){skipped}")
         self._transformed = self._collect_params()
 
         labels = on_rank0(self._cluster_all, self.process_group)
@@ -403,12 +445,14 @@ class CSGD:
         self._hooks.clear()
         after = size_stats(self.model, self.example_inputs)
         layers = [(g.name, n, g.n_channels) for g, n in zip(self.groups, widths, strict=True)]
-        return CSGDReport(before["params"], after["params"], before["macs"], after["macs"], layers)
+        return CSGDReport(before["params"], after["params"], before["macs"], after["macs"], layers,
+                          list(self.skipped))
 
     def __repr__(self) -> str:
         channels = sum(c.labels.size for c in self.clusters)
         kept = sum(c.n_clusters for c in self.clusters)
-        return (f"CSGD({len(self.groups)} groups, {channels} -> {kept} channels, "
+        skipped = f", {len(self.skipped)} skipped (fold not exact)" if self.skipped else ""
+        return (f"CSGD({len(self.groups)} groups, {channels} -> {kept} channels{skipped}, "
                 f"clustering={self.clustering!r}, ε={self.centripetal_strength}, "
                 f"η={self.weight_decay}{', pruned' if self.pruned else ''})")
 
@@ -476,6 +520,178 @@ class CSGD:
 
 
 # ---------------------------------------------------------------------------------------------
+# when is a fold exact?
+#
+# Folding cluster members into one channel (add the consumers' input columns, drop the others) is
+# exact when, between the producers and the consumers, every channel is computed on its own and
+# enters the consumers linearly: then equal producer rows give equal channels, and a linear
+# consumer of k equal channels equals one channel times the summed columns. So the group's members
+# must be Conv/Linear producers (their rows pulled together), BatchNorms (γ, β pulled together,
+# statistics per channel), and Conv/Linear consumers; and every operation on the way must act on
+# each channel separately (activations, adds of clustered tensors, products of clustered tensors,
+# reshapes, per-channel pooling, a consumer's own matmul). A LayerNorm / RMSNorm / GroupNorm over
+# the channels, attention (q·kᵀ contracts the channels; a softmax mixes them), a reduction over
+# the channel dim or a per-channel tensor that is not pulled together (a position embedding, a
+# layer scale) makes every remaining channel depend on the removed ones: not foldable exactly.
+
+# grad_fn names (without the "Backward<n>" suffix) of operations that act on every channel on its
+# own: element-wise arithmetic and activations, moves of data, dropout, per-channel pooling.
+# Left out on purpose: repeat / flip / roll (they may duplicate or reorder the channels).
+_PER_CHANNEL_OPS = frozenset("""
+    Add Sub Mul Div Neg Abs Exp Log Pow Sqrt Rsqrt Erf Reciprocal Sign Clamp ClampMin ClampMax
+    Relu Relu6 Gelu Silu Sigmoid Tanh Hardtanh Hardswish Hardsigmoid LeakyRelu Elu Selu Celu
+    Softplus Mish Threshold Where MaskedFill
+    ToCopy Clone Alias View UnsafeView Reshape Permute Transpose T Squeeze Unsqueeze Expand
+    Select Slice Cat Split SplitWithSizes Unbind Stack ConstantPadNd Narrow
+    NativeDropout Dropout
+    AvgPool1D AvgPool2D AvgPool3D MaxPool2DWithIndices MaxPool3DWithIndices AdaptiveAvgPool2D
+    AdaptiveAvgPool3D AdaptiveMaxPool2D AdaptiveMaxPool3D UpsampleNearest1D UpsampleNearest2D
+    UpsampleBilinear2D
+""".split())
+# Matrix products: exact only as a consumer's own product (Linear on a 3-D input runs an addmm
+# Torch-Pruning lists separately); elsewhere they contract the channels with something that is
+# not a weight (attention's q·kᵀ, attention-weighted values).
+_MATMUL_OPS = frozenset("Mm Addmm Bmm Baddbmm Matmul Mv Dot".split())
+# Reductions: exact when the reduced dims are not the channels' (global average pooling).
+_REDUCTION_OPS = frozenset("Mean Sum Amax Amin Max Min Prod Std Var".split())
+
+_WHY_MODULE = {
+    "LayerNorm": "normalises over these channels: every channel's output depends on the removed "
+                 "ones (mean and variance)",
+    "RMSNorm": "normalises over these channels: every channel's output depends on the removed "
+               "ones (root mean square)",
+    "GroupNorm": "normalises over groups of these channels: every channel's output depends on the "
+                 "removed ones",
+    "MultiheadAttention": "packs q, k and v into in_proj and contracts these channels in q·kᵀ "
+                          "(then softmax): attention is not linear in them",
+    "Embedding": "produces these channels from a lookup table C-SGD does not pull together",
+}
+
+
+def _op_name(node) -> str:
+    fn = node.grad_fn
+    name = fn.name() if hasattr(fn, "name") else type(fn).__name__
+    return re.sub(r"Backward\d*$", "", name)
+
+
+def _module_blocker(graph: ModelGraph, m: nn.Module, name: str, fn) -> str | None:
+    if isinstance(m, PRODUCER_TYPES) and graph.DG.is_in_channel_pruning_fn(fn):
+        return None  # a consumer: its input columns are folded
+    if isinstance(m, PRODUCER_TYPES):
+        return None  # a producer (a transposed conv is refused by name when params are collected)
+    if isinstance(m, BATCHNORM_TYPES):
+        return None
+    kind = type(m).__name__
+    why = next((v for k, v in _WHY_MODULE.items() if k.lower() in kind.lower()), None)
+    if why is None and "norm" in kind.lower():
+        why = _WHY_MODULE["LayerNorm"]
+    if why is None:
+        why = ("is a member C-SGD can neither pull together (it pulls Conv/Linear rows and "
+               "BatchNorm γ, β) nor fold")
+    return f"{kind} {name!r} {why}"
+
+
+def _op_blocker(graph: ModelGraph, group: ChannelGroup, node, consumers: set) -> str | None:
+    if node.type == tp.ops.OPTYPE.PARAMETER:
+        param = getattr(graph.DG, "_param_to_name", {}).get(node.module, "?")
+        owner_name = param.rpartition(".")[0]
+        owner = graph.model.get_submodule(owner_name) if owner_name else None
+        if owner is not None and "norm" in type(owner).__name__.lower():
+            return _module_blocker(graph, owner, owner_name, None)  # a norm Torch-Pruning
+            # does not know (LlamaRMSNorm): its weight shows up as a bare parameter
+        return (f"parameter {param!r} (e.g. a position embedding, class token or layer scale) "
+                "carries these channels and is not pulled together")
+    if node.type in (tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT,
+                     tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.EXPAND, tp.ops.OPTYPE.SLICE):
+        return None  # data moves: channel identity is kept (Torch-Pruning maps the indices)
+    if node.type != tp.ops.OPTYPE.ELEMENTWISE or node.grad_fn is None:
+        return f"operation {node.name} is not known to act on each channel separately"
+    op = _op_name(node)
+    if op in _PER_CHANNEL_OPS:
+        return None
+    if op in _MATMUL_OPS:
+        if node.outputs and all(o.module in consumers for o in node.outputs):
+            return None  # the consumer's own product (Linear on 3-D inputs)
+        return (f"a matrix product ({op}) contracts these channels with something other than a "
+                "consumer's weight (attention's q·kᵀ or attention-weighted values)")
+    if op in _REDUCTION_OPS:
+        dims = getattr(node.grad_fn, "_saved_dim", None)
+        sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+        if dims is not None and sizes is not None:
+            rank = len(sizes)
+            dims = [d - (1 << 64) if d >= (1 << 63) else d for d in dims]  # saved as uint64
+            if all(-rank <= d < rank for d in dims):
+                dims = [d % rank for d in dims]
+                n = group.n_channels
+                if all(sizes[d] != n for d in dims):
+                    return None  # no reduced dim can be the channels'
+                if rank >= 3 and sizes[1] == n and min(dims) >= 2:
+                    return None  # channels-first (N, C, *space) pooled over space
+        return f"a reduction ({op}) over these channels: the result depends on the removed ones"
+    return (f"operation {op} acts across these channels (e.g. a softmax, a normalisation or "
+            "attention), or is not known to act on each one separately")
+
+
+def _members(group: ChannelGroup):
+    """(node, handler) of every member of the group, and the consumers' modules."""
+    DG = group._graph.DG
+    members = [(dep.target, dep.handler) for dep, _ in group.tp_group()]
+    consumers = {node.module for node, fn in members
+                 if isinstance(node.module, PRODUCER_TYPES) and DG.is_in_channel_pruning_fn(fn)}
+    return members, consumers
+
+
+def feeds_attention(group: ChannelGroup) -> bool:
+    """Whether the group's channels go through attention: a MultiheadAttention member, a
+    scaled-dot-product attention or softmax, or a matrix product that is not a consumer's own
+    (q·kᵀ). Such channels are heads' q/k/v or the residual stream; removing single channels of
+    q/k/v breaks the reshape into heads, so only whole heads could go."""
+    members, consumers = _members(group)
+    for node, _ in members:
+        if isinstance(node.module, nn.MultiheadAttention):
+            return True
+        if node.type != tp.ops.OPTYPE.ELEMENTWISE or node.grad_fn is None:
+            continue
+        op = _op_name(node)
+        if "ScaledDotProduct" in op or "Softmax" in op or "Attention" in op:
+            return True
+        if op in _MATMUL_OPS and not (node.outputs
+                                      and all(o.module in consumers for o in node.outputs)):
+            return True
+    return False
+
+
+def fold_blockers(group: ChannelGroup) -> list[str]:
+    """Why C-SGD's fold of ``group`` would not be exact (empty when it is exact).
+
+    The fold is exact when every member is a Conv/Linear producer (rows pulled together), a
+    BatchNorm (γ, β pulled together) or a Conv/Linear consumer (columns folded), and every
+    operation between producers and consumers acts on each channel separately: element-wise
+    arithmetic and activations (including products and sums of clustered tensors), reshapes,
+    concats and splits, dropout, per-channel pooling and reductions over other dims, and a
+    consumer's own matrix product. Anything else is a reason: a LayerNorm / RMSNorm /
+    GroupNorm over the channels, MultiheadAttention (packed in_proj, q·kᵀ), another matrix product,
+    softmax, a reduction over the channels, an unwrapped parameter over them (a position
+    embedding), an Embedding producer, an unknown module or operation (refused to be safe).
+    """
+    if not isinstance(group, ChannelGroup):
+        raise TypeError(f"group must be a ChannelGroup, got {type(group).__name__}")
+    graph = group._graph
+    members, consumers = _members(group)
+    reasons: list[str] = []
+    for node, fn in members:
+        m = node.module
+        name = graph._names.get(m) if isinstance(m, nn.Module) else None
+        if name is not None:
+            why = _module_blocker(graph, m, name, fn)
+        else:
+            why = _op_blocker(graph, group, node, consumers)
+        if why is not None and why not in reasons:
+            reasons.append(why)
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------
 # folding (ALGORITHMS.md §4.3)
 
 
@@ -485,7 +701,8 @@ def fold_and_prune(group: ChannelGroup, clusters) -> None:
 
     clusters: 1-D int labels, one per current channel (any integers; equal = same cluster).
     Lossless once the producers' filters (and BN entries) of each cluster are identical. All or
-    nothing: checked by a forward pass; on failure the model is restored exactly.
+    nothing: checked by a forward pass; on failure the model is restored exactly. A group whose
+    fold cannot be exact (:func:`fold_blockers`) is refused with a ValueError giving the reasons.
     """
     if not isinstance(group, ChannelGroup):
         raise TypeError(f"group must be a ChannelGroup, got {type(group).__name__}")
@@ -493,6 +710,9 @@ def fold_and_prune(group: ChannelGroup, clusters) -> None:
     if labels.shape[0] != group.n_channels:
         raise ValueError(f"clusters has {labels.shape[0]} labels, but group {group.name!r} has "
                          f"{group.n_channels} channels")
+    reasons = fold_blockers(group)
+    if reasons:
+        raise ValueError(f"group {group.name!r} cannot be folded exactly: {'; '.join(reasons)}")
     if len(np.unique(labels)) == group.n_channels:
         return
     graph = group._graph

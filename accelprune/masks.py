@@ -19,6 +19,11 @@ What accelprune adds over calling ``torch.nn.utils.prune`` directly:
 * Scores are computed from the *current* ``weight_orig`` (torch's global pruning would read
   ``weight``, which is stale after an optimizer step until the next forward).
 * Gradient-magnitude masks (|∂L/∂W|, seed 002) use the same machinery.
+* Attention is covered: ``nn.MultiheadAttention`` keeps its q/k/v projection outside any Linear
+  (the packed ``in_proj_weight``, or ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight``
+  when key and value dims differ); those are pruned by default with every Conv/Linear weight
+  (its ``out_proj`` is a Linear). The returned sparsities are those of the tensors actually
+  masked, measured on the masks, so a report never claims more than was done.
 """
 from __future__ import annotations
 
@@ -71,17 +76,40 @@ def _check_model(model) -> nn.Module:
     return model
 
 
+def _weight_names(module: nn.Module) -> list[str]:
+    """The names of a module's prunable weight tensors: ``weight`` for a Conv/Linear, the q/k/v
+    projection(s) for MultiheadAttention (packed ``in_proj_weight`` or the three separate ones)."""
+    if isinstance(module, nn.MultiheadAttention):
+        if _has_weight(module, "in_proj_weight"):
+            return ["in_proj_weight"]
+        return [n for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+                if _has_weight(module, n)]
+    return ["weight"]
+
+
+def _has_weight(module: nn.Module, name: str) -> bool:
+    dense = getattr(module, name + "_orig", None) if is_reparametrised(module, name) \
+        else getattr(module, name, None)
+    return isinstance(dense, nn.Parameter)
+
+
 def prunable_parameters(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """``(module, "weight")`` of every Conv / ConvTranspose / Linear layer, in model order."""
+    """Every weight pruned by default, in model order: ``(module, "weight")`` of each Conv /
+    ConvTranspose / Linear layer (MultiheadAttention's ``out_proj`` included), and
+    MultiheadAttention's q/k/v projection (``in_proj_weight``, or ``q_proj_weight``,
+    ``k_proj_weight`` and ``v_proj_weight`` when key and value dims differ from the query's)."""
     _check_model(model)
-    return [(m, "weight") for m in model.modules() if isinstance(m, _DEFAULT_LAYERS)]
+    return [(m, name) for m in model.modules()
+            if isinstance(m, (*_DEFAULT_LAYERS, nn.MultiheadAttention))
+            for name in _weight_names(m)]
 
 
 def resolve_parameters(model: nn.Module, parameters=None) -> list[tuple[nn.Module, str]]:
     """The ``(module, name)`` pairs to prune.
 
-    parameters: None (all Conv/Linear weights), or an iterable of ``(module, name)`` pairs,
-        modules (their ``weight``) or module names (their ``weight``), all inside ``model``.
+    parameters: None (see :func:`prunable_parameters`), or an iterable of ``(module, name)``
+        pairs, modules or module names, all inside ``model``; a module stands for its ``weight``
+        (a MultiheadAttention for its q/k/v projection weights).
     """
     _check_model(model)
     if parameters is None:
@@ -97,26 +125,25 @@ def resolve_parameters(model: nn.Module, parameters=None) -> list[tuple[nn.Modul
             if isinstance(item, str):
                 if item not in modules:
                     raise ValueError(f"model has no module named {item!r}")
-                module, name = modules[item], "weight"
+                module, names = modules[item], _weight_names(modules[item])
             elif isinstance(item, nn.Module):
-                module, name = item, "weight"
+                module, names = item, _weight_names(item)
             elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], nn.Module) \
                     and isinstance(item[1], str):
-                module, name = item
+                module, names = item[0], [item[1]]
             else:
                 raise TypeError(f"cannot prune {item!r}: expected a (module, name) pair, a module "
                                 "or a module name")
             if id(module) not in inside:
                 raise ValueError(f"{type(module).__name__} module is not part of the model")
-            param = getattr(module, name + "_orig", None) if is_reparametrised(module, name) \
-                else getattr(module, name, None)
-            if not isinstance(param, nn.Parameter):
-                raise ValueError(f"{type(module).__name__} module has no parameter {name!r} "
-                                 "to prune")
-            pairs.append((module, name))
+            for name in names or ["weight"]:
+                if not _has_weight(module, name):
+                    raise ValueError(f"{type(module).__name__} module has no parameter {name!r} "
+                                     "to prune")
+                pairs.append((module, name))
     if not pairs:
-        raise ValueError("nothing to prune: the model has no Conv/Linear weights "
-                         "(pass parameters=[(module, name), ...])")
+        raise ValueError("nothing to prune: the model has no Conv/Linear/MultiheadAttention "
+                         "weights (pass parameters=[(module, name), ...])")
     if len({(id(m), n) for m, n in pairs}) != len(pairs):
         raise ValueError("parameters lists the same tensor twice")
     return pairs
@@ -205,8 +232,10 @@ def magnitude_prune(model: nn.Module, sparsity: float, *, scope: str = "global",
 
     scope: "global" (one threshold over all selected tensors) or "layer" (each tensor reaches
         ``sparsity`` on its own).
-    parameters: which tensors (see :func:`resolve_parameters`); default all Conv/Linear weights.
-    Returns ``{"layer.weight": mask sparsity}`` of the selected tensors. In place.
+    parameters: which tensors (see :func:`resolve_parameters`); default every Conv/Linear weight
+        and MultiheadAttention's q/k/v projections (:func:`prunable_parameters`).
+    Returns ``{"layer.weight": sparsity}`` of exactly the tensors that carry a mask now (the
+    fraction of zeros the forward pass sees), e.g. ``"attn.in_proj_weight"``. In place.
     """
     return _prune(model, sparsity, scope, parameters, _magnitude_scores)
 

@@ -7,7 +7,12 @@ See :mod:`accelprune.selection` for the per-layer selection (:func:`reprune_sele
 * prunable layers are the channel groups of :class:`accelprune.graph.ModelGraph` with a single
   producing layer (``prune_coupled=False``: the paper's residual rules; outputs that feed a
   residual add are coupled and left alone), minus the stem (the first conv the input meets)
-  unless ``prune_stem=True``; the classifier's outputs are never a group;
+  unless ``prune_stem=True``; the classifier's outputs are never a group. Gated MLPs (SwiGLU,
+  GeGLU: two producers whose outputs are *multiplied*, e.g. LLaMA's gate_proj and up_proj) are
+  not residual-coupled: they are pruned by default, one selection over both producers' filters;
+* each layer's budget k_l comes from one global threshold on a per-channel score (BatchNorm |γ|
+  as in the paper, or, without BatchNorm, a norm's |γ| or the filter's L2 norm made comparable
+  across layers; see :class:`REPrune`, "Layer budgets");
 * a pruning event targets ``round((1 - s) * original total)`` kept channels, s taken from the
   schedule at that epoch: always measured against the original widths, so events never compound;
 * under ``torch.distributed`` rank 0 decides and broadcasts the kept indices, so every rank
@@ -15,6 +20,8 @@ See :mod:`accelprune.selection` for the per-layer selection (:func:`reprune_sele
 """
 from __future__ import annotations
 
+import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -27,16 +34,20 @@ from accelprune._backend import resolve
 from accelprune._distributed import on_rank0
 from accelprune._validation import check_fraction, check_int
 from accelprune.coverage import warmup
+from accelprune.csgd import feeds_attention
 from accelprune.graph import ModelGraph
-from accelprune.layers import PRODUCER_TYPES, out_channel_view
+from accelprune.layers import BATCHNORM_TYPES, PRODUCER_TYPES, out_channel_view
 from accelprune.optim_state import track_parameters
 from accelprune.reporting import meta_copy, size_stats
 from accelprune.schedule import SCHEDULES, sparsity_at
-from accelprune.selection import layer_keep_counts, reprune_select
+from accelprune.selection import keep_floor, layer_keep_counts, reprune_select
 from accelprune.tables import format_table
 from accelprune.tracing import call_model, eval_mode
 
-__all__ = ["REPrune", "REPruneReport", "PruningEvent", "LayerRecord"]
+__all__ = ["REPrune", "REPruneReport", "PruningEvent", "LayerRecord", "BUDGETS"]
+
+# How REPrune sets each layer's number of kept channels (see REPrune's docstring).
+BUDGETS = ("auto", "uniform")
 
 
 @dataclass
@@ -56,6 +67,9 @@ class LayerRecord:
     clusters_mean: float | None = None
     clusters_max: int | None = None
     coverage: float | None = None        # share of the (channel, cluster) pairs kept filters cover
+    # what ranked this layer's channels for the budget: "bn" (BatchNorm |γ|), "norm" (another
+    # norm's |γ|: LayerNorm, RMSNorm), "filter" (L2 norm of the filters), "uniform"
+    score: str | None = None
 
 
 @dataclass
@@ -64,7 +78,7 @@ class PruningEvent:
     target_sparsity: float
     target_channels: int      # round((1 - s) * original total)
     kept_channels: int        # >= target (the floor may hold it above)
-    gamma_threshold: float    # γ*; -inf when nothing was pruned
+    gamma_threshold: float    # γ* (on the scores the budget used); -inf when nothing was pruned
     layers: list[LayerRecord]
     seconds: dict[str, float]  # "selection" (threshold, clustering, coverage), "surgery"
 
@@ -106,6 +120,39 @@ class REPruneReport:
                 f"{self.params_after:,}; MACs {self.macs_before:,} -> {self.macs_after:,}")
 
 
+def _gated(group) -> bool:
+    """A coupled group whose producers meet in a product, not a sum: a gated MLP (SwiGLU:
+    ``act(gate(x)) * up(x)``). No add or subtract carries its channels, so none is a residual."""
+    if not group.coupled:
+        return False
+    names = []
+    for dep, _ in group.tp_group():
+        fn = dep.target.grad_fn
+        names.append(fn.name() if fn is not None and hasattr(fn, "name") else "")
+    if any(re.match(r"(Add|Sub)Backward", n) for n in names):
+        return False
+    return any(re.match(r"MulBackward", n) for n in names)
+
+
+def _norm_scales(group) -> list[torch.Tensor]:
+    """The per-channel scales γ of the non-BatchNorm norms (LayerNorm, RMSNorm, ...) over exactly
+    the group's channels: weights with n entries of modules whose class name contains "Norm".
+    Torch-Pruning lists known norms as modules and unknown ones (LlamaRMSNorm) by their weight."""
+    graph, n = group._graph, group.n_channels
+    found: dict[int, torch.Tensor] = {}
+    for dep, _ in group.tp_group():
+        m = dep.target.module
+        if isinstance(m, nn.Parameter):  # a bare weight: find the module that owns it
+            owner = getattr(graph.DG, "_param_to_name", {}).get(m, "").rpartition(".")[0]
+            m = graph.model.get_submodule(owner) if owner else None
+        if (isinstance(m, nn.Module) and not isinstance(m, BATCHNORM_TYPES)
+                and "norm" in type(m).__name__.lower()):
+            w = getattr(m, "weight", None)
+            if isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() == n:
+                found[id(m)] = w.detach()
+    return list(found.values())
+
+
 def _first_conv(model: nn.Module, example_inputs) -> nn.Module | None:
     """The first convolution the input meets (the stem), found by one eval-mode forward pass."""
     order: list[nn.Module] = []
@@ -135,6 +182,8 @@ class REPrune:
         ``t_prune`` is required for ramps (it sets where s is reached); for "constant" None
         means no limit (events after the first find the target reached and do nothing).
     min_keep_ratio: floor ρ: a layer keeps at least ``max(1, ceil(ρ * original width))``.
+    budget: "auto" (the global threshold below) or "uniform" (every layer keeps
+        ``max(k_min, round((1 - s) * original width))`` of its channels, capped at its width).
     ignored_layers: module names or modules whose output channels are not pruned.
     prune_coupled: also prune groups with several producers (residual adds) - off by default,
         as in the paper; their score is the mean |γ| of their BNs, and their producers' input
@@ -146,13 +195,37 @@ class REPrune:
     progress: show a tqdm bar over layers during an event.
     process_group: the torch.distributed group whose ranks must agree (default: the world).
 
+    Attributes: ``groups`` (the layers pruned) and ``skipped`` (``{group name: reason}``): groups
+    whose channels go through attention (q/k/v of a head: only whole heads could go, which
+    REPrune does not select; a residual stream with a MultiheadAttention in it) and, unless
+    ``prune_coupled``, residual-coupled groups (a transformer's hidden size).
+
+    Layer budgets (``budget="auto"``). Each channel c of layer l gets a score r_c:
+
+    * ``"bn"``: |γ_c| of the BatchNorm(s) over the group's channels (mean over them when several);
+    * ``"norm"``, where no BatchNorm is there: |γ_c| of the LayerNorm / RMSNorm (any module whose
+      class name contains "Norm" with a per-channel ``weight``) whose weight has exactly the
+      group's n entries, i.e. that normalises exactly these channels (mean over several);
+    * ``"filter"``, where neither is: the L2 norm of channel c's filter, all producers' rows
+      concatenated (for a gated MLP: [gate_c, up_c]).
+
+    When every layer scores by "bn" (the paper's setting) the threshold γ* is taken on raw |γ|
+    exactly as in ALGORITHMS.md §3.1. Otherwise the scores are made comparable across layers by
+    dividing each layer's scores by their mean over its current channels (r_c / mean_l r, so every
+    layer averages 1, whatever its fan-in or norm scale), and the same rule applies to these:
+    γ* is the lowest threshold such that pruning every channel with score <= γ* in each layer
+    (never below the floor k_min) keeps the target total; ties are spread over layers in
+    proportion (:func:`accelprune.selection.layer_keep_counts`). Every event recomputes the
+    scores from the current weights.
+
     Under DistributedDataParallel, give REPrune the inner module (``ddp.module``) and re-wrap it
     after an event (:meth:`due` says when one runs): DDP cannot follow parameters that change.
     """
 
     def __init__(self, model: nn.Module, example_inputs, sparsity: float, *,
                  schedule: str = "constant", delta_t: int = 2, t_prune: int | None = None,
-                 min_keep_ratio: float = 0.05, ignored_layers=None, prune_coupled: bool = False,
+                 min_keep_ratio: float = 0.05, budget: str = "auto", ignored_layers=None,
+                 prune_coupled: bool = False,
                  prune_stem: bool = False, tie_break: str = "random", seed: int = 0,
                  backend: str = "auto", progress: bool = False, process_group=None):
         if not isinstance(model, nn.Module):
@@ -170,6 +243,9 @@ class REPrune:
             raise ValueError(f"schedule={schedule!r} needs events after epoch 0: t_prune "
                              f"({t_prune}) must be >= delta_t ({delta_t})")
         self.min_keep_ratio = check_fraction(min_keep_ratio, "min_keep_ratio", allow_one=True)
+        if budget not in BUDGETS:
+            raise ValueError(f"unknown budget {budget!r}; expected one of {list(BUDGETS)}")
+        self.budget = budget
         self.tie_break, self.seed = tie_break, check_int(seed, "seed", low=0)
         if resolve(backend, fast="native") != "reference":  # a bad name fails here, not later
             warmup()  # load Numba's compiled coverage now: events time the algorithm
@@ -177,14 +253,26 @@ class REPrune:
         self.progress, self.process_group = progress, process_group
 
         self.model, self.example_inputs = model, example_inputs
+        # every group, coupled ones too: gated MLPs are coupled by a product, not a residual sum
         self.graph = ModelGraph(model, example_inputs, ignored_layers=ignored_layers,
-                                prune_coupled=prune_coupled, progress=progress)
+                                prune_coupled=True, progress=progress)
         stem = None if prune_stem else _first_conv(model, example_inputs)
-        self.groups = [g for g in self.graph.groups
-                       if not any(self.graph.module(p) is stem for p in g.producers)]
+        self.groups, self.skipped = [], {}
+        for g in self.graph.groups:
+            if any(self.graph.module(p) is stem for p in g.producers):
+                continue
+            if feeds_attention(g):  # q/k/v channels (heads), or a residual stream with MHA in it
+                self.skipped[g.name] = ("its channels go through attention (q·kᵀ, softmax): "
+                                        "single channels of q/k/v cannot be removed, only heads")
+            elif g.coupled and not (prune_coupled or _gated(g)):
+                self.skipped[g.name] = ("residual-coupled (outputs summed); pass "
+                                        "prune_coupled=True to prune it")
+            else:
+                self.groups.append(g)
         if not self.groups:
+            skipped = "".join(f"; {name}: {why}" for name, why in self.skipped.items())
             raise ValueError("the model has no prunable layers (after ignored_layers, the stem and "
-                             "coupled groups are left out)")
+                             f"coupled groups are left out){skipped}")
         for g in self.groups:
             self._check_group(g)
         self.original_widths = [g.n_channels for g in self.groups]
@@ -209,10 +297,6 @@ class REPrune:
         if not g.filter_producers:
             raise ValueError(f"REPrune has no filters to cluster in group {g.name!r} (only "
                              "depthwise convs produce it); pass it in ignored_layers")
-        if not g.bns:
-            raise ValueError(f"REPrune ranks channels by the BatchNorm scale γ, but layer "
-                             f"{g.name!r} has no BatchNorm right after it; add one, or pass it "
-                             "in ignored_layers")
         for name in g.bns:
             if getattr(self.graph.module(name), "weight", None) is None:
                 raise ValueError(f"BatchNorm {name!r} after {g.name!r} has no learnable scale γ "
@@ -231,10 +315,34 @@ class REPrune:
             out.append(w.reshape(w.shape[0], B * w.shape[2], *w.shape[3:]))
         return out
 
-    def _gamma(self, g) -> torch.Tensor:
-        """|γ| of a group's channels (mean over its BNs when it has several)."""
-        scales = [self.graph.module(b).weight.detach().abs().cpu().double() for b in g.bns]
-        return torch.stack(scales).mean(0)
+    def _score(self, g) -> tuple[str, np.ndarray]:
+        """(kind, per-channel score) of a group for the layer budget (see the class docstring)."""
+        if g.bns:
+            scales = [self.graph.module(b).weight.detach().abs().cpu().double() for b in g.bns]
+            return "bn", torch.stack(scales).mean(0).numpy()
+        norms = _norm_scales(g)
+        if norms:
+            return "norm", torch.stack([w.abs().cpu().double() for w in norms]).mean(0).numpy()
+        rows = []
+        for name in g.filter_producers:  # each channel's own filter (not pooled over blocks)
+            m = self.graph.module(name)
+            w = out_channel_view(m, m.weight.detach())
+            rows.append(w.reshape(w.shape[0], -1).cpu().double())
+        return "filter", torch.linalg.vector_norm(torch.cat(rows, dim=1), dim=1).numpy()
+
+    def _keep_counts(self, sparsity: float, target: int) -> tuple[list[int], float, list[str]]:
+        """k_l per layer, γ*, and what scored each layer (see "Layer budgets")."""
+        if self.budget == "uniform":
+            ks = [min(g.n_channels, max(keep_floor(n0, self.min_keep_ratio),
+                                        round((1 - sparsity) * n0)))
+                  for g, n0 in zip(self.groups, self.original_widths, strict=True)]
+            return ks, -math.inf, ["uniform"] * len(ks)
+        kinds, scores = zip(*(self._score(g) for g in self.groups), strict=True)
+        if any(k != "bn" for k in kinds):  # comparable across layers: each layer averages 1
+            scores = [s / s.mean() if s.mean() > 0 else np.ones_like(s) for s in scores]
+        ks, gamma_star = layer_keep_counts(list(scores), self.original_widths, target,
+                                           min_keep_ratio=self.min_keep_ratio)
+        return ks, gamma_star, list(kinds)
 
     # -- schedule ----------------------------------------------------------------------------
 
@@ -285,16 +393,14 @@ class REPrune:
         return optimizer
 
     def _plan(self, sparsity: float, target: int, epoch: int | None) -> PruningEvent:
-        gammas = [self._gamma(g).numpy() for g in self.groups]
-        ks, gamma_star = layer_keep_counts(gammas, self.original_widths, target,
-                                           min_keep_ratio=self.min_keep_ratio)
+        ks, gamma_star, kinds = self._keep_counts(sparsity, target)
         layers = []
         bar = tqdm(list(zip(self.groups, ks, strict=True)), desc="REPrune",
                    disable=not self.progress)
         for i, (g, k) in enumerate(bar):
             n, n0 = g.n_channels, self.original_widths[i]
             record = LayerRecord(g.name, original=n0, before=n, kept=k, sparsity=1 - k / n0,
-                                 kept_indices=list(range(n)))
+                                 kept_indices=list(range(n)), score=kinds[i])
             if k < n:
                 B = g.blocks
                 k_block = max(1, round(k / B))  # every block keeps the same positions
@@ -340,8 +446,8 @@ class REPrune:
 
     # -- checkpoint / resume -----------------------------------------------------------------
 
-    _STATE_CONFIG = ("sparsity", "schedule", "delta_t", "t_prune", "min_keep_ratio", "tie_break",
-                     "seed")
+    _STATE_CONFIG = ("sparsity", "schedule", "delta_t", "t_prune", "min_keep_ratio", "budget",
+                     "tie_break", "seed")
 
     def state_dict(self) -> dict:
         """What a resumed run needs beyond the model: the original widths (so that events keep

@@ -534,7 +534,9 @@ def test_pipeline_rejects_bad_input():
     no_bn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
                           nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(8, 2))
-    with pytest.raises(ValueError, match=r"BatchNorm.*'2'|'2'.*BatchNorm"):
-        REPrune(no_bn, torch.randn(2, 3, 16, 16), 0.5)
+    # without BatchNorm the budget ranks filter norms (issue 12): no longer refused
+    no_bn_pruner = REPrune(no_bn, torch.randn(2, 3, 16, 16), 0.5)
+    no_bn_pruner.prune()
+    assert {r.score for r in no_bn_pruner.report().layers} == {"filter"}
     with pytest.raises(TypeError, match="Module"):
         REPrune("resnet", x, 0.5)
