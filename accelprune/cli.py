@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("ward", "coverage", "kernels", "reprune", "csgd")
+BENCHMARKS = ("ward", "coverage", "kernels", "reprune", "csgd", "kmeans", "groups", "large",
+              "quality")
 
 
 class UsageError(Exception):
