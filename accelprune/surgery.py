@@ -58,12 +58,7 @@ class ModelSnapshot:
 
     def restore(self) -> None:
         DG = self.graph.DG
-        for m, params in self.params.items():
-            m._parameters.clear()
-            m._parameters.update(params)
-        for m, bufs in self.buffers.items():
-            m._buffers.clear()
-            m._buffers.update(bufs)
+        _put_back_tensors(self.params, self.buffers)
         for m, attrs in self.attrs.items():
             for k, v in attrs.items():
                 m.__dict__[k] = copy.deepcopy(v)
@@ -80,6 +75,16 @@ class ModelSnapshot:
 
 
 _SIMPLE = (int, float, bool, str, type(None), tuple, list, dict)
+
+
+def _put_back_tensors(params: dict, buffers: dict) -> None:
+    """Each module's parameter and buffer dicts as they were (the very same tensor objects)."""
+    for m, saved in params.items():
+        m._parameters.clear()
+        m._parameters.update(saved)
+    for m, saved in buffers.items():
+        m._buffers.clear()
+        m._buffers.update(saved)
 _PRIVATE_FLAGS = ("_qkv_same_embed_dim",)
 
 
@@ -99,12 +104,7 @@ class ModuleSnapshot:
                         for m in modules]
 
     def restore(self) -> None:
-        for m, params in self.params.items():
-            m._parameters.clear()
-            m._parameters.update(params)
-        for m, bufs in self.buffers.items():
-            m._buffers.clear()
-            m._buffers.update(bufs)
+        _put_back_tensors(self.params, self.buffers)
         for m, cls, flags in self.classes:
             m.__class__ = cls
             m.__dict__.update(flags)

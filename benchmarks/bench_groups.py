@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import platform
 import time
 import warnings
 
@@ -22,7 +21,7 @@ import torch_pruning as tp
 from torch import nn
 
 from accelprune.group_search import find_groups, find_groups_ref
-from benchmarks.harness import Row, measure, report
+from benchmarks.harness import Row, cpu_model, measure, report
 
 FAST, REF = "find_groups", "tp_get_all_groups"
 
@@ -111,17 +110,6 @@ def _time_tp(DG, repeats: int, limit_s: float):
     return result
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small models only")
@@ -177,7 +165,7 @@ def main(argv=None) -> None:
             "tp_timeout_s": limit,
             "torch_pruning": getattr(tp, "__version__", "?"),
             "torch_threads": torch.get_num_threads(),
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "load_average_at_end": os.getloadavg(),
         },
         save=not args.quick,

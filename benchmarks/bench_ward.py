@@ -48,7 +48,7 @@ import scipy.cluster.hierarchy as sch
 
 from accelprune import ward_linkage_batched
 from accelprune.cluster import ward_method
-from benchmarks.harness import Row, measure, report
+from benchmarks.harness import Row, cpu_model, measure, report
 from benchmarks.model_shapes import conv_weights, ward_problems
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,19 +56,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------------------------------------
 # the machine and the work model
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def machine_rates(threads: int) -> dict[str, float]:

@@ -10,8 +10,8 @@ import sys
 from accelprune.tables import format_table
 from benchmarks.harness import RESULTS_DIR, format_time
 
-ORDER = ["ward", "coverage", "reprune", "kernels_csgd_cpu", "kernels_importance_cpu", "csgd", "kmeans",
-         "groups", "large"]
+ORDER = ["ward", "coverage", "reprune", "kernels_csgd_cpu", "kernels_importance_cpu", "csgd",
+         "kmeans", "groups", "large"]
 
 
 def table(doc: dict) -> str:
