@@ -61,6 +61,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _n_of_m(text: str) -> tuple[int, int]:
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N:M like 2:4, got {text!r}") from None
+    if not 1 <= n < m <= 64:
+        raise argparse.ArgumentTypeError(f"need 1 <= N < M <= 64, got {text!r}")
+    return n, m
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -110,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="classifier width of built-in models")
     prune.add_argument("--ignore", action="append", default=[], metavar="LAYER",
                        help="a module name whose outputs are left alone (repeatable)")
+    prune.add_argument("--nm", type=_n_of_m, default=None, metavar="N:M",
+                       help="after the channels, keep N of every M weights along each layer's "
+                            "input (e.g. 2:4, semi-structured sparsity; masks made permanent)")
     prune.add_argument("--seed", type=_seed, default=0)
     prune.add_argument("--allow-pickle", action="store_true",
                        help="UNSAFE: also read a --model file holding pickled Python objects "
@@ -314,6 +327,11 @@ def run_prune_command(args) -> None:
         accelprune.prune_with(model, example_inputs, sparsity, args.method,
                               ignored_layers=ignored, seed=args.seed)
     model.zero_grad(set_to_none=True)
+    if args.nm is not None:
+        nm = accelprune.nm_prune(model, *args.nm)
+        accelprune.make_permanent(model)
+        print(f"{args.nm[0]}:{args.nm[1]} sparsity on {len(nm.pruned)} weights "
+              f"({len(nm.skipped)} skipped: input width not a multiple of {args.nm[1]})")
     print(accelprune.report(before, model, example_inputs))
     kwargs = {} if constructor is None else {"constructor": constructor["name"],
                                              "constructor_kwargs": constructor["kwargs"]}

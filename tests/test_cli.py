@@ -192,6 +192,8 @@ def test_bad_out_paths_are_refused_before_any_work(case, message, tmp_path, caps
     (["--seed", "-1"], "must be in [0, 2**32 - 1]"),
     (["--sparsity", "0.3", "--macs", "0.5"], "not allowed with argument"),
     (["--macs", "1.0"], "must be in [0, 1)"),
+    (["--nm", "4:2"], "need 1 <= N < M"),
+    (["--nm", "two:four"], "expected N:M"),
 ])
 def test_bad_numbers_exit_2_in_one_line(extra, message, tmp_path, capsys, monkeypatch):
     import accelprune.cli as cli
@@ -226,6 +228,17 @@ def test_prune_to_a_macs_reduction(tmp_path, capsys):
     before = accelprune.model_stats(models.vgg_small(), x)["macs"]
     after = accelprune.model_stats(accelprune.load(out), x)["macs"]
     assert after / before == pytest.approx(0.6, abs=0.03)
+
+
+def test_prune_then_two_four_sparsity(tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    assert main(["prune", "--model", "accelprune:resnet20", "--method", "l1", "--sparsity", "0.25",
+                 "--nm", "2:4", "--out", str(out)]) == 0
+    assert "2:4 sparsity on" in capsys.readouterr().out
+    model = accelprune.load(out)
+    conv = model.layer2[0].conv1  # its input width (a multiple of 4) is grouped in fours
+    w = conv.weight.detach().permute(0, 2, 3, 1).reshape(-1, 4)
+    assert ((w != 0).sum(1) <= 2).all()
 
 
 def test_num_classes_is_kept_in_the_saved_constructor(tmp_path):

@@ -59,11 +59,11 @@ def nm_keep_mask_ref(scores: torch.Tensor, n: int) -> torch.Tensor:
 
 def nm_keep_mask(scores: torch.Tensor, n: int, *, backend: str = "auto") -> torch.Tensor:
     """As :func:`nm_keep_mask_ref`, by Triton on CUDA tensors (``backend="auto"``), on CPU
-    tensors too under ``TRITON_INTERPRET=1`` with ``backend="triton"``; ``backend="torch"`` is
-    the reference. Exactly equal to the reference on every input. Rows longer than 64 (the
+    tensors too under ``TRITON_INTERPRET=1`` with ``backend="triton"``; ``backend="reference"``
+    is the reference. Exactly equal to the reference on every input. Rows longer than 64 (the
     kernel unrolls over m) go to the reference."""
     scores, n, m = _check(scores, n)
-    if select_backend(backend, scores.device) == "torch" or m > _MAX_M:
+    if select_backend(backend, scores.device) == "reference" or m > _MAX_M:
         return nm_keep_mask_ref(scores, n)
     return _nm_keep_mask_triton(scores, n, m)
 
