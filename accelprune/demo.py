@@ -133,8 +133,7 @@ def run_demo(config: DemoConfig | None = None) -> dict:
     results = []
     for method in tqdm(config.methods, desc="methods", disable=not config.progress, leave=False):
         torch.manual_seed(config.seed)
-        amount = sparsity_for_macs(base, example_inputs, method, config.budget, tolerance=0.005,
-                                   max_iterations=10)
+        amount = sparsity_for_macs(base, example_inputs, method, config.budget)
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         finetune_epochs = config.finetune_epochs

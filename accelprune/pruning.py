@@ -374,7 +374,7 @@ def sparsity_for_macs(model: nn.Module, example_inputs, method: str, macs_reduct
             break
         low, high = (mid, high) if macs > target else (low, mid)
     if best_gap > tolerance:
-        warnings.warn(f"method {method!r} cannot bring the model within {tolerance:.0%} of "
+        warnings.warn(f"method {method!r} cannot bring the model within {tolerance:.1%} of "
                       f"{1 - macs_reduction:.0%} of its MACs; the closest is {best_gap:.1%} "
                       f"away (sparsity {best:.3f}): layer floors, ignored layers or per-layer "
                       "rounding limit it", RuntimeWarning, stacklevel=2)
