@@ -6,9 +6,10 @@ Two channel groups, random Gaussian filters (float32), half the filters kept:
 * ``llama7b_mlp``: LLaMA-7B's MLP, 11008 filters of 4096 into 5504 clusters.
 
 Paths: ``accelprune`` = :func:`accelprune.kmeans.kmeans` with its defaults (blocked k-means++ in
-16 rounds, at most 10 Lloyd iterations, tol 1e-4) on ``--device``; ``scipy`` = what C-SGD runs
-today, :func:`accelprune.csgd.cluster_filters` (exact k-means++ seeding with scipy's draws, then
-scipy's float64 ``kmeans2``, 10 iterations); ``kmeans_ref`` = :func:`accelprune.kmeans.kmeans_ref`
+16 rounds, at most 10 Lloyd iterations, tol 1e-4) on ``--device``; ``scipy`` = C-SGD's reference
+clustering, :func:`accelprune.selection.cluster_filters` with ``backend="reference"`` (exact
+k-means++ seeding with scipy's draws, then scipy's float64 ``kmeans2``, 10 iterations);
+``kmeans_ref`` = :func:`accelprune.kmeans.kmeans_ref`
 (this module's seeds, then scipy's ``kmeans2``). scipy runs on the small case only unless
 ``--scipy-large`` (the issue extrapolates about 17 minutes there). Besides the times: the
 Lloyd iterations run, whether they converged, each path's CPU time (process time, all threads,
@@ -29,8 +30,8 @@ import time
 import numpy as np
 import torch
 
-from accelprune.csgd import cluster_filters
 from accelprune.kmeans import kmeans_fit, kmeans_ref
+from accelprune.selection import cluster_filters
 from benchmarks.harness import Row, measure, report
 
 CASES = {  # name: (filters, features per filter, clusters)
@@ -71,7 +72,8 @@ def run_case(name: str, n: int, d: int, k: int, device: torch.device, repeats: i
     X64 = X.double().numpy()
     extra = {"n x d -> k": f"{n} x {d} -> {k}", "iters": result.n_iter,
              "converged": result.converged}
-    paths = {"scipy": lambda: cluster_filters(X64, k), "kmeans_ref": lambda: kmeans_ref(X, k)}
+    paths = {"scipy": lambda: cluster_filters(X64, k, backend="reference"),
+             "kmeans_ref": lambda: kmeans_ref(X, k)}
     for path, fn in paths.items() if with_scipy else ():
         timings[path] = measure(run(path, fn), warmup=0, repeats=1).median_s
     for path in timings:
@@ -126,7 +128,8 @@ def main(argv=None) -> dict:
                          "data": "standard normal float32, torch seed 0",
                          "accelprune": "kmeans(seed=0) defaults: init_rounds=16, iters=10, "
                                        "tol=1e-4",
-                         "scipy": "csgd.cluster_filters: exact k-means++ + kmeans2 float64"})
+                         "scipy": "selection.cluster_filters(backend='reference'): exact "
+                                  "k-means++ + kmeans2 float64"})
 
 
 if __name__ == "__main__":
