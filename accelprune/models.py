@@ -43,18 +43,20 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """Stem conv (16) → layer1 (16) → layer2 (32, stride 2) → layer3 (64, stride 2) → pool → fc."""
+    """Stem conv (w) → layer1 (w) → layer2 (2w, stride 2) → layer3 (4w, stride 2) → pool → fc,
+    with w = ``width`` (16 in the paper's CIFAR ResNets)."""
 
-    def __init__(self, blocks_per_stage: int, num_classes: int = 10):
+    def __init__(self, blocks_per_stage: int, num_classes: int = 10, *, width: int = 16):
         super().__init__()
         blocks_per_stage = check_int(blocks_per_stage, "blocks_per_stage", low=1)
         num_classes = check_int(num_classes, "num_classes", low=1)
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        width = check_int(width, "width", low=1)
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        in_planes = 16
+        in_planes = width
         stages = []
-        for planes, stride in [(16, 1), (32, 2), (64, 2)]:
+        for planes, stride in [(width, 1), (2 * width, 2), (4 * width, 2)]:
             blocks = []
             for i in range(blocks_per_stage):
                 blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
@@ -62,7 +64,7 @@ class CifarResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(in_planes, num_classes)
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

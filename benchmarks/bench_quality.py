@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from accelprune.csgd import CSGD
 from accelprune.datasets import distorted_digits
 from accelprune.graph import ModelGraph
-from accelprune.models import BasicBlock, CifarResNet, _init_weights
+from accelprune.models import CifarResNet
 from accelprune.pruning import prune_with, sparsity_for_macs
 from accelprune.reporting import model_stats, new_figure
 from accelprune.reprune import REPrune
@@ -109,25 +109,9 @@ class Config:
 # model, data, training
 
 
-class NarrowResNet(CifarResNet):
-    """CIFAR ResNet with stages of width, 2·width, 4·width channels (ResNet-20: width 16)."""
-
-    def __init__(self, width: int = 8, blocks_per_stage: int = 3, num_classes: int = 10):
-        nn.Module.__init__(self)
-        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        in_planes, stages = width, []
-        for planes, stride in [(width, 1), (2 * width, 2), (4 * width, 2)]:
-            blocks = []
-            for i in range(blocks_per_stage):
-                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
-                in_planes = planes
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_planes, num_classes)
-        _init_weights(self)
+def narrow_resnet(width: int = 8) -> CifarResNet:
+    """CIFAR ResNet-20 with stages of width, 2·width, 4·width channels (ResNet-20: width 16)."""
+    return CifarResNet(3, 10, width=width)
 
 
 def make_data(cfg: Config, seed: int):
@@ -311,7 +295,7 @@ def run_schedule(cfg, budget, sparsity0, seed, example, base_macs, *, bar) -> di
     then the remaining epochs on the pruned model; base_epochs + finetune_epochs in all."""
     torch.manual_seed(seed)
     train, test = make_data(cfg, seed)
-    model = NarrowResNet(cfg.width)
+    model = narrow_resnet(cfg.width)
     epochs = cfg.base_epochs + cfg.finetune_epochs
     optimizer = sgd(model.parameters(), cfg.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
@@ -363,7 +347,7 @@ def run(cfg: Config, *, progress: bool = True, checkpoint=None) -> dict:
         train, test = make_data(cfg, seed)
         example = next(iter(train))[0][:1]
         bar.set_description(f"seed {seed}: base model")
-        base = fit(NarrowResNet(cfg.width), train, cfg.base_epochs, cfg.lr, bar=bar).eval()
+        base = fit(narrow_resnet(cfg.width), train, cfg.base_epochs, cfg.lr, bar=bar).eval()
         stats = model_stats(base, example)
         base_rows.append({"seed": seed, "acc": evaluate(base, test), **stats,
                           "widths": conv_widths(base)})

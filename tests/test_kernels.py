@@ -21,6 +21,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from interpreted import INTERPRETED, ROOT, run_under_interpreter
 
 import accelprune._backend as backend_mod
 from accelprune.kernels import (
@@ -35,10 +36,8 @@ from accelprune.kernels import csgd as csgd_mod
 from accelprune.kernels import importance as importance_mod
 from accelprune.kernels._common import select_backend
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
 # Set by test_triton_kernels_under_the_interpreter for its child process, before Triton loads.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_cuda = pytest.mark.skipif(not HAS_CUDA or INTERPRETED,
                                 reason="needs a CUDA device (none here) and compiled Triton")
 
@@ -59,15 +58,8 @@ def test_triton_kernels_under_the_interpreter():
     """Run this module again in a child process with TRITON_INTERPRET=1 set from the start."""
     if INTERPRETED:
         pytest.skip("this is the child process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-x", "-rs",
-         "-p", "no:cacheprovider"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
-    output = result.stdout[-6000:] + result.stderr[-2000:]
-    assert result.returncode == 0, output
+    returncode, output = run_under_interpreter(__file__, timeout=900)
+    assert returncode == 0, output
     assert "passed" in output and "TRITON_INTERPRET=1 child process" not in output, output
 
 

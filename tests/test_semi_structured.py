@@ -8,14 +8,12 @@ tests/test_kernels.py), with small shapes; on a real GPU by the ``gpu`` tests.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from interpreted import INTERPRETED, run_under_interpreter
 from torch import nn
 
 import accelprune
@@ -23,9 +21,7 @@ from accelprune.kernels.nm import nm_keep_mask, nm_keep_mask_ref
 from accelprune.masks import get_masks
 from accelprune.semi_structured import is_nm_sparse, nm_prune, to_semi_structured
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def need_triton_on_cpu():
@@ -38,15 +34,8 @@ def test_nm_kernel_under_the_interpreter():
     """Run this module's kernel tests again in a child process with TRITON_INTERPRET=1."""
     if INTERPRETED:
         pytest.skip("this is the child process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-x", "-rs",
-         "-p", "no:cacheprovider", "-k", "triton"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    output = result.stdout[-6000:] + result.stderr[-2000:]
-    assert result.returncode == 0, output
+    returncode, output = run_under_interpreter(__file__, "-k", "triton", timeout=600)
+    assert returncode == 0, output
     assert "passed" in output and "TRITON_INTERPRET=1 child process" not in output, output
 
 
