@@ -473,6 +473,24 @@ struct LaneMinimum {
   static constexpr int kGroups = kLanes / kWidth;
   V best[kGroups];
   M block[kGroups];
+
+  // The smallest cost over all lanes and its index (the lowest index on ties).
+  double reduce(int64_t* argmin) const noexcept {
+    double out = std::numeric_limits<double>::infinity();
+    int64_t where = 0;
+    for (int g = 0; g < kGroups; ++g) {
+      for (int l = 0; l < kWidth; ++l) {
+        const double v = best[g][l];
+        const int64_t i = block[g][l] * kLanes + g * kWidth + l;
+        if (v < out || (v == out && i < where)) {
+          out = v;
+          where = i;
+        }
+      }
+    }
+    *argmin = where;
+    return out;
+  }
 };
 
 // Costs of cluster x to the kBlocks blocks starting at block `first`, folded into `running`.
@@ -544,20 +562,7 @@ __attribute__((always_inline)) inline double ward_costs_kernel(
     scan_blocks<kWidth, kBlocks>(centroids, d, query, size_x, size, mask, block, cost, running);
   for (; block < n_blocks; ++block)
     scan_blocks<kWidth, 1>(centroids, d, query, size_x, size, mask, block, cost, running);
-  double out = std::numeric_limits<double>::infinity();
-  int64_t where = 0;
-  for (int g = 0; g < kGroups; ++g) {
-    for (int l = 0; l < kWidth; ++l) {
-      const double v = running.best[g][l];
-      const int64_t i = running.block[g][l] * kLanes + g * kWidth + l;
-      if (v < out || (v == out && i < where)) {
-        out = v;
-        where = i;
-      }
-    }
-  }
-  *argmin = where;
-  return out;
+  return running.reduce(argmin);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
@@ -614,20 +619,7 @@ __attribute__((always_inline)) inline double first_minimum_kernel(const double* 
       running.block[g] = (smaller & (M{} + block)) | (~smaller & running.block[g]);
     }
   }
-  double out = std::numeric_limits<double>::infinity();
-  int64_t where = 0;
-  for (int g = 0; g < kGroups; ++g) {
-    for (int l = 0; l < kWidth; ++l) {
-      const double v = running.best[g][l];
-      const int64_t i = running.block[g][l] * kLanes + g * kWidth + l;
-      if (v < out || (v == out && i < where)) {
-        out = v;
-        where = i;
-      }
-    }
-  }
-  *argmin = where;
-  return out;
+  return running.reduce(argmin);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
