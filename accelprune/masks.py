@@ -37,6 +37,7 @@ from torch.nn.utils import prune
 from accelprune._validation import check_fraction
 
 __all__ = [
+    "masks_all_or_nothing",
     "gradient_magnitude_prune",
     "get_masks",
     "layer_sparsity",
@@ -184,7 +185,7 @@ def _prune(model, sparsity, scope, parameters, score_fn) -> dict[str, float]:
         if not torch.isfinite(s).all():
             raise ValueError(f"scores of {full} contain NaN or Inf")
         scores[(module, name)] = s
-    with torch.no_grad(), _all_or_nothing({m for m, _ in pairs}):
+    with torch.no_grad(), masks_all_or_nothing({m for m, _ in pairs}):
         if scope == "global":
             total = sum(s.numel() for s in scores.values())
             extra = round(sparsity * total) - sum(_n_masked(m, n) for m, n in pairs)
@@ -201,10 +202,11 @@ def _prune(model, sparsity, scope, parameters, score_fn) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _all_or_nothing(modules):
-    """On any exception, put back what ``torch.nn.utils.prune`` changes on ``modules`` (the
-    parameter, mask buffer and forward pre-hook dicts, and the plain ``weight`` attribute), so a
-    failure on a later tensor leaves no mask on the earlier ones."""
+def masks_all_or_nothing(modules):
+    """A context for applying ``torch.nn.utils.prune`` masks to ``modules``. On any exception,
+    put back what ``torch.nn.utils.prune`` changes on them (the parameter, mask buffer and
+    forward pre-hook dicts, and the plain ``weight`` attribute), so a failure on a later tensor
+    leaves no mask on the earlier ones."""
     saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers),
               dict(m._forward_pre_hooks)) for m in modules]
     # a third pruning extends an existing PruningContainer in place: keep its list too

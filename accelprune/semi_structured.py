@@ -28,7 +28,12 @@ from torch.nn.utils import prune
 
 from accelprune._validation import check_int
 from accelprune.kernels.nm import nm_keep_mask
-from accelprune.masks import dense_parameter, is_reparametrised, resolve_parameters
+from accelprune.masks import (
+    dense_parameter,
+    is_reparametrised,
+    masks_all_or_nothing,
+    resolve_parameters,
+)
 
 __all__ = ["NM_IMPORTANCES", "NMReport", "is_nm_sparse", "nm_prune", "to_semi_structured"]
 
@@ -123,7 +128,8 @@ def nm_prune(model: nn.Module, n: int = 2, m: int = 4, *, importance: str = "l1"
         :class:`NMReport`: the masked tensors' sparsity and the skipped ones with the reason
         (input width not a multiple of ``m``, transposed conv, not a weight...).
 
-    All or nothing: every input is checked and every mask computed before the first is applied.
+    All or nothing: every input is checked and every mask computed before the first is applied,
+    and a failure while applying them takes the earlier ones off again.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -163,7 +169,7 @@ def nm_prune(model: nn.Module, n: int = 2, m: int = 4, *, importance: str = "l1"
         masks.append(_ungrouped(module, part, w.shape).to(w.dtype))
 
     pruned = {}
-    with torch.no_grad():
+    with torch.no_grad(), masks_all_or_nothing({module for module, _ in chosen}):
         for (module, full), mask in zip(chosen, masks, strict=True):
             prune.custom_from_mask(module, "weight", mask)
             final = module.weight_mask

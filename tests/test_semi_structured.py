@@ -253,3 +253,25 @@ def test_gpu_to_semi_structured_converts_and_agrees():
         report = to_semi_structured(model)
         assert report == {"0": "converted", "2": "converted"}
         torch.testing.assert_close(model(x), dense, rtol=1e-2, atol=1e-2)
+
+
+def test_a_failure_while_applying_masks_leaves_none(monkeypatch):
+    import torch.nn.utils.prune as torch_prune
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real, calls = torch_prune.custom_from_mask, []
+
+    def fail_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch_prune, "custom_from_mask", fail_on_second)
+    with pytest.raises(RuntimeError, match="injected"):
+        nm_prune(model, 2, 4)
+    assert not any(torch_prune.is_pruned(m) for m in model.modules())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(not m._forward_pre_hooks for m in model.modules())
