@@ -45,6 +45,7 @@ from accelprune.tracing import (
     TraceError,
     check_example_inputs,
     eval_mode,
+    refuse_meta_tensors,
 )
 
 __all__ = ["ChannelGroup", "ModelGraph", "prune_channels"]
@@ -159,7 +160,7 @@ class ModelGraph:
                             f"got {type(output_transform).__name__}")
         self.model = model
         self.example_inputs = check_example_inputs(example_inputs)
-        _refuse_meta(model, self.example_inputs)
+        refuse_meta_tensors(model, self.example_inputs)
         self.prune_coupled = prune_coupled
         self.output_transform = output_transform
         self._names = {m: n for n, m in model.named_modules()}
@@ -427,15 +428,3 @@ def prune_channels(group: ChannelGroup, keep) -> None:
     if not isinstance(group, ChannelGroup):
         raise TypeError(f"group must be a ChannelGroup, got {type(group).__name__}")
     group._graph.prune_channels(group, keep)
-
-
-def _refuse_meta(model: nn.Module, example_inputs) -> None:
-    """Meta tensors have shapes but no values: nothing can be traced, scored or checked."""
-    inputs = ([example_inputs] if isinstance(example_inputs, torch.Tensor) else
-              list(example_inputs.values() if isinstance(example_inputs, dict) else example_inputs))
-    for what, tensors in (("the model", [*model.parameters(), *model.buffers()]),
-                          ("example_inputs", inputs)):
-        if any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
-            raise ValueError(f"{what} holds meta tensors (shapes without data, e.g. built under "
-                             "torch.device('meta')); materialise it first (model.to_empty("
-                             "device='cpu') and load weights, or accelprune.load(path, model))")

@@ -27,6 +27,7 @@ from accelprune.importance import (
     RandomImportance,
     get_importance,
 )
+from accelprune.tracing import refuse_meta_tensors
 
 __all__ = ["METHODS", "prune", "prune_to_macs", "prune_with", "sparsity_for_macs"]
 
@@ -354,9 +355,7 @@ def sparsity_for_macs(model: nn.Module, example_inputs, method: str, macs_reduct
     macs_reduction = check_fraction(macs_reduction, "macs_reduction")
     tolerance = check_fraction(tolerance, "tolerance", allow_zero=False)
     max_iterations = check_int(max_iterations, "max_iterations", low=1)
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        raise ValueError("the model holds meta tensors (shapes without data); materialise it "
-                         "first (model.to_empty(device=...) and load its weights)")
+    refuse_meta_tensors(model)
     if macs_reduction == 0:
         return 0.0
     target = (1 - macs_reduction) * model_stats(model, example_inputs)["macs"]

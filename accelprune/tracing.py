@@ -33,6 +33,7 @@ __all__ = [
     "first_sample",
     "output_shapes",
     "output_tensors",
+    "refuse_meta_tensors",
 ]
 
 
@@ -194,3 +195,16 @@ class ForwardDiagnosis:
         self.output_grad_fns = {t.grad_fn for t in floats}
         # Torch-Pruning walks back from what the forward returns: give it only float tensors
         return floats[0] if len(floats) == 1 else floats
+
+
+def refuse_meta_tensors(model: nn.Module, example_inputs=None) -> None:
+    """Meta tensors have shapes but no values: nothing can be traced, scored or checked."""
+    inputs = ([] if example_inputs is None else [example_inputs]
+              if isinstance(example_inputs, torch.Tensor) else
+              list(example_inputs.values() if isinstance(example_inputs, dict) else example_inputs))
+    for what, tensors in (("the model", [*model.parameters(), *model.buffers()]),
+                          ("example_inputs", inputs)):
+        if any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
+            raise ValueError(f"{what} holds meta tensors (shapes without data, e.g. built under "
+                             "torch.device('meta')); materialise it first (model.to_empty("
+                             "device='cpu') and load weights, or accelprune.load(path, model))")
