@@ -5,6 +5,8 @@ import ast
 import inspect
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -55,3 +57,26 @@ def test_no_other_name_for_the_fraction_removed():
         for i, line in enumerate(path.read_text().splitlines(), 1):
             if bad.search(line) and "MetaPruner" not in line and "TP's" not in line:
                 pytest.fail(f"{path.name}:{i}: {line.strip()}")
+
+
+def test_clustering_and_coverage_load_without_torch():
+    """Users who only cluster or cover (benchmarks, other libraries) do not pay for torch,
+    Torch-Pruning, timm or torchvision: the package's public names load on first use."""
+    code = (
+        "import sys, accelprune, accelprune.cluster, accelprune.coverage\n"
+        "heavy = [m for m in ('torch', 'torch_pruning', 'timm', 'torchvision')\n"
+        "         if m in sys.modules]\n"
+        "assert not heavy, f'importing accelprune loaded {heavy}'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_public_name_resolves():
+    for name in accelprune.__all__:
+        assert getattr(accelprune, name) is not None
+        assert name in dir(accelprune)
+    assert accelprune.REPrune.__module__ == "accelprune.reprune"
+    with pytest.raises(AttributeError, match="no attribute 'Reprune'"):
+        accelprune.Reprune  # noqa: B018
