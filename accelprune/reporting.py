@@ -467,6 +467,13 @@ def _check_panels(panels) -> tuple[str, ...]:
     return panels
 
 
+_PANEL_TEXT = {  # x label, y label, title
+    "bars": ("channel index", "importance", "Importance per channel"),
+    "sorted": ("rank", "importance", "Sorted importance"),
+    "hist": ("filter importance", "filters", "Importance distribution"),
+}
+
+
 def _importance_figure(values, pruned, threshold, bins, title, panels):
     """The figure of :func:`plot_importance` (returned, for tests to look inside)."""
     n = values.size
@@ -478,32 +485,22 @@ def _importance_figure(values, pruned, threshold, bins, title, panels):
         if panel == "bars":
             colors = np.where(pruned, "tab:red", "tab:blue")
             ax.bar(np.arange(n), values, color=list(colors), width=0.8)
-            if threshold is not None:
-                ax.axhline(threshold, color="r", linestyle="--",
-                           label=f"threshold {threshold:.4g}{count}")
-                ax.legend()
-            ax.set_xlabel("channel index")
-            ax.set_ylabel("importance")
-            ax.set_title("Importance per channel")
         elif panel == "sorted":
             ax.plot(np.arange(n), np.sort(values), "b-", marker="." if n <= 64 else None)
-            if threshold is not None:
-                ax.axhline(threshold, color="r", linestyle="--",
-                           label=f"threshold {threshold:.4g}{count}")
-                ax.axvline(int(pruned.sum()) - 0.5, color="r", linestyle=":")
-                ax.legend()
-            ax.set_xlabel("rank")
-            ax.set_ylabel("importance")
-            ax.set_title("Sorted importance")
         else:
             ax.hist(values, bins=bins, color="tab:blue", alpha=0.8)
-            if threshold is not None:
-                ax.axvline(threshold, color="r", linestyle="--",
-                           label=f"threshold {threshold:.4g}{count}")
-                ax.legend()
-            ax.set_xlabel("filter importance")
-            ax.set_ylabel("filters")
-            ax.set_title("Importance distribution")
+        if threshold is not None:
+            # The threshold is a value: a horizontal line where values are heights, a vertical
+            # one on the histogram's value axis; the sorted panel also marks the pruned count.
+            line = ax.axvline if panel == "hist" else ax.axhline
+            line(threshold, color="r", linestyle="--", label=f"threshold {threshold:.4g}{count}")
+            if panel == "sorted":
+                ax.axvline(int(pruned.sum()) - 0.5, color="r", linestyle=":")
+            ax.legend()
+        xlabel, ylabel, heading = _PANEL_TEXT[panel]
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(heading)
         ax.grid(True, alpha=0.3)
     if title:
         fig.suptitle(title)

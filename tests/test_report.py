@@ -224,6 +224,9 @@ def test_importance_figure_has_bars_sorted_curve_and_histogram(tmp_path):
     assert hline.get_ydata()[0] == pytest.approx(0.3) and vline.get_xdata()[0] == 2.5
     assert any(line.get_ydata()[0] == pytest.approx(0.3) for line in bars_ax.lines)
     assert len(hist_ax.patches) == 30
+    assert hist_ax.lines[0].get_xdata()[0] == pytest.approx(0.3)  # a value on the x axis
+    assert [ax.get_title() for ax in fig.axes] == [
+        "Importance per channel", "Sorted importance", "Importance distribution"]
 
 
 def test_importance_figure_panels_and_threshold(tmp_path):
