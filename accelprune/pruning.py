@@ -307,44 +307,47 @@ def _n_removed(sparsity: float, n: int) -> int:
 
 
 def prune_with(model: nn.Module, example_inputs, sparsity: float, method: str, *,
-               ignored_layers=None, seed: int = 0, progress: bool = False) -> nn.Module:
+               ignored_layers=None, seed: int = 0, progress: bool = False,
+               **method_options) -> nn.Module:
     """Prune ``model`` in place, one-shot, with the method called ``method`` (see
     :data:`METHODS`); returns ``model``.
 
     Criteria go to :func:`prune` (per layer); ``"reprune"`` runs one :class:`accelprune.REPrune`
     event; ``"csgd"`` clusters with :class:`accelprune.CSGD` and folds at once, without
     centripetal training (lossy: train with ``CSGD`` for lossless folding). ``sparsity`` is the
-    fraction of channels removed, for every method.
+    fraction of channels removed, for every method. ``method_options`` go to that function or
+    class as they are (e.g. ``round_to=8`` or ``layer_sparsity=`` for a criterion,
+    ``budget="uniform"`` for REPrune); one it does not take is a TypeError naming it, before
+    anything changes.
     """
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
+    common = dict(ignored_layers=ignored_layers, seed=seed, progress=progress, **method_options)
     if method == "reprune":
         from accelprune.reprune import REPrune
 
-        REPrune(model, example_inputs, sparsity, ignored_layers=ignored_layers, seed=seed,
-                progress=progress).prune()
+        REPrune(model, example_inputs, sparsity, **common).prune()
     elif method == "csgd":
         from accelprune.csgd import CSGD
 
         sparsity = check_fraction(sparsity, "sparsity")
         if sparsity > 0:
-            CSGD(model, example_inputs, sparsity, ignored_layers=ignored_layers, seed=seed,
-                 progress=progress).prune()
+            CSGD(model, example_inputs, sparsity, **common).prune()
     else:
-        prune(model, example_inputs, sparsity, method, ignored_layers=ignored_layers, seed=seed,
-              progress=progress)
+        prune(model, example_inputs, sparsity, method, **common)
     return model
 
 
 def sparsity_for_macs(model: nn.Module, example_inputs, method: str, macs_reduction: float, *,
                       tolerance: float = 0.02, max_iterations: int = 12, ignored_layers=None,
-                      seed: int = 0) -> float:
+                      seed: int = 0, **method_options) -> float:
     """The sparsity at which ``method`` leaves ``model`` with ``1 - macs_reduction`` of its MACs
     (relative error within ``tolerance`` where reachable). ``model`` is not modified.
 
     Bisection on copies of the model (each is pruned and measured, then dropped), stopping once a
     copy lands within ``tolerance`` of the target or after ``max_iterations``, keeping the
     closest. A method that cannot reach the target (floors, ignored layers) ends at its closest.
+    ``method_options`` go to :func:`prune_with` for every trial.
     """
     from accelprune.reporting import model_stats
 
@@ -364,7 +367,7 @@ def sparsity_for_macs(model: nn.Module, example_inputs, method: str, macs_reduct
     for _ in range(max_iterations):
         mid = (low + high) / 2
         trial = prune_with(_copy_with_grads(model), example_inputs, mid, method,
-                           ignored_layers=ignored_layers, seed=seed)
+                           ignored_layers=ignored_layers, seed=seed, **method_options)
         macs = model_stats(trial, example_inputs)["macs"]
         gap = abs(macs - target) / target
         if gap < best_gap:
@@ -392,15 +395,16 @@ def _copy_with_grads(model: nn.Module) -> nn.Module:
 
 def prune_to_macs(model: nn.Module, example_inputs, method: str, macs_reduction: float, *,
                   tolerance: float = 0.02, max_iterations: int = 12, ignored_layers=None,
-                  seed: int = 0, progress: bool = False) -> float:
+                  seed: int = 0, progress: bool = False, **method_options) -> float:
     """Prune ``model`` in place with ``method`` so that it keeps ``1 - macs_reduction`` of its
     MACs (within ``tolerance``, relative, where the method can reach it); returns the sparsity
-    used (found by :func:`sparsity_for_macs`). On failure the model is as it was.
+    used (found by :func:`sparsity_for_macs`). ``method_options`` go to :func:`prune_with`, in
+    the search and in the final prune alike. On failure the model is as it was.
     """
     sparsity = sparsity_for_macs(model, example_inputs, method, macs_reduction,
                                  tolerance=tolerance, max_iterations=max_iterations,
-                                 ignored_layers=ignored_layers, seed=seed)
+                                 ignored_layers=ignored_layers, seed=seed, **method_options)
     if sparsity > 0:
         prune_with(model, example_inputs, sparsity, method, ignored_layers=ignored_layers,
-                   seed=seed, progress=progress)
+                   seed=seed, progress=progress, **method_options)
     return sparsity

@@ -441,6 +441,23 @@ def test_sparsity_for_macs_leaves_the_model_alone_and_agrees_with_prune_to_macs(
     assert accelprune.prune_to_macs(models.resnet20(), x, "l2", 0.0) == 0.0
 
 
+def test_prune_to_macs_passes_method_options_to_every_trial():
+    model, x = _resnet20()
+    macs0 = model_stats(model, x)["macs"]
+    # widths of 16/32/64 in steps of 8 cannot land within 2% of the target: a looser tolerance
+    accelprune.prune_to_macs(model, x, "l1", 0.4, tolerance=0.2, round_to=8)
+    widths = _group_widths(model)
+    assert all(w % 8 == 0 for w in widths.values()) and min(widths.values()) < 16, widths
+    assert model_stats(model, x)["macs"] < macs0
+    model, x = _resnet20()  # an option the method does not take: named, nothing changes
+    with pytest.raises(TypeError, match="round_up"):
+        accelprune.prune_to_macs(model, x, "l1", 0.4, round_up=8)
+    assert _group_widths(model)["layer1.0.conv1"] == 16
+    with pytest.raises(TypeError, match="round_to"):
+        accelprune.prune_with(model, x, 0.4, "reprune", round_to=8)
+    assert _group_widths(model)["layer1.0.conv1"] == 16
+
+
 @pytest.mark.parametrize("kwargs,err,match", [
     ({"method": "l3"}, ValueError, "unknown method"),
     ({"macs_reduction": 1.0}, ValueError, "macs_reduction"),
