@@ -8,6 +8,8 @@ without unpickling any Python object. It holds
 * per module its type name and its integer attributes (``out_channels``, ``in_features``,
   ``num_features``, ``groups``, ``normalized_shape``...): what a fresh, unpruned instance of the
   architecture needs to be reshaped to the pruned widths;
+* the blocks :func:`accelprune.prune_layers` removed (each a :class:`SkippedBlock`), so that a
+  fresh instance has the same blocks taken out before it is reshaped;
 * optionally the constructor of the architecture: ``"torchvision:NAME"``, ``"accelprune:NAME"``,
   ``"timm:NAME"`` or ``"transformers:CLASS"`` with a Hugging Face config, and its keyword
   arguments (inferred for accelprune's CIFAR models, timm models and Hugging Face models; give
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 
 from accelprune import constructors
+from accelprune.depth import SkippedBlock
 
 __all__ = ["save", "load", "constructor_of"]
 
@@ -148,6 +151,9 @@ def _payload(model: nn.Module, spec: dict | None) -> dict:
         "constructor": spec,
         "training": bool(model.training),
         "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
+        "skipped_blocks": {n: {"replaced": m.replaced, "input_name": m.input_name,
+                               "output_length": m.output_length}
+                           for n, m in model.named_modules() if isinstance(m, SkippedBlock)},
         "torch_version": str(torch.__version__),
     }
     _check_plain(meta, "model metadata")
@@ -341,12 +347,13 @@ def _load_pickled(path: str, model, map_location) -> nn.Module:
 
 
 def apply_payload(model: nn.Module, payload: dict, where: str = "the file") -> None:
-    """Reshape ``model`` to the saved widths and load the saved tensors. All checks run first;
-    on any failure ``model`` is left as it was."""
+    """Take out the blocks the saved model had skipped, reshape ``model`` to the saved widths and
+    load the saved tensors. All checks run first; on any failure ``model`` is left as it was."""
     meta, state, extra = payload["meta"], payload["state_dict"], payload["nonpersistent"]
-    plan = _reshape_plan(model, meta, state, extra, where)
+    swaps = _skip_blocks(model, meta.get("skipped_blocks") or {}, where)
     undo = []
     try:
+        plan = _reshape_plan(model, meta, state, extra, where)
         for m, attr, value in plan["attrs"]:
             undo.append(("attr", m, attr, getattr(m, attr)))
             setattr(m, attr, value)
@@ -369,11 +376,43 @@ def apply_payload(model: nn.Module, payload: dict, where: str = "the file") -> N
                 item[1].data = item[2]
             else:
                 item[1]._buffers[item[2]] = item[3]
+        for parent, child, block in reversed(swaps):
+            parent._modules[child] = block
         raise
     frozen = set(meta.get("frozen", ()))
     for n, p in model.named_parameters():
         p.requires_grad_(n not in frozen)
     model.train(bool(meta.get("training", False)))
+
+
+def _skip_blocks(model: nn.Module, skipped: dict, where: str) -> list:
+    """Put a :class:`SkippedBlock` where the saved model had one (a block that
+    :func:`accelprune.prune_layers` removed); returns (parent, child name, block taken out) for
+    each swap, to undo them. Nothing is swapped unless every entry is valid."""
+    if not isinstance(skipped, dict):
+        raise ValueError(f"cannot load {where}: its list of skipped blocks is malformed")
+    modules = dict(model.named_modules())
+    swaps = []
+    for name, spec in skipped.items():
+        ok = (isinstance(name, str) and name != "" and isinstance(spec, dict)
+              and isinstance(spec.get("replaced"), str)
+              and isinstance(spec.get("input_name"), (str, type(None)))
+              and isinstance(spec.get("output_length"), (int, type(None))))
+        if not ok:
+            raise ValueError(f"cannot load {where}: skipped block {name!r} is malformed")
+        if name not in modules:
+            raise ValueError(f"cannot load {where}: the file skips block {name!r}, which the "
+                             "model lacks; pass a fresh instance of the saved architecture")
+        if isinstance(modules[name], SkippedBlock):
+            continue  # already taken out (a model pruned the same way)
+        parent_name, _, child = name.rpartition(".")
+        swaps.append((modules[parent_name], child, spec))
+    done = []
+    for parent, child, spec in swaps:
+        done.append((parent, child, parent._modules[child]))
+        parent._modules[child] = SkippedBlock(spec["replaced"], spec["input_name"],
+                                              spec["output_length"])
+    return done
 
 
 def _reshape_plan(model, meta, state, extra, where) -> dict:

@@ -271,3 +271,55 @@ def test_resnet18_basic_blocks():
     model, x = torchvision.models.resnet18(weights=None), torch.randn(1, 3, 32, 32)
     prune_layers(model, x, 2, importance="cosine")
     assert sum(isinstance(m, BasicBlock) for m in model.modules()) == 6
+
+
+def test_a_depth_pruned_model_saves_and_loads_from_its_constructor(tmp_path):
+    import accelprune
+
+    torch.manual_seed(0)
+    model, x = torchvision.models.resnet18(weights=None).eval(), torch.randn(1, 3, 32, 32)
+    result = prune_layers(model, x, 2)
+    path = tmp_path / "short.pt"
+    accelprune.save(model, path, constructor="torchvision:resnet18")
+    loaded = accelprune.load(path)
+    assert [n for n, m in loaded.named_modules() if isinstance(m, SkippedBlock)] == sorted(
+        result.removed)
+    assert torch.equal(loaded.eval()(x), model(x))
+    # into a fresh instance the caller built, and into one pruned the same way already
+    fresh = accelprune.load(path, torchvision.models.resnet18(weights=None))
+    assert torch.equal(fresh.eval()(x), model(x))
+    assert torch.equal(accelprune.load(path, fresh).eval()(x), model(x))
+
+
+def test_a_depth_pruned_llama_round_trips(tmp_path):
+    import accelprune
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    prune_layers(model, {"input_ids": ids}, 1, importance="output")
+    path = tmp_path / "llama.pt"
+    accelprune.save(model, path)
+    loaded = accelprune.load(path).eval()
+    assert sum(isinstance(m, SkippedBlock) for m in loaded.model.layers) == 1
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_loading_a_depth_pruned_file_into_the_wrong_model_changes_nothing(tmp_path):
+    import accelprune
+
+    torch.manual_seed(0)
+    model, x = torchvision.models.resnet18(weights=None).eval(), torch.randn(1, 3, 32, 32)
+    prune_layers(model, x, 1)
+    path = tmp_path / "short.pt"
+    accelprune.save(model, path)
+    other = torchvision.models.resnet34(weights=None)  # has the block, differs elsewhere
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="cannot load"):
+        accelprune.load(path, other)
+    assert not any(isinstance(m, SkippedBlock) for m in other.modules())
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    with pytest.raises(ValueError, match="lacks"):  # a block the model does not have
+        accelprune.load(path, Stack())
