@@ -65,6 +65,9 @@ class ChannelGroup:
         or multiplied (LLaMA's gate and up projections, squeeze-and-excitation).
     residual: several producers' outputs are *added* (a residual stream): such groups are
         listed only with ``prune_coupled=True``. Multiplied producers (gated MLPs) are not.
+    gated: several producers' outputs meet in a product and in no sum: a gated MLP (LLaMA's
+        ``act(gate(x)) * up(x)``), squeeze-and-excitation. Pruning such a group removes the
+        same channels from every producer, with nothing added to them downstream.
     norms: the other normalisation layers whose per-channel weights are members (pruned with
         the group, like ``bns``): LayerNorm, ConvNeXt's LayerNorm2d, GroupNorm, RMSNorm (torch's
         and Hugging Face's ``LlamaRMSNorm``...), in model order. Use
@@ -80,6 +83,7 @@ class ChannelGroup:
     coupled: bool
     norms: list[str] = field(default_factory=list)
     residual: bool = False
+    gated: bool = False
     _graph: ModelGraph = field(repr=False, compare=False, default=None)
     _root: nn.Module = field(repr=False, compare=False, default=None)
     _root_fn: object = field(repr=False, compare=False, default=None)
@@ -284,15 +288,18 @@ class ModelGraph:
                 norms.append(name)
         producers = sorted(set(producers), key=self._order.get)
         root = self.module(producers[0])
+        coupled = len(set(producers) - depthwise) > 1
+        summed = coupled and _joined_by(tp_group, ("AddBackward", "SubBackward"))
         return ChannelGroup(
             name=producers[0],
             producers=producers,
             bns=sorted(set(bns), key=self._order.get),
             consumers=sorted(set(consumers) - set(producers), key=self._order.get),
             n_channels=int(self.DG.get_out_channels(root)),
-            coupled=len(set(producers) - depthwise) > 1,
+            coupled=coupled,
             norms=sorted(set(norms), key=self._order.get),
-            residual=len(set(producers) - depthwise) > 1 and _joined_by_add(tp_group),
+            residual=summed,
+            gated=coupled and not summed and _joined_by(tp_group, ("MulBackward",)),
             _graph=self,
             _root=root,
             _root_fn=self.DG.get_pruner_of_module(root).prune_out_channels,
@@ -360,15 +367,16 @@ class ModelGraph:
         sync_config(self.model)  # a Hugging Face config follows the new widths
 
 
-def _joined_by_add(tp_group) -> bool:
-    """Some addition (or subtraction) in the group takes two of the group's tensors: the
-    producers' outputs are summed, as in a residual stream."""
+def _joined_by(tp_group, ops: tuple[str, ...]) -> bool:
+    """Some element-wise operation whose grad_fn name starts with one of ``ops`` takes two of
+    the group's tensors: ("AddBackward", "SubBackward"), the producers' outputs are summed, as
+    in a residual stream; ("MulBackward",), they are multiplied, as in a gated MLP."""
     nodes = {dep.target for dep, _ in tp_group} | {dep.source for dep, _ in tp_group}
     for node in nodes:
         if node.type != tp.ops.OPTYPE.ELEMENTWISE:
             continue
         op = type(node.grad_fn).__name__ if node.grad_fn is not None else ""
-        if op.startswith(("AddBackward", "SubBackward")) and sum(
+        if op.startswith(ops) and sum(
                 i in nodes for i in node.inputs) >= 2:
             return True
     return False

@@ -21,7 +21,6 @@ See :mod:`accelprune.selection` for the per-layer selection (:func:`reprune_sele
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -118,20 +117,6 @@ class REPruneReport:
         return (f"{table}\nchannels {self.original_channels} -> {self.kept_channels} "
                 f"(sparsity {self.sparsity:.1%}); params {self.params_before:,} -> "
                 f"{self.params_after:,}; MACs {self.macs_before:,} -> {self.macs_after:,}")
-
-
-def _gated(group) -> bool:
-    """A coupled group whose producers meet in a product, not a sum: a gated MLP (SwiGLU:
-    ``act(gate(x)) * up(x)``). No add or subtract carries its channels, so none is a residual."""
-    if not group.coupled:
-        return False
-    names = []
-    for dep, _ in group.tp_group():
-        fn = dep.target.grad_fn
-        names.append(fn.name() if fn is not None and hasattr(fn, "name") else "")
-    if any(re.match(r"(Add|Sub)Backward", n) for n in names):
-        return False
-    return any(re.match(r"MulBackward", n) for n in names)
 
 
 def _norm_scales(group) -> list[torch.Tensor]:
@@ -264,7 +249,7 @@ class REPrune:
             if feeds_attention(g):  # q/k/v channels (heads), or a residual stream with MHA in it
                 self.skipped[g.name] = ("its channels go through attention (q·kᵀ, softmax): "
                                         "single channels of q/k/v cannot be removed, only heads")
-            elif g.coupled and not (prune_coupled or _gated(g)):
+            elif g.coupled and not (prune_coupled or g.gated):
                 self.skipped[g.name] = ("residual-coupled (outputs summed); pass "
                                         "prune_coupled=True to prune it")
             else:

@@ -468,3 +468,25 @@ def test_untraceable_models_name_the_failing_op(model, x, match):
 def test_model_must_be_a_module():
     with pytest.raises(TypeError, match="nn.Module"):
         ModelGraph(lambda x: x, torch.randn(1))
+
+
+def test_residual_and_gated_groups_are_told_apart():
+    """Summed producers make a residual group; multiplied ones (a gated MLP, squeeze-and-
+    excitation) a gated group; a plain group is neither."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    llama = LlamaForCausalLM(cfg).eval()
+    graph = ModelGraph(llama, {"input_ids": torch.randint(0, 64, (1, 8))}, prune_coupled=True)
+    kinds = {g.name: (g.residual, g.gated) for g in graph.groups}
+    assert kinds["model.layers.0.mlp.gate_proj"] == (False, True)
+    assert kinds["model.layers.0.self_attn.o_proj"] == (True, False)  # the residual stream
+    graph = ModelGraph(models.resnet20(), torch.randn(1, 3, 32, 32), prune_coupled=True)
+    kinds = {g.name: (g.coupled, g.residual, g.gated) for g in graph.groups}
+    assert kinds["layer1.0.conv1"] == (False, False, False)
+    assert (True, True, False) in kinds.values() and not any(k[2] for k in kinds.values())
+    mobilenet = torchvision.models.mobilenet_v3_small(weights=None).eval()
+    graph = ModelGraph(mobilenet, torch.randn(1, 3, 64, 64), prune_coupled=True)
+    assert any(g.gated and not g.residual for g in graph.groups)  # squeeze-and-excitation
