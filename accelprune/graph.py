@@ -201,6 +201,11 @@ class ModelGraph:
             out.extend(module.modules())
         return out
 
+    def first_run(self, types) -> nn.Module | None:
+        """The first module of ``types`` to run in the traced forward pass (e.g. the stem conv:
+        the first convolution the input meets), or None."""
+        return next((m for m in self._executed if isinstance(m, types)), None)
+
     def _build_dependency(self) -> tp.DependencyGraph:
         model = self.model
         grads = {p: p.requires_grad for p in model.parameters()}
@@ -229,6 +234,7 @@ class ModelGraph:
                 p.requires_grad_(flag)
         self.reference_shapes = forward.reference_shapes
         self._output_grad_fns = forward.output_grad_fns
+        self._executed = forward.executed
         unreached = [m for m in forward.executed
                      if isinstance(m, (*PRODUCER_TYPES, BATCHNORM_TYPES))
                      and m not in DG.module2node]

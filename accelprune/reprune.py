@@ -41,7 +41,6 @@ from accelprune.reporting import meta_copy, size_stats
 from accelprune.schedule import SCHEDULES, sparsity_at
 from accelprune.selection import keep_floor, layer_keep_counts, reprune_select
 from accelprune.tables import format_table
-from accelprune.tracing import call_model, eval_mode
 
 __all__ = ["REPrune", "REPruneReport", "PruningEvent", "LayerRecord", "BUDGETS"]
 
@@ -138,22 +137,6 @@ def _norm_scales(group) -> list[torch.Tensor]:
     return list(found.values())
 
 
-def _first_conv(model: nn.Module, example_inputs) -> nn.Module | None:
-    """The first convolution the input meets (the stem), found by one eval-mode forward pass."""
-    order: list[nn.Module] = []
-    hooks = []
-    try:
-        for m in model.modules():
-            if isinstance(m, nn.modules.conv._ConvNd):
-                hooks.append(m.register_forward_pre_hook(lambda mod, _: order.append(mod)))
-        with eval_mode(model), torch.no_grad():  # no BN statistics updated
-            call_model(model, example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return order[0] if order else None
-
-
 class REPrune:
     """REPrune on a model: ``prune()`` once, or ``step(epoch, optimizer)`` every epoch.
 
@@ -241,7 +224,7 @@ class REPrune:
         # every group, coupled ones too: gated MLPs are coupled by a product, not a residual sum
         self.graph = ModelGraph(model, example_inputs, ignored_layers=ignored_layers,
                                 prune_coupled=True, progress=progress)
-        stem = None if prune_stem else _first_conv(model, example_inputs)
+        stem = None if prune_stem else self.graph.first_run(nn.modules.conv._ConvNd)
         self.groups, self.skipped = [], {}
         for g in self.graph.groups:
             if any(self.graph.module(p) is stem for p in g.producers):

@@ -490,3 +490,19 @@ def test_residual_and_gated_groups_are_told_apart():
     mobilenet = torchvision.models.mobilenet_v3_small(weights=None).eval()
     graph = ModelGraph(mobilenet, torch.randn(1, 3, 64, 64), prune_coupled=True)
     assert any(g.gated and not g.residual for g in graph.groups)  # squeeze-and-excitation
+
+
+def test_first_run_is_the_first_module_the_input_meets():
+    class Backwards(nn.Module):  # registered in the opposite order to the one they run in
+        def __init__(self):
+            super().__init__()
+            self.late = nn.Conv2d(4, 4, 3, padding=1)
+            self.early = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.late(self.early(x))
+
+    model = Backwards()
+    graph = ModelGraph(model, torch.randn(1, 3, 8, 8))
+    assert graph.first_run(nn.Conv2d) is model.early
+    assert graph.first_run(nn.Linear) is None
