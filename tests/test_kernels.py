@@ -429,17 +429,23 @@ def test_csgd_low_and_double_precision(dtype):
             assert bool((err <= bound).all())
 
 
-def test_csgd_exact_on_dyadic_data():
-    """Integer weights/grads, clusters of size 1, 2, 4 and dyadic η, ε: every path is exact."""
-    need_triton_on_cpu()
+def _dyadic_case(bias_dtype):
+    """Integer weights and grads, clusters of size 1, 2 and 4, dyadic coefficients: every
+    path computes these exactly (the bias in ``bias_dtype``, the rest float32)."""
     g = torch.Generator().manual_seed(5)
     params = [torch.randint(-8, 9, (8, 2, 3, 3), generator=g).float(),
-              torch.randint(-8, 9, (8,), generator=g).float(),
+              torch.randint(-8, 9, (8,), generator=g).to(bias_dtype),
               torch.randint(-8, 9, (4, 1030), generator=g).float()]
-    params = with_grads(params, integer=True)
     clusters = [torch.tensor([0, 1, 1, 2, 2, 2, 2, 3]), torch.tensor([0, 1, 1, 2, 2, 2, 2, 3]),
                 torch.tensor([5, 5, 0, 1])]
     coefs = dict(weight_decay=0.5, centripetal=[0.25, 0.125, 0.75])
+    return with_grads(params, integer=True), clusters, coefs
+
+
+def test_csgd_exact_on_dyadic_data():
+    """Integer weights/grads, clusters of size 1, 2, 4 and dyadic η, ε: every path is exact."""
+    need_triton_on_cpu()
+    params, clusters, coefs = _dyadic_case(torch.float32)
     truth = csgd_fp64_truth(params, clusters, **coefs)
     results = [clone_params(params) for _ in range(4)]
     csgd_transform_ref(results[0], clusters, **coefs)
@@ -771,14 +777,7 @@ def test_csgd_fused_cpu_pass_matches_the_references(monkeypatch, dtype):
 
 
 def test_csgd_fused_cpu_pass_is_exact_on_dyadic_data():
-    g = torch.Generator().manual_seed(5)
-    params = [torch.randint(-8, 9, (8, 2, 3, 3), generator=g).float(),
-              torch.randint(-8, 9, (8,), generator=g).double(),
-              torch.randint(-8, 9, (4, 1030), generator=g).float()]
-    params = with_grads(params, integer=True)
-    clusters = [torch.tensor([0, 1, 1, 2, 2, 2, 2, 3]), torch.tensor([0, 1, 1, 2, 2, 2, 2, 3]),
-                torch.tensor([5, 5, 0, 1])]
-    coefs = dict(weight_decay=0.5, centripetal=[0.25, 0.125, 0.75])
+    params, clusters, coefs = _dyadic_case(torch.float64)
     truth = csgd_fp64_truth(params, clusters, **coefs)
     fused = clone_params(params)
     csgd_transform_(fused, clusters, **coefs)

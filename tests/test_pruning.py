@@ -233,14 +233,19 @@ def test_taylor_without_gradients_is_an_error():
     assert model.layer1[0].conv1.out_channels == 16
 
 
-def test_grouped_convs_lose_the_same_channels_in_every_group():
+def _grouped_conv_model():
+    """A conv, a grouped conv with 2 groups and a conv, with BNs and a classifier."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 8, 3, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 36, 3),
     )  # fmt: skip
-    x = torch.randn(2, 3, 8, 8)
+    return model, torch.randn(2, 3, 8, 8)
+
+
+def test_grouped_convs_lose_the_same_channels_in_every_group():
+    model, x = _grouped_conv_model()
     w0 = model[0].weight.detach().clone()
     scores = w0.abs().flatten(1).sum(1).view(2, 4).mean(0)  # per conv-group position
     keep = torch.sort(torch.argsort(scores)[2:]).values
@@ -288,13 +293,7 @@ def test_round_to_under_global_ranking_keeps_multiples():
 
 
 def test_round_to_counts_whole_blocks_of_grouped_convs():
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 36, 3),
-    )  # fmt: skip
-    x = torch.randn(2, 3, 8, 8)
+    model, x = _grouped_conv_model()
     # 8 channels in 2 blocks of 4: 0.25 drops one unit (2 channels), kept 6 rounds up to 8
     m = accelprune.prune(copy.deepcopy(model), x, 0.25, "l1", round_to=4)
     assert m[0].out_channels == 8
