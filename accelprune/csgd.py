@@ -64,6 +64,13 @@ What is clustered, and how (this module's decisions where the paper leaves thing
 * **Folding** (:func:`fold_and_prune`, ALGORITHMS.md §4.3): in every cluster keep the lowest
   channel; add the consumers' input slices of the other members into the kept slice, then remove
   them. :meth:`CSGD.prune` folds every group in one all-or-nothing surgery.
+* **Whole attention heads** (opt-in: ``head_sparsity``; :mod:`accelprune.csgd_heads`): units
+  (a query head; under GQA a KV head with its query heads) with equal q/k/v rows compute equal
+  outputs, so one is removed after adding its output-projection columns onto the other's. Units
+  are clustered per attention module on their q/k/v rows, the transform pulls corresponding rows
+  together, and :meth:`CSGD.prune` folds heads and channel groups in one surgery. Attention
+  whose heads are not uniform (state besides the projections, a forward that treats heads
+  differently, a layout not recognised) is refused by name, like a channel group.
 """
 from __future__ import annotations
 
@@ -211,6 +218,22 @@ class CSGD:
         :func:`accelprune.kernels.csgd_transform_` (``"auto"``: Triton on CUDA tensors).
     process_group: the torch.distributed group whose ranks must agree (default: the world).
     progress: a tqdm bar while tracing the model.
+    head_sparsity: ``None`` or 0 (default): heads are left alone, exactly as without it. In
+        (0, 1): also remove that fraction of every attention module's units (a unit: a query
+        head, or under grouped-query attention a KV head with its query heads; see
+        :class:`~accelprune.attention.HeadGroup`). Each module keeps
+        ``max(1, round((1 - head_sparsity) * units))`` clusters, found by ``clustering`` on each
+        unit's q, k, v rows and biases concatenated (seed ``seed + len(groups) + module index``).
+        The transform pulls row j of every unit's q (k, v) block towards the cluster's mean of
+        row j (η, ε on weights, 0 and 0.1·ε on biases); :meth:`prune` keeps each cluster's lowest
+        unit, adds the others' output-projection columns onto its columns and cuts them, updating
+        the modules' head counts and a Hugging Face config. Exact for LLaMA-style q/k/v/o
+        Linear layers (RoPE, GQA, per-head-dim q/k norms), BERT, timm's fused qkv and
+        nn.MultiheadAttention; attention whose fold would not be exact (state besides the
+        projections such as per-head biases, a forward that treats heads differently, found by
+        a probe run, an unrecognised layout) goes to :attr:`skipped` (``strict``: raises).
+        Clusters in :attr:`head_clusters` (``producers``: the q/k/v projections), modules in
+        :attr:`head_groups`.
     """
 
     def __init__(self, model: nn.Module, example_inputs, sparsity: float, *,
@@ -435,7 +458,8 @@ class CSGD:
         return handle
 
     def deviation(self, *, kernels_only: bool = False) -> Deviation:
-        """Σ‖row − its cluster's mean‖² per group and in total (the paper's χ).
+        """Σ‖row − its cluster's mean‖² per group (and per attention module, keyed by its name,
+        with ``head_sparsity``) and in total (the paper's χ).
 
         By default over every transformed param of a group (kernels, biases, BN γ and β: all
         must converge for pruning to be lossless); ``kernels_only=True`` gives χ over the

@@ -41,7 +41,13 @@ import torch
 from torch import nn
 
 from accelprune import surgery
-from accelprune.attention import HeadGroup, HeadSnapshot, cut_units, unsupported_attention
+from accelprune.attention import (
+    HeadGroup,
+    HeadSnapshot,
+    cut_units,
+    find_head_groups,
+    unsupported_attention,
+)
 from accelprune.selection import cluster_filters
 from accelprune.tracing import call_model, eval_mode
 
@@ -218,11 +224,12 @@ def probe_head_folds(model: nn.Module, example_inputs, groups) -> dict[str, str]
     return reasons
 
 
-def unrecognised_attention(model: nn.Module, groups, ignored=()) -> list[tuple[str, str]]:
+def unrecognised_attention(model: nn.Module, ignored=()) -> list[tuple[str, str]]:
     """(name, reason) for attention modules whose heads C-SGD cannot fold: the
     ``nn.MultiheadAttention`` layouts attention.py cannot cut, and modules with parameters whose
-    class name says attention but which neither are, contain nor sit inside a recognised one."""
-    known = [g.name for g in groups]
+    class name says attention but which neither are, contain nor sit inside a recognised one
+    (:func:`accelprune.attention.find_head_groups`). ``ignored``: modules not to list."""
+    known = [g.name for g in find_head_groups(model)]  # ignored or not: they are recognised
     ignored = {id(m) for m in ignored}
     out = [(n, "nn.MultiheadAttention with separate key/value widths, bias_k/bias_v or "
                "add_zero_attn: its heads cannot be cut") for n in unsupported_attention(model)]
@@ -258,7 +265,7 @@ def foldable_head_groups(graph) -> tuple[list[HeadGroup], list[tuple[str, list[s
     for name, why in probed.items():
         reasons[name].append(why)
     refused = [(name, [why]) for name, why
-               in unrecognised_attention(model, groups, graph.ignored_layers)]
+               in unrecognised_attention(model, graph.ignored_layers)]
     refused += [(g.name, reasons[g.name]) for g in groups if reasons[g.name]]
     return [g for g in groups if not reasons[g.name]], refused
 

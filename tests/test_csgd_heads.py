@@ -431,3 +431,9 @@ def test_head_state_is_checked():
            if not k.startswith("head_")}
     old["config"] = {k: v for k, v in old["config"].items() if k != "head_sparsity"}
     CSGD(model, x, 0.5).load_state_dict(old)  # states saved before heads existed still load
+
+
+def test_ignored_attention_is_neither_clustered_nor_listed():
+    model, x = toy(), sequence()
+    csgd = CSGD(model, x, 0.5, head_sparsity=0.5, ignored_layers=["attn.q_proj"])
+    assert csgd.head_groups == [] and not any(s.name == "attn" for s in csgd.skipped)
