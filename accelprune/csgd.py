@@ -146,8 +146,8 @@ class CSGDReport:
     macs_after: int
     layers: list[tuple[str, int, int]]  # (group name, channels before, channels after)
     skipped: list[SkippedGroup] = dataclasses.field(default_factory=list)  # not foldable exactly
-    heads: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # (attention,
-    # query heads before, after): with ``head_sparsity``
+    # with ``head_sparsity``: (attention module, query heads before, query heads after)
+    heads: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -291,7 +291,8 @@ class CSGD:
                          for g, lab in zip(self.groups, labels, strict=True)]
         head_labels = on_rank0(lambda: csgd_heads.cluster_heads(
             self.head_groups, self.head_sparsity, method=self.clustering,
-            seed=self.seed + len(self.groups), backend=self.backend), self.process_group)
+            seed=self.seed + len(self.groups), backend=self.backend),
+            self.process_group) if self.head_groups else []
         self.head_clusters = [_head_assignment(g, lab)
                               for g, lab in zip(self.head_groups, head_labels, strict=True)]
         self._row_labels = self._param_labels()

@@ -33,6 +33,10 @@ by name, with the reason, in ``CSGD.skipped``; ``strict=True`` raises):
 * ``nn.MultiheadAttention`` layouts :func:`accelprune.attention.unsupported_attention` names, and
   other modules whose class name says attention but whose layout is not recognised (GPT-2's
   ``c_attn`` Conv1D, fused ``query_key_value`` layouts...).
+
+What stays per head: attention *weights* a model returns (Hugging Face ``output_attentions``,
+``nn.MultiheadAttention``'s head-averaged ``need_weights``) describe the remaining heads; the
+fold is exact for the attention output and everything computed from it.
 """
 from __future__ import annotations
 
@@ -232,7 +236,8 @@ def unrecognised_attention(model: nn.Module, ignored=()) -> list[tuple[str, str]
     known = [g.name for g in find_head_groups(model)]  # ignored or not: they are recognised
     ignored = {id(m) for m in ignored}
     out = [(n, "nn.MultiheadAttention with separate key/value widths, bias_k/bias_v or "
-               "add_zero_attn: its heads cannot be cut") for n in unsupported_attention(model)]
+               "add_zero_attn: its heads cannot be cut") for n in unsupported_attention(model)
+           if id(model.get_submodule(n)) not in ignored]
     listed = {n for n, _ in out}
     for name, m in model.named_modules():
         if ("attention" not in _kind(m).lower() or name in listed or id(m) in ignored

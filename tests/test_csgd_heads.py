@@ -54,6 +54,14 @@ def timm_vit():
                              depth=2, embed_dim=32, num_heads=4, num_classes=5).eval()
 
 
+def tv_vit():
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                             hidden_dim=32, mlp_dim=64, num_classes=5).eval()
+
+
 class Encoder(nn.Module):
     """Linear in → nn.TransformerEncoder (2 layers, MHA + LayerNorm) → Linear head."""
 
@@ -189,6 +197,8 @@ CASES = {  # builder, inputs, head groups, units per group
              [f"encoder.layer.{i}.attention.self" for i in range(2)], 4),
     "timm_vit": (timm_vit, image, [f"blocks.{i}.attn" for i in range(2)], 4),
     "encoder": (encoder, sequence, [f"enc.layers.{i}.self_attn" for i in range(2)], 4),
+    "tv_vit": (tv_vit, image, [f"encoder.layers.encoder_layer_{i}.self_attention"
+                               for i in range(2)], 4),
     "toy": (toy, sequence, ["attn"], 4),
 }
 
@@ -226,9 +236,9 @@ def test_collapsed_heads_fold_exactly_and_physically(key):
         for attr in ("num_heads", "num_attention_heads"):
             if isinstance(getattr(attn, attr, None), int):
                 assert getattr(attn, attr) == g.num_heads
-    if key == "encoder":
-        assert all(isinstance(layer.self_attn, HeadPrunedMultiheadAttention)
-                   for layer in model.enc.layers)
+    if key in ("encoder", "tv_vit"):
+        assert all(isinstance(g.module(), HeadPrunedMultiheadAttention)
+                   for g in csgd.head_groups)
 
 
 def test_llama_gqa_units_config_generate_and_round_trip(tmp_path):
@@ -437,3 +447,11 @@ def test_ignored_attention_is_neither_clustered_nor_listed():
     model, x = toy(), sequence()
     csgd = CSGD(model, x, 0.5, head_sparsity=0.5, ignored_layers=["attn.q_proj"])
     assert csgd.head_groups == [] and not any(s.name == "attn" for s in csgd.skipped)
+
+
+def test_prune_keeps_a_hugging_face_config_in_step_without_heads_too():
+    model, x = llama(layers=1), tokens()
+    csgd = CSGD(model, x, 0.5, ignored_layers=["model.layers.0.self_attn"])
+    collapse(csgd)
+    csgd.prune()
+    assert model.config.intermediate_size == model.model.layers[0].mlp.down_proj.in_features == 64
