@@ -59,8 +59,8 @@ __all__ = ["cluster_heads", "fold_checked", "fold_heads", "foldable_head_groups"
            "head_fold_blockers", "head_params", "head_row_labels", "head_unit_features",
            "probe_head_folds", "shared_parameter_ids", "unrecognised_attention"]
 
-# Relative tolerance of the probe: identical heads computed by the same batched kernels agree to
-# rounding; a module that treats heads differently differs by far more.
+# Relative tolerance of the probe (at least 4 ulps of the activations' dtype): identical heads
+# computed by the same batched kernels agree to rounding; heads treated differently differ by more.
 _PROBE_RTOL = 1e-5
 
 
@@ -134,9 +134,9 @@ def head_fold_blockers(group: HeadGroup, shared: set[int] | None = None) -> list
     forward is checked by :func:`probe_head_folds`). ``shared``: ids of parameters held by
     several modules (:func:`accelprune.surgery.shared_parameters`)."""
     attn = group.module()
-    own = {id(t) for role in group.projections for t in _tensors(group.module(role))}
-    if group.layout == "packed":
-        own |= {id(attn.in_proj_weight), id(attn.in_proj_bias)}
+    # the projections' own tensors (a packed MultiheadAttention is its own "qkv" projection)
+    own = {id(t) for role in group.projections
+           for t in [*group.module(role).parameters(), *group.module(role).buffers()]}
     owners = {}
     for name, m in attn.named_modules():
         for attr, t in [*m._parameters.items(), *m._buffers.items()]:
@@ -151,18 +151,15 @@ def head_fold_blockers(group: HeadGroup, shared: set[int] | None = None) -> list
                        f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}) that C-SGD "
                        "does not pull together: heads with equal q/k/v rows could still differ "
                        "(per-head position biases, attention sinks, head mixing)")
+    shared = shared or set()
     tied = [f"{group.projections[role]}.{attr}" for role, m, attr, _ in head_params(group)
-            if shared and id(getattr(m, attr)) in shared]
-    if "o" in group.projections and shared and id(group.module("o").weight) in shared:
+            if id(getattr(m, attr)) in shared]
+    if id(group.module("o").weight) in shared:
         tied.append(f"{group.projections['o']}.weight")
     if tied:
         reasons.append(f"{', '.join(tied)} of {group.name!r} is shared with another module: "
                        "cutting its heads would untie it")
     return reasons
-
-
-def _tensors(m: nn.Module):
-    return [t for t in [*m.parameters(), *m.buffers()]]
 
 
 def shared_parameter_ids(model: nn.Module) -> set[int]:
@@ -220,7 +217,7 @@ def probe_head_folds(model: nn.Module, example_inputs, groups) -> dict[str, str]
         blocks = x.double().reshape(-1, g.n_units, g.heads_per_unit * g.head_dim)
         gap = float((blocks - blocks[:, :1]).abs().max())
         scale = max(float(blocks.abs().max()), 1e-30)
-        if not gap <= _PROBE_RTOL * scale:
+        if not gap <= max(_PROBE_RTOL, 4 * torch.finfo(x.dtype).eps) * scale:
             reasons[g.name] = (f"{_kind(g.module())} {g.name!r} treats its heads differently: "
                                "with every unit's q/k/v rows made equal, the heads' outputs still "
                                f"differ by {gap:.3g} (scale {scale:.3g}) on the example inputs "

@@ -283,28 +283,33 @@ def test_training_pulls_heads_together_and_the_fold_is_then_lossless():
     assert model.attn.q_proj.out_features == 8
 
 
-def test_transform_invariant_on_head_rows():
-    """For corresponding rows a, b of two units in one cluster: G'_a − G'_b = (η + ε)(W_a − W_b)
-    (0 and 0.1·ε for biases); rows of units in other clusters are not mixed."""
-    model, x = llama(layers=1), tokens()
+@pytest.mark.parametrize("key", ["llama", "bert", "timm_vit"])
+def test_transform_invariant_on_head_rows(key):
+    """Row by row, G'_a = mean_H(G) + η·W_a + ε·(W_a − mean_H(W)) over the corresponding rows H
+    of a cluster's units (η, ε on kernels; 0 and 0.1·ε on biases): so for rows a, b of one such
+    set G'_a − G'_b = (η + ε)(W_a − W_b), and rows of other clusters are not mixed in."""
+    make, inputs, _, _ = CASES[key]
+    model, x = make(), inputs()
     csgd = CSGD(model, x, 0.5, head_sparsity=0.5, centripetal_strength=EPS, weight_decay=ETA)
-    model(input_ids=x, labels=x).loss.backward()
+    out = model(**x) if isinstance(x, dict) else model(x)
+    out = out if isinstance(out, torch.Tensor) else out[0]
+    out.pow(2).mean().backward()
     heads = [t for t in csgd.transformed if t.head]
-    assert {t.role for t in heads} == {"q", "k", "v"} and all(t.kernel for t in heads)
+    assert any(t.kernel for t in heads) and (key == "llama") == all(t.kernel for t in heads)
     raw = {t.name: t.param.grad.clone() for t in heads}
     csgd.apply_gradients()
-    g, c = csgd.head_groups[0], csgd.head_clusters[0]
     for t in heads:
-        W, G = t.param.detach().double(), t.param.grad.double()
+        g, c = csgd.head_groups[t.group], csgd.head_clusters[t.group]
+        eta, eps = t.weight_decay, t.centripetal
+        assert (eta, eps) == ((ETA, EPS) if t.kernel else (0.0, 0.1 * EPS))
+        W = t.param.detach().double().reshape(t.param.shape[0], -1)
+        G = t.param.grad.double().reshape(W.shape)
+        R = raw[t.name].double().reshape(W.shape)
         labels = head_row_labels(g, t.role, c.labels)
         for lab in np.unique(labels):
-            rows = np.flatnonzero(labels == lab)
-            a, b = rows[0], rows[-1]
-            torch.testing.assert_close(G[a] - G[b], (ETA + EPS) * (W[a] - W[b]),
-                                       atol=1e-7, rtol=1e-5)
-            mean = raw[t.name].double()[rows].mean(0)
-            torch.testing.assert_close(G[a] - ETA * W[a] - EPS * (W[a] - W[rows].mean(0)), mean,
-                                       atol=1e-7, rtol=1e-5)
+            rows = torch.from_numpy(np.flatnonzero(labels == lab))
+            want = R[rows].mean(0) + eta * W[rows] + eps * (W[rows] - W[rows].mean(0))
+            torch.testing.assert_close(G[rows], want, atol=1e-7, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
