@@ -41,8 +41,9 @@ from accelprune import surgery
 from accelprune._validation import check_fraction, check_int
 from accelprune.tracing import call_model, check_example_inputs, eval_mode, output_shapes
 
-__all__ = ["HeadGroup", "HeadPrunedMultiheadAttention", "find_head_groups", "head_scores",
-           "prune_heads", "prune_head_groups", "unsupported_attention"]
+__all__ = ["HeadGroup", "HeadPrunedMultiheadAttention", "HeadSnapshot", "cut_units",
+           "find_head_groups", "head_scores", "prune_heads", "prune_head_groups",
+           "unsupported_attention"]
 
 # Attributes holding a head count or an inner width, updated after pruning when present.
 _QUERY_HEAD_ATTRS = ("num_heads", "num_attention_heads")
@@ -250,9 +251,10 @@ def head_scores(group: HeadGroup, importance="l1", *, generator=None) -> np.ndar
     return total if power == 1 else np.sqrt(total)
 
 
-def _cut(group: HeadGroup, keep_units: np.ndarray) -> None:
-    """Keep only ``keep_units`` (sorted) of ``group``: slice the projections, update the
-    attention module's head-count attributes. Unchecked."""
+def cut_units(group: HeadGroup, keep_units: np.ndarray) -> None:
+    """Keep only ``keep_units`` (sorted unit indices) of ``group``: slice the projections, update
+    the attention module's head-count attributes. Unchecked: run it under a
+    :class:`HeadSnapshot` and check the model (as :func:`prune_head_groups` does)."""
     if group.layout == "packed" and not isinstance(group.module(),
                                                    HeadPrunedMultiheadAttention):
         group.module().__class__ = HeadPrunedMultiheadAttention  # a forward for inner < embed
@@ -299,6 +301,32 @@ def _encoders(model: nn.Module) -> list[nn.TransformerEncoder]:
     return [m for m in model.modules() if isinstance(m, nn.TransformerEncoder)]
 
 
+class HeadSnapshot:
+    """Everything :func:`cut_units` on ``groups`` can change, to be put back exactly by
+    :meth:`restore`: the attention modules and their projections (parameter objects, plain
+    attributes, the class of a packed MultiheadAttention), ``nn.TransformerEncoder`` flags, the
+    model's config, and the groups' own head counts."""
+
+    def __init__(self, model: nn.Module, groups):
+        groups = list(groups)
+        modules = [g.module(r) for g in groups for r in [None, *g.projections]]
+        modules += _encoders(model)
+        config = getattr(model, "config", None)
+        self._modules = surgery.ModuleSnapshot(modules,
+                                               extra=[config] if config is not None else [])
+        self._counts = [(g, g.num_heads, g.num_kv_heads) for g in groups]
+        # ModuleSnapshot.restore deletes plain attributes it did not record, and it does not
+        # record ``training``: put the flags back after it
+        self._training = [(m, m.training) for m in modules]
+
+    def restore(self) -> None:
+        self._modules.restore()
+        for m, flag in self._training:
+            m.training = flag
+        for g, heads, kv_heads in self._counts:
+            g.num_heads, g.num_kv_heads = heads, kv_heads
+
+
 class _Checker:
     """What surgery.check_forward needs: the model, its inputs and the output shapes to keep."""
 
@@ -330,19 +358,13 @@ def prune_head_groups(model: nn.Module, example_inputs, plan, *, output_transfor
     if not checked:
         return
     checker = _Checker(model, example_inputs, output_transform)
-    modules = [g.module(r) for g, _ in checked for r in [None, *g.projections]]
-    modules += _encoders(model)
-    counts = [(g, g.num_heads, g.num_kv_heads) for g, _ in checked]
-    config = getattr(model, "config", None)
-    snapshot = surgery.ModuleSnapshot(modules, extra=[config] if config is not None else [])
+    snapshot = HeadSnapshot(model, [g for g, _ in checked])
     try:
         for g, keep in checked:
-            _cut(g, keep)
+            cut_units(g, keep)
         surgery.check_forward(checker)
     except Exception as e:
         snapshot.restore()
-        for g, h, kv in counts:
-            g.num_heads, g.num_kv_heads = h, kv
         raise ValueError(f"pruning the heads of {checked[0][0].name!r} would break the model "
                          f"({type(e).__name__}: {e}); the model was restored unchanged") from e
     sync_config(model)  # after the check: it may only warn, never undo the surgery

@@ -64,6 +64,13 @@ What is clustered, and how (this module's decisions where the paper leaves thing
 * **Folding** (:func:`fold_and_prune`, ALGORITHMS.md §4.3): in every cluster keep the lowest
   channel; add the consumers' input slices of the other members into the kept slice, then remove
   them. :meth:`CSGD.prune` folds every group in one all-or-nothing surgery.
+* **Whole attention heads** (opt-in: ``head_sparsity``; :mod:`accelprune.csgd_heads`): units
+  (a query head; under GQA a KV head with its query heads) with equal q/k/v rows compute equal
+  outputs, so one is removed after adding its output-projection columns onto the other's. Units
+  are clustered per attention module on their q/k/v rows, the transform pulls corresponding rows
+  together, and :meth:`CSGD.prune` folds heads and channel groups in one surgery. Attention
+  whose heads are not uniform (state besides the projections, a forward that treats heads
+  differently, a layout not recognised) is refused by name, like a channel group.
 """
 from __future__ import annotations
 
@@ -76,11 +83,13 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from accelprune import surgery
+from accelprune import csgd_heads, surgery
 from accelprune._backend import resolve
 from accelprune._distributed import on_rank0
 from accelprune._validation import as_int_array, check_fraction, check_int
+from accelprune.attention import HeadGroup
 from accelprune.graph import ChannelGroup, ModelGraph
+from accelprune.hf import sync_config
 from accelprune.layers import BATCHNORM_TYPES, PRODUCER_TYPES, conv_groups, is_depthwise
 from accelprune.reporting import size_stats
 from accelprune.selection import CLUSTERINGS, cluster_filters
@@ -137,6 +146,8 @@ class CSGDReport:
     macs_after: int
     layers: list[tuple[str, int, int]]  # (group name, channels before, channels after)
     skipped: list[SkippedGroup] = dataclasses.field(default_factory=list)  # not foldable exactly
+    # with ``head_sparsity``: (attention module, query heads before, query heads after)
+    heads: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -148,6 +159,8 @@ class CSGDReport:
         return (format_table(("", "before", "after", "kept"), rows)
                 + f"\n{len(self.layers)} channel groups: {sum(b for _, b, _ in self.layers)} -> "
                   f"{sum(a for _, _, a in self.layers)} channels"
+                + (f"\n{len(self.heads)} attention modules: {sum(b for _, b, _ in self.heads)} -> "
+                   f"{sum(a for _, _, a in self.heads)} query heads" if self.heads else "")
                 + "".join(f"\nskipped (fold not exact) {s}" for s in self.skipped))
 
 
@@ -160,6 +173,12 @@ class TransformedParam:
     weight_decay: float     # η
     centripetal: float      # ε
     kernel: bool            # a conv / linear kernel (the paper's filters), not a bias or BN param
+    role: str = ""          # head params: the projection ("q", "k", "v", "qkv"); "" otherwise
+
+    @property
+    def head(self) -> bool:
+        """Whether ``group`` indexes :attr:`CSGD.head_groups` (else :attr:`CSGD.groups`)."""
+        return bool(self.role)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,18 +218,36 @@ class CSGD:
         :func:`accelprune.kernels.csgd_transform_` (``"auto"``: Triton on CUDA tensors).
     process_group: the torch.distributed group whose ranks must agree (default: the world).
     progress: a tqdm bar while tracing the model.
+    head_sparsity: ``None`` or 0 (default): heads are left alone, exactly as without it. In
+        (0, 1): also remove that fraction of every attention module's units (a unit: a query
+        head, or under grouped-query attention a KV head with its query heads; see
+        :class:`~accelprune.attention.HeadGroup`). Each module keeps
+        ``max(1, round((1 - head_sparsity) * units))`` clusters, found by ``clustering`` on each
+        unit's q, k, v rows and biases concatenated (seed ``seed + len(groups) + module index``).
+        The transform pulls row j of every unit's q (k, v) block towards the cluster's mean of
+        row j (η, ε on weights, 0 and 0.1·ε on biases); :meth:`prune` keeps each cluster's lowest
+        unit, adds the others' output-projection columns onto its columns and cuts them, updating
+        the modules' head counts and a Hugging Face config. Exact for LLaMA-style q/k/v/o
+        Linear layers (RoPE, GQA, per-head-dim q/k norms), BERT, timm's fused qkv and
+        nn.MultiheadAttention; attention whose fold would not be exact (state besides the
+        projections such as per-head biases, a forward that treats heads differently, found by
+        a probe run, an unrecognised layout) goes to :attr:`skipped` (``strict``: raises).
+        Clusters in :attr:`head_clusters` (``producers``: the q/k/v projections), modules in
+        :attr:`head_groups`.
     """
 
     def __init__(self, model: nn.Module, example_inputs, sparsity: float, *,
                  centripetal_strength: float = 3e-3, weight_decay: float = 1e-4,
                  clustering: str = "kmeans", ignored_layers=None, prune_coupled: bool = True,
                  strict: bool = False, seed: int = 0, backend: str = "auto", process_group=None,
-                 progress: bool = False):
+                 progress: bool = False, head_sparsity: float | None = None):
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.sparsity = check_fraction(sparsity, "sparsity")
+        self.head_sparsity = (0.0 if head_sparsity is None
+                              else check_fraction(head_sparsity, "head_sparsity"))
         self.centripetal_strength = _nonnegative(centripetal_strength, "centripetal_strength")
         self.weight_decay = _nonnegative(weight_decay, "weight_decay")
         if clustering not in CLUSTERINGS:
@@ -233,11 +270,15 @@ class CSGD:
                 self.skipped.append(SkippedGroup(g.name, reasons))
             else:
                 self.groups.append(g)
+        self.head_groups: list[HeadGroup] = []
+        if self.head_sparsity > 0:
+            self.head_groups, refused = csgd_heads.foldable_head_groups(self.graph)
+            self.skipped += [SkippedGroup(name, reasons) for name, reasons in refused]
         if strict and self.skipped:
-            raise ValueError("C-SGD cannot fold these channel groups exactly (pass their layers in "
-                             "ignored_layers, or strict=False to skip them): "
-                             + " | ".join(str(s) for s in self.skipped))
-        if not self.groups:
+            raise ValueError("C-SGD cannot fold these channel groups or attention heads exactly "
+                             "(pass their layers in ignored_layers, or strict=False to skip "
+                             "them): " + " | ".join(str(s) for s in self.skipped))
+        if not self.groups and not self.head_groups:
             skipped = ("; not exactly foldable: " + " | ".join(str(s) for s in self.skipped)
                        if self.skipped else "")
             raise ValueError("the model has nothing C-SGD can prune: the dependency graph found no "
@@ -248,6 +289,13 @@ class CSGD:
         labels = on_rank0(self._cluster_all, self.process_group)
         self.clusters = [ClusterAssignment(g.name, list(g.producers), lab, int(lab.max()) + 1)
                          for g, lab in zip(self.groups, labels, strict=True)]
+        head_labels = on_rank0(lambda: csgd_heads.cluster_heads(
+            self.head_groups, self.head_sparsity, method=self.clustering,
+            seed=self.seed + len(self.groups), backend=self.backend),
+            self.process_group) if self.head_groups else []
+        self.head_clusters = [_head_assignment(g, lab)
+                              for g, lab in zip(self.head_groups, head_labels, strict=True)]
+        self._row_labels = self._param_labels()
         self._plans: dict[tuple[int, ...], object] = {}
         self._hooks: list = []
         self.pruned = False
@@ -255,7 +303,8 @@ class CSGD:
     # -- setup ---------------------------------------------------------------------------------
 
     def _collect_params(self) -> list[TransformedParam]:
-        """Every param whose rows are a group's channels, with its (η, ε); checks the layers."""
+        """Every param whose rows are a group's channels (or heads' q/k/v rows), with its (η, ε);
+        checks the layers."""
         eps = self.centripetal_strength
         found: list[TransformedParam] = []
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -278,10 +327,17 @@ class CSGD:
                     if isinstance(p, nn.Parameter):
                         found.append(TransformedParam(names[id(p)], p, gi, 0.0,
                                                       _SECONDARY_CENTRIPETAL * eps, kernel=False))
+        for hi, g in enumerate(self.head_groups):
+            for role, m, attr, kernel in csgd_heads.head_params(g):
+                p = getattr(m, attr)
+                found.append(TransformedParam(names[id(p)], p, hi,
+                                              self.weight_decay if kernel else 0.0,
+                                              eps if kernel else _SECONDARY_CENTRIPETAL * eps,
+                                              kernel=kernel, role=role))
         seen: dict[int, str] = {}
         for t in found:
-            g = self.groups[t.group]
-            if t.param.shape[0] != g.n_channels:
+            g = self.head_groups[t.group] if t.head else self.groups[t.group]
+            if not t.head and t.param.shape[0] != g.n_channels:
                 raise ValueError(f"{t.name} has {t.param.shape[0]} rows but group {g.name!r} has "
                                  f"{g.n_channels} channels; C-SGD needs output channels on dim 0")
             if id(t.param) in seen:
@@ -292,7 +348,8 @@ class CSGD:
 
     def _features(self, gi: int) -> np.ndarray:
         """The group's filters (n, Σ F): its producers' kernels flattened and concatenated."""
-        kernels = [t.param.detach() for t in self._transformed if t.group == gi and t.kernel]
+        kernels = [t.param.detach() for t in self._transformed
+                   if t.group == gi and t.kernel and not t.head]
         rows = [k.reshape(k.shape[0], -1).cpu().double() for k in kernels]
         return torch.cat(rows, dim=1).numpy()
 
@@ -315,6 +372,13 @@ class CSGD:
                 raise ValueError(f"cannot cluster group {g.name!r}: {e}") from None
             out.append((np.arange(blocks)[:, None] * k + local[None, :]).reshape(-1))
         return out
+
+    def _param_labels(self) -> list[np.ndarray]:
+        """Each transformed param's row labels: its channel group's labels, or for a head
+        param the rows of each unit block (:func:`accelprune.csgd_heads.head_row_labels`)."""
+        return [csgd_heads.head_row_labels(self.head_groups[t.group], t.role,
+                                           self.head_clusters[t.group].labels)
+                if t.head else self.clusters[t.group].labels for t in self._transformed]
 
     def _check_live(self) -> None:
         if self.pruned:
@@ -349,7 +413,7 @@ class CSGD:
         if present not in self._plans:
             picked = [self._transformed[i] for i in present]
             self._plans[present] = CSGDPlan([t.param for t in picked],
-                                            [self.clusters[t.group].labels for t in picked])
+                                            [self._row_labels[i] for i in present])
         return self._plans[present]
 
     def apply_gradients(self) -> None:
@@ -395,24 +459,26 @@ class CSGD:
         return handle
 
     def deviation(self, *, kernels_only: bool = False) -> Deviation:
-        """Σ‖row − its cluster's mean‖² per group and in total (the paper's χ).
+        """Σ‖row − its cluster's mean‖² per group (and per attention module, keyed by its name,
+        with ``head_sparsity``) and in total (the paper's χ).
 
         By default over every transformed param of a group (kernels, biases, BN γ and β: all
         must converge for pruning to be lossless); ``kernels_only=True`` gives χ over the
         filters alone.
         """
         self._check_live()
-        groups = {g.name: 0.0 for g in self.groups}
+        groups = {g.name: 0.0 for g in [*self.groups, *self.head_groups]}
         with torch.no_grad():
-            for t in self._transformed:
+            for t, labels in zip(self._transformed, self._row_labels, strict=True):
                 if kernels_only and not t.kernel:
                     continue
                 W = t.param.detach().reshape(t.param.shape[0], -1).double()
-                labels = torch.from_numpy(self.clusters[t.group].labels).to(W.device)
-                k = self.clusters[t.group].n_clusters
+                labels = torch.from_numpy(labels).to(W.device)
+                k = int(labels.max()) + 1
                 sums = W.new_zeros(k, W.shape[1]).index_add_(0, labels, W)
                 means = sums / torch.bincount(labels, minlength=k).to(W.dtype)[:, None]
-                groups[self.groups[t.group].name] += float(((W - means[labels]) ** 2).sum())
+                name = (self.head_groups if t.head else self.groups)[t.group].name
+                groups[name] += float(((W - means[labels]) ** 2).sum())
         return Deviation(sum(groups.values()), groups)
 
     # -- pruning -------------------------------------------------------------------------------
@@ -432,13 +498,26 @@ class CSGD:
                 raise RuntimeError(f"group {g.name!r} has {g.n_channels} channels but was "
                                    f"clustered with {len(c.labels)}: the model was pruned by "
                                    "someone else")
+        for g, c in zip(self.head_groups, self.head_clusters, strict=True):
+            if g.n_units != len(c.labels):
+                raise RuntimeError(f"attention {g.name!r} has {g.n_units} units but was "
+                                   f"clustered with {len(c.labels)}: its heads were pruned by "
+                                   "someone else")
         before = size_stats(self.model, self.example_inputs)
         widths = [g.n_channels for g in self.groups]
+        heads = [g.num_heads for g in self.head_groups]
         folding = [(g, c) for g, c in zip(self.groups, self.clusters, strict=True)
                    if c.n_clusters < g.n_channels]
-        if folding:
+        head_folding = [(g, c) for g, c in zip(self.head_groups, self.head_clusters, strict=True)
+                        if c.n_clusters < g.n_units]
+        if head_folding:
+            csgd_heads.fold_checked(self.graph, [(g, c.labels) for g, c in folding],
+                                    [(g, c.labels) for g, c in head_folding], _fold)
+        elif folding:
             surgery.apply_checked(self.graph, [g for g, _ in folding],
                                   lambda: [_fold(self.graph, g, c.labels) for g, c in folding])
+        if folding or head_folding:
+            sync_config(self.model)  # a Hugging Face config follows the new widths and heads
         self.pruned = True  # the clusters no longer describe the model
         for h in self._hooks:
             h.remove()
@@ -446,19 +525,27 @@ class CSGD:
         after = size_stats(self.model, self.example_inputs)
         layers = [(g.name, n, g.n_channels) for g, n in zip(self.groups, widths, strict=True)]
         return CSGDReport(before["params"], after["params"], before["macs"], after["macs"], layers,
-                          list(self.skipped))
+                          list(self.skipped),
+                          [(g.name, h, g.num_heads)
+                           for g, h in zip(self.head_groups, heads, strict=True)])
 
     def __repr__(self) -> str:
         channels = sum(c.labels.size for c in self.clusters)
         kept = sum(c.n_clusters for c in self.clusters)
         skipped = f", {len(self.skipped)} skipped (fold not exact)" if self.skipped else ""
+        if self.head_groups:
+            units = sum(c.labels.size for c in self.head_clusters)
+            skipped = (f", {len(self.head_groups)} attention modules, {units} -> "
+                       f"{sum(c.n_clusters for c in self.head_clusters)} head units{skipped}")
         return (f"CSGD({len(self.groups)} groups, {channels} -> {kept} channels{skipped}, "
                 f"clustering={self.clustering!r}, ε={self.centripetal_strength}, "
                 f"η={self.weight_decay}{', pruned' if self.pruned else ''})")
 
     # -- checkpoint / resume -------------------------------------------------------------------
 
-    _STATE_CONFIG = ("sparsity", "centripetal_strength", "weight_decay", "clustering", "seed")
+    _STATE_CONFIG = ("sparsity", "centripetal_strength", "weight_decay", "clustering", "seed",
+                     "head_sparsity")
+    _STATE_DEFAULTS = {"head_sparsity": 0.0}  # states saved before the key existed
 
     def state_dict(self) -> dict:
         """The clusters (which training pulls together) and settings: rebuilding a CSGD on a
@@ -486,6 +573,8 @@ class CSGD:
             "config": {k: getattr(self, k) for k in self._STATE_CONFIG},
             "groups": [g.name for g in self.groups],
             "labels": [torch.from_numpy(c.labels.copy()) for c in self.clusters],
+            "head_groups": [g.name for g in self.head_groups],
+            "head_labels": [torch.from_numpy(c.labels.copy()) for c in self.head_clusters],
             "pruned": self.pruned,
         }
 
@@ -498,12 +587,16 @@ class CSGD:
         if state.get("version") != 1:
             raise ValueError(f"unsupported CSGD state version {state.get('version')!r}")
         for key in self._STATE_CONFIG:
-            if state["config"].get(key) != getattr(self, key):
-                raise ValueError(f"the state was made with {key}={state['config'].get(key)!r}, "
+            theirs = state["config"].get(key, self._STATE_DEFAULTS.get(key))
+            if theirs != getattr(self, key):
+                raise ValueError(f"the state was made with {key}={theirs!r}, "
                                  f"this CSGD has {key}={getattr(self, key)!r}")
         if list(state["groups"]) != [g.name for g in self.groups]:
             raise ValueError("the state's channel groups differ from this CSGD's: build it on "
                              "the model saved with the state, with the same ignored_layers")
+        if list(state.get("head_groups", [])) != [g.name for g in self.head_groups]:
+            raise ValueError("the state's attention head groups differ from this CSGD's: build "
+                             "it on the model saved with the state, with the same settings")
         if state["pruned"]:
             raise ValueError("the state is of a CSGD that has already pruned its model")
         clusters = []
@@ -515,8 +608,27 @@ class CSGD:
                                  f"{g.n_channels} channels")
             clusters.append(ClusterAssignment(c.name, list(c.producers), labels,
                                               int(labels.max()) + 1))
-        self.clusters = clusters
+        head_clusters = []
+        for g, labels in zip(self.head_groups, state.get("head_labels", []), strict=True):
+            labels = as_int_array(labels, f"head labels of {g.name!r}", ndim=1)
+            if labels.shape != (g.n_units,) or not _numbered(labels):
+                raise ValueError(f"the state's head labels of {g.name!r} do not fit its "
+                                 f"{g.n_units} units")
+            head_clusters.append(_head_assignment(g, labels))
+        self.clusters, self.head_clusters = clusters, head_clusters
+        self._row_labels = self._param_labels()
         self._plans.clear()  # built from the old labels
+
+
+def _numbered(labels: np.ndarray) -> bool:
+    """Labels are 0..k-1, each used."""
+    return labels.size > 0 and np.array_equal(np.unique(labels), np.arange(labels.max() + 1))
+
+
+def _head_assignment(group: HeadGroup, labels: np.ndarray) -> ClusterAssignment:
+    """The clusters of an attention module's units (``producers``: its q/k/v projections)."""
+    return ClusterAssignment(group.name, [n for r, n in group.projections.items() if r != "o"],
+                             labels, int(labels.max()) + 1)
 
 
 # ---------------------------------------------------------------------------------------------
