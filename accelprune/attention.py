@@ -315,14 +315,9 @@ class HeadSnapshot:
         self._modules = surgery.ModuleSnapshot(modules,
                                                extra=[config] if config is not None else [])
         self._counts = [(g, g.num_heads, g.num_kv_heads) for g in groups]
-        # ModuleSnapshot.restore deletes plain attributes it did not record, and it does not
-        # record ``training``: put the flags back after it
-        self._training = [(m, m.training) for m in modules]
 
     def restore(self) -> None:
         self._modules.restore()
-        for m, flag in self._training:
-            m.training = flag
         for g, heads, kv_heads in self._counts:
             g.num_heads, g.num_kv_heads = heads, kv_heads
 

@@ -44,12 +44,7 @@ class ModelSnapshot:
         # unwrapped parameters are replaced on their parent module: keep every module's params
         self.params = {m: dict(m._parameters) for m in graph.model.modules()}
         self.buffers = {m: dict(m._buffers) for m in modules.values()}
-        self.attrs = {
-            m: {k: copy.deepcopy(v) for k, v in vars(m).items()
-                if not k.startswith("_") and k != "training"
-                and isinstance(v, (int, float, bool, str, type(None), tuple, list, dict))}
-            for m in modules.values()
-        }
+        self.attrs = {m: _plain_attrs(m) for m in modules.values()}
         self.module2node = dict(DG.module2node)
         self.node_modules = {node: node.module for node in DG.module2node.values()}
         self.param_to_name = dict(getattr(DG, "_param_to_name", {}))
@@ -117,8 +112,10 @@ class ModuleSnapshot:
 
 
 def _plain_attrs(obj) -> dict:
+    """Public attributes of plain types (sizes, flags, ``training``: restore() deletes those
+    it did not record, so the mode must be among them)."""
     return {k: copy.deepcopy(v) for k, v in vars(obj).items()
-            if not k.startswith("_") and k != "training" and isinstance(v, _SIMPLE)}
+            if not k.startswith("_") and isinstance(v, _SIMPLE)}
 
 
 def check_forward(graph) -> None:

@@ -223,3 +223,19 @@ def test_meta_device_models_are_refused_clearly(call):
         CALLS[call](model, _inputs())
     with pytest.raises(ValueError, match="meta tensors"):
         CALLS[call](Net(), torch.empty(2, 3, 8, 8, device="meta"))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_module_snapshot_puts_back_attributes_and_mode(training):
+    from accelprune.surgery import ModuleSnapshot
+
+    layer = nn.Linear(4, 3).train(training)
+    weight = layer.weight
+    snapshot = ModuleSnapshot([layer])
+    layer.weight = nn.Parameter(torch.zeros(2, 4))
+    layer.out_features, layer.added = 2, 7
+    layer.train(not training)
+    snapshot.restore()
+    assert layer.weight is weight and layer.out_features == 3
+    assert not hasattr(layer, "added") and layer.training is training
+    assert layer(torch.randn(1, 4)).shape == (1, 3)
