@@ -39,13 +39,17 @@ from torch import nn
 
 from accelprune import surgery
 from accelprune._validation import check_fraction, check_int
+from accelprune.selection import reprune_select
 from accelprune.tracing import call_model, check_example_inputs, eval_mode, output_shapes
 
-__all__ = ["HeadGroup", "HeadPrunedMultiheadAttention", "HeadSnapshot", "cut_units",
-           "find_head_groups", "head_scores", "prune_heads", "prune_head_groups",
+__all__ = ["HEAD_IMPORTANCES", "HeadGroup", "HeadPrunedMultiheadAttention", "HeadSnapshot",
+           "cut_units", "find_head_groups", "head_scores", "prune_heads", "prune_head_groups",
            "unsupported_attention"]
 
 # Attributes holding a head count or an inner width, updated after pruning when present.
+HEAD_IMPORTANCES = ("l1", "l2", "random", "reprune")
+"""The named ways :func:`prune_heads` chooses units (besides a callable)."""
+
 _QUERY_HEAD_ATTRS = ("num_heads", "num_attention_heads")
 _KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads")
 _INNER_WIDTH_ATTRS = ("all_head_size", "attn_dim")
@@ -101,6 +105,20 @@ class HeadGroup:
             return {"qkv": np.concatenate([q_rows, kv_rows + inner, kv_rows + 2 * inner]),
                     "o": q_rows}
         return {"q": q_rows, "k": kv_rows, "v": kv_rows, "o": q_rows}
+
+    def unit_weights(self) -> list[torch.Tensor]:
+        """Each unit's q, k and v weight rows: one (n_units, rows per unit, in_features) tensor
+        per input projection (``q``, ``k``, ``v``, or the one ``qkv``). A unit's rows seen per
+        input column are what REPrune compares (its kernels, :func:`prune_heads`)."""
+        out = []
+        for role in self.projections:
+            if role == "o":
+                continue
+            weight = getattr(self.module(role), _param_names(self, role)[0]).detach()
+            rows = [torch.as_tensor(self.rows([u])[role], device=weight.device)
+                    for u in range(self.n_units)]
+            out.append(torch.stack([weight.index_select(0, r) for r in rows]))
+        return out
 
 
 def _linear(m, name):
@@ -373,17 +391,25 @@ def prune_heads(model: nn.Module, example_inputs, sparsity: float = 0.25, import
     ⌊sparsity · n⌋ of its n units, keeping at least one; a unit is a key/value group (one KV
     head with its query heads) under grouped-query attention, one head otherwise. Units are
     ranked per module by :func:`head_scores` (``importance``: "l1", "l2", "random" or a
-    callable). All or nothing (see :func:`prune_head_groups`); a Hugging Face model's config
-    is updated (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``) where every layer
-    keeps the same count (see :func:`accelprune.hf.sync_config`).
+    callable), or chosen by REPrune's selection (``importance="reprune"``): the units are the
+    filters and a unit's q/k/v rows at one input column (:meth:`HeadGroup.unit_weights`) its
+    kernel there; per input column the kernels are Ward-clustered, all columns are cut at one
+    height, and greedy maximum coverage keeps the units that cover the most clusters (seeded
+    ties), so that heads which duplicate others go first (:func:`accelprune.reprune_select`).
+    All or nothing (see :func:`prune_head_groups`); a Hugging Face model's config is updated
+    (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``) where every layer keeps the
+    same count (see :func:`accelprune.hf.sync_config`).
 
-    ``nn.MultiheadAttention`` modules are left as they are (listed by
+    ``nn.MultiheadAttention`` layouts it cannot cut are left as they are (listed by
     :func:`unsupported_attention`); ValueError if the model has no prunable attention at all.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     sparsity = check_fraction(sparsity, "sparsity")
     seed = check_int(seed, "seed", low=0)
+    if not callable(importance) and importance not in HEAD_IMPORTANCES:
+        raise ValueError(f"unknown head importance {importance!r}; expected one of "
+                         f"{list(HEAD_IMPORTANCES)} or a callable")
     groups = find_head_groups(model, ignored_layers)
     if not groups:
         extra = unsupported_attention(model)
@@ -395,9 +421,14 @@ def prune_heads(model: nn.Module, example_inputs, sparsity: float = 0.25, import
         n_drop = min(int(np.floor(sparsity * g.n_units + 1e-9)), g.n_units - 1)
         if n_drop == 0:
             continue
-        scores = head_scores(g, importance, generator=generator)
-        drop = np.argsort(scores, kind="stable")[:n_drop]
-        plan.append((g, np.setdiff1d(np.arange(g.n_units), drop)))
+        if importance == "reprune":
+            # units are the filters, their q/k/v rows at one input column the kernels
+            kernels = [w.transpose(1, 2) for w in g.unit_weights()]
+            keep = np.sort(reprune_select(kernels, g.n_units - n_drop, seed=seed))
+        else:
+            scores = head_scores(g, importance, generator=generator)
+            keep = np.setdiff1d(np.arange(g.n_units), np.argsort(scores, kind="stable")[:n_drop])
+        plan.append((g, keep))
     prune_head_groups(model, example_inputs, plan, output_transform=output_transform)
     return model
 

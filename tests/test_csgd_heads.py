@@ -20,6 +20,7 @@ from accelprune import CSGD, surgery
 from accelprune.attention import HeadPrunedMultiheadAttention
 from accelprune.csgd_heads import head_params, head_row_labels
 from tests.failsafe import ModelState, leaves_unchanged
+from tests.toy_models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -32,12 +33,8 @@ ETA, EPS = 1e-3, 0.05
 
 
 def llama(layers=2):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=layers, num_attention_heads=8,
-                                   num_key_value_heads=4, max_position_embeddings=32,
-                                   use_cache=False)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(layers=layers, hidden=64, intermediate=128, heads=8, kv_heads=4,
+                      use_cache=False)
 
 
 def bert():

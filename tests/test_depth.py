@@ -10,7 +10,8 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.vision_transformer import VisionTransformer
-from transformers import LlamaConfig, LlamaForCausalLM
+from toy_models import tiny_llama
+from transformers import LlamaForCausalLM
 
 from accelprune.depth import SkippedBlock, find_blocks, prune_layers
 
@@ -179,10 +180,7 @@ def test_timm_vit():
 
 
 def test_hugging_face_llama_decoder_layers():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(layers=4)
     ids = torch.randint(0, 64, (2, 10))
     assert find_blocks(model, {"input_ids": ids}) == [f"model.layers.{i}" for i in range(4)]
     # with labels the model's own language-modelling loss drives the Taylor scores
@@ -294,10 +292,7 @@ def test_a_depth_pruned_model_saves_and_loads_from_its_constructor(tmp_path):
 def test_a_depth_pruned_llama_round_trips(tmp_path):
     import accelprune
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(layers=4)
     ids = torch.randint(0, 64, (1, 8))
     prune_layers(model, {"input_ids": ids}, 1, importance="output")
     path = tmp_path / "llama.pt"

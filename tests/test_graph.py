@@ -5,7 +5,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from toy_models import ChunkCat, Detached
+from toy_models import ChunkCat, Detached, tiny_llama
 
 from accelprune import models
 from accelprune.csgd import fold_and_prune
@@ -473,12 +473,7 @@ def test_model_must_be_a_module():
 def test_residual_and_gated_groups_are_told_apart():
     """Summed producers make a residual group; multiplied ones (a gated MLP, squeeze-and-
     excitation) a gated group; a plain group is neither."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    llama = LlamaForCausalLM(cfg).eval()
+    llama = tiny_llama()
     graph = ModelGraph(llama, {"input_ids": torch.randint(0, 64, (1, 8))}, prune_coupled=True)
     kinds = {g.name: (g.residual, g.gated) for g in graph.groups}
     assert kinds["model.layers.0.mlp.gate_proj"] == (False, True)

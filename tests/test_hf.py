@@ -6,8 +6,10 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
+import toy_models
 
 import accelprune
 from accelprune import surgery
@@ -21,12 +23,7 @@ VOCAB = 64
 
 
 def tiny_llama(tie=False):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-        tie_word_embeddings=tie)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return toy_models.tiny_llama(intermediate=48, vocab=VOCAB, tie=tie)
 
 
 def tiny_bert():
@@ -247,3 +244,62 @@ def test_head_groups_respect_ignored_layers(ids):
     assert model.model.layers[1].self_attn.q_proj.out_features == 16
     with pytest.raises(ValueError, match="sparsity"):
         prune_heads(model, ids, 1.5)
+
+
+def test_reprune_heads_drop_a_duplicated_kv_group(ids):
+    """REPrune's selection over heads: a KV group whose q/k/v rows copy another's covers no
+    cluster of its own, so it (or its twin) is the one that goes."""
+    # 4 KV groups of 2 query heads of dim 6 (hidden 48: 6 heads after the cut still divide it)
+    model = toy_models.tiny_llama(hidden=48, heads=8, kv_heads=4)
+    q_rows = [slice(12 * u, 12 * u + 12) for u in range(4)]
+    kv_rows = [slice(6 * u, 6 * u + 6) for u in range(4)]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.q_proj.weight[q_rows[3]] = attn.q_proj.weight[q_rows[1]]
+            attn.k_proj.weight[kv_rows[3]] = attn.k_proj.weight[kv_rows[1]]
+            attn.v_proj.weight[kv_rows[3]] = attn.v_proj.weight[kv_rows[1]]
+    originals = [layer.self_attn.q_proj.weight.detach().clone() for layer in model.model.layers]
+    prune_heads(model, ids, 0.25, importance="reprune")
+    for layer, q in zip(model.model.layers, originals, strict=True):
+        kept = layer.self_attn.q_proj.weight
+        assert kept.shape == (36, 48)
+        # units 0 and 2 stay; of the twins 1 and 3 exactly one does (they are equal)
+        twin_first = torch.equal(kept[12:24], q[q_rows[1]])  # kept 0, 1, 2 (else 0, 2, 3)
+        assert torch.equal(kept[:12], q[q_rows[0]])
+        assert torch.equal(kept[24:] if twin_first else kept[12:24], q[q_rows[2]])
+        assert torch.equal(kept[12:24] if twin_first else kept[24:], q[q_rows[1]])
+    assert model.config.num_key_value_heads == 3
+    assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 10)
+
+
+def test_reprune_heads_select_what_reprune_select_selects(ids):
+    from accelprune.selection import reprune_select
+
+    model = toy_models.tiny_llama(hidden=48, heads=8, kv_heads=4)
+    group = find_head_groups(model)[0]
+    kernels = [w.transpose(1, 2) for w in group.unit_weights()]
+    # units (KV groups), input columns, a unit's rows: 2 query heads or 1 KV head of dim 6
+    assert [tuple(k.shape) for k in kernels] == [(4, 48, 12), (4, 48, 6), (4, 48, 6)]
+    expected = np.sort(reprune_select(kernels, 2, seed=3, backend="reference"))
+    rows = np.concatenate([np.arange(u * 12, u * 12 + 12) for u in expected])
+    query = group.module("q").weight.detach().clone()
+    twin = copy.deepcopy(model)
+    prune_heads(model, ids, 0.5, importance="reprune", seed=3)
+    assert torch.equal(group.module("q").weight, query[rows])
+    prune_heads(twin, ids, 0.5, importance="reprune", seed=3)  # deterministic given the seed
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(),
+                                                  strict=True))
+
+
+def test_reprune_heads_on_fused_qkv_and_unknown_importance():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
+                              num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    prune_heads(model, x, 0.34, importance="reprune")
+    assert model.blocks[0].attn.num_heads == 2 and model(x).shape == (1, 3)
+    with pytest.raises(ValueError, match="unknown head importance 'ward'"):
+        prune_heads(model, x, 0.5, importance="ward")
+    assert model.blocks[0].attn.num_heads == 2

@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from toy_models import tiny_llama
 
 from accelprune import CSGD
 from accelprune.csgd import fold_and_prune, fold_blockers
@@ -111,11 +112,8 @@ def bert():
 
 
 def llama(layers=1):
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=layers, num_attention_heads=8,
-                                   num_key_value_heads=4, max_position_embeddings=32,
-                                   use_cache=False)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(layers=layers, hidden=64, intermediate=128, heads=8, kv_heads=4,
+                      use_cache=False)
 
 
 def image(seed=0):

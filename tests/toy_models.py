@@ -28,3 +28,17 @@ class Detached(nn.Module):
     def forward(self, x):
         x = self.conv1(x).detach()
         return self.fc(self.conv2(x).mean((2, 3)))
+
+
+def tiny_llama(*, layers=2, hidden=32, intermediate=64, heads=4, kv_heads=2, vocab=64,
+               tie=False, use_cache=True, seed=0):
+    """A Hugging Face LLaMA causal LM built from a config (random init, seeded, eval mode), with
+    grouped-query attention by default (``heads`` query heads over ``kv_heads`` KV heads)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=64, tie_word_embeddings=tie, use_cache=use_cache)
+    return transformers.LlamaForCausalLM(cfg).eval()
