@@ -20,7 +20,7 @@ from accelprune import CSGD, surgery
 from accelprune.attention import HeadPrunedMultiheadAttention
 from accelprune.csgd_heads import head_params, head_row_labels
 from tests.failsafe import ModelState, leaves_unchanged
-from tests.toy_models import tiny_llama
+from tests.toy_models import Encoder, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -57,20 +57,6 @@ def tv_vit():
     torch.manual_seed(0)
     return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
                              hidden_dim=32, mlp_dim=64, num_classes=5).eval()
-
-
-class Encoder(nn.Module):
-    """Linear in → nn.TransformerEncoder (2 layers, MHA + LayerNorm) → Linear head."""
-
-    def __init__(self, d=32, heads=4, ff=64, layers=2):
-        super().__init__()
-        self.inp = nn.Linear(8, d)
-        layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True)
-        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d, 5)
-
-    def forward(self, x):
-        return self.head(self.enc(self.inp(x)))
 
 
 def encoder():

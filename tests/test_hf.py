@@ -187,12 +187,17 @@ def test_bert_dict_inputs_mlp_and_heads(ids, tmp_path):
     round_trip(model, tmp_path, inputs["input_ids"], loader=load_pruned)
 
 
-def test_timm_vit_heads_and_default_prune():
+def _timm_vit(depth):
+    """A ViT-Tiny of ``depth`` blocks on 32x32 images (3 heads of 64), and an input."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2,
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=depth,
                               num_classes=3).eval()
-    x = torch.randn(1, 3, 32, 32)
+    return model, torch.randn(1, 3, 32, 32)
+
+
+def test_timm_vit_heads_and_default_prune():
+    model, x = _timm_vit(depth=2)
     graph = ModelGraph(model, x)
     assert not any(g.name.endswith("attn.qkv") for g in graph.groups)
     accelprune.prune(model, x, 0.3, "l1")
@@ -293,11 +298,7 @@ def test_reprune_heads_select_what_reprune_select_selects(ids):
 
 
 def test_reprune_heads_on_fused_qkv_and_unknown_importance():
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
-                              num_classes=3).eval()
-    x = torch.randn(1, 3, 32, 32)
+    model, x = _timm_vit(depth=1)
     prune_heads(model, x, 0.34, importance="reprune")
     assert model.blocks[0].attn.num_heads == 2 and model(x).shape == (1, 3)
     with pytest.raises(ValueError, match="unknown head importance 'ward'"):

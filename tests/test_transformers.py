@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from toy_models import tiny_llama
+from toy_models import Encoder, tiny_llama
 
 from accelprune import CSGD
 from accelprune.csgd import fold_and_prune, fold_blockers
@@ -30,20 +30,6 @@ def llama_attention(model):
 
 # ---------------------------------------------------------------------------------------------
 # models
-
-
-class Encoder(nn.Module):
-    """Linear in → nn.TransformerEncoder (2 layers, MHA + LayerNorm) → Linear head."""
-
-    def __init__(self, d=32, heads=4, ff=64, layers=2):
-        super().__init__()
-        self.inp = nn.Linear(8, d)
-        layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True)
-        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d, 5)
-
-    def forward(self, x):
-        return self.head(self.enc(self.inp(x)))
 
 
 class LlamaMLPNet(nn.Module):

@@ -42,3 +42,17 @@ def tiny_llama(*, layers=2, hidden=32, intermediate=64, heads=4, kv_heads=2, voc
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=64, tie_word_embeddings=tie, use_cache=use_cache)
     return transformers.LlamaForCausalLM(cfg).eval()
+
+
+class Encoder(nn.Module):
+    """Linear in → nn.TransformerEncoder (2 layers, MHA + LayerNorm) → Linear head."""
+
+    def __init__(self, d=32, heads=4, ff=64, layers=2):
+        super().__init__()
+        self.inp = nn.Linear(8, d)
+        layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        return self.head(self.enc(self.inp(x)))
