@@ -221,14 +221,19 @@ _BIG = 7  # size classes fit in the low 3 bits of a slot
 _KERNELS_PER_THREAD = 1 << 18  # about a millisecond of index building: less is not worth a thread
 _UINT16_SLOT_FILTERS = (np.iinfo(np.uint16).max + 1) // 8 - 1  # local slots fit in uint16
 _UINT16_MEMBER_FILTERS = np.iinfo(np.int16).max  # positions fit in uint16 beside the _last bit
+# Indices are unsigned in the kernels: Numba wraps a negative signed index around (a sign test
+# and an add per access), which cost a third of the index build. Mixing uint64 and int64 makes
+# Numba compute in float64, hence these typed constants.
+_U1, _U3, _U6, _U7, _U63 = (np.uint64(v) for v in (1, 3, 6, 7, 63))
 
 
 def _pair_index_py(labels, rank, j_begin, j_end, slot, members):
     """Build the pair index of channels ``j_begin .. j_end`` in place; returns 0, or -1 when a
     cluster id is negative (the caller raises; checking here saves a pass over the labels).
 
-    labels  int32/int64 (c_in, n): cluster ids (any non-negative values).
-    rank    int64 (n,): the priority position of each filter (inverse of the order).
+    labels  uint32/uint64 (c_in, n): the cluster ids viewed as unsigned, so that a negative id
+            reads as a huge one (top bit set).
+    rank    uint64 (n,): the priority position of each filter (inverse of the order).
     slot (n, c_in), members (c_in * n,): out, as described above; dtypes from
             :func:`_index_dtypes`.
 
@@ -237,53 +242,57 @@ def _pair_index_py(labels, rank, j_begin, j_end, slot, members):
     tile of _TILE channels and written to ``slot`` as one cache line per position.
     """
     n = labels.shape[1]
-    last = members.dtype.type(1 << (8 * members.itemsize - 1))
+    un = np.uint64(n)
+    last = members.dtype.type(1) << members.dtype.type(8 * members.itemsize - 1)
+    sign = labels.dtype.type(1) << labels.dtype.type(8 * labels.itemsize - 1)
     tile = np.empty((_TILE, n), dtype=slot.dtype)
     renumbered = np.empty(n, dtype=labels.dtype)
-    start = np.empty(n + 1, dtype=np.int64)  # per cluster: its list's start, then its cursor
-    code = np.empty(n, dtype=np.int64)  # per cluster: its slot value
-    big_ends = np.empty(n, dtype=np.int64)  # the last member of each list of _BIG or more
+    start = np.empty(n + 1, dtype=np.uint64)  # per cluster: its list's start, then its cursor
+    code = np.empty(n, dtype=np.uint64)  # per cluster: its slot value
+    big_ends = np.empty(n, dtype=np.uint64)  # the last member of each list of _BIG or more
     for j0 in range(j_begin, j_end, _TILE):
-        j1 = min(j0 + _TILE, j_end)
-        for j in range(j0, j1):
-            ids = labels[j]
-            lowest, largest = ids[0], ids[0]
+        width, uj0 = min(_TILE, j_end - j0), np.uint64(j0)
+        for jj in range(width):
+            ids = labels[j0 + jj]
+            largest = ids[0]
             for i in range(n):
-                lowest, largest = min(lowest, ids[i]), max(largest, ids[i])
-            if lowest < 0:
+                largest = max(largest, ids[i])
+            if np.uint64(largest) < un:
+                n_ids = np.int64(largest) + 1
+            elif largest & sign:
                 return -1
-            if largest >= n:  # arbitrary ids: renumber into [0, n), same partition
+            else:  # arbitrary ids: renumber into [0, n), same partition
                 by_id = np.argsort(ids, kind="mergesort")
                 c = 0
                 for t in range(n):
                     if t > 0 and ids[by_id[t]] != ids[by_id[t - 1]]:
                         c += 1
                     renumbered[by_id[t]] = c
-                ids, largest = renumbered, c
+                ids, n_ids = renumbered, c + 1
             # counting sort: cluster c's list is start[c]:start[c + 1] of this channel's block
-            start[: largest + 2] = 0
+            start[: n_ids + 1] = 0
             for i in range(n):
-                start[ids[i] + 1] += 1
-            base, n_big = j * n, 0
-            for c in range(largest + 1):
+                start[ids[i] + _U1] += _U1
+            base, n_big = (uj0 + np.uint64(jj)) * un, 0
+            for c in range(n_ids):
                 size = start[c + 1]
                 start[c + 1] += start[c]
-                code[c] = start[c] * 8 + min(size, _BIG)
-                if size >= _BIG:  # rare: a branch is cheaper than a store every time
-                    big_ends[n_big] = base + start[c + 1] - 1
+                code[c] = (start[c] << _U3) | min(size, _U7)
+                if size >= _U7:  # rare: a branch is cheaper than a store every time
+                    big_ends[n_big] = base + start[c + 1] - _U1
                     n_big += 1
-            row = j - j0
+            tile_row = tile[jj]
             for i in range(n):
-                c = ids[i]
-                q = rank[i]
+                c, q = ids[i], rank[i]
                 members[base + start[c]] = q
-                start[c] += 1
-                tile[row, q] = code[c]
+                start[c] += _U1
+                tile_row[q] = code[c]
             for t in range(n_big):
                 members[big_ends[t]] |= last
         for q in range(n):  # row q receives the tile's channels as one contiguous run
-            for j in range(j0, j1):
-                slot[q, j] = tile[j - j0, q]
+            slot_row = slot[q]
+            for jj in range(width):
+                slot_row[uj0 + np.uint64(jj)] = tile[jj, q]
     return 0
 
 
@@ -293,12 +302,13 @@ def _greedy_py(slot, members, k):
     Returns selected positions, gains (int64 (k,)) and the number of covered pairs.
     """
     n, c_in = slot.shape
-    one = np.uint64(1)
-    last = members.dtype.type(1 << (8 * members.itemsize - 1))
+    un, uc = np.uint64(n), np.uint64(c_in)
+    last = members.dtype.type(1) << members.dtype.type(8 * members.itemsize - 1)
     gain = np.full(n, c_in, dtype=np.int64)  # uncovered pairs per position; < 0 once taken
     covered = np.zeros((c_in * n + 63) // 64, dtype=np.uint64)  # bit `start`: that pair
-    new_pairs = np.empty((_BIG + 1, c_in), dtype=np.int64)  # this step's, by size class
-    n_new = np.zeros(_BIG + 1, dtype=np.int64)
+    # this step's newly covered pairs, by size class s in new_pairs[s * c_in:], up to end[s]
+    new_pairs = np.empty((_BIG + 1) * c_in, dtype=np.uint64)
+    end = np.empty(_BIG + 1, dtype=np.uint64)
     selected = np.empty(k, dtype=np.int64)
     gains = np.empty(k, dtype=np.int64)
     bound = c_in  # gains only decrease, so the last step's gain bounds this step's best
@@ -318,29 +328,31 @@ def _greedy_py(slot, members, k):
         if best_gain == 0:
             continue
         # mark best's pairs covered and collect the new ones, without data-dependent branches
-        n_new[:] = 0
+        for size in range(_BIG + 1):
+            end[size] = np.uint64(size) * uc
+        slot_row = slot[best]
         for j in range(c_in):
-            entry = slot[best, j]
-            start, size_class = j * n + (entry >> 3), entry & 7
-            word, bit = start >> 6, one << np.uint64(start & 63)
+            entry = np.uint64(slot_row[j])
+            start, size_class = np.uint64(j) * un + (entry >> _U3), entry & _U7
+            word, bit = start >> _U6, _U1 << (start & _U63)
             is_new = (covered[word] & bit) == 0
             covered[word] |= bit
-            new_pairs[size_class, n_new[size_class]] = start
-            n_new[size_class] += is_new
+            new_pairs[end[size_class]] = start
+            end[size_class] += np.uint64(is_new)
         # every filter of a newly covered pair loses it (size 1: only best itself, taken)
         for size in range(2, _BIG):
-            for t in range(n_new[size]):
-                first = new_pairs[size, t]
-                for u in range(first, first + size):
+            for t in range(np.uint64(size) * uc, end[size]):
+                first = new_pairs[t]
+                for u in range(first, first + np.uint64(size)):
                     gain[members[u]] -= 1
-        for t in range(n_new[_BIG]):
-            u = new_pairs[_BIG, t]
-            while True:
+        for t in range(np.uint64(_BIG) * uc, end[_BIG]):
+            u = new_pairs[t]
+            while True:  # up to the marked last member
                 member = members[u]
                 gain[member & ~last] -= 1
                 if member & last:
                     break
-                u += 1
+                u += _U1
     return selected, gains, total
 
 
@@ -508,13 +520,15 @@ def _channel_blocks(c_in: int, n: int, n_threads: int) -> list[tuple[int, int]]:
 def _build_index(pair_index, labels, rank, slot, members, n_threads) -> None:
     c_in, n = labels.shape
     blocks = _channel_blocks(c_in, n, n_threads)
-    _ready(pair_index, (labels, rank, 0, c_in, slot, members))
+    ids = labels.view(np.uint32 if labels.itemsize == 4 else np.uint64)  # unsigned: see _U1
+    rank = rank.view(np.uint64)
+    _ready(pair_index, (ids, rank, 0, c_in, slot, members))
     if len(blocks) == 1:
-        status = pair_index(labels, rank, 0, c_in, slot, members)
+        status = pair_index(ids, rank, 0, c_in, slot, members)
     else:  # the kernel releases the GIL; this thread builds the first block itself
-        futures = [_thread_pool().submit(pair_index, labels, rank, lo, hi, slot, members)
+        futures = [_thread_pool().submit(pair_index, ids, rank, lo, hi, slot, members)
                    for lo, hi in blocks[1:]]
-        status = min([pair_index(labels, rank, *blocks[0], slot, members)]
+        status = min([pair_index(ids, rank, *blocks[0], slot, members)]
                      + [future.result() for future in futures])
     if status < 0:
         raise ValueError(
