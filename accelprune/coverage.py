@@ -111,28 +111,22 @@ def _as_label_array(labels) -> np.ndarray:
 def _priority_order(n: int, tie_break: str, seed: int) -> np.ndarray:
     """The filters in tie-break priority order (first wins a tie), int64 (n,), read-only.
 
-    Remembered for layer widths up to _CACHED_ORDER_MAX: a pruner calls once per layer with
-    one seed and few distinct widths, and seeding a generator costs more than a small layer's
+    Orders of up to 8192 filters (64 KB) are remembered: a pruner calls once per layer with one
+    seed and a few distinct widths, and seeding a generator costs more than a small layer's
     whole greedy.
     """
-    if n <= _CACHED_ORDER_MAX:
-        return _cached_priority_order(n, tie_break, seed)
-    return _new_priority_order(n, tie_break, seed)
+    make = _remembered_order if n <= 8192 else _remembered_order.__wrapped__
+    return make(n, tie_break, seed)
 
 
-_CACHED_ORDER_MAX = 8192  # at most 64 KB per remembered order
-
-
-def _new_priority_order(n: int, tie_break: str, seed: int) -> np.ndarray:
+@functools.lru_cache(maxsize=64)
+def _remembered_order(n: int, tie_break: str, seed: int) -> np.ndarray:
     if tie_break == "index":
         order = np.arange(n, dtype=np.int64)
     else:
         order = np.random.default_rng(seed).permutation(n).astype(np.int64)
-    order.flags.writeable = False  # shared between calls when cached
+    order.flags.writeable = False  # shared between calls
     return order
-
-
-_cached_priority_order = functools.lru_cache(maxsize=64)(_new_priority_order)
 
 
 def _rank(order: np.ndarray) -> np.ndarray:

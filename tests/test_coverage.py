@@ -107,6 +107,51 @@ def test_numba_equals_reference_on_ward_cut_labels(c_in, n, d, k, tie_break):
     assert_same(max_coverage(labels, k, tie_break=tie_break, seed=3), expected)
 
 
+def tie_heavy_labels(kind: str, seed: int) -> np.ndarray:
+    """Label matrices on which most steps are ties: few, large clusters (lists of 7 and more
+    members take their own path in the kernels), duplicated filters, a single cluster."""
+    rng = np.random.default_rng(seed)
+    if kind == "two clusters":
+        return rng.integers(0, 2, (6, 70))
+    if kind == "three clusters, wide":
+        return rng.integers(0, 3, (4, 130))
+    if kind == "duplicated filters":  # every filter has 4 identical twins
+        return np.repeat(rng.integers(0, 5, (7, 12)), 4, axis=1)
+    return np.zeros((5, 40), dtype=np.int64)  # one cluster: every step after the first ties
+
+
+TIE_HEAVY = ["two clusters", "three clusters, wide", "duplicated filters", "one cluster"]
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", TIE_HEAVY)
+@pytest.mark.parametrize("tie_break", ["random", "index"])
+def test_numba_equals_reference_when_ties_dominate(kind, tie_break):
+    for seed in range(3):
+        labels = tie_heavy_labels(kind, seed)
+        n = labels.shape[1]
+        for k in (1, n // 3, n):  # k = n: the tail is decided by ties alone
+            expected = max_coverage_ref(labels, k, tie_break=tie_break, seed=seed)
+            assert_same(max_coverage(labels, k, tie_break=tie_break, seed=seed,
+                                     backend="numba"), expected)
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", TIE_HEAVY)
+def test_tie_heavy_results_do_not_depend_on_threads_or_index_width(monkeypatch, kind):
+    # 40 copies of every channel: enough channels for 3 blocks, and 40 times the gains
+    base = tie_heavy_labels(kind, 4)
+    labels = np.tile(base, (40, 1))
+    expected = max_coverage_ref(base, base.shape[1] // 2, seed=9)
+    expected = expected._replace(gains=expected.gains * 40, covered=expected.covered * 40)
+    monkeypatch.setattr(coverage, "_KERNELS_PER_THREAD", 100)
+    for threads in (1, 2, 3):
+        assert_same(max_coverage(labels, labels.shape[1] // 2, seed=9, n_threads=threads),
+                    expected)
+    monkeypatch.setattr(coverage, "_UINT16_MEMBER_FILTERS", 10)  # uint32 lists
+    assert_same(max_coverage(labels, labels.shape[1] // 2, seed=9, n_threads=2), expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # properties of the selection
 
@@ -310,6 +355,36 @@ def test_uint64_ids_beyond_int64_are_ids_not_negative():
     assert_same(max_coverage_ref(spread[labels], 5), expected)
     with pytest.raises(ValueError, match="minimum -5"):
         max_coverage(np.array([[0, -5, 3]]), 1)
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_negative_int32_id_is_caught_by_the_index_build(monkeypatch, threads):
+    # int32 labels are not scanned in Python on the Numba path: the index build reports it,
+    # also from a thread other than the caller's
+    monkeypatch.setattr(coverage, "_KERNELS_PER_THREAD", 100)
+    labels = np.random.default_rng(11).integers(0, 4, (200, 30)).astype(np.int32)
+    labels[150, 7] = -3
+    copy = labels.copy()
+    with pytest.raises(ValueError, match="non-negative cluster ids, got minimum -3"):
+        max_coverage(labels, 10, n_threads=threads, backend="numba")
+    np.testing.assert_array_equal(labels, copy)
+
+
+def test_results_are_fresh_arrays_though_priority_orders_are_remembered():
+    labels = np.random.default_rng(13).integers(0, 4, (6, 30))
+    for backend in (["numba", "reference"] if available("numba") else ["reference"]):
+        first = max_coverage(labels, 12, seed=3, backend=backend)
+        first.selected[:] = 0
+        first.gains[:] = 0
+        assert_same(max_coverage(labels, 12, seed=3, backend=backend),
+                    max_coverage_ref(labels, 12, seed=3))
+    order = coverage._priority_order(30, "random", 3)
+    assert not order.flags.writeable
+    assert order is coverage._priority_order(30, "random", 3)
+    np.testing.assert_array_equal(order, np.random.default_rng(3).permutation(30))
+    wide = coverage._priority_order(10_000, "random", 3)  # not remembered: too big
+    assert wide is not coverage._priority_order(10_000, "random", 3)
 
 
 # ---------------------------------------------------------------------------------------------
