@@ -369,6 +369,8 @@ _POOL_LOCK = threading.Lock()
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _kernels: tuple | None = None  # (pair_index, greedy) once checked
 _compiled: set = set()  # (kernel, argument dtypes) that have machine code: see _ready
+
+
 def _new_kernels():
     import numba
 
