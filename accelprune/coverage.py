@@ -531,13 +531,34 @@ def _build_index(pair_index, labels, rank, slot, members, n_threads) -> None:
             f"labels must be non-negative cluster ids, got minimum {labels.min()}")
 
 
+_scratch = threading.local()  # per calling thread: the buffer the pair index is built in
+_SCRATCH_MAX_BYTES = 64 << 20  # larger indexes get fresh memory, not kept
+
+
+def _index_arrays(c_in: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Uninitialised slot (n, c_in) and members (c_in * n,) arrays for one call.
+
+    They live in a buffer kept by the calling thread (grown, never shrunk; 8 MB for ResNet-50)
+    because fresh pages come zero-filled from the OS, which cost 7% of a ResNet-50 pass. Each
+    call overwrites all of both before reading them, and returns neither.
+    """
+    slot_dtype, member_dtype = _index_dtypes(c_in, n)
+    slot_bytes = -(-n * c_in * np.dtype(slot_dtype).itemsize // 64) * 64  # members: aligned
+    size = slot_bytes + c_in * n * np.dtype(member_dtype).itemsize
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.size < size:
+        buffer = np.empty(size, dtype=np.uint8)
+        if size <= _SCRATCH_MAX_BYTES:
+            _scratch.buffer = buffer
+    slot = buffer[:slot_bytes].view(slot_dtype)[: n * c_in].reshape(n, c_in)
+    return slot, buffer[slot_bytes:size].view(member_dtype)
+
+
 def _run_kernels(kernels, labels, k, order, n_threads) -> CoverageResult:
     pair_index, greedy = kernels
     c_in, n = labels.shape
     rank = _rank(order)
-    slot_dtype, member_dtype = _index_dtypes(c_in, n)
-    slot = np.empty((n, c_in), dtype=slot_dtype)
-    members = np.empty(c_in * n, dtype=member_dtype)
+    slot, members = _index_arrays(c_in, n)
     _build_index(pair_index, labels, rank, slot, members, n_threads)
     _ready(greedy, (slot, members, k))
     positions, gains, covered = greedy(slot, members, k)

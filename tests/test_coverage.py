@@ -371,6 +371,17 @@ def test_a_negative_int32_id_is_caught_by_the_index_build(monkeypatch, threads):
     np.testing.assert_array_equal(labels, copy)
 
 
+@needs_numba
+def test_calls_of_different_sizes_share_the_scratch_buffer_safely():
+    rng = np.random.default_rng(14)
+    wide, narrow = rng.integers(0, 60, (300, 200)), rng.integers(0, 3, (5, 9))
+    expected = [coverage._max_coverage_numpy(wide, 90), max_coverage_ref(narrow, 4)]
+    for _ in range(2):  # the narrow call reuses (part of) what the wide one wrote
+        assert_same(max_coverage(wide, 90), expected[0])
+        assert_same(max_coverage(narrow, 4), expected[1])
+    assert coverage._scratch.buffer.size >= 300 * 200 * 4
+
+
 def test_results_are_fresh_arrays_though_priority_orders_are_remembered():
     labels = np.random.default_rng(13).integers(0, 4, (6, 30))
     for backend in (["numba", "reference"] if available("numba") else ["reference"]):
