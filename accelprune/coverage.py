@@ -20,8 +20,10 @@ O(c_in * n + k * n) instead of the textbook O(k * (n - k) * c_in). Coverage is a
 uint64 words. The index of which filters share each pair is built by threads over blocks of
 channels (one counting sort per channel); the greedy loop is sequential (each step depends on
 the last) and touches only what changed. The result does not depend on the thread count.
-benchmarks/bench_coverage.py compares it with a NumPy greedy that recomputes every gain at
-every step, on the labels of every conv of ResNet-50 and VGG-16.
+A small layer's call is a few tens of microseconds: kernel signatures and priority orders are
+remembered, the index is built in a buffer each calling thread keeps, and the sign of int32 ids
+is checked inside the index pass. benchmarks/bench_coverage.py compares it with a NumPy greedy
+that recomputes every gain at every step, on the labels of every conv of ResNet-50 and VGG-16.
 """
 from __future__ import annotations
 
