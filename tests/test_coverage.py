@@ -107,6 +107,51 @@ def test_numba_equals_reference_on_ward_cut_labels(c_in, n, d, k, tie_break):
     assert_same(max_coverage(labels, k, tie_break=tie_break, seed=3), expected)
 
 
+def tie_heavy_labels(kind: str, seed: int) -> np.ndarray:
+    """Label matrices on which most steps are ties: few, large clusters (lists of 7 and more
+    members take their own path in the kernels), duplicated filters, a single cluster."""
+    rng = np.random.default_rng(seed)
+    if kind == "two clusters":
+        return rng.integers(0, 2, (6, 70))
+    if kind == "three clusters, wide":
+        return rng.integers(0, 3, (4, 130))
+    if kind == "duplicated filters":  # every filter has 4 identical twins
+        return np.repeat(rng.integers(0, 5, (7, 12)), 4, axis=1)
+    return np.zeros((5, 40), dtype=np.int64)  # one cluster: every step after the first ties
+
+
+TIE_HEAVY = ["two clusters", "three clusters, wide", "duplicated filters", "one cluster"]
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", TIE_HEAVY)
+@pytest.mark.parametrize("tie_break", ["random", "index"])
+def test_numba_equals_reference_when_ties_dominate(kind, tie_break):
+    for seed in range(3):
+        labels = tie_heavy_labels(kind, seed)
+        n = labels.shape[1]
+        for k in (1, n // 3, n):  # k = n: the tail is decided by ties alone
+            expected = max_coverage_ref(labels, k, tie_break=tie_break, seed=seed)
+            assert_same(max_coverage(labels, k, tie_break=tie_break, seed=seed,
+                                     backend="numba"), expected)
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", TIE_HEAVY)
+def test_tie_heavy_results_do_not_depend_on_threads_or_index_width(monkeypatch, kind):
+    # 40 copies of every channel: enough channels for 3 blocks, and 40 times the gains
+    base = tie_heavy_labels(kind, 4)
+    labels = np.tile(base, (40, 1))
+    expected = max_coverage_ref(base, base.shape[1] // 2, seed=9)
+    expected = expected._replace(gains=expected.gains * 40, covered=expected.covered * 40)
+    monkeypatch.setattr(coverage, "_KERNELS_PER_THREAD", 100)
+    for threads in (1, 2, 3):
+        assert_same(max_coverage(labels, labels.shape[1] // 2, seed=9, n_threads=threads),
+                    expected)
+    monkeypatch.setattr(coverage, "_UINT16_MEMBER_FILTERS", 10)  # uint32 lists
+    assert_same(max_coverage(labels, labels.shape[1] // 2, seed=9, n_threads=2), expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # properties of the selection
 
@@ -312,6 +357,47 @@ def test_uint64_ids_beyond_int64_are_ids_not_negative():
         max_coverage(np.array([[0, -5, 3]]), 1)
 
 
+@needs_numba
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_negative_int32_id_is_caught_by_the_index_build(monkeypatch, threads):
+    # int32 labels are not scanned in Python on the Numba path: the index build reports it,
+    # also from a thread other than the caller's
+    monkeypatch.setattr(coverage, "_KERNELS_PER_THREAD", 100)
+    labels = np.random.default_rng(11).integers(0, 4, (200, 30)).astype(np.int32)
+    labels[150, 7] = -3
+    copy = labels.copy()
+    with pytest.raises(ValueError, match="non-negative cluster ids, got minimum -3"):
+        max_coverage(labels, 10, n_threads=threads, backend="numba")
+    np.testing.assert_array_equal(labels, copy)
+
+
+@needs_numba
+def test_calls_of_different_sizes_share_the_scratch_buffer_safely():
+    rng = np.random.default_rng(14)
+    wide, narrow = rng.integers(0, 60, (300, 200)), rng.integers(0, 3, (5, 9))
+    expected = [coverage._max_coverage_numpy(wide, 90), max_coverage_ref(narrow, 4)]
+    for _ in range(2):  # the narrow call reuses (part of) what the wide one wrote
+        assert_same(max_coverage(wide, 90), expected[0])
+        assert_same(max_coverage(narrow, 4), expected[1])
+    assert coverage._scratch.buffer.size >= 300 * 200 * 4
+
+
+def test_results_are_fresh_arrays_though_priority_orders_are_remembered():
+    labels = np.random.default_rng(13).integers(0, 4, (6, 30))
+    for backend in (["numba", "reference"] if available("numba") else ["reference"]):
+        first = max_coverage(labels, 12, seed=3, backend=backend)
+        first.selected[:] = 0
+        first.gains[:] = 0
+        assert_same(max_coverage(labels, 12, seed=3, backend=backend),
+                    max_coverage_ref(labels, 12, seed=3))
+    order = coverage._priority_order(30, "random", 3)
+    assert not order.flags.writeable
+    assert order is coverage._priority_order(30, "random", 3)
+    np.testing.assert_array_equal(order, np.random.default_rng(3).permutation(30))
+    wide = coverage._priority_order(10_000, "random", 3)  # not remembered: too big
+    assert wide is not coverage._priority_order(10_000, "random", 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # the compiled kernels in a fresh process: first-use cost, a damaged cache, threads
 
@@ -405,6 +491,33 @@ def test_unusable_numba_falls_back_to_the_same_selection(monkeypatch):
     with pytest.warns(RuntimeWarning, match="NumPy greedy"):
         result = max_coverage(labels, 12, backend="numba")
     assert_same(result, max_coverage_ref(labels, 12))
+
+
+BROKEN_PREFETCH = """
+import json, warnings
+import numba
+import numpy as np
+from accelprune import coverage
+coverage._prefetch = numba.njit(lambda array, index: object())  # cannot compile
+labels = np.random.default_rng(1).integers(0, 6, (48, 96)).astype(np.int32)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fast = coverage.max_coverage(labels, 40, backend="numba")
+ref = coverage.max_coverage_ref(labels, 40)
+print(json.dumps({"equal": fast.selected.tolist() == ref.selected.tolist(),
+                  "numba": coverage._kernels is not None,
+                  "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+@needs_numba
+@pytest.mark.slow
+def test_kernels_are_rebuilt_without_the_prefetch_hint_if_it_cannot_compile(tmp_path):
+    """The prefetch intrinsic leans on Numba internals: if it stops compiling, the kernels are
+    rebuilt without it (same result, with the cache warning), not given up."""
+    out = _fresh_process(BROKEN_PREFETCH, {"NUMBA_CACHE_DIR": str(tmp_path)})
+    assert out["equal"] and out["numba"], out
+    assert any("recompiling" in message for message in out["warnings"]), out
 
 
 CONCURRENT = """
