@@ -221,43 +221,6 @@ _UINT16_MEMBER_FILTERS = np.iinfo(np.int16).max  # positions fit in uint16 besid
 # and an add per access), which cost a third of the index build. Mixing uint64 and int64 makes
 # Numba compute in float64, hence these typed constants.
 _U1, _U3, _U6, _U7, _U63 = (np.uint64(v) for v in (1, 3, 6, 7, 63))
-_AHEAD = np.uint64(16)  # newly covered pairs between a prefetch and the use of its list
-
-
-def _no_prefetch(array, index):
-    """``_prefetch`` when the kernels run as Python (NUMBA_DISABLE_JIT=1) or without the hint."""
-
-
-_prefetch = _no_prefetch  # _compiled_prefetch()'s intrinsic once the kernels are made
-
-
-def _compiled_prefetch():
-    """A Numba intrinsic asking the CPU to start loading ``array[index]`` into the caches
-    (``llvm.prefetch``: no fault, no effect on results). The member lists of a step's newly
-    covered pairs lie in as many channels' blocks, beyond L2 on wide layers: fetching them a few
-    pairs ahead saves about a tenth of the greedy on ResNet-50."""
-    from llvmlite import ir
-    from numba import types
-    from numba.core import cgutils
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def prefetch(typingctx, array, index):
-        def codegen(context, builder, signature, args):
-            data = context.make_array(signature.args[0])(context, builder, args[0])
-            pointer = cgutils.get_item_pointer(context, builder, signature.args[0], data,
-                                               [args[1]], wraparound=False)
-            byte_pointer, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-            function = cgutils.get_or_insert_function(  # (address, read, keep, data cache)
-                builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]),
-                "llvm.prefetch.p0i8")
-            builder.call(function, [builder.bitcast(pointer, byte_pointer), i32(0), i32(3),
-                                    i32(1)])
-            return context.get_dummy_value()
-
-        return types.void(array, index), codegen
-
-    return prefetch
 
 
 def _pair_index_py(labels, rank, j_begin, j_end, slot, members):
@@ -340,8 +303,7 @@ def _greedy_py(slot, members, k):
     gain = np.full(n, c_in, dtype=np.int64)  # uncovered pairs per position; < 0 once taken
     covered = np.zeros((c_in * n + 63) // 64, dtype=np.uint64)  # bit `start`: that pair
     # this step's newly covered pairs, by size class s in new_pairs[s * c_in:], up to end[s]
-    # (_AHEAD more at the end: prefetching past a class's end reads stale but valid offsets)
-    new_pairs = np.zeros((_BIG + 1) * c_in + _AHEAD, dtype=np.uint64)
+    new_pairs = np.zeros((_BIG + 1) * c_in, dtype=np.uint64)
     end = np.empty(_BIG + 1, dtype=np.uint64)
     selected = np.empty(k, dtype=np.int64)
     gains = np.empty(k, dtype=np.int64)
@@ -376,7 +338,6 @@ def _greedy_py(slot, members, k):
         # every filter of a newly covered pair loses it (size 1: only best itself, taken)
         for size in range(2, _BIG):
             for t in range(np.uint64(size) * uc, end[size]):
-                _prefetch(members, new_pairs[t + _AHEAD])
                 first = new_pairs[t]
                 for u in range(first, first + np.uint64(size)):
                     gain[members[u]] -= 1
@@ -415,12 +376,6 @@ _compiled: set = set()  # (kernel, argument dtypes) that have machine code: see 
 def _new_kernels():
     import numba
 
-    global _prefetch
-    if _prefetch is _no_prefetch and not numba.config.DISABLE_JIT:
-        try:  # before the greedy compiles: it reads this global
-            _prefetch = _compiled_prefetch()
-        except Exception:  # noqa: BLE001  (Numba/llvmlite internals it relies on changed)
-            _prefetch = numba.njit(_no_prefetch)
     pair_index = numba.njit(cache=True, nogil=True)(_pair_index_py)
     greedy = numba.njit(cache=True, nogil=True)(_greedy_py)
     return pair_index, greedy
@@ -485,14 +440,11 @@ def _repaired_kernels():
     except Exception:  # noqa: BLE001  (e.g. an unwritable cache directory)
         pass
     try:
-        import numba
         from numba.core.caching import NullCache
 
-        global _prefetch
-        _prefetch = numba.njit(_no_prefetch)  # last resort: no cache, and no prefetch hint
-        kernels = _new_kernels()
+        kernels = _new_kernels()  # last resort: compile without the cache
         for kernel in kernels:
-            kernel._cache = NullCache()  # compile without the cache
+            kernel._cache = NullCache()
         _self_check(kernels)
         return kernels
     except Exception as exc:  # noqa: BLE001

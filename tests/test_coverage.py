@@ -493,33 +493,6 @@ def test_unusable_numba_falls_back_to_the_same_selection(monkeypatch):
     assert_same(result, max_coverage_ref(labels, 12))
 
 
-BROKEN_PREFETCH = """
-import json, warnings
-import numba
-import numpy as np
-from accelprune import coverage
-coverage._prefetch = numba.njit(lambda array, index: object())  # cannot compile
-labels = np.random.default_rng(1).integers(0, 6, (48, 96)).astype(np.int32)
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    fast = coverage.max_coverage(labels, 40, backend="numba")
-ref = coverage.max_coverage_ref(labels, 40)
-print(json.dumps({"equal": fast.selected.tolist() == ref.selected.tolist(),
-                  "numba": coverage._kernels is not None,
-                  "warnings": [str(w.message) for w in caught]}))
-"""
-
-
-@needs_numba
-@pytest.mark.slow
-def test_kernels_are_rebuilt_without_the_prefetch_hint_if_it_cannot_compile(tmp_path):
-    """The prefetch intrinsic leans on Numba internals: if it stops compiling, the kernels are
-    rebuilt without it (same result, with the cache warning), not given up."""
-    out = _fresh_process(BROKEN_PREFETCH, {"NUMBA_CACHE_DIR": str(tmp_path)})
-    assert out["equal"] and out["numba"], out
-    assert any("recompiling" in message for message in out["warnings"]), out
-
-
 CONCURRENT = """
 import json, threading
 import numpy as np
