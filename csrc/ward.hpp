@@ -133,6 +133,8 @@ class LinkageUnionFind {
 struct WardWorkspace {
   // shared by the solvers
   std::vector<int64_t> chain, ids;
+  std::vector<int32_t> cut_parent;      // the layer cut's union-find
+  std::vector<double> heights_scratch;  // the layer cut's selection of the m-th height
   std::vector<Merge> merges, merges_sorted;
   std::vector<double> formed_height, mask, size_d;
   LinkageUnionFind union_find;
@@ -327,8 +329,8 @@ inline double masked_min(const double* row, const double* mask, int64_t n) {
 }
 
 // Nearest-neighbour chain Ward on points X (n x d, row-major) with a stored distance matrix.
-// Writes Z ((n-1) x 4).
-inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& ws, double* Z) {
+// Leaves the n - 1 merges, unsorted, in ws.merges.
+inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& ws) {
   pairwise_distances(X, n, d, ws);
   double* D = ws.dist.data();
   int64_t ld = ws.ld;
@@ -419,7 +421,6 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
       ld = new_ld;
     }
   }
-  finish_linkage(ws, n, Z);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -665,9 +666,9 @@ inline void column_means(const double* X, int64_t n, int64_t d, std::vector<doub
 // centroids (about a third of all scans). Deeper chains (rare) scan again.
 constexpr int64_t kCachedRows = 16;
 
-// Nearest-neighbour chain Ward on centroids: O(n d) memory. Writes Z ((n-1) x 4).
-inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& ws,
-                                double* Z) {
+// Nearest-neighbour chain Ward on centroids: O(n d) memory. Leaves the n - 1 merges, unsorted,
+// in ws.merges.
+inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& ws) {
   // Clusters live at positions 0..m-1 (m rounded up to whole lanes; the padding is hidden);
   // ids[p] is the scipy slot id at position p. Dead positions are hidden by the mask until an
   // eighth of the positions is dead, then compacted (keeping the order, hence the tie rule).
@@ -799,7 +800,6 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
       dead = 0;
     }
   }
-  finish_linkage(ws, n, Z);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -808,7 +808,8 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
 // Exact Ward for 1-D points x (n values) in O(n log n): a sort, then an O(n) nearest-neighbour
 // chain. Ward clusters of points on a line are runs of the sorted points, and a run's nearest
 // cluster is one of its two neighbouring runs, so each chain step looks at two candidates.
-inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws, double* Z) {
+// Leaves the n - 1 merges, unsorted, in ws.merges.
+inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws) {
   // Sorted order of the points (ties by index, so the order is deterministic). A run is named by
   // its first position in that order; merging two runs keeps the left name.
   ws.keys.resize(n);
@@ -875,25 +876,86 @@ inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws, double* Z) {
     ws.next[l] = ws.next[r];
     if (ws.next[l] < n) ws.prev[ws.next[l]] = l;
   }
-  finish_linkage(ws, n, Z);
 }
 
-// Ward linkage of one problem by the given method (kAuto: choose_method). kSorted needs d == 1.
-inline void ward_linkage(const double* X, int64_t n, int64_t d, WardWorkspace& ws, double* Z,
-                         WardMethod method = WardMethod::kAuto) {
-  if (n < 2) return;
+// The n - 1 merges of one problem (n >= 2), unsorted, into ws.merges, by the given method
+// (kAuto: choose_method). kSorted needs d == 1.
+inline void ward_merges(const double* X, int64_t n, int64_t d, WardWorkspace& ws,
+                        WardMethod method = WardMethod::kAuto) {
   if (method == WardMethod::kAuto) method = choose_method(n, d);
   switch (method) {
     case WardMethod::kSorted:
       if (d != 1) throw std::invalid_argument("the sorted Ward path needs 1-D points");
-      ward_1d(X, n, ws, Z);
+      ward_1d(X, n, ws);
       break;
     case WardMethod::kMatrix:
-      nn_chain_ward(X, n, d, ws, Z);
+      nn_chain_ward(X, n, d, ws);
       break;
     default:
-      centroid_chain_ward(X, n, d, ws, Z);
+      centroid_chain_ward(X, n, d, ws);
       break;
+  }
+}
+
+// Ward linkage of one problem by the given method: Z ((n-1) x 4), scipy's format.
+inline void ward_linkage(const double* X, int64_t n, int64_t d, WardWorkspace& ws, double* Z,
+                         WardMethod method = WardMethod::kAuto) {
+  if (n < 2) return;
+  ward_merges(X, n, d, ws, method);
+  finish_linkage(ws, n, Z);
+}
+
+// ------------------------------------------------------------------------------------------
+// REPrune's layer cut without linkage matrices (ALGORITHMS.md 3.2). A layer needs, per problem,
+// only the height of its m-th merge in height order, and then the flat clusters at the layer's
+// cut-off h_l = the largest of those heights: no sorted, relabelled Z. Every solver makes its
+// heights monotone up the tree (the max() at each merge), so a merge's subtree holds no higher
+// merge, fcluster's "subtree height <= t" is "height <= t", and the merges at or below t are
+// closed under taking children: joining their points by union-find, in any order, gives
+// fcluster(Z, t, "distance")'s partition.
+
+// Writes ws.merges (n - 1 of them) as point pairs and heights, and returns max(floor, the height
+// of the m-th merge in height order (1 <= m <= n - 1), as row m - 1 of the sorted linkage holds
+// it). A layer needs only the largest such height over its problems: when at least m heights are
+// <= floor (the largest found so far), this problem cannot raise it, and a vectorised count
+// replaces the selection (which then runs for a few problems of a layer only).
+inline double keep_merges(const WardWorkspace& ws, int64_t n, int64_t m, double floor,
+                          int32_t* pairs, double* heights, std::vector<double>& scratch) {
+  int64_t at_most_floor = 0;
+  for (int64_t k = 0; k < n - 1; ++k) {
+    const Merge& merge = ws.merges[k];
+    pairs[2 * k] = static_cast<int32_t>(merge.a);
+    pairs[2 * k + 1] = static_cast<int32_t>(merge.b);
+    heights[k] = merge.height;
+    at_most_floor += merge.height <= floor;
+  }
+  if (at_most_floor >= m) return floor;
+  scratch.assign(heights, heights + (n - 1));
+  std::nth_element(scratch.begin(), scratch.begin() + (m - 1), scratch.end());
+  return std::max(floor, scratch[m - 1]);
+}
+
+// Labels (0..c-1, in order of first appearance) of the partition that joins the points of every
+// merge with height <= threshold. pairs / heights: n - 1 merges as keep_merges() writes them.
+inline void cut_merges(const int32_t* pairs, const double* heights, int64_t n, double threshold,
+                       std::vector<int32_t>& parent, int32_t* labels) {
+  parent.resize(n);
+  for (int64_t i = 0; i < n; ++i) parent[i] = static_cast<int32_t>(i);
+  auto find = [&parent](int32_t x) {
+    while (parent[x] != x) x = parent[x] = parent[parent[x]];  // path halving
+    return x;
+  };
+  for (int64_t k = 0; k < n - 1; ++k) {
+    if (!(heights[k] <= threshold)) continue;
+    const int32_t ra = find(pairs[2 * k]), rb = find(pairs[2 * k + 1]);
+    if (ra != rb) parent[std::max(ra, rb)] = std::min(ra, rb);
+  }
+  // Roots are the lowest point of their cluster (union by lower index), so a cluster's label is
+  // due when the scan meets its root: first appearance order in one pass.
+  int32_t next_label = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t root = find(static_cast<int32_t>(i));
+    labels[i] = root == i ? next_label++ : labels[root];
   }
 }
 
