@@ -351,6 +351,51 @@ py::array_t<int32_t> cut_linkage_maxclust(const py::object& Z_obj, const py::obj
   });
 }
 
+// For the tests: the Ward costs of a query cluster (centroid `query` (d,), size size_x) to m
+// clusters (centroids (m, d), sizes (m,)) by every version of the centroid scan this CPU runs, and
+// by the scalar ward_cost: {name: (costs (m,), smallest, its lowest index)}. All must agree to the
+// bit (the engine's promise: the same merges whatever the CPU).
+py::dict ward_scan_versions(const py::object& centroids_obj, const py::object& query_obj,
+                            const py::object& sizes_obj, double size_x) {
+  const auto points = exact_array<double>(centroids_obj, "centroids", "float64");
+  const auto query = exact_array<double>(query_obj, "query", "float64");
+  const auto sizes = exact_array<double>(sizes_obj, "sizes", "float64");
+  require(points.ndim() == 2 && points.shape(0) >= 1 && points.shape(1) >= 1,
+          "centroids must be (m, d) with m, d >= 1");
+  const int64_t m = points.shape(0), d = points.shape(1);
+  require(query.ndim() == 1 && query.shape(0) == d, "query must be (d,)");
+  require(sizes.ndim() == 1 && sizes.shape(0) == m, "sizes must be (m,)");
+  require(size_x >= 1.0, "size_x must be >= 1");
+  const int64_t padded = accelprune::round_up_lanes(m);
+  std::vector<double> blocked(static_cast<size_t>(padded) * d, 0.0), size(padded, 1.0),
+      mask(padded, accelprune::kHidden);
+  for (int64_t i = 0; i < m; ++i) {
+    require(sizes.data()[i] >= 1.0, "sizes must be >= 1");
+    for (int64_t k = 0; k < d; ++k)
+      blocked[accelprune::centroid_index(i, k, d)] = points.data()[i * d + k];
+    size[i] = sizes.data()[i];
+    mask[i] = 0.0;
+  }
+  py::dict out;
+  for (const accelprune::WardScanVersion& version : accelprune::ward_scan_versions()) {
+    if (!version.runs_here) continue;
+    std::vector<double> costs(padded);
+    int64_t argmin = -1;
+    const double smallest = version.scan(blocked.data(), d, query.data(), size_x, size.data(),
+                                         mask.data(), padded, &argmin, costs.data());
+    costs.resize(m);
+    out[version.name] = py::make_tuple(py::array_t<double>(m, costs.data()), smallest, argmin);
+  }
+  std::vector<double> costs(m);
+  int64_t argmin = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    costs[i] = accelprune::ward_cost(blocked.data(), d, query.data(), size_x, i, size[i], 0.0);
+    if (costs[i] < costs[argmin]) argmin = i;
+  }
+  out["scalar"] = py::make_tuple(py::array_t<double>(m, costs.data()), costs[argmin], argmin);
+  return out;
+}
+
 std::string ward_method(int64_t n, int64_t d) {
   require(n >= 1 && d >= 1, "n and d must be >= 1");
   return accelprune::method_name(accelprune::choose_method(n, d));
@@ -380,6 +425,10 @@ PYBIND11_MODULE(_native, m) {
         "fcluster 'maxclust' partition of each problem, labels in order of first appearance.");
   m.def("ward_method", &ward_method, py::arg("n"), py::arg("d"),
         "The path method='auto' takes for problems of n points in d dimensions.");
+  m.def("_ward_scan_versions", &ward_scan_versions, py::arg("centroids"), py::arg("query"),
+        py::arg("sizes"), py::arg("size_x"),
+        "For the tests: Ward costs by every centroid-scan version this CPU runs and the scalar "
+        "cost, {name: (costs, smallest, argmin)}; all agree to the bit.");
   m.attr("max_threads") = kMaxThreads;
 #ifdef _OPENMP
   m.attr("openmp") = true;

@@ -42,11 +42,16 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 // Hot loops that the compiler vectorises get AVX2 / AVX-512 clones besides the baseline one,
 // chosen at load time by the CPU (GCC/Clang function multi-versioning on x86-64; a no-op
-// elsewhere). Results are the same in every clone: no fused multiply-add (-ffp-contract=off), and
-// the same operations in the same order per lane.
+// elsewhere). Results are the same in every clone: the compiler fuses nothing
+// (-ffp-contract=off), and every version does the same operations in the same order per lane.
+// The one fused multiply-add is written out (the centroid scan's sum of squares, fma_lanes and
+// ward_cost): hardware fma where the CPU has it, std::fma elsewhere, both correctly rounded.
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(ACCELPRUNE_NO_CLONES)
 #define ACCELPRUNE_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -452,18 +457,48 @@ inline int64_t centroid_index(int64_t i, int64_t k, int64_t d) {
 
 // The Ward merge cost of clusters x and i from their centroids and sizes, in the exact order of
 // operations of the vectorised scan (so that both give the same bits):
-//   n_x n_i / (n_x + n_i) * sum_k (c_ik - c_xk)^2 + mask_i.
+//   n_x n_i / (n_x + n_i) * sum_k (c_ik - c_xk)^2 + mask_i,
+// the sum accumulated by fused multiply-adds (one rounding per dimension, as the scan does).
 // It is bitwise symmetric in x and i: (a - b)^2 == (b - a)^2, the sum runs in the same order and
-// the size factor is symmetric; the chain's termination test relies on it.
+// the size factor is symmetric; the chain's termination test relies on it. An FMA clone turns
+// std::fma into one instruction; the baseline calls the C library's (correctly rounded) fma.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(ACCELPRUNE_NO_CLONES)
+__attribute__((target_clones("fma", "default")))
+#endif
 inline double ward_cost(const double* centroids, int64_t d, const double* query, double size_x,
-                        int64_t i, double size_i, double mask_i) {
+                        int64_t i, double size_i, double mask_i) noexcept {
   double squared = 0.0;
   for (int64_t k = 0; k < d; ++k) {
     const double diff = centroids[centroid_index(i, k, d)] - query[k];
-    squared += diff * diff;
+    squared = std::fma(diff, diff, squared);
   }
   return size_x * size_i / (size_x + size_i) * squared + mask_i;
 }
+
+// a * b + c lane by lane with one rounding (std::fma per lane; one instruction where the target
+// has it: the specialisations below, inlined into the FMA versions of the scan by `flatten`).
+template <int kWidth>
+inline typename NativeVector<kWidth>::type fma_lanes(typename NativeVector<kWidth>::type a,
+                                                     typename NativeVector<kWidth>::type b,
+                                                     typename NativeVector<kWidth>::type c) {
+  typename NativeVector<kWidth>::type out;
+  for (int l = 0; l < kWidth; ++l) out[l] = std::fma(a[l], b[l], c[l]);
+  return out;
+}
+#if defined(__x86_64__) && defined(__GNUC__)
+template <>
+__attribute__((target("avx2,fma"))) inline NativeVector<4>::type fma_lanes<4>(
+    NativeVector<4>::type a, NativeVector<4>::type b, NativeVector<4>::type c) {
+  return reinterpret_cast<NativeVector<4>::type>(_mm256_fmadd_pd(
+      reinterpret_cast<__m256d>(a), reinterpret_cast<__m256d>(b), reinterpret_cast<__m256d>(c)));
+}
+template <>
+__attribute__((target("avx512f"))) inline NativeVector<8>::type fma_lanes<8>(
+    NativeVector<8>::type a, NativeVector<8>::type b, NativeVector<8>::type c) {
+  return reinterpret_cast<NativeVector<8>::type>(_mm512_fmadd_pd(
+      reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b), reinterpret_cast<__m512d>(c)));
+}
+#endif
 
 // The running minimum of a scan: per lane, the smallest cost seen and the first block where it
 // was seen (a strict < keeps the first of equal costs).
@@ -520,7 +555,7 @@ __attribute__((always_inline)) inline void scan_blocks(const double* centroids, 
     for (int u = 0; u < kBlocks; ++u) {
       for (int g = 0; g < kGroups; ++g) {
         const V diff = load(c + u * kLanes * d + g * kWidth) - q;
-        squared[u][g] += diff * diff;
+        squared[u][g] = fma_lanes<kWidth>(diff, diff, squared[u][g]);
       }
     }
   }
@@ -566,36 +601,91 @@ __attribute__((always_inline)) inline double ward_costs_kernel(
   return running.reduce(argmin);
 }
 
+// The versions of the scan compiled here, and which one this CPU runs. Dispatched by hand (not
+// by GCC's function multi-versioning) so that the FMA requirement of the AVX2 version is spelled
+// out and every version can be called by name: the tests check that all versions the CPU can run
+// give the same bits (ward_scan_versions()).
+typedef double (*WardScan)(const double* centroids, int64_t d, const double* query,
+                           double size_x, const double* size, const double* mask, int64_t m,
+                           int64_t* argmin, double* cost) noexcept;
+
+struct WardScanVersion {
+  const char* name;
+  WardScan scan;
+  bool runs_here;  // the CPU (and the OS) support its instructions
+};
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
     !defined(ACCELPRUNE_NO_CLONES)
-__attribute__((target("default"))) inline double ward_costs_from(
+// `flatten` inlines fma_lanes' target-specific specialisation into each version (a plain
+// always_inline chain cannot: GCC refuses to inline an AVX intrinsic into a function without the
+// AVX target, such as the templates above before they are inlined).
+__attribute__((flatten)) inline double ward_costs_baseline(
     const double* centroids, int64_t d, const double* query, double size_x, const double* size,
     const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
   return ward_costs_kernel<2>(centroids, d, query, size_x, size, mask, m, argmin, cost);
 }
-__attribute__((target("avx2"))) inline double ward_costs_from(
+__attribute__((target("avx2,fma"), flatten)) inline double ward_costs_avx2_fma(
     const double* centroids, int64_t d, const double* query, double size_x, const double* size,
     const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
   return ward_costs_kernel<4>(centroids, d, query, size_x, size, mask, m, argmin, cost);
 }
-__attribute__((target("avx512f"))) inline double ward_costs_from(
+__attribute__((target("avx512f"), flatten)) inline double ward_costs_avx512f(
     const double* centroids, int64_t d, const double* query, double size_x, const double* size,
     const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
   return ward_costs_kernel<8>(centroids, d, query, size_x, size, mask, m, argmin, cost);
 }
+
+// Widest first. __builtin_cpu_supports also checks that the OS saves the registers (XGETBV).
+inline const std::vector<WardScanVersion>& ward_scan_versions() {
+  static const std::vector<WardScanVersion> versions = [] {
+    __builtin_cpu_init();
+    return std::vector<WardScanVersion>{
+        {"avx512f", &ward_costs_avx512f, __builtin_cpu_supports("avx512f") != 0},
+        {"avx2+fma", &ward_costs_avx2_fma,
+         __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0},
+        {"sse2", &ward_costs_baseline, true},
+    };
+  }();
+  return versions;
+}
 #else
+// One version, for the compiler's target (std::fma per lane where it has no FMA instruction).
+inline double ward_costs_native(const double* centroids, int64_t d, const double* query,
+                                double size_x, const double* size, const double* mask, int64_t m,
+                                int64_t* argmin, double* cost) noexcept {
+#if defined(__AVX512F__)
+  return ward_costs_kernel<8>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+#elif defined(__AVX2__) && defined(__FMA__)
+  return ward_costs_kernel<4>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+#else
+  return ward_costs_kernel<2>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+#endif
+}
+
+inline const std::vector<WardScanVersion>& ward_scan_versions() {
+  static const std::vector<WardScanVersion> versions{{"native", &ward_costs_native, true}};
+  return versions;
+}
+#endif
+
+// The widest version this CPU runs (chosen once).
+inline WardScan chosen_ward_scan() {
+  static const WardScan chosen = [] {
+    for (const WardScanVersion& v : ward_scan_versions())
+      if (v.runs_here) return v.scan;
+    return ward_scan_versions().back().scan;
+  }();
+  return chosen;
+}
+
+// The Ward merge cost of cluster x with every cluster i < m, by the chosen version: see
+// ward_costs_kernel.
 inline double ward_costs_from(const double* centroids, int64_t d, const double* query,
                               double size_x, const double* size, const double* mask, int64_t m,
                               int64_t* argmin, double* cost) noexcept {
-#if defined(__AVX512F__)
-  return ward_costs_kernel<8>(centroids, d, query, size_x, size, mask, m, argmin, cost);
-#elif defined(__AVX__)
-  return ward_costs_kernel<4>(centroids, d, query, size_x, size, mask, m, argmin, cost);
-#else
-  return ward_costs_kernel<2>(centroids, d, query, size_x, size, mask, m, argmin, cost);
-#endif
+  return chosen_ward_scan()(centroids, d, query, size_x, size, mask, m, argmin, cost);
 }
-#endif
 
 // The first smallest of row[0..m) (m a multiple of kLanes) and where it is: the kept rows'
 // minimum, lane-wise as in the scan (a scalar loop is one dependent compare per element).
