@@ -145,6 +145,7 @@ struct WardWorkspace {
   LinkageUnionFind union_find;
   // stable radix sort
   std::vector<uint64_t> keys, keys_tmp;
+  std::vector<uint32_t> keys32, keys32_tmp;  // 1-D points that are all floats
   std::vector<int64_t> perm, perm_tmp;
   // matrix path
   std::vector<double> dist;  // n x ld squared Euclidean distances between current clusters
@@ -157,7 +158,7 @@ struct WardWorkspace {
   std::vector<char> cost_row_valid;
   // 1-D path
   std::vector<int64_t> order, prev, next, count;
-  std::vector<double> mean;
+  std::vector<double> mean, cost_left;
 };
 
 // Bytes of workspace one thread needs for a problem of n points in d dimensions (an estimate
@@ -173,7 +174,8 @@ inline double workspace_bytes(int64_t n, int64_t d, WardMethod method) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Sorting: a stable LSD radix sort on 64-bit keys (the merges by height, the 1-D points by value).
+// Sorting: a stable LSD radix sort on 64-bit keys (the merges by height, the 1-D points by value),
+// or on 32-bit keys where the values are floats (the 1-D points of float32 weights: 4 passes).
 // Much cheaper than std::stable_sort on these sizes (no comparisons, no temporary allocation),
 // and stable, so equal heights keep the order the chain found them in, as scipy's mergesort.
 
@@ -185,15 +187,27 @@ inline uint64_t sortable_bits(double v) {
   return (u >> 63) ? ~u : (u | (uint64_t{1} << 63));
 }
 
-// perm[0..n) = the stable ascending order of keys[0..n). keys is left in sorted order.
-inline void stable_argsort(std::vector<uint64_t>& keys, std::vector<int64_t>& perm,
-                           std::vector<uint64_t>& keys_tmp, std::vector<int64_t>& perm_tmp) {
+// Order-preserving map of a float (never NaN) to an unsigned integer; -0.0 maps as +0.0. For
+// doubles that are floats it orders as sortable_bits() does (double -> float is then exact).
+inline uint32_t sortable_bits32(float v) {
+  v += 0.0f;
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return (u >> 31) ? ~u : (u | (uint32_t{1} << 31));
+}
+
+// perm[0..n) = the stable ascending order of keys[0..n) (Key: uint32_t or uint64_t, one pass per
+// byte). keys is left in sorted order.
+template <typename Key>
+inline void stable_argsort(std::vector<Key>& keys, std::vector<int64_t>& perm,
+                           std::vector<Key>& keys_tmp, std::vector<int64_t>& perm_tmp) {
+  constexpr int kPasses = sizeof(Key);
   const int64_t n = static_cast<int64_t>(keys.size());
   perm.resize(n);
   for (int64_t i = 0; i < n; ++i) perm[i] = i;
   if (n < 48) {  // insertion sort: cheaper than the histograms on tiny inputs
     for (int64_t i = 1; i < n; ++i) {
-      const uint64_t k = keys[i];
+      const Key k = keys[i];
       int64_t j = i;
       for (; j > 0 && keys[j - 1] > k; --j) {
         keys[j] = keys[j - 1];
@@ -206,10 +220,10 @@ inline void stable_argsort(std::vector<uint64_t>& keys, std::vector<int64_t>& pe
   }
   keys_tmp.resize(n);
   perm_tmp.resize(n);
-  uint32_t histogram[8][256] = {};
+  uint32_t histogram[kPasses][256] = {};
   for (int64_t i = 0; i < n; ++i)
-    for (int pass = 0; pass < 8; ++pass) ++histogram[pass][(keys[i] >> (8 * pass)) & 255];
-  for (int pass = 0; pass < 8; ++pass) {
+    for (int pass = 0; pass < kPasses; ++pass) ++histogram[pass][(keys[i] >> (8 * pass)) & 255];
+  for (int pass = 0; pass < kPasses; ++pass) {
     uint32_t* h = histogram[pass];
     const int shift = 8 * pass;
     // A pass whose digit is the same in every key would only copy: skip it (the exponent bytes
@@ -895,6 +909,18 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
 // ------------------------------------------------------------------------------------------
 // The 1-D path.
 
+// Whether every x[i] is exactly a float (so float keys order them as double keys would).
+inline bool all_floats(const double* x, int64_t n) {
+  bool exact = true;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = x[i];
+    // the range test first: converting a double beyond the float range is undefined
+    exact &= std::fabs(v) <= static_cast<double>(std::numeric_limits<float>::max()) &&
+             static_cast<double>(static_cast<float>(v)) == v;
+  }
+  return exact;
+}
+
 // Exact Ward for 1-D points x (n values) in O(n log n): a sort, then an O(n) nearest-neighbour
 // chain. Ward clusters of points on a line are runs of the sorted points, and a run's nearest
 // cluster is one of its two neighbouring runs, so each chain step looks at two candidates.
@@ -902,9 +928,17 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
 inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws) {
   // Sorted order of the points (ties by index, so the order is deterministic). A run is named by
   // its first position in that order; merging two runs keeps the left name.
-  ws.keys.resize(n);
-  for (int64_t i = 0; i < n; ++i) ws.keys[i] = sortable_bits(x[i]);
-  stable_argsort(ws.keys, ws.order, ws.keys_tmp, ws.perm_tmp);
+  // Weights are usually float32 upcast: then 32-bit keys sort the same, stably, in half the
+  // passes.
+  if (all_floats(x, n)) {
+    ws.keys32.resize(n);
+    for (int64_t i = 0; i < n; ++i) ws.keys32[i] = sortable_bits32(static_cast<float>(x[i]));
+    stable_argsort(ws.keys32, ws.order, ws.keys32_tmp, ws.perm_tmp);
+  } else {
+    ws.keys.resize(n);
+    for (int64_t i = 0; i < n; ++i) ws.keys[i] = sortable_bits(x[i]);
+    stable_argsort(ws.keys, ws.order, ws.keys_tmp, ws.perm_tmp);
+  }
   ws.prev.resize(n);
   ws.next.resize(n);
   ws.count.assign(n, 1);
@@ -925,7 +959,13 @@ inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws) {
     const double diff = ws.mean[r] - ws.mean[l];
     return nl * nr / (nl + nr) * diff * diff;
   };
+  // Each run's cost to its left neighbour, kept up to date (a merge changes two of them), so a
+  // chain step is two loads, not two divisions. Run 0 has no left neighbour and position n stands
+  // for "no right neighbour": both cost infinity.
   constexpr double kNone = std::numeric_limits<double>::infinity();
+  ws.cost_left.resize(n + 1);
+  ws.cost_left[0] = ws.cost_left[n] = kNone;
+  for (int64_t p = 1; p < n; ++p) ws.cost_left[p] = cost(p - 1, p);
 
   ws.chain.resize(n);
   ws.merges.resize(n - 1);
@@ -938,16 +978,12 @@ inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws) {
       a = ws.chain[chain_length - 1];
       const int64_t previous = chain_length > 1 ? ws.chain[chain_length - 2] : -1;
       const int64_t left = ws.prev[a], right = ws.next[a];
-      const double to_left = left >= 0 ? cost(left, a) : kNone;
-      const double to_right = right < n ? cost(a, right) : kNone;
+      const double to_left = ws.cost_left[a], to_right = ws.cost_left[right];
       // Ties prefer the previous chain element (so the chain cannot cycle), then the left run.
-      if (to_left < to_right || (to_left == to_right && previous != right)) {
-        b = left;
-        best = to_left;
-      } else {
-        b = right;
-        best = to_right;
-      }
+      // (bitwise & and |: no branches on these coin flips; the compiler selects by cmov)
+      const bool go_left = (to_left < to_right) | ((to_left == to_right) & (previous != right));
+      b = go_left ? left : right;
+      best = go_left ? to_left : to_right;
       if (b == previous) break;
       ws.chain[chain_length++] = b;
     }
@@ -964,7 +1000,11 @@ inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws) {
     ws.mean[l] += (ws.mean[r] - ws.mean[l]) * (nr / (nl + nr));
     ws.count[l] += ws.count[r];
     ws.next[l] = ws.next[r];
-    if (ws.next[l] < n) ws.prev[ws.next[l]] = l;
+    if (ws.next[l] < n) {
+      ws.prev[ws.next[l]] = l;
+      ws.cost_left[ws.next[l]] = cost(l, ws.next[l]);
+    }
+    if (l > 0) ws.cost_left[l] = cost(ws.prev[l], l);
   }
 }
 

@@ -95,6 +95,23 @@ def test_duplicates_merge_at_exactly_zero_on_every_path():
         assert (Z[:30, 2] == 0).all() and (Z[30:, 2] > 0).all()
 
 
+def test_sorted_path_float_keys_and_double_keys_agree():
+    """Float32-valued points take 32-bit sort keys, others 64-bit ones: the same order (ties and
+    -0.0 included), so the same dendrogram as scipy either way."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(400).astype(np.float32).astype(np.float64)
+    x[::7] = x[3]  # ties
+    x[5], x[9] = -0.0, 0.0
+    x[11] = np.float32(2.0**-140)  # a float subnormal
+    for values in (x, np.append(x, 0.1), np.append(x, 1e-300)):  # the last two are not floats
+        X = values[:, None]
+        Z = ward_linkage(X, method="sorted")
+        R = sch.linkage(X, "ward")
+        np.testing.assert_allclose(Z[:, 2], R[:, 2], rtol=1e-9, atol=1e-12)
+        for h in untied_cut_heights(R[:, 2], count=20):
+            np.testing.assert_array_equal(cut_linkage(Z, height=h), cut_linkage_ref(R, height=h))
+
+
 # ---------------------------------------------------------------------------------------------
 # every version of the centroid scan gives the same bits (issue 14)
 
