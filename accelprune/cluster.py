@@ -9,14 +9,17 @@ matrix conventions.
 Which native path a problem of n points in d dimensions takes (``method="auto"``; measured with
 ``benchmarks/bench_ward.py``, see :data:`WARD_METHODS`):
 
-* ``"sorted"`` when d == 1: sort, then a chain over neighbouring runs; O(n log n) time, O(n)
+* ``"sorted"`` when d == 1: sort (32-bit radix keys when the points are float32 values, as
+  REPrune's upcast weights are), then a chain over neighbouring runs; O(n log n) time, O(n)
   memory (exact: 1-D Ward clusters are runs of the sorted points);
 * ``"matrix"`` when n <= 1024 and d >= max(24, n / 16) (e.g. 7x7 kernels of 64 filters): a
   stored n x n matrix of squared distances with Lance-Williams updates; O(n^2 d + n^2) time,
   8 n^2 bytes per thread (it stops fitting in cache as n grows, hence the bound);
 * ``"centroids"`` otherwise: the Ward cost recomputed from cluster sizes and centroids on every
-  chain step (as fastcluster's ``linkage_vector``), vectorised over clusters; O(n^2 d) time,
-  O(n d) memory. This is the path for large n: 100,000 points take megabytes, not 80 GB.
+  chain step (as fastcluster's ``linkage_vector``), vectorised over clusters (SSE2, AVX2+FMA and
+  AVX-512 versions, the sum of squares by fused multiply-adds in all of them, so every CPU gives
+  the same bits); O(n^2 d) time, O(n d) memory. This is the path for large n: 100,000 points
+  take megabytes, not 80 GB.
 
 Public functions:
 
@@ -24,6 +27,10 @@ Public functions:
 * :func:`cut_linkage`: flat labels from ``Z`` at a height or a cluster count, with
   ``scipy.cluster.hierarchy.fcluster`` partitions ("distance" / "maxclust") numbered 0..c-1 in
   order of first appearance;
+* :func:`ward_cut_layer`: REPrune's layer-wide cut (ALGORITHMS.md 3.2) in one native pass per
+  array, without linkage matrices: each problem's merges stay unsorted, the layer's cut-off (the
+  largest height of merge m over the problems) is found by selection, and each problem is cut by
+  union-find. The same labels and height, to the bit, as ``ward_linkage_batched`` + ``cut_linkage``;
 * ``*_ref``: the scipy references.
 """
 from __future__ import annotations

@@ -12,21 +12,29 @@
 //  * centroid_chain_ward ("centroids"): O(n^2 d) time, O(n d) memory. Clusters are centroids and
 //    sizes; the Ward cost to every cluster is recomputed on each chain step from them (as
 //    fastcluster's linkage_vector does), in a blocked structure-of-arrays layout that vectorises
-//    over clusters, keeping each chain depth's row of costs for the rescans a merge causes.
+//    over clusters, keeping each chain depth's row of costs for the rescans a merge causes. The
+//    sum of squares is accumulated by fused multiply-adds (one rounding per dimension) in every
+//    version of the scan and in the scalar cost, so all give the same bits on any x86-64 CPU.
 //    Best for small d and large n, and the only choice when an n x n matrix would not fit.
 //  * nn_chain_ward ("matrix"): O(n^2) time after an O(n^2 d) start, O(n^2) memory: a dense matrix
 //    of squared distances updated with the Lance-Williams formula. Best for larger d.
 //  * ward_1d ("sorted"): points on a line. Ward clusters of 1-D points are runs of the sorted
-//    points, and a run's nearest cluster is one of its two neighbouring runs, so after a sort the
-//    chain is O(n).
+//    points, and a run's nearest cluster is one of its two neighbouring runs, so after a sort (a
+//    radix sort on 32-bit keys when every point is a float, as upcast float32 weights are) the
+//    chain is O(n), each step two loads of kept neighbour costs.
 // choose_method() picks one by n and d (thresholds measured by benchmarks/bench_ward.py).
-// All produce an unsorted list of merges that finish_linkage() turns into scipy's format.
+// All produce an unsorted list of merges (ward_merges()). Two consumers:
+//  * finish_linkage() sorts them by height and relabels them into scipy's format (ward_linkage);
+//  * REPrune's layer cut (keep_merges(), cut_merges()) needs no linkage matrix: it keeps the
+//    merges unsorted (point ids + height), picks the layer's cut-off by selection, and cuts by a
+//    union-find over the merges at or below it (heights are non-decreasing up the tree, so that is
+//    fcluster's "distance" partition).
 // None writes to its input.
 //
 // Exceptions: only plain functions allocate (std::bad_alloc can leave them). The vectorised
-// kernels, compiled in several versions (target_clones, or target-attribute multi-versioning),
-// never allocate and are noexcept: GCC 12 treats such multi-versioned functions as non-throwing,
-// so an exception inside one would end the process instead of reaching Python.
+// kernels, compiled in several versions (target_clones, or target-attribute versions dispatched
+// by hand), never allocate and are noexcept: GCC 12 treats multi-versioned functions as
+// non-throwing, so an exception inside one would end the process instead of reaching Python.
 #pragma once
 
 #include <algorithm>
