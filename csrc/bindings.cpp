@@ -256,7 +256,7 @@ py::tuple ward_layer_merges(const py::object& X_obj, int64_t merges_needed,
       const double h = accelprune::keep_merges(ws, n, merges_needed, bits_to_double(seen),
                                                pair_out + b * (n - 1) * 2,
                                                height_out + b * (n - 1), ws.heights_scratch);
-      const uint64_t mine = double_to_bits(h);
+      const uint64_t mine = double_to_bits(h + 0.0);  // + 0.0: -0.0 would order as huge
       while (mine > seen && !highest.compare_exchange_weak(seen, mine)) {
       }
     });
