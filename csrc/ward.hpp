@@ -1077,19 +1077,27 @@ inline double keep_merges(const WardWorkspace& ws, int64_t n, int64_t m, double 
 // merge with height <= threshold. pairs / heights: n - 1 merges as keep_merges() writes them.
 inline void cut_merges(const int32_t* pairs, const double* heights, int64_t n, double threshold,
                        std::vector<int32_t>& parent, int32_t* labels) {
-  parent.resize(n);
+  // The merges at or below the threshold first, compacted without branches (whether a merge is
+  // taken is a coin flip for the branch predictor: a quarter of the cut's time went there).
+  parent.resize(2 * n);
+  int32_t* taken = parent.data() + n;
+  int64_t count = 0;
+  for (int64_t k = 0; k < n - 1; ++k) {
+    taken[count] = static_cast<int32_t>(k);
+    count += heights[k] <= threshold;
+  }
   for (int64_t i = 0; i < n; ++i) parent[i] = static_cast<int32_t>(i);
   auto find = [&parent](int32_t x) {
     while (parent[x] != x) x = parent[x] = parent[parent[x]];  // path halving
     return x;
   };
-  for (int64_t k = 0; k < n - 1; ++k) {
-    if (!(heights[k] <= threshold)) continue;
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t k = taken[j];
     const int32_t ra = find(pairs[2 * k]), rb = find(pairs[2 * k + 1]);
-    if (ra != rb) parent[std::max(ra, rb)] = std::min(ra, rb);
+    parent[std::max(ra, rb)] = std::min(ra, rb);  // the root is the cluster's lowest point
   }
-  // Roots are the lowest point of their cluster (union by lower index), so a cluster's label is
-  // due when the scan meets its root: first appearance order in one pass.
+  // Roots are the lowest point of their cluster, so a cluster's label is due when the scan meets
+  // its root: first appearance order in one pass.
   int32_t next_label = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int32_t root = find(static_cast<int32_t>(i));
