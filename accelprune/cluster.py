@@ -9,14 +9,17 @@ matrix conventions.
 Which native path a problem of n points in d dimensions takes (``method="auto"``; measured with
 ``benchmarks/bench_ward.py``, see :data:`WARD_METHODS`):
 
-* ``"sorted"`` when d == 1: sort, then a chain over neighbouring runs; O(n log n) time, O(n)
+* ``"sorted"`` when d == 1: sort (32-bit radix keys when the points are float32 values, as
+  REPrune's upcast weights are), then a chain over neighbouring runs; O(n log n) time, O(n)
   memory (exact: 1-D Ward clusters are runs of the sorted points);
 * ``"matrix"`` when n <= 1024 and d >= max(24, n / 16) (e.g. 7x7 kernels of 64 filters): a
   stored n x n matrix of squared distances with Lance-Williams updates; O(n^2 d + n^2) time,
   8 n^2 bytes per thread (it stops fitting in cache as n grows, hence the bound);
 * ``"centroids"`` otherwise: the Ward cost recomputed from cluster sizes and centroids on every
-  chain step (as fastcluster's ``linkage_vector``), vectorised over clusters; O(n^2 d) time,
-  O(n d) memory. This is the path for large n: 100,000 points take megabytes, not 80 GB.
+  chain step (as fastcluster's ``linkage_vector``), vectorised over clusters (SSE2, AVX2+FMA and
+  AVX-512 versions, the sum of squares by fused multiply-adds in all of them, so every CPU gives
+  the same bits); O(n^2 d) time, O(n d) memory. This is the path for large n: 100,000 points
+  take megabytes, not 80 GB.
 
 Public functions:
 
@@ -24,9 +27,15 @@ Public functions:
 * :func:`cut_linkage`: flat labels from ``Z`` at a height or a cluster count, with
   ``scipy.cluster.hierarchy.fcluster`` partitions ("distance" / "maxclust") numbered 0..c-1 in
   order of first appearance;
+* :func:`ward_cut_layer`: REPrune's layer-wide cut (ALGORITHMS.md 3.2) in one native pass per
+  array, without linkage matrices: each problem's merges stay unsorted, the layer's cut-off (the
+  largest height of merge m over the problems) is found by selection, and each problem is cut by
+  union-find. The same labels and height, to the bit, as ``ward_linkage_batched`` + ``cut_linkage``;
 * ``*_ref``: the scipy references.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import scipy.cluster.hierarchy as sch
@@ -40,9 +49,12 @@ __all__ = [
     "ward_linkage",
     "ward_linkage_batched",
     "cut_linkage",
+    "LayerCut",
+    "ward_cut_layer",
     "ward_linkage_ref",
     "ward_linkage_batched_ref",
     "cut_linkage_ref",
+    "ward_cut_layer_ref",
 ]
 
 
@@ -156,6 +168,44 @@ def cut_linkage_ref(Z, *, height=None, n_clusters=None) -> np.ndarray:
     return out.reshape(*arr.shape[:-2], arr.shape[-2] + 1)
 
 
+class LayerCut(NamedTuple):
+    """What :func:`ward_cut_layer` returns.
+
+    labels: int32 (problems, n), each problem's flat clusters at ``height``, numbered 0..c-1 in
+            order of first appearance; with several arrays, their problems stacked in order.
+    height: the cut-off, the largest over all problems of the height of merge ``merges`` (in
+            height order, i.e. row ``merges - 1`` of the problem's linkage matrix).
+    """
+
+    labels: np.ndarray
+    height: float
+
+
+def _layer_problems(X, merges) -> tuple[list[np.ndarray], int]:
+    """X (one (B, n, d) array or a list of them with the same n) as checked float64 arrays, and
+    merges checked against n."""
+    arrays = list(X) if isinstance(X, (list, tuple)) else [X]
+    if not arrays:
+        raise ValueError("X is an empty list; give at least one (problems, n, d) array")
+    checked = [_points(x, batched=True) for x in arrays]
+    widths = [a.shape[1] for a in checked]
+    if len(set(widths)) != 1:
+        raise ValueError(f"the arrays of X disagree on the number of points n: {widths}")
+    if widths[0] < 2:
+        raise ValueError("a layer cut needs n >= 2 points per problem (there is nothing to merge)")
+    return checked, check_int(merges, "merges", low=1, high=widths[0] - 1)
+
+
+def ward_cut_layer_ref(X, merges: int) -> LayerCut:
+    """The reference of :func:`ward_cut_layer`: scipy linkages, the largest height of row
+    ``merges - 1`` over all problems, and scipy's ``fcluster(Z, height, "distance")`` of each."""
+    arrays, merges = _layer_problems(X, merges)
+    linkages = [ward_linkage_batched_ref(a) for a in arrays]
+    height = float(max(Z[:, merges - 1, 2].max() for Z in linkages))
+    labels = np.concatenate([cut_linkage_ref(Z, height=height) for Z in linkages])
+    return LayerCut(labels, height)
+
+
 def _cut_args(batch: np.ndarray, height, n_clusters):
     """Validate the cut and return (heights (B,) or None, counts (B,) or None)."""
     if (height is None) == (n_clusters is None):
@@ -261,3 +311,35 @@ def cut_linkage(Z, *, height=None, n_clusters=None, backend: str = "auto") -> np
     else:
         labels = native.cut_linkage_maxclust(batch, counts)
     return labels.reshape(*arr.shape[:-2], arr.shape[-2] + 1)
+
+
+def ward_cut_layer(X, merges: int, *, backend: str = "auto", n_threads: int | None = None,
+                   method: str = "auto") -> LayerCut:
+    """REPrune's layer-wide cut (ALGORITHMS.md 3.2) in one pass: for every problem, the height of
+    its ``merges``-th merge; the cut-off h = the largest of them; every problem's
+    ``fcluster(Z, h, "distance")`` labels. The same labels and height (to the bit) as
+    :func:`ward_linkage_batched` followed by :func:`cut_linkage` at that height, and as
+    :func:`ward_cut_layer_ref` (scipy: partitions exact, heights to 1e-9).
+
+    X: one array (problems, n, d), or a list of them with the same n (e.g. residual-coupled
+        producers, whose channels share one cut; d may differ); never modified.
+    merges: 1 <= merges <= n - 1 (REPrune: n - k).
+    n_threads, method: as :func:`ward_linkage_batched`; the result does not depend on them.
+
+    The native path never builds linkage matrices: each problem's merges stay unsorted (16 bytes
+    each), the merge height is picked by selection, and the cut joins, by union-find, the points
+    of every merge at or below h (the solvers keep heights non-decreasing up the tree, so that is
+    fcluster's partition).
+    """
+    arrays, merges = _layer_problems(X, merges)
+    threads = thread_count(n_threads)
+    method = _check_method(method)
+    if method == "sorted" and any(a.shape[-1] != 1 for a in arrays):
+        raise ValueError("method 'sorted' needs 1-D points")
+    if resolve(backend, fast="native") == "reference":
+        return ward_cut_layer_ref(arrays, merges)
+    native = native_module()
+    halves = [native.ward_layer_merges(a, merges, threads, method) for a in arrays]
+    height = float(max(highest for _, _, highest in halves))
+    labels = [native.cut_merges(pairs, heights, height, threads) for pairs, heights, _ in halves]
+    return LayerCut(labels[0] if len(labels) == 1 else np.concatenate(labels), height)

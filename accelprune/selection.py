@@ -29,7 +29,7 @@ from scipy.cluster.vq import kmeans2
 
 from accelprune._backend import resolve
 from accelprune._validation import as_float64_array, check_fraction, check_int
-from accelprune.cluster import cut_linkage, relabel_first_appearance, ward_linkage_batched
+from accelprune.cluster import relabel_first_appearance, ward_cut_layer
 from accelprune.coverage import max_coverage
 from accelprune.kmeans import kmeans, split_until_k
 
@@ -103,14 +103,9 @@ def reprune_select(weight, k, *, tie_break: str = "random", seed: int = 0, backe
         selection = Selection(np.arange(n, dtype=np.int64), labels, 0.0, c_total * n)
         return selection if return_details else selection.kept
 
-    linkages = [ward_linkage_batched(p, backend=backend) for p in problems]
-    merges = n - k
-    # h_l: the highest of the channels' (n - k)-th merge heights. Cutting every channel there
-    # leaves each with at most k clusters, and tightly packed channels with fewer.
-    height = float(max(Z[:, merges - 1, 2].max() for Z in linkages))
-    # one height per problem (the same for all)
-    labels = np.concatenate([cut_linkage(Z, height=np.full(len(Z), height), backend=backend)
-                             for Z in linkages])
+    # h_l: the highest of the channels' (n - k)-th merge heights, over all weights. Cutting every
+    # channel there leaves each with at most k clusters, and tightly packed channels with fewer.
+    labels, height = ward_cut_layer(problems, n - k, backend=backend)
     result = max_coverage(labels, k, tie_break=tie_break, seed=seed, backend=backend)
     selection = Selection(result.selected, labels, height, int(result.covered))
     return selection if return_details else selection.kept

@@ -5,7 +5,9 @@ its parts, native (C++ Ward + Numba coverage) against the reference (scipy + Pyt
 Torch-Pruning's plain L1 prune of the same model (MetaPruner.step, all groups, 50%); then both
 from scratch (REPrune's construction and event; MetaPruner's construction and step), the
 comparison issue 14 sets a target for (REPrune <= 3x Torch-Pruning's L1). The breakdown times
-clustering and coverage layer by layer on the same k_l the event used.
+clustering and coverage layer by layer on the same k_l the event used: the clustering as the event
+runs it (``ward_cut_layer``: no linkage matrices) and, in the ``z_route`` column, the route it
+replaced (native linkage matrices, then ``cut_linkage``).
 
     python -m benchmarks.bench_reprune           # ResNet-50, 1x3x128x128 (reference: minutes)
     python -m benchmarks.bench_reprune --quick   # CIFAR ResNet-56: a smoke check
@@ -21,12 +23,11 @@ import copy
 import gc
 import time
 
-import numpy as np
 import torch
 import torch_pruning as tp
 
 from accelprune import REPrune
-from accelprune.cluster import cut_linkage, ward_linkage_batched
+from accelprune.cluster import cut_linkage, ward_cut_layer, ward_linkage_batched
 from accelprune.coverage import max_coverage
 from accelprune.selection import ward_problems
 from benchmarks.harness import Row, measure, report
@@ -73,26 +74,34 @@ def _event_time(model, x, backend: str, repeats: int, warmup: int) -> tuple[floa
 
 
 def _parts(pruner: REPrune, original, x, backend: str) -> dict[str, float]:
-    """Clustering (Ward + cut) and coverage, layer by layer, for the k_l the event chose."""
+    """Clustering (Ward + cut) and coverage, layer by layer, for the k_l the event chose: the
+    layer cut as reprune_select runs it (``ward_cut_layer``), and for the native backend also the
+    route it replaced (linkage matrices, then ``cut_linkage``: ``clustering_z_route``)."""
     event = pruner.events[-1]
     unpruned = REPrune(copy.deepcopy(original), x, SPARSITY, backend=backend)  # its filters
-    clustering = selection = 0.0
+    clustering = z_route = selection = 0.0
     for g, rec in zip(unpruned.groups, event.layers, strict=True):
         if rec.kept == rec.before:
             continue
-        labels = []
-        height = rec.height
+        problems = [ward_problems(w) for w in unpruned.filters_of(g)]
+        merges = problems[0].shape[1] - rec.kept // g.blocks
         t0 = time.perf_counter()
-        for w in unpruned.filters_of(g):
-            problems = ward_problems(w)
-            Z = ward_linkage_batched(problems, backend=backend)
-            labels.append(cut_linkage(Z, height=np.full(len(Z), height), backend=backend))
+        labels, height = ward_cut_layer(problems, merges, backend=backend)
         t1 = time.perf_counter()
-        max_coverage(np.concatenate(labels), rec.kept // g.blocks, seed=pruner.seed,
-                     backend=backend)
+        max_coverage(labels, rec.kept // g.blocks, seed=pruner.seed, backend=backend)
+        t2 = time.perf_counter()
+        assert height == rec.height, "the layer cut disagrees with the event"
+        if backend != "reference":
+            linkages = [ward_linkage_batched(p, backend=backend) for p in problems]
+            z_height = max(Z[:, merges - 1, 2].max() for Z in linkages)
+            [cut_linkage(Z, height=z_height, backend=backend) for Z in linkages]
+            z_route += time.perf_counter() - t2
         clustering += t1 - t0
-        selection += time.perf_counter() - t1
-    return {"clustering": clustering, "coverage": selection}
+        selection += t2 - t1
+    parts = {"clustering": clustering, "coverage": selection}
+    if backend != "reference":
+        parts["clustering_z_route"] = z_route
+    return parts
 
 
 def _tp_pruner(m, x):
@@ -150,7 +159,8 @@ def main(argv=None) -> dict:
     rep = pruner.report()
     rows = [
         Row("clustering (Ward + cut)",
-            {"native": parts_native["clustering"], "reference": parts_ref["clustering"]}),
+            {"native": parts_native["clustering"], "reference": parts_ref["clustering"],
+             "z_route": parts_native["clustering_z_route"]}),
         Row("selection (max coverage)",
             {"native": parts_native["coverage"], "reference": parts_ref["coverage"]}),
         Row("surgery", surgery),
@@ -165,7 +175,7 @@ def main(argv=None) -> dict:
              "threads": torch.get_num_threads()}
     print(f"model: {label}; REPrune setup (graph, stats) {setup:.2f} s, not part of the event")
     return report("reprune" + ("_quick" if args.quick else ""), rows, fast="native",
-                  references=["reference", "tp_l1"], notes=notes)
+                  references=["reference", "tp_l1", "z_route"], notes=notes)
 
 
 if __name__ == "__main__":

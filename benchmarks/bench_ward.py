@@ -7,6 +7,11 @@ Cases (each row's ``native`` is accelprune with the row's ``threads``):
   accelprune's stored-matrix path (``matrix_1t``);
 * ``one 512x512x3x3 layer``: the 512 problems of one 3x3 conv with 512 filters, 2 threads;
 * ``1-D``: a 2048-filter 1x1 layer's problems (sort + chain);
+* ``layer cut``: REPrune's layer-wide cut (ALGORITHMS.md 3.2, k = n/2) as the REPrune event runs
+  it, :func:`accelprune.cluster.ward_cut_layer` (unsorted merges, selection of the layer height,
+  union-find cut; no linkage matrices), against the route it replaced (``z_route``: native
+  linkage matrices, then ``cut_linkage``) and fastcluster's linkage + scipy's fcluster, on a
+  2048-filter 1x1 conv, a 512x512x3x3 conv and every conv of ResNet-50;
 * ``crossover``: centroids against matrix at several (n, d), the measurements behind the
   ``method="auto"`` rule;
 * ``memory``: 20,000 x 16 and 100,000 x 8, each in a fresh subprocess: time and peak RSS growth
@@ -46,8 +51,8 @@ from pathlib import Path
 import numpy as np
 import scipy.cluster.hierarchy as sch
 
-from accelprune import ward_linkage_batched
-from accelprune.cluster import ward_method
+from accelprune import cut_linkage, ward_linkage_batched
+from accelprune.cluster import ward_cut_layer, ward_method
 from benchmarks.harness import Row, cpu_model, measure, report
 from benchmarks.model_shapes import conv_weights, ward_problems
 
@@ -114,6 +119,32 @@ def roofline(problems: list[tuple[int, int, int]], seconds: float, threads: int,
 def run_native(batches, threads, method="auto"):
     for batch in batches:
         ward_linkage_batched(batch, n_threads=threads, method=method)
+
+
+def run_layer_cut(batches, threads, merges_of=lambda n: n - n // 2):
+    """REPrune's layer cut of each batch (one layer each), as the event runs it."""
+    for batch in batches:
+        ward_cut_layer(batch, merges_of(batch.shape[1]), n_threads=threads)
+
+
+def run_z_route(batches, threads, merges_of=lambda n: n - n // 2):
+    """The route the layer cut replaced: linkage matrices, the height of row m - 1, cut_linkage."""
+    for batch in batches:
+        Z = ward_linkage_batched(batch, n_threads=threads)
+        cut_linkage(Z, height=Z[:, merges_of(batch.shape[1]) - 1, 2].max())
+
+
+def run_fastcluster_cut(batches, pool=None, merges_of=lambda n: n - n // 2):
+    """fastcluster's linkage of each problem, then scipy's fcluster at the layer's height."""
+    import fastcluster
+
+    def one(x):
+        return fastcluster.linkage_vector(x, "ward")
+
+    for batch in batches:
+        linkages = [one(x) for x in batch] if pool is None else list(pool.map(one, batch))
+        height = max(Z[merges_of(batch.shape[1]) - 1, 2] for Z in linkages)
+        [sch.fcluster(Z, height, "distance") for Z in linkages]
 
 
 def run_fastcluster(batches, pool=None):
@@ -250,6 +281,41 @@ def per_thread_rows(args, rates, pool) -> list[Row]:
     return rows
 
 
+def layer_cut_rows(args, rates, pool) -> list[Row]:
+    """REPrune's layer cut (k = n/2) against the Z route and fastcluster + fcluster."""
+    rng = np.random.default_rng(2)
+    threads = rates["threads"]
+    # float32 weights upcast, as REPrune's are
+    ones = [rng.standard_normal((128 if args.quick else 1024, 2048, 1)).astype(np.float32)
+            .astype(np.float64)]
+    layer = [rng.standard_normal((64 if args.quick else 512, 512, 9)).astype(np.float32)
+             .astype(np.float64)]
+    cases = [(f"layer cut 1-D: {ones[0].shape[0]} x 2048 points, 1 thread", ones, 1),
+             (f"layer cut 9-D: {layer[0].shape[0]} x 512 points, 1 thread", layer, 1),
+             (f"layer cut 9-D: {layer[0].shape[0]} x 512 points, {threads} threads", layer,
+              threads)]
+    resnet = layer_problems("resnet50", args.quick)
+    cases.append((f"layer cut resnet50 all convs, {threads} threads", resnet, threads))
+    rows = []
+    for case, batches, t_count in cases:
+        t = {
+            "native": measure(functools.partial(run_layer_cut, batches, t_count),
+                              repeats=args.repeats),
+            "z_route": measure(functools.partial(run_z_route, batches, t_count),
+                               repeats=args.repeats),
+        }
+        if "resnet50" not in case or args.quick:  # fastcluster takes ~15 s on all of ResNet-50
+            key = "fastcluster_1t" if t_count == 1 else "fastcluster_2t"
+            t[key] = measure(functools.partial(run_fastcluster_cut, batches,
+                                               None if t_count == 1 else pool),
+                             warmup=0, repeats=args.ref_repeats)
+        times = {k: v.median_s for k, v in t.items()}
+        rows.append(Row(case, times, {
+            "threads": t_count, "problems": sum(b.shape[0] for b in batches),
+            **roofline(shape_of(batches), times["native"], t_count, rates)}))
+    return rows
+
+
 def crossover_rows(args, rates) -> list[Row]:
     rows = []
     rng = np.random.default_rng(1)
@@ -338,7 +404,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the fast paths")
     parser.add_argument("--ref-repeats", type=int, default=1, help="repeats of the references")
     parser.add_argument("--skip-models", action="store_true", help="no ResNet-50/VGG-16 rows")
-    parser.add_argument("--only", choices=["per-thread", "crossover", "memory", "models"],
+    parser.add_argument("--only", choices=["per-thread", "layer-cut", "crossover", "memory",
+                                           "models"],
                         help="measure one group and replace its rows in the saved JSON")
     args = parser.parse_args(argv)
     from accelprune._backend import thread_count
@@ -349,6 +416,7 @@ def main(argv=None):
     rates = {1: machine_rates(1), threads: machine_rates(threads), "threads": threads}
     groups = {
         "per-thread": lambda pool: per_thread_rows(args, rates, pool),
+        "layer-cut": lambda pool: layer_cut_rows(args, rates, pool),
         "crossover": lambda pool: crossover_rows(args, rates),
         "memory": lambda pool: memory_rows(args, rates),
         "models": lambda pool: [] if args.skip_models else model_rows(args, rates, pool),
@@ -363,7 +431,7 @@ def main(argv=None):
         rows,
         fast="native",
         references=["scipy", "fastcluster_2t", "fastcluster_1t", "native_1t", "matrix_1t",
-                    "centroids_1t"],
+                    "centroids_1t", "z_route"],
         notes={
             "cpu_model": cpu_model(),
             "machine_rates": {str(k): v for k, v in rates.items() if k != "threads"},

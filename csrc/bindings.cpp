@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <new>
 #include <string>
@@ -32,7 +33,9 @@ namespace {
 // The most threads a call may ask for; more is a mistake (2**40), not a big machine.
 constexpr int64_t kMaxThreads = 1 << 16;
 
-void require(bool ok, const std::string& message) {
+// (A literal message, not a std::string: building one per call was a malloc and a free each,
+// and the checks of every input element used to call this once per element.)
+void require(bool ok, const char* message) {
   if (!ok) throw std::invalid_argument(message);
 }
 
@@ -144,48 +147,158 @@ int useful_threads(int64_t B, int64_t n, int64_t d, accelprune::WardMethod metho
   return static_cast<int>(std::max(1.0, std::min<double>(n_threads, std::floor(useful))));
 }
 
-py::array_t<double> ward_linkage_batched(const py::object& X_obj, const py::object& threads_obj,
-                                         const std::string& method_name) {
-  const auto X = exact_array<double>(X_obj, "X", "float64");
+// The bits of a double and back (heights, >= 0, order as their bit patterns do).
+uint64_t double_to_bits(double v) {
+  uint64_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return u;
+}
+
+double bits_to_double(uint64_t u) {
+  double v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+
+// A checked batch of Ward problems: X (B, n, d), the method to use and the threads worth using.
+struct ProblemBatch {
+  py::array_t<double, py::array::c_style> X;
+  const double* x;
+  int64_t B, n, d;
+  accelprune::WardMethod method;
+  int threads;
+};
+
+// Checks X, the thread count and the method; refuses what cannot fit in memory (the output, at
+// output_bytes_per_merge for each of the B (n - 1) merges, and one workspace per thread) before
+// anything is allocated.
+ProblemBatch checked_problems(const py::object& X_obj, const py::object& threads_obj,
+                              const std::string& method_name, double output_bytes_per_merge) {
+  ProblemBatch p{exact_array<double>(X_obj, "X", "float64"), nullptr, 0, 0, 0,
+                 accelprune::WardMethod::kAuto, 1};
   const int n_threads = parse_threads(threads_obj);
-  accelprune::WardMethod method = parse_method(method_name);
-  require(X.ndim() == 3, "X must be 3-D (problems, points, dims)");
-  const int64_t B = X.shape(0), n = X.shape(1), d = X.shape(2);
-  require(B >= 1 && n >= 1 && d >= 1,
+  p.method = parse_method(method_name);
+  require(p.X.ndim() == 3, "X must be 3-D (problems, points, dims)");
+  p.B = p.X.shape(0);
+  p.n = p.X.shape(1);
+  p.d = p.X.shape(2);
+  require(p.B >= 1 && p.n >= 1 && p.d >= 1,
           "X needs at least one problem of at least one point of dimension >= 1");
-  if (method == accelprune::WardMethod::kAuto) method = accelprune::choose_method(n, d);
-  require(method != accelprune::WardMethod::kSorted || d == 1,
+  if (p.method == accelprune::WardMethod::kAuto) p.method = accelprune::choose_method(p.n, p.d);
+  require(p.method != accelprune::WardMethod::kSorted || p.d == 1,
           "method 'sorted' needs 1-D points (d == 1)");
-  const double* x = X.data();
+  p.x = p.X.data();
   // The scans rely on finite, moderate distances (dead clusters sit behind a 1e300 sentinel);
   // NaN would make them run past the row. accelprune.cluster checks this too, with the same
   // message, but direct callers of the extension must not be able to crash it.
-  for (int64_t i = 0, size = B * n * d; i < size; ++i) {
-    require(std::isfinite(x[i]) && std::fabs(x[i]) <= 1e100,
-            "X has NaN, Inf or values beyond +-1e100");
-  }
-  const int threads = useful_threads(B, n, d, method, n_threads);
-  // Refuse what cannot fit before allocating any of it (the output, one workspace per thread).
+  // (|v| <= 1e100 is false for NaN and Inf too; one flag for all keeps the loop vectorised)
+  bool moderate = true;
+  for (int64_t i = 0, size = p.B * p.n * p.d; i < size; ++i) moderate &= std::fabs(p.x[i]) <= 1e100;
+  require(moderate, "X has NaN, Inf or values beyond +-1e100");
+  p.threads = useful_threads(p.B, p.n, p.d, p.method, n_threads);
   const double physical = physical_memory_bytes();
-  const double output = static_cast<double>(B) * static_cast<double>(n - 1) * 32.0;
-  const double work = accelprune::workspace_bytes(n, d, method) * threads;
+  const double output =
+      static_cast<double>(p.B) * static_cast<double>(p.n - 1) * output_bytes_per_merge;
+  const double work = accelprune::workspace_bytes(p.n, p.d, p.method) * p.threads;
   if (physical > 0 && output + work > physical) {
     throw std::invalid_argument(
-        "Ward on " + std::to_string(B) + " problem(s) of " + std::to_string(n) + " points in " +
-        std::to_string(d) + "-D with method '" + accelprune::method_name(method) + "' needs " +
-        gigabytes(output + work) + " of memory, more than this machine's " +
-        gigabytes(physical) +
-        (method == accelprune::WardMethod::kMatrix ? "; method 'centroids' needs O(n d)" : ""));
+        "Ward on " + std::to_string(p.B) + " problem(s) of " + std::to_string(p.n) +
+        " points in " + std::to_string(p.d) + "-D with method '" +
+        accelprune::method_name(p.method) + "' needs " + gigabytes(output + work) +
+        " of memory, more than this machine's " + gigabytes(physical) +
+        (p.method == accelprune::WardMethod::kMatrix ? "; method 'centroids' needs O(n d)"
+                                                      : ""));
   }
+  return p;
+}
+
+py::array_t<double> ward_linkage_batched(const py::object& X_obj, const py::object& threads_obj,
+                                         const std::string& method_name) {
+  const ProblemBatch p = checked_problems(X_obj, threads_obj, method_name, 32.0);
+  const int64_t B = p.B, n = p.n, d = p.d;
   py::array_t<double> Z({B, n - 1, static_cast<int64_t>(4)});
   double* z = Z.mutable_data();
+  const double* x = p.x;
+  const accelprune::WardMethod method = p.method;
   {
     py::gil_scoped_release release;
-    parallel_over_problems(B, threads, [&](int64_t b, accelprune::WardWorkspace& ws) {
+    parallel_over_problems(B, p.threads, [&](int64_t b, accelprune::WardWorkspace& ws) {
       accelprune::ward_linkage(x + b * n * d, n, d, ws, z + b * (n - 1) * 4, method);
     });
   }
   return Z;
+}
+
+// REPrune's layer cut, first half: every problem's merges (unsorted: a point of each merged
+// cluster, int32 (B, n-1, 2), and the heights, float64 (B, n-1)) and the largest over the problems
+// of the height of the merges_needed-th merge in height order, without building linkage
+// matrices. cut_merges() is the second half.
+py::tuple ward_layer_merges(const py::object& X_obj, int64_t merges_needed,
+                            const py::object& threads_obj, const std::string& method_name) {
+  const ProblemBatch p = checked_problems(X_obj, threads_obj, method_name, 16.0);
+  const int64_t B = p.B, n = p.n, d = p.d;
+  require(n >= 2 && n <= INT32_MAX, "the layer cut needs 2 <= n <= 2**31 - 1 points");
+  require(merges_needed >= 1 && merges_needed <= n - 1, "merges_needed must be in [1, n - 1]");
+  py::array_t<int32_t> pairs({B, n - 1, static_cast<int64_t>(2)});
+  py::array_t<double> heights({B, n - 1});
+  int32_t* pair_out = pairs.mutable_data();
+  double* height_out = heights.mutable_data();
+  const double* x = p.x;
+  const accelprune::WardMethod method = p.method;
+  // The running maximum, shared by the threads (heights are >= 0, so their bit patterns order as
+  // the values do). The final value is the maximum whatever the order the problems finish in.
+  std::atomic<uint64_t> highest{0};
+  {
+    py::gil_scoped_release release;
+    parallel_over_problems(B, p.threads, [&](int64_t b, accelprune::WardWorkspace& ws) {
+      accelprune::ward_merges(x + b * n * d, n, d, ws, method);
+      uint64_t seen = highest.load(std::memory_order_relaxed);
+      const double h = accelprune::keep_merges(ws, n, merges_needed, bits_to_double(seen),
+                                               pair_out + b * (n - 1) * 2,
+                                               height_out + b * (n - 1), ws.heights_scratch);
+      const uint64_t mine = double_to_bits(h + 0.0);  // + 0.0: -0.0 would order as huge
+      while (mine > seen && !highest.compare_exchange_weak(seen, mine)) {
+      }
+    });
+  }
+  return py::make_tuple(pairs, heights, bits_to_double(highest.load()));
+}
+
+// REPrune's layer cut, second half: labels int32 (B, n), 0..c-1 in order of first appearance,
+// of the partition joining the points of every merge with height <= threshold (fcluster's
+// "distance" partition when heights do not decrease up the tree, as the solvers make them).
+py::array_t<int32_t> cut_merges(const py::object& pairs_obj, const py::object& heights_obj,
+                                double threshold, const py::object& threads_obj) {
+  const auto pairs = exact_array<int32_t>(pairs_obj, "pairs", "int32");
+  const auto heights = exact_array<double>(heights_obj, "heights", "float64");
+  const int n_threads = parse_threads(threads_obj);
+  require(pairs.ndim() == 3 && pairs.shape(2) == 2, "pairs must have shape (problems, n-1, 2)");
+  require(heights.ndim() == 2 && heights.shape(0) == pairs.shape(0) &&
+              heights.shape(1) == pairs.shape(1),
+          "heights must have shape (problems, n-1), as pairs");
+  require(threshold >= 0.0, "the cut height must be >= 0 (not NaN)");
+  const int64_t B = pairs.shape(0), n = pairs.shape(1) + 1;
+  require(n <= INT32_MAX, "pairs has too many rows for int32 labels");
+  const int32_t* pair_in = pairs.data();
+  bool in_range = true;
+  for (int64_t i = 0, size = B * (n - 1) * 2; i < size; ++i)
+    in_range &= pair_in[i] >= 0 && pair_in[i] < n;
+  require(in_range, "pairs names a point outside [0, n)");
+  const double* height_in = heights.data();
+  py::array_t<int32_t> labels({B, n});
+  int32_t* out = labels.mutable_data();
+  // ~10 ns a merge; a second thread only pays beyond a few milliseconds of work
+  const double work_ns = 10.0 * static_cast<double>(B) * static_cast<double>(n);
+  const int threads =
+      static_cast<int>(std::max(1.0, std::min<double>(n_threads, std::floor(work_ns / 2e6))));
+  {
+    py::gil_scoped_release release;
+    parallel_over_problems(B, threads, [&](int64_t b, accelprune::WardWorkspace& ws) {
+      accelprune::cut_merges(pair_in + b * (n - 1) * 2, height_in + b * (n - 1), n, threshold,
+                             ws.cut_parent, out + b * n);
+    });
+  }
+  return labels;
 }
 
 // Shared driver of the two cuts: threshold_of(b, max_dist, n) gives problem b's threshold.
@@ -241,6 +354,51 @@ py::array_t<int32_t> cut_linkage_maxclust(const py::object& Z_obj, const py::obj
   });
 }
 
+// For the tests: the Ward costs of a query cluster (centroid `query` (d,), size size_x) to m
+// clusters (centroids (m, d), sizes (m,)) by every version of the centroid scan this CPU runs, and
+// by the scalar ward_cost: {name: (costs (m,), smallest, its lowest index)}. All must agree to the
+// bit (the engine's promise: the same merges whatever the CPU).
+py::dict ward_scan_versions(const py::object& centroids_obj, const py::object& query_obj,
+                            const py::object& sizes_obj, double size_x) {
+  const auto points = exact_array<double>(centroids_obj, "centroids", "float64");
+  const auto query = exact_array<double>(query_obj, "query", "float64");
+  const auto sizes = exact_array<double>(sizes_obj, "sizes", "float64");
+  require(points.ndim() == 2 && points.shape(0) >= 1 && points.shape(1) >= 1,
+          "centroids must be (m, d) with m, d >= 1");
+  const int64_t m = points.shape(0), d = points.shape(1);
+  require(query.ndim() == 1 && query.shape(0) == d, "query must be (d,)");
+  require(sizes.ndim() == 1 && sizes.shape(0) == m, "sizes must be (m,)");
+  require(size_x >= 1.0, "size_x must be >= 1");
+  const int64_t padded = accelprune::round_up_lanes(m);
+  std::vector<double> blocked(static_cast<size_t>(padded) * d, 0.0), size(padded, 1.0),
+      mask(padded, accelprune::kHidden);
+  for (int64_t i = 0; i < m; ++i) {
+    require(sizes.data()[i] >= 1.0, "sizes must be >= 1");
+    for (int64_t k = 0; k < d; ++k)
+      blocked[accelprune::centroid_index(i, k, d)] = points.data()[i * d + k];
+    size[i] = sizes.data()[i];
+    mask[i] = 0.0;
+  }
+  py::dict out;
+  for (const accelprune::WardScanVersion& version : accelprune::ward_scan_versions()) {
+    if (!version.runs_here) continue;
+    std::vector<double> costs(padded);
+    int64_t argmin = -1;
+    const double smallest = version.scan(blocked.data(), d, query.data(), size_x, size.data(),
+                                         mask.data(), padded, &argmin, costs.data());
+    costs.resize(m);
+    out[version.name] = py::make_tuple(py::array_t<double>(m, costs.data()), smallest, argmin);
+  }
+  std::vector<double> costs(m);
+  int64_t argmin = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    costs[i] = accelprune::ward_cost(blocked.data(), d, query.data(), size_x, i, size[i], 0.0);
+    if (costs[i] < costs[argmin]) argmin = i;
+  }
+  out["scalar"] = py::make_tuple(py::array_t<double>(m, costs.data()), costs[argmin], argmin);
+  return out;
+}
+
 std::string ward_method(int64_t n, int64_t d) {
   require(n >= 1 && d >= 1, "n and d must be >= 1");
   return accelprune::method_name(accelprune::choose_method(n, d));
@@ -256,12 +414,24 @@ PYBIND11_MODULE(_native, m) {
         py::arg("method") = "auto",
         "Ward linkage of every problem in X (B, n, d) float64 -> Z (B, n-1, 4), scipy "
         "conventions. method: 'auto', 'centroids', 'matrix' or 'sorted' (d == 1).");
+  m.def("ward_layer_merges", &ward_layer_merges, py::arg("X"), py::arg("merges_needed"),
+        py::arg("n_threads"), py::arg("method") = "auto",
+        "REPrune's layer cut, first half: (pairs int32 (B, n-1, 2), heights (B, n-1), the largest "
+        "over the problems of the height of the merges_needed-th merge), merges unsorted.");
+  m.def("cut_merges", &cut_merges, py::arg("pairs"), py::arg("heights"), py::arg("threshold"),
+        py::arg("n_threads"),
+        "Labels (B, n) of the partition joining every merge with height <= threshold, in order "
+        "of first appearance.");
   m.def("cut_linkage_height", &cut_linkage_height, py::arg("Z"), py::arg("heights"),
         "fcluster 'distance' partition of each problem, labels in order of first appearance.");
   m.def("cut_linkage_maxclust", &cut_linkage_maxclust, py::arg("Z"), py::arg("counts"),
         "fcluster 'maxclust' partition of each problem, labels in order of first appearance.");
   m.def("ward_method", &ward_method, py::arg("n"), py::arg("d"),
         "The path method='auto' takes for problems of n points in d dimensions.");
+  m.def("_ward_scan_versions", &ward_scan_versions, py::arg("centroids"), py::arg("query"),
+        py::arg("sizes"), py::arg("size_x"),
+        "For the tests: Ward costs by every centroid-scan version this CPU runs and the scalar "
+        "cost, {name: (costs, smallest, argmin)}; all agree to the bit.");
   m.attr("max_threads") = kMaxThreads;
 #ifdef _OPENMP
   m.attr("openmp") = true;

@@ -12,21 +12,29 @@
 //  * centroid_chain_ward ("centroids"): O(n^2 d) time, O(n d) memory. Clusters are centroids and
 //    sizes; the Ward cost to every cluster is recomputed on each chain step from them (as
 //    fastcluster's linkage_vector does), in a blocked structure-of-arrays layout that vectorises
-//    over clusters, keeping each chain depth's row of costs for the rescans a merge causes.
+//    over clusters, keeping each chain depth's row of costs for the rescans a merge causes. The
+//    sum of squares is accumulated by fused multiply-adds (one rounding per dimension) in every
+//    version of the scan and in the scalar cost, so all give the same bits on any x86-64 CPU.
 //    Best for small d and large n, and the only choice when an n x n matrix would not fit.
 //  * nn_chain_ward ("matrix"): O(n^2) time after an O(n^2 d) start, O(n^2) memory: a dense matrix
 //    of squared distances updated with the Lance-Williams formula. Best for larger d.
 //  * ward_1d ("sorted"): points on a line. Ward clusters of 1-D points are runs of the sorted
-//    points, and a run's nearest cluster is one of its two neighbouring runs, so after a sort the
-//    chain is O(n).
+//    points, and a run's nearest cluster is one of its two neighbouring runs, so after a sort (a
+//    radix sort on 32-bit keys when every point is a float, as upcast float32 weights are) the
+//    chain is O(n), each step two loads of kept neighbour costs.
 // choose_method() picks one by n and d (thresholds measured by benchmarks/bench_ward.py).
-// All produce an unsorted list of merges that finish_linkage() turns into scipy's format.
+// All produce an unsorted list of merges (ward_merges()). Two consumers:
+//  * finish_linkage() sorts them by height and relabels them into scipy's format (ward_linkage);
+//  * REPrune's layer cut (keep_merges(), cut_merges()) needs no linkage matrix: it keeps the
+//    merges unsorted (point ids + height), picks the layer's cut-off by selection, and cuts by a
+//    union-find over the merges at or below it (heights are non-decreasing up the tree, so that is
+//    fcluster's "distance" partition).
 // None writes to its input.
 //
 // Exceptions: only plain functions allocate (std::bad_alloc can leave them). The vectorised
-// kernels, compiled in several versions (target_clones, or target-attribute multi-versioning),
-// never allocate and are noexcept: GCC 12 treats such multi-versioned functions as non-throwing,
-// so an exception inside one would end the process instead of reaching Python.
+// kernels, compiled in several versions (target_clones, or target-attribute versions dispatched
+// by hand), never allocate and are noexcept: GCC 12 treats multi-versioned functions as
+// non-throwing, so an exception inside one would end the process instead of reaching Python.
 #pragma once
 
 #include <algorithm>
@@ -42,11 +50,16 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 // Hot loops that the compiler vectorises get AVX2 / AVX-512 clones besides the baseline one,
 // chosen at load time by the CPU (GCC/Clang function multi-versioning on x86-64; a no-op
-// elsewhere). Results are the same in every clone: no fused multiply-add (-ffp-contract=off), and
-// the same operations in the same order per lane.
+// elsewhere). Results are the same in every clone: the compiler fuses nothing
+// (-ffp-contract=off), and every version does the same operations in the same order per lane.
+// The one fused multiply-add is written out (the centroid scan's sum of squares, fma_lanes and
+// ward_cost): hardware fma where the CPU has it, std::fma elsewhere, both correctly rounded.
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(ACCELPRUNE_NO_CLONES)
 #define ACCELPRUNE_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -133,11 +146,14 @@ class LinkageUnionFind {
 struct WardWorkspace {
   // shared by the solvers
   std::vector<int64_t> chain, ids;
+  std::vector<int32_t> cut_parent;      // the layer cut's union-find
+  std::vector<double> heights_scratch;  // the layer cut's selection of the m-th height
   std::vector<Merge> merges, merges_sorted;
   std::vector<double> formed_height, mask, size_d;
   LinkageUnionFind union_find;
   // stable radix sort
   std::vector<uint64_t> keys, keys_tmp;
+  std::vector<uint32_t> keys32, keys32_tmp;  // 1-D points that are all floats
   std::vector<int64_t> perm, perm_tmp;
   // matrix path
   std::vector<double> dist;  // n x ld squared Euclidean distances between current clusters
@@ -150,7 +166,7 @@ struct WardWorkspace {
   std::vector<char> cost_row_valid;
   // 1-D path
   std::vector<int64_t> order, prev, next, count;
-  std::vector<double> mean;
+  std::vector<double> mean, cost_left;
 };
 
 // Bytes of workspace one thread needs for a problem of n points in d dimensions (an estimate
@@ -166,7 +182,8 @@ inline double workspace_bytes(int64_t n, int64_t d, WardMethod method) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Sorting: a stable LSD radix sort on 64-bit keys (the merges by height, the 1-D points by value).
+// Sorting: a stable LSD radix sort on 64-bit keys (the merges by height, the 1-D points by value),
+// or on 32-bit keys where the values are floats (the 1-D points of float32 weights: 4 passes).
 // Much cheaper than std::stable_sort on these sizes (no comparisons, no temporary allocation),
 // and stable, so equal heights keep the order the chain found them in, as scipy's mergesort.
 
@@ -178,15 +195,27 @@ inline uint64_t sortable_bits(double v) {
   return (u >> 63) ? ~u : (u | (uint64_t{1} << 63));
 }
 
-// perm[0..n) = the stable ascending order of keys[0..n). keys is left in sorted order.
-inline void stable_argsort(std::vector<uint64_t>& keys, std::vector<int64_t>& perm,
-                           std::vector<uint64_t>& keys_tmp, std::vector<int64_t>& perm_tmp) {
+// Order-preserving map of a float (never NaN) to an unsigned integer; -0.0 maps as +0.0. For
+// doubles that are floats it orders as sortable_bits() does (double -> float is then exact).
+inline uint32_t sortable_bits32(float v) {
+  v += 0.0f;
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return (u >> 31) ? ~u : (u | (uint32_t{1} << 31));
+}
+
+// perm[0..n) = the stable ascending order of keys[0..n) (Key: uint32_t or uint64_t, one pass per
+// byte). keys is left in sorted order.
+template <typename Key>
+inline void stable_argsort(std::vector<Key>& keys, std::vector<int64_t>& perm,
+                           std::vector<Key>& keys_tmp, std::vector<int64_t>& perm_tmp) {
+  constexpr int kPasses = sizeof(Key);
   const int64_t n = static_cast<int64_t>(keys.size());
   perm.resize(n);
   for (int64_t i = 0; i < n; ++i) perm[i] = i;
   if (n < 48) {  // insertion sort: cheaper than the histograms on tiny inputs
     for (int64_t i = 1; i < n; ++i) {
-      const uint64_t k = keys[i];
+      const Key k = keys[i];
       int64_t j = i;
       for (; j > 0 && keys[j - 1] > k; --j) {
         keys[j] = keys[j - 1];
@@ -199,10 +228,10 @@ inline void stable_argsort(std::vector<uint64_t>& keys, std::vector<int64_t>& pe
   }
   keys_tmp.resize(n);
   perm_tmp.resize(n);
-  uint32_t histogram[8][256] = {};
+  uint32_t histogram[kPasses][256] = {};
   for (int64_t i = 0; i < n; ++i)
-    for (int pass = 0; pass < 8; ++pass) ++histogram[pass][(keys[i] >> (8 * pass)) & 255];
-  for (int pass = 0; pass < 8; ++pass) {
+    for (int pass = 0; pass < kPasses; ++pass) ++histogram[pass][(keys[i] >> (8 * pass)) & 255];
+  for (int pass = 0; pass < kPasses; ++pass) {
     uint32_t* h = histogram[pass];
     const int shift = 8 * pass;
     // A pass whose digit is the same in every key would only copy: skip it (the exponent bytes
@@ -327,8 +356,8 @@ inline double masked_min(const double* row, const double* mask, int64_t n) {
 }
 
 // Nearest-neighbour chain Ward on points X (n x d, row-major) with a stored distance matrix.
-// Writes Z ((n-1) x 4).
-inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& ws, double* Z) {
+// Leaves the n - 1 merges, unsorted, in ws.merges.
+inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& ws) {
   pairwise_distances(X, n, d, ws);
   double* D = ws.dist.data();
   int64_t ld = ws.ld;
@@ -419,7 +448,6 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
       ld = new_ld;
     }
   }
-  finish_linkage(ws, n, Z);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -451,18 +479,48 @@ inline int64_t centroid_index(int64_t i, int64_t k, int64_t d) {
 
 // The Ward merge cost of clusters x and i from their centroids and sizes, in the exact order of
 // operations of the vectorised scan (so that both give the same bits):
-//   n_x n_i / (n_x + n_i) * sum_k (c_ik - c_xk)^2 + mask_i.
+//   n_x n_i / (n_x + n_i) * sum_k (c_ik - c_xk)^2 + mask_i,
+// the sum accumulated by fused multiply-adds (one rounding per dimension, as the scan does).
 // It is bitwise symmetric in x and i: (a - b)^2 == (b - a)^2, the sum runs in the same order and
-// the size factor is symmetric; the chain's termination test relies on it.
+// the size factor is symmetric; the chain's termination test relies on it. An FMA clone turns
+// std::fma into one instruction; the baseline calls the C library's (correctly rounded) fma.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(ACCELPRUNE_NO_CLONES)
+__attribute__((target_clones("fma", "default")))
+#endif
 inline double ward_cost(const double* centroids, int64_t d, const double* query, double size_x,
-                        int64_t i, double size_i, double mask_i) {
+                        int64_t i, double size_i, double mask_i) noexcept {
   double squared = 0.0;
   for (int64_t k = 0; k < d; ++k) {
     const double diff = centroids[centroid_index(i, k, d)] - query[k];
-    squared += diff * diff;
+    squared = std::fma(diff, diff, squared);
   }
   return size_x * size_i / (size_x + size_i) * squared + mask_i;
 }
+
+// a * b + c lane by lane with one rounding (std::fma per lane; one instruction where the target
+// has it: the specialisations below, inlined into the FMA versions of the scan by `flatten`).
+template <int kWidth>
+inline typename NativeVector<kWidth>::type fma_lanes(typename NativeVector<kWidth>::type a,
+                                                     typename NativeVector<kWidth>::type b,
+                                                     typename NativeVector<kWidth>::type c) {
+  typename NativeVector<kWidth>::type out;
+  for (int l = 0; l < kWidth; ++l) out[l] = std::fma(a[l], b[l], c[l]);
+  return out;
+}
+#if defined(__x86_64__) && defined(__GNUC__)
+template <>
+__attribute__((target("avx2,fma"))) inline NativeVector<4>::type fma_lanes<4>(
+    NativeVector<4>::type a, NativeVector<4>::type b, NativeVector<4>::type c) {
+  return reinterpret_cast<NativeVector<4>::type>(_mm256_fmadd_pd(
+      reinterpret_cast<__m256d>(a), reinterpret_cast<__m256d>(b), reinterpret_cast<__m256d>(c)));
+}
+template <>
+__attribute__((target("avx512f"))) inline NativeVector<8>::type fma_lanes<8>(
+    NativeVector<8>::type a, NativeVector<8>::type b, NativeVector<8>::type c) {
+  return reinterpret_cast<NativeVector<8>::type>(_mm512_fmadd_pd(
+      reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b), reinterpret_cast<__m512d>(c)));
+}
+#endif
 
 // The running minimum of a scan: per lane, the smallest cost seen and the first block where it
 // was seen (a strict < keeps the first of equal costs).
@@ -519,7 +577,7 @@ __attribute__((always_inline)) inline void scan_blocks(const double* centroids, 
     for (int u = 0; u < kBlocks; ++u) {
       for (int g = 0; g < kGroups; ++g) {
         const V diff = load(c + u * kLanes * d + g * kWidth) - q;
-        squared[u][g] += diff * diff;
+        squared[u][g] = fma_lanes<kWidth>(diff, diff, squared[u][g]);
       }
     }
   }
@@ -565,36 +623,91 @@ __attribute__((always_inline)) inline double ward_costs_kernel(
   return running.reduce(argmin);
 }
 
+// The versions of the scan compiled here, and which one this CPU runs. Dispatched by hand (not
+// by GCC's function multi-versioning) so that the FMA requirement of the AVX2 version is spelled
+// out and every version can be called by name: the tests check that all versions the CPU can run
+// give the same bits (ward_scan_versions()).
+typedef double (*WardScan)(const double* centroids, int64_t d, const double* query,
+                           double size_x, const double* size, const double* mask, int64_t m,
+                           int64_t* argmin, double* cost) noexcept;
+
+struct WardScanVersion {
+  const char* name;
+  WardScan scan;
+  bool runs_here;  // the CPU (and the OS) support its instructions
+};
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
     !defined(ACCELPRUNE_NO_CLONES)
-__attribute__((target("default"))) inline double ward_costs_from(
+// `flatten` inlines fma_lanes' target-specific specialisation into each version (a plain
+// always_inline chain cannot: GCC refuses to inline an AVX intrinsic into a function without the
+// AVX target, such as the templates above before they are inlined).
+__attribute__((flatten)) inline double ward_costs_baseline(
     const double* centroids, int64_t d, const double* query, double size_x, const double* size,
     const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
   return ward_costs_kernel<2>(centroids, d, query, size_x, size, mask, m, argmin, cost);
 }
-__attribute__((target("avx2"))) inline double ward_costs_from(
+__attribute__((target("avx2,fma"), flatten)) inline double ward_costs_avx2_fma(
     const double* centroids, int64_t d, const double* query, double size_x, const double* size,
     const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
   return ward_costs_kernel<4>(centroids, d, query, size_x, size, mask, m, argmin, cost);
 }
-__attribute__((target("avx512f"))) inline double ward_costs_from(
+__attribute__((target("avx512f"), flatten)) inline double ward_costs_avx512f(
     const double* centroids, int64_t d, const double* query, double size_x, const double* size,
     const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
   return ward_costs_kernel<8>(centroids, d, query, size_x, size, mask, m, argmin, cost);
 }
+
+// Widest first. __builtin_cpu_supports also checks that the OS saves the registers (XGETBV).
+inline const std::vector<WardScanVersion>& ward_scan_versions() {
+  static const std::vector<WardScanVersion> versions = [] {
+    __builtin_cpu_init();
+    return std::vector<WardScanVersion>{
+        {"avx512f", &ward_costs_avx512f, __builtin_cpu_supports("avx512f") != 0},
+        {"avx2+fma", &ward_costs_avx2_fma,
+         __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0},
+        {"sse2", &ward_costs_baseline, true},
+    };
+  }();
+  return versions;
+}
 #else
+// One version, for the compiler's target (std::fma per lane where it has no FMA instruction).
+inline double ward_costs_native(const double* centroids, int64_t d, const double* query,
+                                double size_x, const double* size, const double* mask, int64_t m,
+                                int64_t* argmin, double* cost) noexcept {
+#if defined(__AVX512F__)
+  return ward_costs_kernel<8>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+#elif defined(__AVX2__) && defined(__FMA__)
+  return ward_costs_kernel<4>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+#else
+  return ward_costs_kernel<2>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+#endif
+}
+
+inline const std::vector<WardScanVersion>& ward_scan_versions() {
+  static const std::vector<WardScanVersion> versions{{"native", &ward_costs_native, true}};
+  return versions;
+}
+#endif
+
+// The widest version this CPU runs (chosen once).
+inline WardScan chosen_ward_scan() {
+  static const WardScan chosen = [] {
+    for (const WardScanVersion& v : ward_scan_versions())
+      if (v.runs_here) return v.scan;
+    return ward_scan_versions().back().scan;
+  }();
+  return chosen;
+}
+
+// The Ward merge cost of cluster x with every cluster i < m, by the chosen version: see
+// ward_costs_kernel.
 inline double ward_costs_from(const double* centroids, int64_t d, const double* query,
                               double size_x, const double* size, const double* mask, int64_t m,
                               int64_t* argmin, double* cost) noexcept {
-#if defined(__AVX512F__)
-  return ward_costs_kernel<8>(centroids, d, query, size_x, size, mask, m, argmin, cost);
-#elif defined(__AVX__)
-  return ward_costs_kernel<4>(centroids, d, query, size_x, size, mask, m, argmin, cost);
-#else
-  return ward_costs_kernel<2>(centroids, d, query, size_x, size, mask, m, argmin, cost);
-#endif
+  return chosen_ward_scan()(centroids, d, query, size_x, size, mask, m, argmin, cost);
 }
-#endif
 
 // The first smallest of row[0..m) (m a multiple of kLanes) and where it is: the kept rows'
 // minimum, lane-wise as in the scan (a scalar loop is one dependent compare per element).
@@ -665,9 +778,9 @@ inline void column_means(const double* X, int64_t n, int64_t d, std::vector<doub
 // centroids (about a third of all scans). Deeper chains (rare) scan again.
 constexpr int64_t kCachedRows = 16;
 
-// Nearest-neighbour chain Ward on centroids: O(n d) memory. Writes Z ((n-1) x 4).
-inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& ws,
-                                double* Z) {
+// Nearest-neighbour chain Ward on centroids: O(n d) memory. Leaves the n - 1 merges, unsorted,
+// in ws.merges.
+inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& ws) {
   // Clusters live at positions 0..m-1 (m rounded up to whole lanes; the padding is hidden);
   // ids[p] is the scipy slot id at position p. Dead positions are hidden by the mask until an
   // eighth of the positions is dead, then compacted (keeping the order, hence the tie rule).
@@ -799,21 +912,41 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
       dead = 0;
     }
   }
-  finish_linkage(ws, n, Z);
 }
 
 // ------------------------------------------------------------------------------------------
 // The 1-D path.
 
+// Whether every x[i] is exactly a float (so float keys order them as double keys would).
+inline bool all_floats(const double* x, int64_t n) {
+  bool exact = true;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = x[i];
+    // the range test first: converting a double beyond the float range is undefined
+    exact &= std::fabs(v) <= static_cast<double>(std::numeric_limits<float>::max()) &&
+             static_cast<double>(static_cast<float>(v)) == v;
+  }
+  return exact;
+}
+
 // Exact Ward for 1-D points x (n values) in O(n log n): a sort, then an O(n) nearest-neighbour
 // chain. Ward clusters of points on a line are runs of the sorted points, and a run's nearest
 // cluster is one of its two neighbouring runs, so each chain step looks at two candidates.
-inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws, double* Z) {
+// Leaves the n - 1 merges, unsorted, in ws.merges.
+inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws) {
   // Sorted order of the points (ties by index, so the order is deterministic). A run is named by
   // its first position in that order; merging two runs keeps the left name.
-  ws.keys.resize(n);
-  for (int64_t i = 0; i < n; ++i) ws.keys[i] = sortable_bits(x[i]);
-  stable_argsort(ws.keys, ws.order, ws.keys_tmp, ws.perm_tmp);
+  // Weights are usually float32 upcast: then 32-bit keys sort the same, stably, in half the
+  // passes.
+  if (all_floats(x, n)) {
+    ws.keys32.resize(n);
+    for (int64_t i = 0; i < n; ++i) ws.keys32[i] = sortable_bits32(static_cast<float>(x[i]));
+    stable_argsort(ws.keys32, ws.order, ws.keys32_tmp, ws.perm_tmp);
+  } else {
+    ws.keys.resize(n);
+    for (int64_t i = 0; i < n; ++i) ws.keys[i] = sortable_bits(x[i]);
+    stable_argsort(ws.keys, ws.order, ws.keys_tmp, ws.perm_tmp);
+  }
   ws.prev.resize(n);
   ws.next.resize(n);
   ws.count.assign(n, 1);
@@ -834,7 +967,13 @@ inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws, double* Z) {
     const double diff = ws.mean[r] - ws.mean[l];
     return nl * nr / (nl + nr) * diff * diff;
   };
+  // Each run's cost to its left neighbour, kept up to date (a merge changes two of them), so a
+  // chain step is two loads, not two divisions. Run 0 has no left neighbour and position n stands
+  // for "no right neighbour": both cost infinity.
   constexpr double kNone = std::numeric_limits<double>::infinity();
+  ws.cost_left.resize(n + 1);
+  ws.cost_left[0] = ws.cost_left[n] = kNone;
+  for (int64_t p = 1; p < n; ++p) ws.cost_left[p] = cost(p - 1, p);
 
   ws.chain.resize(n);
   ws.merges.resize(n - 1);
@@ -847,16 +986,12 @@ inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws, double* Z) {
       a = ws.chain[chain_length - 1];
       const int64_t previous = chain_length > 1 ? ws.chain[chain_length - 2] : -1;
       const int64_t left = ws.prev[a], right = ws.next[a];
-      const double to_left = left >= 0 ? cost(left, a) : kNone;
-      const double to_right = right < n ? cost(a, right) : kNone;
+      const double to_left = ws.cost_left[a], to_right = ws.cost_left[right];
       // Ties prefer the previous chain element (so the chain cannot cycle), then the left run.
-      if (to_left < to_right || (to_left == to_right && previous != right)) {
-        b = left;
-        best = to_left;
-      } else {
-        b = right;
-        best = to_right;
-      }
+      // (bitwise & and |: no branches on these coin flips; the compiler selects by cmov)
+      const bool go_left = (to_left < to_right) | ((to_left == to_right) & (previous != right));
+      b = go_left ? left : right;
+      best = go_left ? to_left : to_right;
       if (b == previous) break;
       ws.chain[chain_length++] = b;
     }
@@ -873,27 +1008,100 @@ inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws, double* Z) {
     ws.mean[l] += (ws.mean[r] - ws.mean[l]) * (nr / (nl + nr));
     ws.count[l] += ws.count[r];
     ws.next[l] = ws.next[r];
-    if (ws.next[l] < n) ws.prev[ws.next[l]] = l;
+    if (ws.next[l] < n) {
+      ws.prev[ws.next[l]] = l;
+      ws.cost_left[ws.next[l]] = cost(l, ws.next[l]);
+    }
+    if (l > 0) ws.cost_left[l] = cost(ws.prev[l], l);
   }
-  finish_linkage(ws, n, Z);
 }
 
-// Ward linkage of one problem by the given method (kAuto: choose_method). kSorted needs d == 1.
-inline void ward_linkage(const double* X, int64_t n, int64_t d, WardWorkspace& ws, double* Z,
-                         WardMethod method = WardMethod::kAuto) {
-  if (n < 2) return;
+// The n - 1 merges of one problem (n >= 2), unsorted, into ws.merges, by the given method
+// (kAuto: choose_method). kSorted needs d == 1.
+inline void ward_merges(const double* X, int64_t n, int64_t d, WardWorkspace& ws,
+                        WardMethod method = WardMethod::kAuto) {
   if (method == WardMethod::kAuto) method = choose_method(n, d);
   switch (method) {
     case WardMethod::kSorted:
       if (d != 1) throw std::invalid_argument("the sorted Ward path needs 1-D points");
-      ward_1d(X, n, ws, Z);
+      ward_1d(X, n, ws);
       break;
     case WardMethod::kMatrix:
-      nn_chain_ward(X, n, d, ws, Z);
+      nn_chain_ward(X, n, d, ws);
       break;
     default:
-      centroid_chain_ward(X, n, d, ws, Z);
+      centroid_chain_ward(X, n, d, ws);
       break;
+  }
+}
+
+// Ward linkage of one problem by the given method: Z ((n-1) x 4), scipy's format.
+inline void ward_linkage(const double* X, int64_t n, int64_t d, WardWorkspace& ws, double* Z,
+                         WardMethod method = WardMethod::kAuto) {
+  if (n < 2) return;
+  ward_merges(X, n, d, ws, method);
+  finish_linkage(ws, n, Z);
+}
+
+// ------------------------------------------------------------------------------------------
+// REPrune's layer cut without linkage matrices (ALGORITHMS.md 3.2). A layer needs, per problem,
+// only the height of its m-th merge in height order, and then the flat clusters at the layer's
+// cut-off h_l = the largest of those heights: no sorted, relabelled Z. Every solver makes its
+// heights monotone up the tree (the max() at each merge), so a merge's subtree holds no higher
+// merge, fcluster's "subtree height <= t" is "height <= t", and the merges at or below t are
+// closed under taking children: joining their points by union-find, in any order, gives
+// fcluster(Z, t, "distance")'s partition.
+
+// Writes ws.merges (n - 1 of them) as point pairs and heights, and returns max(floor, the height
+// of the m-th merge in height order (1 <= m <= n - 1), as row m - 1 of the sorted linkage holds
+// it). A layer needs only the largest such height over its problems: when at least m heights are
+// <= floor (the largest found so far), this problem cannot raise it, and a vectorised count
+// replaces the selection (which then runs for a few problems of a layer only).
+inline double keep_merges(const WardWorkspace& ws, int64_t n, int64_t m, double floor,
+                          int32_t* pairs, double* heights, std::vector<double>& scratch) {
+  int64_t at_most_floor = 0;
+  for (int64_t k = 0; k < n - 1; ++k) {
+    const Merge& merge = ws.merges[k];
+    pairs[2 * k] = static_cast<int32_t>(merge.a);
+    pairs[2 * k + 1] = static_cast<int32_t>(merge.b);
+    heights[k] = merge.height;
+    at_most_floor += merge.height <= floor;
+  }
+  if (at_most_floor >= m) return floor;
+  scratch.assign(heights, heights + (n - 1));
+  std::nth_element(scratch.begin(), scratch.begin() + (m - 1), scratch.end());
+  return std::max(floor, scratch[m - 1]);
+}
+
+// Labels (0..c-1, in order of first appearance) of the partition that joins the points of every
+// merge with height <= threshold. pairs / heights: n - 1 merges as keep_merges() writes them.
+inline void cut_merges(const int32_t* pairs, const double* heights, int64_t n, double threshold,
+                       std::vector<int32_t>& parent, int32_t* labels) {
+  // The merges at or below the threshold first, compacted without branches (whether a merge is
+  // taken is a coin flip for the branch predictor: a quarter of the cut's time went there).
+  parent.resize(2 * n);
+  int32_t* taken = parent.data() + n;
+  int64_t count = 0;
+  for (int64_t k = 0; k < n - 1; ++k) {
+    taken[count] = static_cast<int32_t>(k);
+    count += heights[k] <= threshold;
+  }
+  for (int64_t i = 0; i < n; ++i) parent[i] = static_cast<int32_t>(i);
+  auto find = [&parent](int32_t x) {
+    while (parent[x] != x) x = parent[x] = parent[parent[x]];  // path halving
+    return x;
+  };
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t k = taken[j];
+    const int32_t ra = find(pairs[2 * k]), rb = find(pairs[2 * k + 1]);
+    parent[std::max(ra, rb)] = std::min(ra, rb);  // the root is the cluster's lowest point
+  }
+  // Roots are the lowest point of their cluster, so a cluster's label is due when the scan meets
+  // its root: first appearance order in one pass.
+  int32_t next_label = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t root = find(static_cast<int32_t>(i));
+    labels[i] = root == i ? next_label++ : labels[root];
   }
 }
 

@@ -13,7 +13,8 @@ from accelprune import (
     ward_linkage_batched_ref,
     ward_linkage_ref,
 )
-from accelprune._backend import available
+from accelprune._backend import available, native_module
+from accelprune.cluster import ward_cut_layer, ward_cut_layer_ref
 
 pytestmark = pytest.mark.skipif(not available("native"), reason="accelprune._native not built")
 
@@ -284,3 +285,139 @@ def test_the_extension_itself_refuses_non_finite_points():
         X[0, 1, 0] = bad
         with pytest.raises(ValueError, match="NaN, Inf or values beyond"):
             native_module().ward_linkage_batched(X, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# REPrune's layer cut (ward_cut_layer): no linkage matrices
+
+
+def tie_heavy_problems(kind, shape, seed):
+    """(B, n, d) problems: normal, float32-valued, duplicated points, or an integer grid."""
+    rng = np.random.default_rng(seed)
+    B, n, d = shape
+    if kind == "duplicates":
+        base = rng.standard_normal((B, max(1, n // 4), d))
+        return np.take_along_axis(base, rng.integers(0, base.shape[1], (B, n, 1)), axis=1)
+    if kind == "grid":
+        return rng.integers(0, 3, size=shape).astype(np.float64)
+    if kind == "float32":
+        return rng.standard_normal(shape).astype(np.float32).astype(np.float64)
+    return rng.standard_normal(shape)
+
+
+def z_route(arrays, merges):
+    """The old route: native linkage matrices, then cut_linkage at the layer's height."""
+    linkages = [ward_linkage_batched(a) for a in arrays]
+    height = max(Z[:, merges - 1, 2].max() for Z in linkages)
+    return np.concatenate([cut_linkage(Z, height=height) for Z in linkages]), height
+
+
+@pytest.mark.parametrize("kind", ["normal", "float32", "duplicates", "grid"])
+@pytest.mark.parametrize("shape", [(6, 2, 1), (7, 40, 1), (5, 33, 2), (4, 64, 9), (3, 50, 30)])
+def test_layer_cut_matches_the_z_route_and_scipy(kind, shape):
+    X = tie_heavy_problems(kind, shape, seed=shape[1] * 7 + shape[2])
+    n = shape[1]
+    for merges in sorted({1, n // 3 or 1, n // 2 or 1, n - 1}):
+        cut = ward_cut_layer(X, merges)
+        assert cut.labels.dtype == np.int32 and cut.labels.shape == (shape[0], n)
+        labels, height = z_route([X], merges)
+        assert cut.height == height  # the same solver: the same bits
+        np.testing.assert_array_equal(cut.labels, labels)
+        if kind == "grid":
+            continue  # tied choices on a grid may give other, equally valid, trees than scipy's
+        ref = ward_cut_layer_ref(X, merges)
+        assert cut.height == pytest.approx(ref.height, rel=1e-9, abs=1e-12)
+        np.testing.assert_array_equal(cut.labels, ref.labels)
+
+
+@pytest.mark.parametrize("kind", ["normal", "duplicates", "grid"])
+def test_layer_cut_pools_a_list_of_arrays_into_one_height(kind):
+    arrays = [tie_heavy_problems(kind, (3, 24, d), seed=d) for d in (1, 9, 4)]
+    for merges in (1, 7, 23):
+        cut = ward_cut_layer(arrays, merges)
+        labels, height = z_route(arrays, merges)
+        assert cut.height == height and cut.labels.shape == (9, 24)
+        np.testing.assert_array_equal(cut.labels, labels)
+        if kind != "grid":
+            ref = ward_cut_layer_ref(arrays, merges)
+            assert cut.height == pytest.approx(ref.height, rel=1e-9, abs=1e-12)
+            np.testing.assert_array_equal(cut.labels, ref.labels)
+    # each array alone has its own (lower or equal) height
+    assert max(ward_cut_layer(a, 7).height for a in arrays) == ward_cut_layer(arrays, 7).height
+
+
+def test_layer_cut_is_the_same_with_any_thread_count_and_method():
+    X = np.random.default_rng(8).standard_normal((40, 300, 1)).astype(np.float32)
+    one = ward_cut_layer(X, 150, n_threads=1)
+    for threads in (2, 3):
+        again = ward_cut_layer(X, 150, n_threads=threads)
+        assert again.height == one.height
+        np.testing.assert_array_equal(again.labels, one.labels)
+    for method in ("centroids", "matrix", "sorted"):
+        other = ward_cut_layer(X, 150, n_threads=2, method=method)
+        assert other.height == pytest.approx(one.height, rel=1e-9)
+        np.testing.assert_array_equal(other.labels, one.labels)
+    np.testing.assert_array_equal(ward_cut_layer(X, 150, backend="reference").labels, one.labels)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 30), d=st.integers(1, 4), b=st.integers(1, 4),
+       kind=st.sampled_from(["normal", "float32", "duplicates", "grid"]),
+       seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_fuzz_layer_cut(n, d, b, kind, seed, data):
+    X = tie_heavy_problems(kind, (b, n, d), seed)
+    merges = data.draw(st.integers(1, n - 1))
+    cut = ward_cut_layer(X, merges, n_threads=data.draw(st.integers(1, 3)))
+    labels, height = z_route([X], merges)
+    assert cut.height == height
+    np.testing.assert_array_equal(cut.labels, labels)
+    if kind != "grid":  # on a grid, tied choices may give other, equally valid, trees than scipy's
+        ref = ward_cut_layer_ref(X, merges)
+        assert cut.height == pytest.approx(ref.height, rel=1e-9, abs=1e-12)
+        np.testing.assert_array_equal(cut.labels, ref.labels)
+
+
+def test_layer_cut_rejects_bad_input_and_leaves_input_alone():
+    X = np.random.default_rng(9).standard_normal((3, 10, 2))
+    before = X.copy()
+    ward_cut_layer(X, 4)
+    np.testing.assert_array_equal(X, before)
+    for cut in (ward_cut_layer, ward_cut_layer_ref):
+        for merges in (0, 10, -1):
+            with pytest.raises(ValueError, match="merges"):
+                cut(X, merges)
+        with pytest.raises(TypeError, match="merges"):
+            cut(X, 2.5)
+        with pytest.raises(ValueError, match="number of points"):
+            cut([X, X[:, :5]], 2)
+        with pytest.raises(ValueError, match="empty list"):
+            cut([], 1)
+        with pytest.raises(ValueError, match="n >= 2"):
+            cut(X[:, :1], 1)
+        with pytest.raises(ValueError, match="3-D"):
+            cut(X[0], 1)
+    with pytest.raises(ValueError, match="1-D"):
+        ward_cut_layer(X, 2, method="sorted")
+
+
+def test_layer_cut_raw_extension_checks_its_own_inputs():
+    native = native_module()
+    X = np.random.default_rng(10).standard_normal((2, 6, 3))
+    pairs, heights, height = native.ward_layer_merges(X, 3, 1)
+    assert pairs.shape == (2, 5, 2) and pairs.dtype == np.int32 and heights.shape == (2, 5)
+    for merges in (0, 6):
+        with pytest.raises(ValueError, match="merges_needed"):
+            native.ward_layer_merges(X, merges, 1)
+    with pytest.raises(TypeError, match="float64"):
+        native.ward_layer_merges(X.astype(np.float32), 3, 1)
+    labels = native.cut_merges(pairs, heights, height, 1)
+    assert labels.shape == (2, 6)
+    broken = pairs.copy()
+    broken[1, 2, 0] = 6
+    for bad_pairs, bad_height in ((broken, height), (pairs, float("nan")), (pairs, -1.0)):
+        with pytest.raises(ValueError):
+            native.cut_merges(bad_pairs, heights, bad_height, 1)
+    with pytest.raises(TypeError, match="int32"):
+        native.cut_merges(pairs.astype(np.int64), heights, height, 1)
+    with pytest.raises(ValueError, match="heights"):
+        native.cut_merges(pairs, heights[:, :3].copy(), height, 1)

@@ -95,6 +95,73 @@ def test_duplicates_merge_at_exactly_zero_on_every_path():
         assert (Z[:30, 2] == 0).all() and (Z[30:, 2] > 0).all()
 
 
+def test_sorted_path_float_keys_and_double_keys_agree():
+    """Float32-valued points take 32-bit sort keys, others 64-bit ones: the same order (ties and
+    -0.0 included), so the same dendrogram as scipy either way."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(400).astype(np.float32).astype(np.float64)
+    x[::7] = x[3]  # ties
+    x[5], x[9] = -0.0, 0.0
+    x[11] = np.float32(2.0**-140)  # a float subnormal
+    for values in (x, np.append(x, 0.1), np.append(x, 1e-300)):  # the last two are not floats
+        X = values[:, None]
+        Z = ward_linkage(X, method="sorted")
+        R = sch.linkage(X, "ward")
+        np.testing.assert_allclose(Z[:, 2], R[:, 2], rtol=1e-9, atol=1e-12)
+        for h in untied_cut_heights(R[:, 2], count=20):
+            np.testing.assert_array_equal(cut_linkage(Z, height=h), cut_linkage_ref(R, height=h))
+
+
+# ---------------------------------------------------------------------------------------------
+# every version of the centroid scan gives the same bits (issue 14)
+
+
+def fused_ward_cost(centroid, query, size_i, size_x):
+    """The engine's documented cost, computed exactly and rounded as it specifies: the sum of
+    squares by fused multiply-adds (one rounding per dimension: Fraction arithmetic, then float(),
+    which rounds correctly), then n_x n_i / (n_x + n_i) * sum in plain double arithmetic."""
+    from fractions import Fraction
+
+    squared = 0.0
+    for c, q in zip(centroid.tolist(), query.tolist(), strict=True):
+        diff = c - q
+        squared = float(Fraction(diff) * Fraction(diff) + Fraction(squared))
+    return size_x * size_i / (size_x + size_i) * squared + 0.0
+
+
+@pytest.mark.parametrize("m, d", [(1, 1), (5, 9), (37, 9), (64, 3), (131, 25)])
+def test_every_scan_version_and_the_scalar_cost_agree_to_the_bit(m, d):
+    """The SSE2 baseline (std::fma per lane), the AVX2+FMA and AVX-512 versions (whichever this
+    CPU runs) and the scalar ward_cost (std::fma) give the same costs, minimum and argmin; and
+    that is the fused formula, not the unfused one (so that the check can fail)."""
+    rng = np.random.default_rng(m * 100 + d)
+    centroids = rng.standard_normal((m, d)) * rng.uniform(0.1, 10.0)
+    centroids[m // 2] = centroids[0]  # a tie: the lowest index must win everywhere
+    query = rng.standard_normal(d)
+    sizes = rng.integers(1, 50, m).astype(np.float64)
+    sizes[m // 2] = sizes[0]
+    versions = native_module()._ward_scan_versions(centroids, query, sizes, 7.0)
+    assert {"scalar", "sse2"} <= set(versions) or set(versions) == {"scalar", "native"}
+    expected = np.array([fused_ward_cost(centroids[i], query, sizes[i], 7.0) for i in range(m)])
+    for name, (costs, smallest, argmin) in versions.items():
+        np.testing.assert_array_equal(costs, expected, err_msg=name)
+        assert smallest == expected.min() and argmin == int(np.argmin(expected)), name
+
+
+def test_the_fused_formula_differs_from_the_unfused_one_somewhere():
+    """Guards the test above: on this data one rounding per dimension is visible."""
+    rng = np.random.default_rng(0)
+    centroids, query = rng.standard_normal((200, 9)), rng.standard_normal(9)
+    fused = [fused_ward_cost(c, query, 1.0, 1.0) for c in centroids]
+    unfused = []
+    for c in centroids:
+        squared = 0.0
+        for k in range(9):
+            squared += (c[k] - query[k]) * (c[k] - query[k])
+        unfused.append(0.5 * squared)
+    assert np.count_nonzero(np.array(fused) != np.array(unfused)) > 10
+
+
 # ---------------------------------------------------------------------------------------------
 # precision far from the origin (issue 13, item 4)
 
