@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "attention": ("HeadGroup", "find_head_groups", "prune_heads"),
     "cluster": (
-        "cut_linkage", "cut_linkage_ref", "ward_linkage", "ward_linkage_batched",
-        "ward_linkage_batched_ref", "ward_linkage_ref",
+        "LayerCut", "cut_linkage", "cut_linkage_ref", "ward_cut_layer", "ward_cut_layer_ref",
+        "ward_linkage", "ward_linkage_batched", "ward_linkage_batched_ref", "ward_linkage_ref",
     ),
     "coverage": ("CoverageResult", "max_coverage", "max_coverage_ref"),
     "csgd": ("CSGD", "CSGDReport", "fold_and_prune"),
