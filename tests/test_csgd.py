@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from convergence import collapse_clusters
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.cluster.vq import kmeans2
@@ -172,20 +173,6 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
     return model
-
-
-def collapse_clusters(csgd: CSGD) -> None:
-    """Force convergence: every member of a cluster becomes a copy of the cluster's first member,
-    in every tensor whose rows are the group's channels (params and BN running statistics)."""
-    with torch.no_grad():
-        for g, c in zip(csgd.groups, csgd.clusters, strict=True):
-            source = torch.from_numpy(c.kept[c.labels])  # each row's cluster representative
-            for name in list(g.producers) + list(g.bns):
-                m = csgd.graph.module(name)
-                for attr in ("weight", "bias", "running_mean", "running_var"):
-                    t = getattr(m, attr, None)
-                    if isinstance(t, torch.Tensor):
-                        t.copy_(t[source.to(t.device)])
 
 
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ from torch import nn
 
 from accelprune import CSGD, surgery
 from accelprune.attention import HeadPrunedMultiheadAttention
-from accelprune.csgd_heads import head_params, head_row_labels
+from accelprune.csgd_heads import head_row_labels
+from tests.convergence import collapse_clusters
 from tests.failsafe import ModelState, leaves_unchanged
 from tests.toy_models import Encoder, tiny_llama
 
@@ -152,28 +153,6 @@ def output(model, x):
 # forcing convergence
 
 
-def collapse(csgd: CSGD) -> None:
-    """Every cluster member becomes a copy of its cluster's kept channel / unit, in every tensor
-    C-SGD pulls together (and BN running statistics)."""
-    with torch.no_grad():
-        for g, c in zip(csgd.groups, csgd.clusters, strict=True):
-            source = torch.from_numpy(c.kept[c.labels])
-            for name in list(g.producers) + list(g.bns):
-                m = csgd.graph.module(name)
-                for attr in ("weight", "bias", "running_mean", "running_var"):
-                    t = getattr(m, attr, None)
-                    if isinstance(t, torch.Tensor):
-                        t.copy_(t[source])
-        for g, c in zip(csgd.head_groups, csgd.head_clusters, strict=True):
-            kept = c.kept[c.labels]  # each unit's cluster representative
-            for role, m, attr, _ in head_params(g):
-                t = getattr(m, attr)
-                source = np.empty(t.shape[0], dtype=np.int64)
-                for u in range(g.n_units):
-                    source[g.rows([u])[role]] = g.rows([int(kept[u])])[role]
-                t.copy_(t[torch.from_numpy(source)])
-
-
 CASES = {  # builder, inputs, head groups, units per group
     "llama": (llama, tokens, [f"model.layers.{i}.self_attn" for i in range(2)], 4),
     "bert": (bert, lambda: {"input_ids": tokens(), "attention_mask": torch.ones(2, 8).long()},
@@ -200,7 +179,7 @@ def test_collapsed_heads_fold_exactly_and_physically(key):
     assert all(c.n_clusters == units // 2 for c in csgd.head_clusters)
     assert not any(s.name in names for s in csgd.skipped)
     heads_before = [g.num_heads for g in csgd.head_groups]
-    collapse(csgd)
+    collapse_clusters(csgd)
     assert csgd.deviation().total == 0
     before = output(model, x)
     if key == "bert":  # BERT's config derives the head size from hidden_size: it cannot say
@@ -231,7 +210,7 @@ def test_llama_gqa_units_config_generate_and_round_trip(tmp_path):
     assert (g.num_heads, g.num_kv_heads, g.heads_per_unit) == (8, 4, 2)  # a unit = a KV group
     rows = head_row_labels(g, "q", csgd.head_clusters[0].labels)
     assert rows.shape == (64,) and rows.max() + 1 == 2 * 16  # 2 clusters × 2 heads × head_dim 8
-    collapse(csgd)
+    collapse_clusters(csgd)
     before = output(model, x)
     csgd.prune()
     torch.testing.assert_close(output(model, x), before, atol=1e-5, rtol=1e-5)
@@ -327,7 +306,7 @@ def test_unrecognised_attention_layout_is_listed():
 def test_failed_fold_restores_model_heads_and_config(monkeypatch):
     model, x = llama(layers=1), tokens()
     csgd = CSGD(model, x, 0.5, head_sparsity=0.5)
-    collapse(csgd)
+    collapse_clusters(csgd)
     config = copy.deepcopy(model.config.to_dict())
     counts = [(g.num_heads, g.num_kv_heads) for g in csgd.head_groups]
 
@@ -440,6 +419,6 @@ def test_ignored_attention_is_neither_clustered_nor_listed():
 def test_prune_keeps_a_hugging_face_config_in_step_without_heads_too():
     model, x = llama(layers=1), tokens()
     csgd = CSGD(model, x, 0.5, ignored_layers=["model.layers.0.self_attn"])
-    collapse(csgd)
+    collapse_clusters(csgd)
     csgd.prune()
     assert model.config.intermediate_size == model.model.layers[0].mlp.down_proj.in_features == 64

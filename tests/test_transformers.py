@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from convergence import collapse_clusters
 from torch import nn
 from toy_models import Encoder, tiny_llama
 
@@ -140,20 +141,6 @@ def output(model, x):
     if isinstance(out, torch.Tensor):
         return out
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-def collapse_clusters(csgd: CSGD) -> None:
-    """Force convergence: every cluster member becomes a copy of the cluster's kept channel, in
-    every tensor C-SGD transforms (and BN running statistics)."""
-    with torch.no_grad():
-        for g, c in zip(csgd.groups, csgd.clusters, strict=True):
-            source = torch.from_numpy(c.kept[c.labels])
-            for name in list(g.producers) + list(g.bns):
-                m = csgd.graph.module(name)
-                for attr in ("weight", "bias", "running_mean", "running_var"):
-                    t = getattr(m, attr, None)
-                    if isinstance(t, torch.Tensor):
-                        t.copy_(t[source])
 
 
 def state(model):
