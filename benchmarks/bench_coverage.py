@@ -19,6 +19,14 @@ process that called :func:`accelprune.coverage.warmup` first (what a pruner does
 built), the warmup itself and then the first call, which is then free of loading. The timed
 rows above are all after warmup.
 
+Roofline columns (a work model, not counters): ``MB`` is what the fast path must move at least,
+``BYTES_PER_KERNEL`` per (channel, filter) label: the index build reads the int32 label and
+writes a slot and a member entry (2 bytes each below 65,536 filters); the greedy reads each slot
+row it selects and, as every pair is covered once, each member once with its int64 gain read and
+written. ``GB/s`` is that over the Numba time, ``% peak BW`` against a streaming add measured in
+the same run (bench_kernels.stream_gbs). Far below 100%: the greedy waits on scattered member
+lists (latency), not on bandwidth.
+
 Run: ``python -m benchmarks.bench_coverage [--quick] [--repeats N] [--reference-all]``.
 """
 from __future__ import annotations
@@ -36,12 +44,14 @@ import numpy as np
 from accelprune._backend import thread_count
 from accelprune.cluster import cut_linkage, ward_linkage_batched
 from accelprune.coverage import _max_coverage_numpy, max_coverage, max_coverage_ref, warmup
+from benchmarks.bench_kernels import roofline, stream_gbs
 from benchmarks.harness import Row, measure, report
 from benchmarks.model_shapes import conv_weights, ward_problems
 
 SPARSITY = 0.5
 REFERENCE_MAX_FILTERS = 128  # the default reference subset: layers this narrow
 TARGET_SECONDS, TARGET_RATIO = 0.1, 200  # ResNet-50 on 2 cores, and numpy / numba
+BYTES_PER_KERNEL = 4 + 2 + 2 + 1 + 2 + 16  # label, slot, member; slot row, member, gain r+w
 
 
 def layer_labels(weight) -> tuple[np.ndarray, int]:
@@ -114,6 +124,9 @@ def main(argv=None):
            "warmup() in a new process (loads the cache)": warmup_s,
            "first call after warmup()": after_warmup_s}
     warmup()  # loaded (or compiled) before any timing
+    import torch
+
+    peak = stream_gbs(torch.device("cpu"))
 
     rows, totals = [], {}
     for model_name in ("resnet50", "vgg16"):
@@ -149,10 +162,12 @@ def main(argv=None):
             # the timed paths must agree, or the comparison means nothing
             for fast, slow in zip(run_all(subset, max_coverage), numpy_results, strict=True):
                 assert np.array_equal(fast.selected, slow.selected), case
+            kernels = sum(labels.size for _, labels, _ in subset)
             rows.append(Row(case, {name: t.median_s for name, t in timings.items()}, {
                 "layers": len(subset),
-                "kernels": sum(labels.size for _, labels, _ in subset),
+                "kernels": kernels,
                 "reference": "yes" if with_reference else "skipped",
+                **roofline(kernels * BYTES_PER_KERNEL, timings["numba"].median_s, peak),
             }))
             totals[case] = timings
 
@@ -170,6 +185,7 @@ def main(argv=None):
                        "numba_1t: one thread",
             "cpus": thread_count(None),
             "load_average_at_start": load_at_start,
+            "stream_gbs": peak,
             "jit_seconds": jit,
             "reference_subset": f"layers with <= {REFERENCE_MAX_FILTERS} filters"
                                 " (whole models too with --reference-all)",
