@@ -82,7 +82,7 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from accelprune.pruning import METHODS
+    from accelprune.methods import METHODS
 
     parser = argparse.ArgumentParser(prog="accelprune",
                                      description="Structured pruning for PyTorch.")

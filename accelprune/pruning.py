@@ -21,19 +21,11 @@ from torch import nn
 
 from accelprune._validation import check_fraction, check_int
 from accelprune.graph import ModelGraph
-from accelprune.importance import (
-    IMPORTANCES,
-    BNScaleImportance,
-    RandomImportance,
-    get_importance,
-)
+from accelprune.importance import BNScaleImportance, RandomImportance, get_importance
+from accelprune.methods import METHODS
 from accelprune.tracing import refuse_meta_tensors
 
-__all__ = ["METHODS", "prune", "prune_to_macs", "prune_with", "sparsity_for_macs"]
-
-# Every method by name: the classic criteria (scored by :func:`prune`), REPrune, and C-SGD's
-# cluster-and-fold (without centripetal training: lossy; train with accelprune.CSGD for lossless).
-METHODS = (*IMPORTANCES, "reprune", "csgd")
+__all__ = ["prune", "prune_to_macs", "prune_with", "sparsity_for_macs"]
 
 
 def prune(

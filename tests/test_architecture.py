@@ -80,3 +80,29 @@ def test_every_public_name_resolves():
     assert accelprune.REPrune.__module__ == "accelprune.reprune"
     with pytest.raises(AttributeError, match="no attribute 'Reprune'"):
         accelprune.Reprune  # noqa: B018
+
+
+def test_command_line_help_loads_nothing_heavy():
+    """``accelprune --help`` answers at once: the method names live in a module without torch."""
+    code = (
+        "import sys\n"
+        "from accelprune.cli import main\n"
+        "for argv in (['--help'], ['prune', '--help'], ['demo', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, e.code\n"
+        "heavy = [m for m in ('torch', 'torch_pruning', 'timm') if m in sys.modules]\n"
+        "assert not heavy, f'--help loaded {heavy}'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_method_names_match_the_criteria_classes():
+    from accelprune.importance import IMPORTANCES
+    from accelprune.methods import CRITERIA, METHODS
+
+    assert tuple(IMPORTANCES) == CRITERIA and METHODS[: len(CRITERIA)] == CRITERIA
+    assert accelprune.METHODS is METHODS
