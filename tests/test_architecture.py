@@ -59,18 +59,22 @@ def test_no_other_name_for_the_fraction_removed():
                 pytest.fail(f"{path.name}:{i}: {line.strip()}")
 
 
+def _loads_nothing_heavy(code: str) -> None:
+    """Run ``code`` in a fresh interpreter, then check that it imported none of torch,
+    Torch-Pruning, timm or torchvision."""
+    check = ("import sys\n"
+             "heavy = [m for m in ('torch', 'torch_pruning', 'timm', 'torchvision')\n"
+             "         if m in sys.modules]\n"
+             "assert not heavy, f'loaded {heavy}'\n")
+    result = subprocess.run([sys.executable, "-c", code + check], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
 def test_clustering_and_coverage_load_without_torch():
     """Users who only cluster or cover (benchmarks, other libraries) do not pay for torch,
     Torch-Pruning, timm or torchvision: the package's public names load on first use."""
-    code = (
-        "import sys, accelprune, accelprune.cluster, accelprune.coverage\n"
-        "heavy = [m for m in ('torch', 'torch_pruning', 'timm', 'torchvision')\n"
-        "         if m in sys.modules]\n"
-        "assert not heavy, f'importing accelprune loaded {heavy}'\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
+    _loads_nothing_heavy("import accelprune, accelprune.cluster, accelprune.coverage\n")
 
 
 def test_every_public_name_resolves():
@@ -84,20 +88,13 @@ def test_every_public_name_resolves():
 
 def test_command_line_help_loads_nothing_heavy():
     """``accelprune --help`` answers at once: the method names live in a module without torch."""
-    code = (
-        "import sys\n"
+    _loads_nothing_heavy(
         "from accelprune.cli import main\n"
         "for argv in (['--help'], ['prune', '--help'], ['demo', '--help']):\n"
         "    try:\n"
         "        main(argv)\n"
         "    except SystemExit as e:\n"
-        "        assert e.code == 0, e.code\n"
-        "heavy = [m for m in ('torch', 'torch_pruning', 'timm') if m in sys.modules]\n"
-        "assert not heavy, f'--help loaded {heavy}'\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
+        "        assert e.code == 0, e.code\n")
 
 
 def test_method_names_match_the_criteria_classes():
