@@ -84,3 +84,19 @@ def check_fraction(value, name: str, *, allow_zero: bool = True, allow_one: bool
         hi = "1]" if allow_one else "1)"
         raise ValueError(f"{name} must be in {lo}, {hi}, got {value}")
     return value
+
+
+def check_saved_state(state, kind: str, settings: dict, defaults: dict | None = None) -> None:
+    """The checks every ``load_state_dict`` starts with: ``state`` is a ``kind.state_dict()``
+    (format ``accelprune.<kind>``, version 1) made with the same ``settings`` (name → this
+    object's value). A setting the state lacks takes its value in ``defaults`` (states saved
+    before the setting existed). ValueError otherwise."""
+    if not isinstance(state, dict) or state.get("format") != f"accelprune.{kind}":
+        raise ValueError(f"state is not a {kind}.state_dict()")
+    if state.get("version") != 1:
+        raise ValueError(f"unsupported {kind} state version {state.get('version')!r}")
+    for key, ours in settings.items():
+        theirs = state["config"].get(key, (defaults or {}).get(key))
+        if theirs != ours:
+            raise ValueError(f"the state was made with {key}={theirs!r}, "
+                             f"this {kind} has {key}={ours!r}")

@@ -106,19 +106,20 @@ class HeadGroup:
                     "o": q_rows}
         return {"q": q_rows, "k": kv_rows, "v": kv_rows, "o": q_rows}
 
+    def unit_rows(self, role: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The rows of ``tensor`` (a weight or bias of input projection ``role``) unit by unit:
+        (n_units, rows per unit, *the rest of its shape)."""
+        rows = np.stack([self.rows([u])[role] for u in range(self.n_units)])
+        picked = tensor.index_select(0, torch.as_tensor(rows.reshape(-1), device=tensor.device))
+        return picked.reshape(*rows.shape, *tensor.shape[1:])
+
     def unit_weights(self) -> list[torch.Tensor]:
         """Each unit's q, k and v weight rows: one (n_units, rows per unit, in_features) tensor
         per input projection (``q``, ``k``, ``v``, or the one ``qkv``). A unit's rows seen per
         input column are what REPrune compares (its kernels, :func:`prune_heads`)."""
-        out = []
-        for role in self.projections:
-            if role == "o":
-                continue
-            weight = getattr(self.module(role), _param_names(self, role)[0]).detach()
-            rows = [torch.as_tensor(self.rows([u])[role], device=weight.device)
-                    for u in range(self.n_units)]
-            out.append(torch.stack([weight.index_select(0, r) for r in rows]))
-        return out
+        return [self.unit_rows(role, getattr(self.module(role), _param_names(self, role)[0])
+                               .detach())
+                for role in self.projections if role != "o"]
 
 
 def _linear(m, name):

@@ -86,7 +86,7 @@ from torch import nn
 from accelprune import csgd_heads, surgery
 from accelprune._backend import resolve
 from accelprune._distributed import on_rank0
-from accelprune._validation import as_int_array, check_fraction, check_int
+from accelprune._validation import as_int_array, check_fraction, check_int, check_saved_state
 from accelprune.attention import HeadGroup
 from accelprune.graph import ChannelGroup, ModelGraph
 from accelprune.hf import sync_config
@@ -582,15 +582,8 @@ class CSGD:
         """Continue from :meth:`state_dict` (see there for the recipe): the clusters replace
         this CSGD's own. Same settings and the same (unpruned) model required; otherwise
         ValueError, and nothing is changed."""
-        if not isinstance(state, dict) or state.get("format") != "accelprune.CSGD":
-            raise ValueError("state is not a CSGD.state_dict()")
-        if state.get("version") != 1:
-            raise ValueError(f"unsupported CSGD state version {state.get('version')!r}")
-        for key in self._STATE_CONFIG:
-            theirs = state["config"].get(key, self._STATE_DEFAULTS.get(key))
-            if theirs != getattr(self, key):
-                raise ValueError(f"the state was made with {key}={theirs!r}, "
-                                 f"this CSGD has {key}={getattr(self, key)!r}")
+        check_saved_state(state, "CSGD", {k: getattr(self, k) for k in self._STATE_CONFIG},
+                          self._STATE_DEFAULTS)
         if list(state["groups"]) != [g.name for g in self.groups]:
             raise ValueError("the state's channel groups differ from this CSGD's: build it on "
                              "the model saved with the state, with the same ignored_layers")

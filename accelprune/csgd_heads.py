@@ -103,12 +103,8 @@ def head_row_labels(group: HeadGroup, role: str, unit_labels: np.ndarray) -> np.
 def head_unit_features(group: HeadGroup) -> np.ndarray:
     """(n_units, F) float64: each unit's q, k, v rows and biases, flattened and concatenated in
     a fixed order (what k-means clusters)."""
-    parts = []
-    for role, m, attr, _ in head_params(group):
-        t = getattr(m, attr).detach()
-        rows = [t.index_select(0, torch.as_tensor(group.rows([u])[role], device=t.device))
-                for u in range(group.n_units)]
-        parts.append(torch.stack([r.reshape(-1) for r in rows]).cpu().double())
+    parts = [group.unit_rows(role, getattr(m, attr).detach()).reshape(group.n_units, -1)
+             .cpu().double() for role, m, attr, _ in head_params(group)]
     return torch.cat(parts, dim=1).numpy()
 
 

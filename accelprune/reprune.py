@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from accelprune._backend import resolve
 from accelprune._distributed import on_rank0
-from accelprune._validation import check_fraction, check_int
+from accelprune._validation import check_fraction, check_int, check_saved_state
 from accelprune.coverage import warmup
 from accelprune.csgd import feeds_attention
 from accelprune.graph import ModelGraph
@@ -460,14 +460,7 @@ class REPrune:
         """Continue from :meth:`state_dict` (see there for the recipe). This REPrune must have
         the same settings and be built on the model as it was saved with that state; otherwise
         ValueError, and nothing is changed."""
-        if not isinstance(state, dict) or state.get("format") != "accelprune.REPrune":
-            raise ValueError("state is not an REPrune.state_dict()")
-        if state.get("version") != 1:
-            raise ValueError(f"unsupported REPrune state version {state.get('version')!r}")
-        for key in self._STATE_CONFIG:
-            if state["config"].get(key) != getattr(self, key):
-                raise ValueError(f"the state was made with {key}={state['config'].get(key)!r}, "
-                                 f"this REPrune has {key}={getattr(self, key)!r}")
+        check_saved_state(state, "REPrune", {k: getattr(self, k) for k in self._STATE_CONFIG})
         names = [g.name for g in self.groups]
         if list(state["groups"]) != names or len(state["original_widths"]) != len(names):
             raise ValueError("the state's layers differ from this REPrune's: build it on the "

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import toy_models
+from failsafe import assert_same_state, state_copy
 
 import accelprune
 from accelprune import surgery
@@ -41,17 +42,6 @@ def ids():
 
 def hooks(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_state(model, before):
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for k, v in before.items():
-        assert torch.equal(after[k], v), k
 
 
 def round_trip(model, tmp_path, ids, loader=None):
@@ -120,7 +110,7 @@ def test_prune_heads_keeps_the_chosen_heads_outputs(ids):
 
 def test_prune_heads_failure_restores_everything(ids, monkeypatch):
     model = tiny_llama()
-    before, cfg = state(model), copy.deepcopy(model.config.to_dict())
+    before, cfg = state_copy(model), copy.deepcopy(model.config.to_dict())
     params = {k: id(p) for k, p in model.named_parameters()}
 
     def broken(checker):

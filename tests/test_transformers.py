@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from convergence import collapse_clusters
+from failsafe import assert_same_state, state_copy
 from torch import nn
 from toy_models import Encoder, tiny_llama
 
@@ -143,17 +144,6 @@ def output(model, x):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_state(model, before):
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for k, v in before.items():
-        assert after[k].shape == v.shape and torch.equal(after[k], v), k
-
-
 # ---------------------------------------------------------------------------------------------
 # C-SGD: exact folds only
 
@@ -195,7 +185,7 @@ def test_transformer_encoder_residual_stream_is_never_clustered():
 
 def test_strict_refuses_at_construction_naming_group_and_reason():
     model, x, _ = build("encoder")
-    before = state(model)
+    before = state_copy(model)
     with pytest.raises(ValueError, match=r"inp: .*LayerNorm 'enc\.layers\.0\.norm1'"):
         CSGD(model, x, 0.5, strict=True)
     assert_same_state(model, before)
@@ -242,7 +232,7 @@ def test_fold_and_prune_refuses_a_group_it_cannot_fold_exactly():
     csgd = CSGD(model, x, 0.5)
     residual = next(g for g in csgd.graph.groups if g.name == "inp")
     assert fold_blockers(residual)
-    before = state(model)
+    before = state_copy(model)
     with pytest.raises(ValueError, match="cannot be folded exactly.*LayerNorm"):
         fold_and_prune(residual, torch.arange(32) // 2)
     assert_same_state(model, before)
@@ -286,7 +276,7 @@ def test_csgd_on_llama_folds_the_mlps_and_generate_works():
 def test_csgd_leaves_model_as_it_was_when_nothing_is_foldable():
     torch.manual_seed(0)
     model = SoftmaxMix()
-    before = state(model)
+    before = state_copy(model)
     with pytest.raises(ValueError, match="nothing C-SGD can prune.*Softmax"):
         CSGD(model, torch.randn(3, 8), 0.5)
     assert_same_state(model, before)
@@ -468,7 +458,7 @@ def test_reprune_refuses_attention_only_model_naming_why_and_leaves_it_unchanged
     model = nn.Sequential(nn.Linear(4, 16), nn.TransformerEncoder(layer, 1,
                                                                    enable_nested_tensor=False),
                           nn.Linear(16, 3)).eval()
-    before = state(model)
+    before = state_copy(model)
     x = torch.randn(2, 5, 4)
     pruner = REPrune(model, x, 0.5, prune_coupled=True)
     assert "attention" in pruner.skipped["0"]
