@@ -19,6 +19,8 @@
 #include <exception>
 #include <new>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -130,9 +132,12 @@ void parallel_over_problems(int64_t n_problems, int n_threads, Body body) {
   if (error) std::rethrow_exception(error);
 }
 
-// Threads worth using for B problems of n points in d dimensions. Starting a second thread costs
-// microseconds on an idle machine but can cost a scheduler tick (~10 ms) on a busy one, so small
-// layers stay on one thread. The estimate is in rough nanoseconds of single-thread work.
+// Threads worth using for B problems of n points in d dimensions. Waking OpenMP's pooled threads
+// costs microseconds on an idle machine and up to a scheduler tick (~10 ms) on a busy one, where
+// problems are handed out one at a time, so a late thread delays the batch by at most one
+// problem. Layers under ~2 ms of work stay on one thread (at 20 ms, ResNet-50's 256-filter layers,
+// ~40 ms each, ran on one thread: a REPrune event's clustering took 0.75 s instead of 0.56 s).
+// The estimate is in rough nanoseconds of single-thread work.
 int useful_threads(int64_t B, int64_t n, int64_t d, accelprune::WardMethod method, int n_threads) {
   const double nd = static_cast<double>(n);
   const double dims = static_cast<double>(d);
@@ -142,7 +147,7 @@ int useful_threads(int64_t B, int64_t n, int64_t d, accelprune::WardMethod metho
     case accelprune::WardMethod::kMatrix: per_problem = nd * nd * (dims + 4.0); break;
     default: per_problem = nd * nd * (0.2 * dims + 0.4); break;
   }
-  const double min_work_per_thread = 2e7;  // ~20 ms
+  const double min_work_per_thread = 2e6;  // ~2 ms
   const double useful = static_cast<double>(B) * per_problem / min_work_per_thread;
   return static_cast<int>(std::max(1.0, std::min<double>(n_threads, std::floor(useful))));
 }
@@ -226,6 +231,21 @@ py::array_t<double> ward_linkage_batched(const py::object& X_obj, const py::obje
       accelprune::ward_linkage(x + b * n * d, n, d, ws, z + b * (n - 1) * 4, method);
     });
   }
+  return Z;
+}
+
+// For the tests: one problem's linkage (X (n, d) float64, finite) by the centroid chain, with or
+// without its float prefilter. Both must give the same bits: the prefilter only narrows down
+// which clusters the exact cost is computed for.
+py::array_t<double> centroid_linkage(const py::object& X_obj, bool float_prefilter) {
+  const auto X = exact_array<double>(X_obj, "X", "float64");
+  require(X.ndim() == 2 && X.shape(0) >= 2 && X.shape(1) >= 1, "X must be (n, d) with n >= 2");
+  const int64_t n = X.shape(0), d = X.shape(1);
+  py::array_t<double> Z({n - 1, static_cast<int64_t>(4)});
+  accelprune::WardWorkspace ws;
+  ws.float_prefilter = float_prefilter;
+  accelprune::ward_linkage(X.data(), n, d, ws, Z.mutable_data(),
+                           accelprune::WardMethod::kCentroids);
   return Z;
 }
 
@@ -355,9 +375,38 @@ py::array_t<int32_t> cut_linkage_maxclust(const py::object& Z_obj, const py::obj
 }
 
 // For the tests: the Ward costs of a query cluster (centroid `query` (d,), size size_x) to m
-// clusters (centroids (m, d), sizes (m,)) by every version of the centroid scan this CPU runs, and
-// by the scalar ward_cost: {name: (costs (m,), smallest, its lowest index)}. All must agree to the
-// bit (the engine's promise: the same merges whatever the CPU).
+// clusters (centroids (m, d), sizes (m,)) by every version of the centroid scan this CPU runs, in
+// double and in float (the prefilter's scan: names "<version> float32"), and by the scalar
+// ward_cost: {name: (costs (m,), smallest, its lowest index, second smallest)}. The double
+// versions must agree with ward_cost to the bit (the engine's promise: the same merges whatever
+// the CPU), the float versions with each other to the bit.
+template <typename T>
+void add_scan_versions(py::dict& out, const std::vector<double>& points, const double* query,
+                       const std::vector<double>& sizes, double size_x, int64_t m, int64_t d,
+                       const char* suffix) {
+  const int64_t padded = accelprune::round_up_block<T>(m);
+  std::vector<T> blocked(static_cast<size_t>(padded) * d, T(0)), size(padded, T(1)),
+      mask(padded, std::is_same<T, float>::value ? T(accelprune::kHidden32) : T(accelprune::kHidden)),
+      q(d);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t k = 0; k < d; ++k)
+      blocked[accelprune::centroid_index<T>(i, k, d)] = static_cast<T>(points[i * d + k]);
+    size[i] = static_cast<T>(sizes[i]);
+    mask[i] = T(0);
+  }
+  for (int64_t k = 0; k < d; ++k) q[k] = static_cast<T>(query[k]);
+  for (const accelprune::WardScanVersion<T>& version : accelprune::ward_scan_versions<T>()) {
+    if (!version.runs_here) continue;
+    std::vector<T> costs(padded);
+    const accelprune::ScanMinimum found =
+        version.scan(blocked.data(), d, q.data(), static_cast<T>(size_x), size.data(),
+                     mask.data(), padded, costs.data());
+    std::vector<double> as_double(costs.begin(), costs.begin() + m);
+    out[py::str(std::string(version.name) + suffix)] = py::make_tuple(
+        py::array_t<double>(m, as_double.data()), found.smallest, found.argmin, found.second);
+  }
+}
+
 py::dict ward_scan_versions(const py::object& centroids_obj, const py::object& query_obj,
                             const py::object& sizes_obj, double size_x) {
   const auto points = exact_array<double>(centroids_obj, "centroids", "float64");
@@ -369,33 +418,28 @@ py::dict ward_scan_versions(const py::object& centroids_obj, const py::object& q
   require(query.ndim() == 1 && query.shape(0) == d, "query must be (d,)");
   require(sizes.ndim() == 1 && sizes.shape(0) == m, "sizes must be (m,)");
   require(size_x >= 1.0, "size_x must be >= 1");
-  const int64_t padded = accelprune::round_up_lanes(m);
-  std::vector<double> blocked(static_cast<size_t>(padded) * d, 0.0), size(padded, 1.0),
-      mask(padded, accelprune::kHidden);
-  for (int64_t i = 0; i < m; ++i) {
-    require(sizes.data()[i] >= 1.0, "sizes must be >= 1");
-    for (int64_t k = 0; k < d; ++k)
-      blocked[accelprune::centroid_index(i, k, d)] = points.data()[i * d + k];
-    size[i] = sizes.data()[i];
-    mask[i] = 0.0;
-  }
+  std::vector<double> flat(points.data(), points.data() + m * d), size(sizes.data(),
+                                                                       sizes.data() + m);
+  for (int64_t i = 0; i < m; ++i) require(size[i] >= 1.0, "sizes must be >= 1");
   py::dict out;
-  for (const accelprune::WardScanVersion& version : accelprune::ward_scan_versions()) {
-    if (!version.runs_here) continue;
-    std::vector<double> costs(padded);
-    int64_t argmin = -1;
-    const double smallest = version.scan(blocked.data(), d, query.data(), size_x, size.data(),
-                                         mask.data(), padded, &argmin, costs.data());
-    costs.resize(m);
-    out[version.name] = py::make_tuple(py::array_t<double>(m, costs.data()), smallest, argmin);
-  }
+  add_scan_versions<double>(out, flat, query.data(), size, size_x, m, d, "");
+  add_scan_versions<float>(out, flat, query.data(), size, size_x, m, d, " float32");
+  const int64_t padded = accelprune::round_up_lanes(m);
+  std::vector<double> blocked(static_cast<size_t>(padded) * d, 0.0);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t k = 0; k < d; ++k) blocked[accelprune::centroid_index(i, k, d)] = flat[i * d + k];
   std::vector<double> costs(m);
   int64_t argmin = 0;
   for (int64_t i = 0; i < m; ++i) {
     costs[i] = accelprune::ward_cost(blocked.data(), d, query.data(), size_x, i, size[i], 0.0);
     if (costs[i] < costs[argmin]) argmin = i;
   }
-  out["scalar"] = py::make_tuple(py::array_t<double>(m, costs.data()), costs[argmin], argmin);
+  std::vector<double> rest(costs);
+  rest.erase(rest.begin() + argmin);
+  const double second = rest.empty() ? std::numeric_limits<double>::infinity()
+                                     : *std::min_element(rest.begin(), rest.end());
+  out["scalar"] = py::make_tuple(py::array_t<double>(m, costs.data()), costs[argmin], argmin,
+                                 second);
   return out;
 }
 
@@ -428,10 +472,14 @@ PYBIND11_MODULE(_native, m) {
         "fcluster 'maxclust' partition of each problem, labels in order of first appearance.");
   m.def("ward_method", &ward_method, py::arg("n"), py::arg("d"),
         "The path method='auto' takes for problems of n points in d dimensions.");
+  m.def("_centroid_linkage", &centroid_linkage, py::arg("X"), py::arg("float_prefilter"),
+        "For the tests: one problem's linkage by the centroid chain, with or without its float "
+        "prefilter (the same bits either way).");
   m.def("_ward_scan_versions", &ward_scan_versions, py::arg("centroids"), py::arg("query"),
         py::arg("sizes"), py::arg("size_x"),
-        "For the tests: Ward costs by every centroid-scan version this CPU runs and the scalar "
-        "cost, {name: (costs, smallest, argmin)}; all agree to the bit.");
+        "For the tests: Ward costs by every centroid-scan version this CPU runs (double, and "
+        "float as '<name> float32') and the scalar cost, {name: (costs, smallest, argmin, "
+        "second)}; the double ones agree to the bit, the float ones with each other.");
   m.attr("max_threads") = kMaxThreads;
 #ifdef _OPENMP
   m.attr("openmp") = true;

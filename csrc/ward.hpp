@@ -15,6 +15,9 @@
 //    over clusters, keeping each chain depth's row of costs for the rescans a merge causes. The
 //    sum of squares is accumulated by fused multiply-adds (one rounding per dimension) in every
 //    version of the scan and in the scalar cost, so all give the same bits on any x86-64 CPU.
+//    The scans run in float as a prefilter (twice the lanes): with a proven bound on their error,
+//    only the clusters that could be the nearest (usually one) are costed again in double, so the
+//    merges are those of an all-double chain, to the bit (tests compare both).
 //    Best for small d and large n, and the only choice when an n x n matrix would not fit.
 //  * nn_chain_ward ("matrix"): O(n^2) time after an O(n^2 d) start, O(n^2) memory: a dense matrix
 //    of squared distances updated with the Lance-Williams formula. Best for larger d.
@@ -44,6 +47,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -80,19 +84,17 @@ inline const char* method_name(WardMethod m) {
 }
 
 // The "auto" rule, from measurements on a 2-core AVX-512 x86-64 machine (benchmarks/bench_ward.py,
-// the "crossover" rows): the centroid chain does O(d) work per cluster and chain step, the matrix
-// O(1) after an O(n^2 d) start, but the matrix's column walks leave the cache as n grows: the
-// matrix wins from d ~ 24 at n = 256, d ~ 32 at n = 512, d ~ 64 at n = 1024, and not at all at
-// n = 2048 (d <= 64). Points on a line take the sorted path. Memory stays O(n d) beyond
+// the "crossover" rows): the centroid chain does O(d) work per cluster and chain step (in float
+// lanes, see the prefilter), the matrix O(1) after an O(n^2 d) start, but its rows leave the
+// cache as n grows. The matrix is 1.3-1.8x faster up to n = 64 whatever d, and wins from about
+// d = 9 at n = 128, 32 at n = 256, 150 at n = 512 and not below d = 256 at n = 1024: about where
+// d >= n^2 / 2048. Points on a line take the sorted path. Memory stays O(n d) beyond
 // kMatrixMaxPoints (an 8 MB matrix per thread at most).
-constexpr int64_t kMatrixMinDims = 24;
 constexpr int64_t kMatrixMaxPoints = 1024;
 
 inline WardMethod choose_method(int64_t n, int64_t d) {
   if (d == 1) return WardMethod::kSorted;
-  if (n <= kMatrixMaxPoints && d >= std::max<int64_t>(kMatrixMinDims, n / 16)) {
-    return WardMethod::kMatrix;
-  }
+  if (n <= kMatrixMaxPoints && d * 2048 >= n * n) return WardMethod::kMatrix;
   return WardMethod::kCentroids;
 }
 
@@ -141,6 +143,13 @@ class LinkageUnionFind {
   int64_t next_label_ = 0;
 };
 
+// How far a row of costs may be from ward_cost(): every entry v and the cost c that ward_cost()
+// gives for it satisfy |v - c| <= relative * c + absolute (both 0: the entries are its bits).
+struct CostBound {
+  double relative = 0.0, absolute = 0.0;
+  bool exact() const { return relative == 0.0 && absolute == 0.0; }
+};
+
 // Per-thread work buffers, reused across the problems one thread solves (never one per problem:
 // a 2048-filter layer would need 32 MB each for the matrix path).
 struct WardWorkspace {
@@ -162,8 +171,11 @@ struct WardWorkspace {
   std::vector<double> points_t;
   // centroid path
   std::vector<double> centroids, query, neighbour, centre;
-  std::vector<double> cost_rows;  // kCachedRows x ld: the last full scan of each chain depth
-  std::vector<char> cost_row_valid;
+  std::vector<float> cost_rows;  // kCachedRows + 1 rows of ld: each chain depth's costs
+  std::vector<int64_t> row_owner;  // whose costs each kept row holds (a position; -1: none)
+  std::vector<CostBound> row_bound;
+  std::vector<float> centroids32, query32, size32, mask32;  // the float prefilter's copies
+  bool float_prefilter = true;  // where its bound allows (the tests turn it off to compare)
   // 1-D path
   std::vector<int64_t> order, prev, next, count;
   std::vector<double> mean, cost_left;
@@ -176,7 +188,9 @@ inline double workspace_bytes(int64_t n, int64_t d, WardMethod method) {
   const double per_point = 8.0 * 24 + 8.0 * static_cast<double>(d);  // the O(n) vectors
   if (method == WardMethod::kMatrix) return nd * (nd + 8) * 8.0 + nd * per_point;
   if (method == WardMethod::kCentroids) {
-    return (nd + 8) * 8.0 * (static_cast<double>(d) + 16.0) + nd * per_point;  // + kept rows
+    // + the kept rows, and the float prefilter's copies
+    return (nd + 16) * (8.0 * (static_cast<double>(d) + 17.0) + 4.0 * (static_cast<double>(d) + 3.0)) +
+           nd * per_point;
   }
   return nd * per_point;
 }
@@ -454,27 +468,41 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
 // The centroid path.
 
 // The Ward cost scan below is written once with GCC/Clang vector extensions over a native
-// vector type V and compiled per instruction set (GCC's C++ function multi-versioning on x86-64
-// Linux; elsewhere one version for the compiler's target): 2 doubles a register in the SSE2
-// baseline, 4 with AVX2, 8 with AVX-512, eight clusters a block in each. Every version does the
-// same lane-wise arithmetic (no fused multiply-add), so all give the same bits. (Generic vectors
-// wider than the target's registers, or loops left to the auto-vectoriser, came out scalar or
-// spilled to the stack: measured 3-10x slower.)
-constexpr int64_t kLanes = 8;
+// vector type V of element T and compiled per instruction set (versions dispatched by hand on
+// x86-64 Linux; elsewhere one version for the compiler's target): per register 2 doubles or 4
+// floats in the SSE2 baseline, 4 or 8 with AVX2, 8 or 16 with AVX-512. Two element types:
+//  * double, the exact scan: its costs are ward_cost's bits;
+//  * float, the prefilter of the centroid chain (scan_with_prefilter): twice the lanes and a
+//    cheaper division, about 2.9x faster at 512 clusters in 9-D; its costs come with an error
+//    bound, and the few clusters the bound cannot rule out are costed again in double.
+// Every version of one type does the same lane-wise arithmetic (the one fused multiply-add is
+// written out), so all give the same bits. (Generic vectors wider than the target's registers,
+// or loops left to the auto-vectoriser, came out scalar or spilled to the stack: 3-10x slower.)
 
-inline int64_t round_up_lanes(int64_t m) { return (m + kLanes - 1) / kLanes * kLanes; }
+// Clusters a block holds: one 64-byte line per dimension (8 doubles, 16 floats).
+template <typename T>
+constexpr int64_t kBlock = 64 / static_cast<int64_t>(sizeof(T));
+constexpr int64_t kLanes = kBlock<double>;
 
-template <int kWidth>
+template <typename T = double>
+inline int64_t round_up_block(int64_t m) {
+  return (m + kBlock<T> - 1) / kBlock<T> * kBlock<T>;
+}
+inline int64_t round_up_lanes(int64_t m) { return round_up_block<double>(m); }
+
+template <typename T, int kWidth>
 struct NativeVector {
-  typedef double type __attribute__((vector_size(kWidth * sizeof(double))));
-  typedef int64_t mask __attribute__((vector_size(kWidth * sizeof(int64_t))));
+  typedef T type __attribute__((vector_size(kWidth * sizeof(T))));
+  typedef typename std::conditional<sizeof(T) == 8, int64_t, int32_t>::type lane_int;
+  typedef lane_int mask __attribute__((vector_size(kWidth * sizeof(T))));
 };
 
-// Centroids are stored in blocks of kLanes clusters, each block d x kLanes (dimension-major within
-// the block): a scan reads memory in order, with no stride between dimensions (a d x n layout
-// with n a multiple of 512 maps every dimension's row to the same L1 cache set).
+// Centroids are stored in blocks of kBlock<T> clusters, each block d x kBlock<T> (dimension-major
+// within the block): a scan reads memory in order, with no stride between dimensions (a d x n
+// layout with n a multiple of 512 maps every dimension's row to the same L1 cache set).
+template <typename T = double>
 inline int64_t centroid_index(int64_t i, int64_t k, int64_t d) {
-  return (i / kLanes) * kLanes * d + k * kLanes + i % kLanes;
+  return (i / kBlock<T>) * kBlock<T> * d + k * kBlock<T> + i % kBlock<T>;
 }
 
 // The Ward merge cost of clusters x and i from their centroids and sizes, in the exact order of
@@ -499,71 +527,125 @@ inline double ward_cost(const double* centroids, int64_t d, const double* query,
 
 // a * b + c lane by lane with one rounding (std::fma per lane; one instruction where the target
 // has it: the specialisations below, inlined into the FMA versions of the scan by `flatten`).
-template <int kWidth>
-inline typename NativeVector<kWidth>::type fma_lanes(typename NativeVector<kWidth>::type a,
-                                                     typename NativeVector<kWidth>::type b,
-                                                     typename NativeVector<kWidth>::type c) {
-  typename NativeVector<kWidth>::type out;
+template <typename T, int kWidth>
+inline typename NativeVector<T, kWidth>::type fma_lanes(typename NativeVector<T, kWidth>::type a,
+                                                        typename NativeVector<T, kWidth>::type b,
+                                                        typename NativeVector<T, kWidth>::type c) {
+  typename NativeVector<T, kWidth>::type out;
   for (int l = 0; l < kWidth; ++l) out[l] = std::fma(a[l], b[l], c[l]);
   return out;
 }
 #if defined(__x86_64__) && defined(__GNUC__)
 template <>
-__attribute__((target("avx2,fma"))) inline NativeVector<4>::type fma_lanes<4>(
-    NativeVector<4>::type a, NativeVector<4>::type b, NativeVector<4>::type c) {
-  return reinterpret_cast<NativeVector<4>::type>(_mm256_fmadd_pd(
+__attribute__((target("avx2,fma"))) inline NativeVector<double, 4>::type fma_lanes<double, 4>(
+    NativeVector<double, 4>::type a, NativeVector<double, 4>::type b,
+    NativeVector<double, 4>::type c) {
+  return reinterpret_cast<NativeVector<double, 4>::type>(_mm256_fmadd_pd(
       reinterpret_cast<__m256d>(a), reinterpret_cast<__m256d>(b), reinterpret_cast<__m256d>(c)));
 }
 template <>
-__attribute__((target("avx512f"))) inline NativeVector<8>::type fma_lanes<8>(
-    NativeVector<8>::type a, NativeVector<8>::type b, NativeVector<8>::type c) {
-  return reinterpret_cast<NativeVector<8>::type>(_mm512_fmadd_pd(
+__attribute__((target("avx512f"))) inline NativeVector<double, 8>::type fma_lanes<double, 8>(
+    NativeVector<double, 8>::type a, NativeVector<double, 8>::type b,
+    NativeVector<double, 8>::type c) {
+  return reinterpret_cast<NativeVector<double, 8>::type>(_mm512_fmadd_pd(
       reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b), reinterpret_cast<__m512d>(c)));
+}
+template <>
+__attribute__((target("avx2,fma"))) inline NativeVector<float, 8>::type fma_lanes<float, 8>(
+    NativeVector<float, 8>::type a, NativeVector<float, 8>::type b,
+    NativeVector<float, 8>::type c) {
+  return reinterpret_cast<NativeVector<float, 8>::type>(_mm256_fmadd_ps(
+      reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(c)));
+}
+template <>
+__attribute__((target("avx512f"))) inline NativeVector<float, 16>::type fma_lanes<float, 16>(
+    NativeVector<float, 16>::type a, NativeVector<float, 16>::type b,
+    NativeVector<float, 16>::type c) {
+  return reinterpret_cast<NativeVector<float, 16>::type>(_mm512_fmadd_ps(
+      reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
 }
 #endif
 
+// What a scan or a row's minimum reports: the smallest value, the lowest index that has it, and
+// the second smallest value (equal to the smallest on a tie), which tells a prefilter whether
+// any other cluster could be the nearest.
+struct ScanMinimum {
+  double smallest = std::numeric_limits<double>::infinity();
+  double second = std::numeric_limits<double>::infinity();
+  int64_t argmin = 0;
+};
+
 // The running minimum of a scan: per lane, the smallest cost seen and the first block where it
-// was seen (a strict < keeps the first of equal costs).
-template <int kWidth>
+// was seen (a strict < keeps the first of equal costs), and the second smallest cost seen.
+template <typename T, int kWidth>
 struct LaneMinimum {
-  typedef typename NativeVector<kWidth>::type V;
-  typedef typename NativeVector<kWidth>::mask M;
-  static constexpr int kGroups = kLanes / kWidth;
-  V best[kGroups];
+  typedef typename NativeVector<T, kWidth>::type V;
+  typedef typename NativeVector<T, kWidth>::mask M;
+  static constexpr int kGroups = static_cast<int>(kBlock<T>) / kWidth;
+  V best[kGroups], second[kGroups];
   M block[kGroups];
 
-  // The smallest cost over all lanes and its index (the lowest index on ties).
-  double reduce(int64_t* argmin) const noexcept {
-    double out = std::numeric_limits<double>::infinity();
-    int64_t where = 0;
+  LaneMinimum() {
+    for (int g = 0; g < kGroups; ++g) {
+      best[g] = V{} + std::numeric_limits<T>::infinity();
+      second[g] = best[g];
+      block[g] = M{};
+    }
+  }
+
+  static V select(M take, V a, V b) {
+    return reinterpret_cast<V>((take & reinterpret_cast<M>(a)) | (~take & reinterpret_cast<M>(b)));
+  }
+
+  // Folds the costs v of block `at` into lane group g (lane-wise, by masks: the same on every
+  // target).
+  void add(int g, V v, int64_t at) {
+    const M smaller = v < best[g];
+    second[g] = select(smaller, best[g], select(v < second[g], v, second[g]));
+    best[g] = select(smaller, v, best[g]);
+    block[g] = (smaller & (M{} + static_cast<typename NativeVector<T, kWidth>::lane_int>(at))) |
+               (~smaller & block[g]);
+  }
+
+  // The smallest cost over all lanes and its index (the lowest index on ties), and the second.
+  // Branch-free: on random data the compares of a branching loop are unpredictable.
+  ScanMinimum reduce() const noexcept {
+    constexpr int kAll = kGroups * kWidth;
+    double value[kAll], runner_up[kAll];
+    int64_t index[kAll];
     for (int g = 0; g < kGroups; ++g) {
       for (int l = 0; l < kWidth; ++l) {
-        const double v = best[g][l];
-        const int64_t i = block[g][l] * kLanes + g * kWidth + l;
-        if (v < out || (v == out && i < where)) {
-          out = v;
-          where = i;
-        }
+        value[g * kWidth + l] = best[g][l];
+        runner_up[g * kWidth + l] = second[g][l];
+        index[g * kWidth + l] = static_cast<int64_t>(block[g][l]) * kBlock<T> + g * kWidth + l;
       }
     }
-    *argmin = where;
+    ScanMinimum out;
+    for (int i = 0; i < kAll; ++i) out.smallest = std::min(out.smallest, value[i]);
+    out.argmin = std::numeric_limits<int64_t>::max();
+    for (int i = 0; i < kAll; ++i)
+      out.argmin = std::min(out.argmin, value[i] == out.smallest ? index[i] : out.argmin);
+    for (int i = 0; i < kAll; ++i) {
+      out.second = std::min(out.second, runner_up[i]);
+      out.second = std::min(out.second, index[i] == out.argmin ? out.second : value[i]);
+    }
     return out;
   }
 };
 
-// Costs of cluster x to the kBlocks blocks starting at block `first`, folded into `running`.
-// Several blocks at a time give independent sums: one block's sum over d dimensions is a chain
-// of dependent additions, and a single chain leaves most of the adders idle.
-template <int kWidth, int kBlocks>
-__attribute__((always_inline)) inline void scan_blocks(const double* centroids, int64_t d,
-                                                       const double* query, double size_x,
-                                                       const double* size, const double* mask,
-                                                       int64_t first, double* cost,
-                                                       LaneMinimum<kWidth>& running) noexcept {
-  typedef typename NativeVector<kWidth>::type V;
-  typedef typename NativeVector<kWidth>::mask M;
-  constexpr int kGroups = kLanes / kWidth;
-  auto load = [](const double* p) {
+// Costs of cluster x to the kBlocks blocks starting at block `first`, folded into `running` and
+// written to cost unless it is null. Several blocks at a time give independent
+// sums: one block's sum over d dimensions is a chain of dependent additions, and a single chain
+// leaves most of the adders idle.
+template <typename T, int kWidth, int kBlocks>
+__attribute__((always_inline)) inline void scan_blocks(const T* centroids, int64_t d,
+                                                       const T* query, T size_x, const T* size,
+                                                       const T* mask, int64_t first, T* cost,
+                                                       LaneMinimum<T, kWidth>& running) noexcept {
+  typedef typename NativeVector<T, kWidth>::type V;
+  constexpr int64_t kB = kBlock<T>;
+  constexpr int kGroups = static_cast<int>(kB) / kWidth;
+  auto load = [](const T* p) {
     V v;
     std::memcpy(&v, p, sizeof v);
     return v;
@@ -571,13 +653,13 @@ __attribute__((always_inline)) inline void scan_blocks(const double* centroids, 
   V squared[kBlocks][kGroups];
   for (int u = 0; u < kBlocks; ++u)
     for (int g = 0; g < kGroups; ++g) squared[u][g] = V{};
-  const double* c = centroids + first * kLanes * d;
-  for (int64_t k = 0; k < d; ++k, c += kLanes) {
-    const double q = query[k];
+  const T* c = centroids + first * kB * d;
+  for (int64_t k = 0; k < d; ++k, c += kB) {
+    const T q = query[k];
     for (int u = 0; u < kBlocks; ++u) {
       for (int g = 0; g < kGroups; ++g) {
-        const V diff = load(c + u * kLanes * d + g * kWidth) - q;
-        squared[u][g] = fma_lanes<kWidth>(diff, diff, squared[u][g]);
+        const V diff = load(c + u * kB * d + g * kWidth) - q;
+        squared[u][g] = fma_lanes<T, kWidth>(diff, diff, squared[u][g]);
       }
     }
   }
@@ -585,55 +667,46 @@ __attribute__((always_inline)) inline void scan_blocks(const double* centroids, 
   for (int u = 0; u < kBlocks; ++u) {
     const int64_t block = first + u;
     for (int g = 0; g < kGroups; ++g) {
-      const int64_t at = block * kLanes + g * kWidth;
+      const int64_t at = block * kB + g * kWidth;
       const V ni = load(size + at);
       const V v = nx * ni / (nx + ni) * squared[u][g] + load(mask + at);
       if (cost != nullptr) std::memcpy(cost + at, &v, sizeof v);
-      const M smaller = v < running.best[g];  // lane-wise, by masks: the same on every target
-      running.best[g] = reinterpret_cast<V>((smaller & reinterpret_cast<M>(v)) |
-                                            (~smaller & reinterpret_cast<M>(running.best[g])));
-      running.block[g] = (smaller & (M{} + block)) | (~smaller & running.block[g]);
+      running.add(g, v, block);
     }
   }
 }
 
 // The Ward merge cost of cluster x (centroid `query`, size size_x) with every cluster i < m
-// (m a multiple of kLanes; centroids in blocks, see centroid_index), each as ward_cost(); returns
-// the smallest and, in *argmin, the lowest i that has it. Every cost is also written to cost[i]
-// unless cost is null.
-template <int kWidth>
-__attribute__((always_inline)) inline double ward_costs_kernel(
-    const double* centroids, int64_t d, const double* query, double size_x, const double* size,
-    const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
-  typedef typename NativeVector<kWidth>::type V;
-  typedef typename NativeVector<kWidth>::mask M;
-  constexpr int kGroups = kLanes / kWidth;
-  constexpr int kBlocks = kWidth == 2 ? 2 : 4;  // SSE2 has half the registers to hold the sums
-  LaneMinimum<kWidth> running;
-  for (int g = 0; g < kGroups; ++g) {
-    running.best[g] = V{} + std::numeric_limits<double>::infinity();
-    running.block[g] = M{};
-  }
-  const int64_t n_blocks = m / kLanes;
+// (m a multiple of kBlock<T>; centroids in blocks, see centroid_index<T>), each as ward_cost()
+// does it in type T; the smallest, the lowest i that has it, and the second smallest. Every cost
+// is also written to cost[i] unless cost is null.
+template <typename T, int kWidth>
+__attribute__((always_inline)) inline ScanMinimum ward_costs_kernel(
+    const T* centroids, int64_t d, const T* query, T size_x, const T* size, const T* mask,
+    int64_t m, T* cost) noexcept {
+  constexpr int kBlocks = (kWidth * sizeof(T) == 16) ? 2 : 4;  // SSE2: half the registers
+  LaneMinimum<T, kWidth> running;
+  const int64_t n_blocks = m / kBlock<T>;
   int64_t block = 0;
   for (; block + kBlocks <= n_blocks; block += kBlocks)
-    scan_blocks<kWidth, kBlocks>(centroids, d, query, size_x, size, mask, block, cost, running);
+    scan_blocks<T, kWidth, kBlocks>(centroids, d, query, size_x, size, mask, block, cost, running);
   for (; block < n_blocks; ++block)
-    scan_blocks<kWidth, 1>(centroids, d, query, size_x, size, mask, block, cost, running);
-  return running.reduce(argmin);
+    scan_blocks<T, kWidth, 1>(centroids, d, query, size_x, size, mask, block, cost, running);
+  return running.reduce();
 }
 
 // The versions of the scan compiled here, and which one this CPU runs. Dispatched by hand (not
 // by GCC's function multi-versioning) so that the FMA requirement of the AVX2 version is spelled
 // out and every version can be called by name: the tests check that all versions the CPU can run
 // give the same bits (ward_scan_versions()).
-typedef double (*WardScan)(const double* centroids, int64_t d, const double* query,
-                           double size_x, const double* size, const double* mask, int64_t m,
-                           int64_t* argmin, double* cost) noexcept;
+template <typename T>
+using WardScan = ScanMinimum (*)(const T* centroids, int64_t d, const T* query, T size_x,
+                                 const T* size, const T* mask, int64_t m, T* cost) noexcept;
 
+template <typename T>
 struct WardScanVersion {
   const char* name;
-  WardScan scan;
+  WardScan<T> scan;
   bool runs_here;  // the CPU (and the OS) support its instructions
 };
 
@@ -642,121 +715,119 @@ struct WardScanVersion {
 // `flatten` inlines fma_lanes' target-specific specialisation into each version (a plain
 // always_inline chain cannot: GCC refuses to inline an AVX intrinsic into a function without the
 // AVX target, such as the templates above before they are inlined).
-__attribute__((flatten)) inline double ward_costs_baseline(
-    const double* centroids, int64_t d, const double* query, double size_x, const double* size,
-    const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
-  return ward_costs_kernel<2>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+template <typename T>
+__attribute__((flatten)) inline ScanMinimum ward_costs_baseline(
+    const T* centroids, int64_t d, const T* query, T size_x, const T* size, const T* mask,
+    int64_t m, T* cost) noexcept {
+  return ward_costs_kernel<T, 16 / sizeof(T)>(centroids, d, query, size_x, size, mask, m, cost);
 }
-__attribute__((target("avx2,fma"), flatten)) inline double ward_costs_avx2_fma(
-    const double* centroids, int64_t d, const double* query, double size_x, const double* size,
-    const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
-  return ward_costs_kernel<4>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+template <typename T>
+__attribute__((target("avx2,fma"), flatten)) inline ScanMinimum ward_costs_avx2_fma(
+    const T* centroids, int64_t d, const T* query, T size_x, const T* size, const T* mask,
+    int64_t m, T* cost) noexcept {
+  return ward_costs_kernel<T, 32 / sizeof(T)>(centroids, d, query, size_x, size, mask, m, cost);
 }
-__attribute__((target("avx512f"), flatten)) inline double ward_costs_avx512f(
-    const double* centroids, int64_t d, const double* query, double size_x, const double* size,
-    const double* mask, int64_t m, int64_t* argmin, double* cost) noexcept {
-  return ward_costs_kernel<8>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+template <typename T>
+__attribute__((target("avx512f"), flatten)) inline ScanMinimum ward_costs_avx512f(
+    const T* centroids, int64_t d, const T* query, T size_x, const T* size, const T* mask,
+    int64_t m, T* cost) noexcept {
+  return ward_costs_kernel<T, 64 / sizeof(T)>(centroids, d, query, size_x, size, mask, m, cost);
 }
 
 // Widest first. __builtin_cpu_supports also checks that the OS saves the registers (XGETBV).
-inline const std::vector<WardScanVersion>& ward_scan_versions() {
-  static const std::vector<WardScanVersion> versions = [] {
+template <typename T>
+inline const std::vector<WardScanVersion<T>>& ward_scan_versions() {
+  static const std::vector<WardScanVersion<T>> versions = [] {
     __builtin_cpu_init();
-    return std::vector<WardScanVersion>{
-        {"avx512f", &ward_costs_avx512f, __builtin_cpu_supports("avx512f") != 0},
-        {"avx2+fma", &ward_costs_avx2_fma,
+    return std::vector<WardScanVersion<T>>{
+        {"avx512f", &ward_costs_avx512f<T>, __builtin_cpu_supports("avx512f") != 0},
+        {"avx2+fma", &ward_costs_avx2_fma<T>,
          __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0},
-        {"sse2", &ward_costs_baseline, true},
+        {"sse2", &ward_costs_baseline<T>, true},
     };
   }();
   return versions;
 }
 #else
 // One version, for the compiler's target (std::fma per lane where it has no FMA instruction).
-inline double ward_costs_native(const double* centroids, int64_t d, const double* query,
-                                double size_x, const double* size, const double* mask, int64_t m,
-                                int64_t* argmin, double* cost) noexcept {
+template <typename T>
+inline ScanMinimum ward_costs_native(const T* centroids, int64_t d, const T* query, T size_x,
+                                     const T* size, const T* mask, int64_t m,
+                                     T* cost) noexcept {
 #if defined(__AVX512F__)
-  return ward_costs_kernel<8>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+  constexpr int kBytes = 64;
 #elif defined(__AVX2__) && defined(__FMA__)
-  return ward_costs_kernel<4>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+  constexpr int kBytes = 32;
 #else
-  return ward_costs_kernel<2>(centroids, d, query, size_x, size, mask, m, argmin, cost);
+  constexpr int kBytes = 16;
 #endif
+  return ward_costs_kernel<T, kBytes / sizeof(T)>(centroids, d, query, size_x, size, mask, m,
+                                                  cost);
 }
 
-inline const std::vector<WardScanVersion>& ward_scan_versions() {
-  static const std::vector<WardScanVersion> versions{{"native", &ward_costs_native, true}};
+template <typename T>
+inline const std::vector<WardScanVersion<T>>& ward_scan_versions() {
+  static const std::vector<WardScanVersion<T>> versions{{"native", &ward_costs_native<T>, true}};
   return versions;
 }
 #endif
 
-// The widest version this CPU runs (chosen once).
-inline WardScan chosen_ward_scan() {
-  static const WardScan chosen = [] {
-    for (const WardScanVersion& v : ward_scan_versions())
+// The Ward merge cost of cluster x with every cluster i < m in type T, by the widest version this
+// CPU runs (chosen once): see ward_costs_kernel.
+template <typename T>
+inline ScanMinimum ward_costs_from(const T* centroids, int64_t d, const T* query, T size_x,
+                                   const T* size, const T* mask, int64_t m,
+                                   T* cost) noexcept {
+  static const WardScan<T> chosen = [] {
+    for (const WardScanVersion<T>& v : ward_scan_versions<T>())
       if (v.runs_here) return v.scan;
-    return ward_scan_versions().back().scan;
+    return ward_scan_versions<T>().back().scan;
   }();
-  return chosen;
+  return chosen(centroids, d, query, size_x, size, mask, m, cost);
 }
 
-// The Ward merge cost of cluster x with every cluster i < m, by the chosen version: see
-// ward_costs_kernel.
-inline double ward_costs_from(const double* centroids, int64_t d, const double* query,
-                              double size_x, const double* size, const double* mask, int64_t m,
-                              int64_t* argmin, double* cost) noexcept {
-  return chosen_ward_scan()(centroids, d, query, size_x, size, mask, m, argmin, cost);
-}
-
-// The first smallest of row[0..m) (m a multiple of kLanes) and where it is: the kept rows'
-// minimum, lane-wise as in the scan (a scalar loop is one dependent compare per element).
+// The first smallest of row[0..m) (m a multiple of 16), where it is, and the second smallest:
+// the kept rows' minimum, lane-wise as in the scan (a scalar loop is one dependent compare per
+// element).
 template <int kWidth>
-__attribute__((always_inline)) inline double first_minimum_kernel(const double* row, int64_t m,
-                                                                  int64_t* argmin) noexcept {
-  typedef typename NativeVector<kWidth>::type V;
-  typedef typename NativeVector<kWidth>::mask M;
-  constexpr int kGroups = kLanes / kWidth;
-  LaneMinimum<kWidth> running;
-  for (int g = 0; g < kGroups; ++g) {
-    running.best[g] = V{} + std::numeric_limits<double>::infinity();
-    running.block[g] = M{};
-  }
-  for (int64_t block = 0; block < m / kLanes; ++block) {
+__attribute__((always_inline)) inline ScanMinimum first_minimum_kernel(const float* row,
+                                                                       int64_t m) noexcept {
+  typedef typename NativeVector<float, kWidth>::type V;
+  constexpr int64_t kB = kBlock<float>;
+  constexpr int kGroups = static_cast<int>(kB) / kWidth;
+  LaneMinimum<float, kWidth> running;
+  for (int64_t block = 0; block < m / kB; ++block) {
     for (int g = 0; g < kGroups; ++g) {
       V v;
-      std::memcpy(&v, row + block * kLanes + g * kWidth, sizeof v);
-      const M smaller = v < running.best[g];
-      running.best[g] = reinterpret_cast<V>((smaller & reinterpret_cast<M>(v)) |
-                                            (~smaller & reinterpret_cast<M>(running.best[g])));
-      running.block[g] = (smaller & (M{} + block)) | (~smaller & running.block[g]);
+      std::memcpy(&v, row + block * kB + g * kWidth, sizeof v);
+      running.add(g, v, block);
     }
   }
-  return running.reduce(argmin);
+  return running.reduce();
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
     !defined(ACCELPRUNE_NO_CLONES)
-__attribute__((target("default"))) inline double first_minimum(const double* row, int64_t m,
-                                                               int64_t* argmin) noexcept {
-  return first_minimum_kernel<2>(row, m, argmin);
+__attribute__((target("default"))) inline ScanMinimum first_minimum(const float* row,
+                                                                    int64_t m) noexcept {
+  return first_minimum_kernel<4>(row, m);
 }
-__attribute__((target("avx2"))) inline double first_minimum(const double* row, int64_t m,
-                                                            int64_t* argmin) noexcept {
-  return first_minimum_kernel<4>(row, m, argmin);
+__attribute__((target("avx2"))) inline ScanMinimum first_minimum(const float* row,
+                                                                 int64_t m) noexcept {
+  return first_minimum_kernel<8>(row, m);
 }
-__attribute__((target("avx512f"))) inline double first_minimum(const double* row, int64_t m,
-                                                               int64_t* argmin) noexcept {
-  return first_minimum_kernel<8>(row, m, argmin);
+__attribute__((target("avx512f"))) inline ScanMinimum first_minimum(const float* row,
+                                                                    int64_t m) noexcept {
+  return first_minimum_kernel<16>(row, m);
 }
 #else
-inline double first_minimum(const double* row, int64_t m, int64_t* argmin) noexcept {
+inline ScanMinimum first_minimum(const float* row, int64_t m) noexcept {
 #if defined(__AVX512F__)
-  return first_minimum_kernel<8>(row, m, argmin);
+  return first_minimum_kernel<16>(row, m);
 #elif defined(__AVX__)
-  return first_minimum_kernel<4>(row, m, argmin);
+  return first_minimum_kernel<8>(row, m);
 #else
-  return first_minimum_kernel<2>(row, m, argmin);
+  return first_minimum_kernel<4>(row, m);
 #endif
 }
 #endif
@@ -771,20 +842,85 @@ inline void column_means(const double* X, int64_t n, int64_t d, std::vector<doub
   for (int64_t k = 0; k < d; ++k) centre[k] /= static_cast<double>(n);
 }
 
-// Chain depths whose scans are kept (kCachedRows x n doubles of workspace). The chain is a stack:
-// a cluster's costs to every cluster not merged since its scan are still valid, so when a merge
-// exposes it again at the top of the chain, its nearest neighbour is the minimum of its kept row
-// after the merged pair's entries are updated: a pass over m doubles instead of a scan of m
-// centroids (about a third of all scans). Deeper chains (rare) scan again.
+// Chain depths whose rows of costs are kept (kCachedRows x n floats of workspace). The chain is a
+// stack: a cluster's costs to every cluster not merged since its scan are still valid, so when a
+// merge exposes it again at the top of the chain, its nearest neighbour is the minimum of its kept
+// row after the merged pair's entries are updated: a pass over m floats instead of a scan of m
+// centroids (about a third of all scans). Deeper chains (rare) scan again. Rows hold the float
+// prefilter's costs (and exact costs rounded to float: within its bound), so they are kept only
+// where the prefilter runs.
 constexpr int64_t kCachedRows = 16;
+
+// The float prefilter works on the centroids times `scale`, a power of two (exact) that brings
+// the largest centred coordinate into [1, 2), so that float costs stay clear of overflow and
+// underflow whatever the data's magnitude; its costs are the Ward costs times scale^2.
+// Returns false where it cannot run: all points equal (nothing to scale), a scale double cannot
+// hold, or problems too large for float sizes or a useful bound.
+//
+// The bound of its costs, in those scaled units, for n points in d dimensions (C < 2 bounds the
+// scaled coordinates; u = 2^-24, t = 2^-12):
+//  * the centroids rounded to float move each difference by at most 2 u C, so the sum of squares
+//    moves by at most 2 |a| |delta| + |delta|^2 <= t |a|^2 + (1 + 1/t) d (2 u C)^2, and the size
+//    factor (<= n) scales that: the relative t, the absolute n d C^2 2^-32;
+//  * the float arithmetic (the difference, d fused multiply-adds, the size factor, the product)
+//    rounds at most d + 8 times, and ward_cost's own rounding is far smaller: (d + 16) 2u;
+//  * results in float's subnormal range lose at most 2^-149 an operation: n d 2^-130.
+inline bool float_prefilter_setup(int64_t n, int64_t d, double coordinate_bound, double* scale,
+                                  CostBound* bound) {
+  if (!(coordinate_bound > 0.0) || !std::isfinite(coordinate_bound)) return false;
+  int exponent = 0;
+  std::frexp(coordinate_bound, &exponent);  // coordinate_bound in [2^(exponent-1), 2^exponent)
+  if (exponent < -1000 || exponent > 1000) return false;
+  *scale = std::ldexp(1.0, 1 - exponent);
+  const double nd = static_cast<double>(n) * static_cast<double>(d);
+  const double scaled = coordinate_bound * *scale;  // in [1, 2)
+  if (n > (int64_t{1} << 24) || nd > 0x1p60) return false;  // sizes exact in float; no overflow
+  bound->relative = 0x1p-12 + (static_cast<double>(d) + 16.0) * 0x1p-23;
+  bound->absolute = nd * scaled * scaled * 0x1p-32 + nd * 0x1p-130;
+  return bound->relative <= 0x1p-4;
+}
+
+// Added to a float cost to hide a cluster from the prefilter's scans.
+constexpr float kHidden32 = 0x1p120f;
+
+// The nearest cluster to x from a row of costs to every position < m whose lowest entries
+// `found` describes: the lowest position with the smallest ward_cost() and that cost. An exact
+// scan answers directly; otherwise every entry that the bound cannot rule out is costed again by
+// ward_cost (usually just the smallest), so the answer is a double scan's, to the bit.
+inline double settle_nearest(const float* row, const CostBound& bound, const ScanMinimum& found,
+                             int64_t m, const double* centroids, int64_t d, const double* query,
+                             double size_x, const double* size, int64_t* nearest) {
+  *nearest = found.argmin;
+  if (bound.exact()) return found.smallest;
+  // A cost c with entry v lies in [(v - a) / (1 + r), (v + a) / (1 - r)]: an entry above `limit`
+  // has a larger cost than the smallest entry's cluster (the factor 1 + 2^-40 covers the
+  // rounding of this line).
+  const double r = bound.relative, a = bound.absolute;
+  const double limit = ((found.smallest + a) * (1.0 + r) / (1.0 - r) + a) * (1.0 + 0x1p-40);
+  const auto cost_of = [&](int64_t p) {
+    return ward_cost(centroids, d, query, size_x, p, size[p], 0.0);
+  };
+  if (found.second > limit) return cost_of(found.argmin);
+  double best = std::numeric_limits<double>::infinity();
+  for (int64_t p = 0; p < m; ++p) {
+    if (!(static_cast<double>(row[p]) <= limit)) continue;
+    const double cost = cost_of(p);
+    if (cost < best) {
+      best = cost;
+      *nearest = p;
+    }
+  }
+  return best;
+}
 
 // Nearest-neighbour chain Ward on centroids: O(n d) memory. Leaves the n - 1 merges, unsorted,
 // in ws.merges.
 inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& ws) {
-  // Clusters live at positions 0..m-1 (m rounded up to whole lanes; the padding is hidden);
+  // Clusters live at positions 0..m-1 (m rounded up to whole blocks; the padding is hidden);
   // ids[p] is the scipy slot id at position p. Dead positions are hidden by the mask until an
   // eighth of the positions is dead, then compacted (keeping the order, hence the tie rule).
-  const int64_t ld = round_up_lanes(n);
+  // The float prefilter keeps its own copy of the centroids, sizes and mask, in blocks of 16.
+  const int64_t ld = round_up_block<float>(n);
   const int64_t cached_rows = std::min<int64_t>(kCachedRows, n);
   ws.centroids.assign(static_cast<size_t>(ld) * d, 0.0);
   ws.query.resize(d);
@@ -796,20 +932,51 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
   ws.position.resize(n);
   ws.chain.resize(n);
   ws.merges.resize(n - 1);
-  ws.cost_rows.resize(static_cast<size_t>(cached_rows) * ld);
-  ws.cost_row_valid.assign(cached_rows, 0);
+  ws.cost_rows.resize(static_cast<size_t>(cached_rows + 1) * ld);  // + a scratch row
+  ws.row_owner.assign(cached_rows, -1);
+  ws.row_bound.assign(cached_rows, CostBound{});
   column_means(X, n, d, ws.centre);
   double* C = ws.centroids.data();
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t k = 0; k < d; ++k) C[centroid_index(i, k, d)] = X[i * d + k] - ws.centre[k];
+  double coordinate_bound = 0.0;  // every centroid is a mean of points: none goes beyond it
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t k = 0; k < d; ++k) {
+      const double c = X[i * d + k] - ws.centre[k];
+      C[centroid_index(i, k, d)] = c;
+      coordinate_bound = std::max(coordinate_bound, std::fabs(c));
+    }
+  }
+  coordinate_bound *= 1.0 + 0x1p-20;  // and the rounding of the centroid updates
   for (int64_t i = 0; i < n; ++i) {
     ws.ids[i] = i;
     ws.mask[i] = 0.0;
   }
+  CostBound float_bound;
+  double scale = 1.0;
+  const bool prefilter =
+      ws.float_prefilter && float_prefilter_setup(n, d, coordinate_bound, &scale, &float_bound);
+  // A cost in the prefilter's units, rounded to float (scaled in two steps: scale^2 alone can
+  // overflow where the product does not).
+  auto scaled_cost = [scale](double cost) { return static_cast<float>(cost * scale * scale); };
+  float* C32 = nullptr;
+  if (prefilter) {
+    ws.centroids32.assign(static_cast<size_t>(ld) * d, 0.0f);
+    ws.query32.resize(d);
+    ws.size32.assign(ld, 1.0f);
+    ws.mask32.assign(ld, kHidden32);
+    C32 = ws.centroids32.data();
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t k = 0; k < d; ++k)
+        C32[centroid_index<float>(i, k, d)] =
+            static_cast<float>(C[centroid_index(i, k, d)] * scale);
+      ws.mask32[i] = 0.0f;
+    }
+  }
   auto centroid_of = [&](int64_t p, std::vector<double>& out) {
     for (int64_t j = 0; j < d; ++j) out[j] = C[centroid_index(p, j, d)];
   };
-  auto cost_row = [&](int64_t depth) { return ws.cost_rows.data() + depth * ld; };
+  auto cost_row = [&](int64_t depth) {
+    return ws.cost_rows.data() + std::min(depth, cached_rows) * ld;
+  };
   int64_t m = n, dead = 0;
 
   int64_t chain_length = 0;
@@ -824,19 +991,38 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
     double current_min = 0.0;
     while (true) {
       const int64_t depth = chain_length - 1;
+      const bool kept = prefilter && depth < cached_rows;
       x = ws.chain[depth];
       centroid_of(x, ws.query);
-      int64_t nearest = 0;
-      if (depth < cached_rows && ws.cost_row_valid[depth]) {
-        current_min = first_minimum(cost_row(depth), round_up_lanes(m), &nearest);
+      float* row = cost_row(depth);  // a scratch row beyond the kept depths
+      CostBound bound;
+      ScanMinimum found;
+      if (kept && ws.row_owner[depth] == x) {
+        bound = ws.row_bound[depth];
+        found = first_minimum(row, round_up_block<float>(m));
       } else {
-        double* keep = depth < cached_rows ? cost_row(depth) : nullptr;
-        ws.mask[x] = kHidden;  // not its own neighbour
-        current_min = ward_costs_from(C, d, ws.query.data(), ws.size_d[x], ws.size_d.data(),
-                                      ws.mask.data(), round_up_lanes(m), &nearest, keep);
-        ws.mask[x] = 0.0;
-        if (keep != nullptr) ws.cost_row_valid[depth] = 1;
+        if (prefilter) {
+          for (int64_t j = 0; j < d; ++j) ws.query32[j] = C32[centroid_index<float>(x, j, d)];
+          ws.mask32[x] = kHidden32;  // not its own neighbour
+          found = ward_costs_from<float>(C32, d, ws.query32.data(), ws.size32[x],
+                                         ws.size32.data(), ws.mask32.data(),
+                                         round_up_block<float>(m), row);
+          ws.mask32[x] = 0.0f;
+          bound = float_bound;
+        } else {
+          ws.mask[x] = kHidden;  // an exact scan: no row needed
+          found = ward_costs_from<double>(C, d, ws.query.data(), ws.size_d[x], ws.size_d.data(),
+                                          ws.mask.data(), round_up_lanes(m), nullptr);
+          ws.mask[x] = 0.0;
+        }
+        if (kept) {
+          ws.row_owner[depth] = x;
+          ws.row_bound[depth] = bound;
+        }
       }
+      int64_t nearest = 0;
+      current_min = settle_nearest(row, bound, found, m, C, d, ws.query.data(), ws.size_d[x],
+                                   ws.size_d.data(), &nearest);
       // Ties: the previous chain element (so the chain cannot cycle), then the lowest id. The
       // test is <= with the scalar cost, and also accepts the scan naming the previous element,
       // so that the chain ends even if the two computations ever differed in the last bit.
@@ -852,7 +1038,7 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
     y = ws.chain[chain_length - 2];
     chain_length -= 2;
     for (int64_t depth = chain_length; depth < std::min(chain_length + 2, cached_rows); ++depth)
-      ws.cost_row_valid[depth] = 0;
+      ws.row_owner[depth] = -1;
     if (x > y) std::swap(x, y);  // the merged cluster lives on at position y, as in scipy
     const double nx = ws.size_d[x], ny = ws.size_d[y];
     // Ward heights never decrease up the tree; max() keeps rounding from breaking that.
@@ -871,19 +1057,29 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
     }
     ws.size_d[y] = nx + ny;
     ws.mask[x] = kHidden;
+    if (prefilter) {
+      for (int64_t j = 0; j < d; ++j)
+        C32[centroid_index<float>(y, j, d)] =
+            static_cast<float>(C[centroid_index(y, j, d)] * scale);
+      ws.size32[y] = static_cast<float>(nx + ny);  // exact: n <= 2^24
+      ws.mask32[x] = kHidden32;
+    }
     ++dead;
-    // The kept rows of the clusters still on the chain: x is gone, y is the merged cluster.
+    // The kept rows of the clusters still on the chain: x is gone, y is the merged cluster (its
+    // exact cost, scaled and rounded to float: within the rows' bound).
     centroid_of(y, ws.neighbour);
     for (int64_t depth = 0; depth < std::min(chain_length, cached_rows); ++depth) {
-      if (!ws.cost_row_valid[depth]) continue;
+      if (ws.row_owner[depth] < 0) continue;
       const int64_t w = ws.chain[depth];
-      double* row = cost_row(depth);
-      row[x] = kHidden;
-      row[y] = ward_cost(C, d, ws.neighbour.data(), ws.size_d[y], w, ws.size_d[w], 0.0);
+      float* row = cost_row(depth);
+      row[x] = kHidden32;
+      row[y] = scaled_cost(
+          ward_cost(C, d, ws.neighbour.data(), ws.size_d[y], w, ws.size_d[w], 0.0));
     }
     if (dead >= kLanes && 8 * dead >= m) {
       // Compact: live positions move down in increasing order, so nothing is overwritten
       // before it is read.
+      const int64_t kept_rows = std::min(chain_length, cached_rows);
       int64_t live = 0;
       for (int64_t p = 0; p < m; ++p) {
         if (ws.mask[p] != 0.0) continue;
@@ -891,23 +1087,37 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
         if (live != p) {
           for (int64_t j = 0; j < d; ++j)
             C[centroid_index(live, j, d)] = C[centroid_index(p, j, d)];
+          if (prefilter) {
+            for (int64_t j = 0; j < d; ++j)
+              C32[centroid_index<float>(live, j, d)] = C32[centroid_index<float>(p, j, d)];
+            ws.size32[live] = ws.size32[p];
+          }
           ws.ids[live] = ws.ids[p];
           ws.size_d[live] = ws.size_d[p];
           ws.formed_height[live] = ws.formed_height[p];
-          for (int64_t depth = 0; depth < std::min(chain_length, cached_rows); ++depth)
+          for (int64_t depth = 0; depth < kept_rows; ++depth)
             cost_row(depth)[live] = cost_row(depth)[p];
         }
         ++live;
       }
-      for (int64_t p = live; p < round_up_lanes(m); ++p) {
+      for (int64_t p = live; p < round_up_block<float>(m); ++p) {
         ws.mask[p] = kHidden;
         ws.size_d[p] = 1.0;
         for (int64_t j = 0; j < d; ++j) C[centroid_index(p, j, d)] = 0.0;
-        for (int64_t depth = 0; depth < std::min(chain_length, cached_rows); ++depth)
-          cost_row(depth)[p] = kHidden;
+        if (prefilter) {
+          ws.mask32[p] = kHidden32;
+          ws.size32[p] = 1.0f;
+          for (int64_t j = 0; j < d; ++j) C32[centroid_index<float>(p, j, d)] = 0.0f;
+        }
+        for (int64_t depth = 0; depth < kept_rows; ++depth) cost_row(depth)[p] = kHidden32;
       }
-      for (int64_t p = 0; p < live; ++p) ws.mask[p] = 0.0;
+      for (int64_t p = 0; p < live; ++p) {
+        ws.mask[p] = 0.0;
+        if (prefilter) ws.mask32[p] = 0.0f;
+      }
       for (int64_t c = 0; c < chain_length; ++c) ws.chain[c] = ws.position[ws.chain[c]];
+      for (int64_t depth = 0; depth < kept_rows; ++depth)
+        if (ws.row_owner[depth] >= 0) ws.row_owner[depth] = ws.chain[depth];
       m = live;
       dead = 0;
     }

@@ -74,10 +74,14 @@ def test_auto_rule():
     assert WARD_METHODS == ("auto", "centroids", "matrix", "sorted")
     assert ward_method(2048, 1) == "sorted"
     assert ward_method(512, 9) == "centroids"
-    assert ward_method(512, 49) == "matrix"
-    assert ward_method(64, 25) == "matrix"
-    assert ward_method(512, 25) == "centroids"
-    assert ward_method(2048, 49) == "centroids"
+    assert ward_method(512, 49) == "centroids"
+    assert ward_method(512, 160) == "matrix"  # about where d >= n^2 / 2048
+    assert ward_method(256, 25) == "centroids"
+    assert ward_method(256, 32) == "matrix"
+    assert ward_method(128, 9) == "matrix"
+    assert ward_method(64, 2) == "matrix"
+    assert ward_method(1024, 256) == "centroids"
+    assert ward_method(2048, 2048) == "centroids"  # the matrix path stops at 1024 points
     assert ward_method(20_000, 49) == "centroids"  # the matrix would be 3.2 GB
     assert ward_method(100_000, 8) == "centroids"
 
@@ -132,8 +136,10 @@ def fused_ward_cost(centroid, query, size_i, size_x):
 @pytest.mark.parametrize("m, d", [(1, 1), (5, 9), (37, 9), (64, 3), (131, 25)])
 def test_every_scan_version_and_the_scalar_cost_agree_to_the_bit(m, d):
     """The SSE2 baseline (std::fma per lane), the AVX2+FMA and AVX-512 versions (whichever this
-    CPU runs) and the scalar ward_cost (std::fma) give the same costs, minimum and argmin; and
-    that is the fused formula, not the unfused one (so that the check can fail)."""
+    CPU runs) and the scalar ward_cost (std::fma) give the same costs, minimum, argmin and second
+    smallest; and that is the fused formula, not the unfused one (so that the check can fail).
+    The float versions (the centroid chain's prefilter) agree with each other to the bit and with
+    the double costs to float precision."""
     rng = np.random.default_rng(m * 100 + d)
     centroids = rng.standard_normal((m, d)) * rng.uniform(0.1, 10.0)
     centroids[m // 2] = centroids[0]  # a tie: the lowest index must win everywhere
@@ -141,11 +147,55 @@ def test_every_scan_version_and_the_scalar_cost_agree_to_the_bit(m, d):
     sizes = rng.integers(1, 50, m).astype(np.float64)
     sizes[m // 2] = sizes[0]
     versions = native_module()._ward_scan_versions(centroids, query, sizes, 7.0)
-    assert {"scalar", "sse2"} <= set(versions) or set(versions) == {"scalar", "native"}
+    doubles = {k: v for k, v in versions.items() if not k.endswith("float32")}
+    floats = {k: v for k, v in versions.items() if k.endswith("float32")}
+    assert {"scalar", "sse2"} <= set(doubles) or set(doubles) == {"scalar", "native"}
+    assert len(floats) == len(doubles) - 1
     expected = np.array([fused_ward_cost(centroids[i], query, sizes[i], 7.0) for i in range(m)])
-    for name, (costs, smallest, argmin) in versions.items():
+    second = np.sort(expected)[1] if m > 1 else None  # (m == 1: the padding's hidden value)
+    for name, (costs, smallest, argmin, runner_up) in doubles.items():
         np.testing.assert_array_equal(costs, expected, err_msg=name)
         assert smallest == expected.min() and argmin == int(np.argmin(expected)), name
+        assert second is None or runner_up == second, name
+    first_float = next(iter(floats.values()))
+    for name, (costs, smallest, argmin, runner_up) in floats.items():
+        np.testing.assert_array_equal(costs, first_float[0], err_msg=name)
+        np.testing.assert_allclose(costs, expected, rtol=1e-5, err_msg=name)
+        assert smallest == costs.min() and argmin == int(np.argmin(costs)), name
+        assert second is None or runner_up == np.sort(costs)[1], name
+
+
+def prefilter_cases():
+    """Data that stresses the float prefilter's bound: ties, near-ties below float precision,
+    duplicates, offsets, magnitudes far beyond float's range (it scales by a power of two)."""
+    rng = np.random.default_rng(7)
+    grid = rng.integers(0, 3, (300, 6)).astype(np.float64)
+    weights = rng.normal(0, 0.05, (300, 9))
+    scale = np.abs(weights).max() / 127
+    return {
+        "normal": rng.standard_normal((300, 9)),
+        "grid": grid,
+        "grid + 1e-9": grid + 1e-9 * rng.standard_normal(grid.shape),
+        "int8 weights": np.round(weights / scale) * scale,
+        "duplicates": np.repeat(rng.standard_normal((40, 9)), 7, axis=0),
+        "offset 1e6": 1e6 + rng.standard_normal((200, 3)),
+        "tiny 1e-30": 1e-30 * rng.standard_normal((200, 9)),
+        "subnormal floats": 1e-42 * rng.standard_normal((100, 4)),
+        "huge 1e14": 1e14 * rng.standard_normal((200, 9)),
+        "1e99": 1e99 * rng.standard_normal((200, 9)),  # (the Python layer refuses |x| > 1e100)
+        "1e-150": 1e-150 * rng.standard_normal((200, 9)),
+        "float32 values": rng.standard_normal((300, 25)).astype(np.float32).astype(np.float64),
+    }
+
+
+@pytest.mark.parametrize("case", list(prefilter_cases()))
+def test_float_prefilter_gives_the_all_double_chain_to_the_bit(case):
+    """The centroid chain scans in float and costs again in double only the clusters the float
+    costs' error bound cannot rule out: its linkage is the all-double chain's, bit for bit."""
+    X = prefilter_cases()[case]
+    native = native_module()
+    np.testing.assert_array_equal(native._centroid_linkage(X, True),
+                                  native._centroid_linkage(X, False))
 
 
 def test_the_fused_formula_differs_from_the_unfused_one_somewhere():
@@ -417,6 +467,17 @@ def test_fuzz_ward_linkage(kind_and_points, method):
     if kind != "grid":  # on a grid, tied choices can lead to other (equally valid) trees
         R = sch.linkage(X, "ward")
         np.testing.assert_allclose(np.sort(Z[:, 2]), np.sort(R[:, 2]), rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind_and_points=points)
+def test_fuzz_float_prefilter(kind_and_points):
+    _, X = kind_and_points
+    if len(X) < 2:
+        return
+    native = native_module()
+    np.testing.assert_array_equal(native._centroid_linkage(X, True),
+                                  native._centroid_linkage(X, False))
 
 
 @settings(max_examples=30, deadline=None)
