@@ -16,6 +16,14 @@ def as_float64_array(x, name: str, *, ndim: int | tuple[int, ...]) -> np.ndarray
     Accepts numpy arrays, lists and torch tensors (any device) of any real floating or integer
     dtype, bfloat16 included.
     """
+    arr = as_real_array(x, name, ndim=ndim)
+    return np.asarray(arr, dtype=np.float64, order="C")  # ascontiguousarray would make 0-d 1-d
+
+
+def as_real_array(x, name: str, *, ndim: int | tuple[int, ...]) -> np.ndarray:
+    """The checks of :func:`as_float64_array` without its conversion: ``x`` as a numpy array of
+    its own real dtype (a view where it can be), for callers that convert while they copy
+    anyway (a transposed float64 copy of float32 weights in one pass instead of two)."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
         x = _tensor_to_numpy(x, name)
     arr = np.asarray(x)
@@ -28,7 +36,7 @@ def as_float64_array(x, name: str, *, ndim: int | tuple[int, ...]) -> np.ndarray
         raise ValueError(f"{name} must be {want}, got shape {arr.shape}")
     if arr.size and not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or Inf")
-    return np.asarray(arr, dtype=np.float64, order="C")  # ascontiguousarray would make 0-d 1-d
+    return arr
 
 
 def _tensor_to_numpy(t, name: str) -> np.ndarray:

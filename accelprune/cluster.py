@@ -74,7 +74,7 @@ def _points(X, *, batched: bool) -> np.ndarray:
         raise ValueError(f"{name} has points of dimension 0 (shape {arr.shape})")
     if batched and arr.shape[0] == 0:
         raise ValueError(f"X has no problems (shape {arr.shape})")
-    if arr.size and np.abs(arr).max() > _MAX_ABS:
+    if arr.size and max(arr.max(), -arr.min()) > _MAX_ABS:  # (no |arr| temporary)
         # Squared distances of such points overflow float64 (and the native engine hides merged
         # clusters behind a finite 1e300 sentinel).
         raise ValueError(f"X has values beyond +-{_MAX_ABS:g}; rescale the data")
