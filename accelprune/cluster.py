@@ -12,14 +12,17 @@ Which native path a problem of n points in d dimensions takes (``method="auto"``
 * ``"sorted"`` when d == 1: sort (32-bit radix keys when the points are float32 values, as
   REPrune's upcast weights are), then a chain over neighbouring runs; O(n log n) time, O(n)
   memory (exact: 1-D Ward clusters are runs of the sorted points);
-* ``"matrix"`` when n <= 1024 and d >= max(24, n / 16) (e.g. 7x7 kernels of 64 filters): a
-  stored n x n matrix of squared distances with Lance-Williams updates; O(n^2 d + n^2) time,
-  8 n^2 bytes per thread (it stops fitting in cache as n grows, hence the bound);
+* ``"matrix"`` when n <= 1024 and d >= n^2 / 2048 (every d up to 64 filters; 3x3 kernels of
+  128 filters, 7x7 kernels of 256): a stored n x n matrix of squared distances with
+  Lance-Williams updates; O(n^2 d + n^2) time, 8 n^2 bytes per thread (it stops fitting in cache
+  as n grows, hence the bound);
 * ``"centroids"`` otherwise: the Ward cost recomputed from cluster sizes and centroids on every
   chain step (as fastcluster's ``linkage_vector``), vectorised over clusters (SSE2, AVX2+FMA and
   AVX-512 versions, the sum of squares by fused multiply-adds in all of them, so every CPU gives
-  the same bits); O(n^2 d) time, O(n d) memory. This is the path for large n: 100,000 points
-  take megabytes, not 80 GB.
+  the same bits); O(n^2 d) time, O(n d) memory. The scans run in float, twice the lanes, as a
+  prefilter with a proven error bound: the few clusters it cannot rule out are costed again in
+  double, so the merges are those of an all-double chain, to the bit. This is the path for
+  large n: 100,000 points take megabytes, not 80 GB.
 
 Public functions:
 
@@ -41,7 +44,7 @@ import numpy as np
 import scipy.cluster.hierarchy as sch
 
 from accelprune._backend import native_module, resolve, thread_count
-from accelprune._validation import as_float64_array, check_int
+from accelprune._validation import as_float64_array, as_real_array, check_int
 
 __all__ = [
     "WARD_METHODS",
@@ -65,8 +68,13 @@ _MAX_ABS = 1e100
 
 
 def _points(X, *, batched: bool) -> np.ndarray:
+    """X checked, as a float32 or float64 array in its own memory layout where it is one of
+    those (a transposed view of a conv weight stays a view: the native engine reads any strides,
+    and float32 values are exact in float64), else as float64."""
     name = "X"
-    arr = as_float64_array(X, name, ndim=3 if batched else 2)
+    arr = as_real_array(X, name, ndim=3 if batched else 2)
+    if arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float64)
     n = arr.shape[-2]
     if n == 0:
         raise ValueError(f"{name} has no points (shape {arr.shape}); Ward needs n >= 1")
@@ -74,9 +82,9 @@ def _points(X, *, batched: bool) -> np.ndarray:
         raise ValueError(f"{name} has points of dimension 0 (shape {arr.shape})")
     if batched and arr.shape[0] == 0:
         raise ValueError(f"X has no problems (shape {arr.shape})")
-    if arr.size and max(arr.max(), -arr.min()) > _MAX_ABS:  # (no |arr| temporary)
+    if arr.dtype == np.float64 and arr.size and max(arr.max(), -arr.min()) > _MAX_ABS:
         # Squared distances of such points overflow float64 (and the native engine hides merged
-        # clusters behind a finite 1e300 sentinel).
+        # clusters behind a finite 1e300 sentinel). Finite float32 values never get there.
         raise ValueError(f"X has values beyond +-{_MAX_ABS:g}; rescale the data")
     return arr
 
@@ -135,7 +143,7 @@ def relabel_first_appearance(labels) -> np.ndarray:
 
 def ward_linkage_ref(X) -> np.ndarray:
     """scipy's ``linkage(X, "ward")``; for a single point, an empty (0, 4) matrix."""
-    arr = _points(X, batched=False)
+    arr = np.asarray(_points(X, batched=False), dtype=np.float64, order="C")
     if arr.shape[0] == 1:
         return np.empty((0, 4))
     return sch.linkage(arr, method="ward")
@@ -182,8 +190,8 @@ class LayerCut(NamedTuple):
 
 
 def _layer_problems(X, merges) -> tuple[list[np.ndarray], int]:
-    """X (one (B, n, d) array or a list of them with the same n) as checked float64 arrays, and
-    merges checked against n."""
+    """X (one (B, n, d) array or a list of them with the same n) as checked arrays (see
+    :func:`_points`), and merges checked against n."""
     arrays = list(X) if isinstance(X, (list, tuple)) else [X]
     if not arrays:
         raise ValueError("X is an empty list; give at least one (problems, n, d) array")

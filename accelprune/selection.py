@@ -60,14 +60,17 @@ class Selection(NamedTuple):
 
 
 def ward_problems(weight, name: str = "weight") -> np.ndarray:
-    """A producer's weight (n, c_in, *kernel) as Ward problems (c_in, n, prod(kernel)) float64."""
+    """A producer's weight (n, c_in, *kernel) as Ward problems (c_in, n, prod(kernel)): a
+    transposed view of the weight where it can be (float32 or float64 kept; other dtypes become
+    float64). The native Ward engine reads the view as it is: no copy of the layer."""
     arr = as_real_array(weight, name, ndim=tuple(range(2, 6)))
     n, c_in = arr.shape[:2]
     if n == 0 or c_in == 0:
         raise ValueError(f"{name} has shape {arr.shape}; it needs at least one filter and one "
                          "input channel")
-    # transposed and converted in one copy (float32 weights: converting first took twice as long)
-    return np.asarray(arr.reshape(n, c_in, -1).transpose(1, 0, 2), dtype=np.float64, order="C")
+    if arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float64)
+    return arr.reshape(n, c_in, -1).transpose(1, 0, 2)
 
 
 def reprune_select(weight, k, *, tie_break: str = "random", seed: int = 0, backend: str = "auto",

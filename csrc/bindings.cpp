@@ -165,10 +165,46 @@ double bits_to_double(uint64_t u) {
   return v;
 }
 
+constexpr const char* kImmoderate = "X has NaN, Inf or values beyond +-1e100";
+
+// The points of a batch of Ward problems as numpy holds them: float32 or float64, any strides
+// (REPrune passes a transposed view of a conv weight, (c_in, n, kh*kw) over (n, c_in, kh, kw):
+// no float64 copy of the layer is made in Python). Each thread copies the problem it solves
+// into its workspace as doubles (exact for float32) and checks the values on the way.
+struct PointsView {
+  py::array array;  // keeps the buffer alive
+  const char* data = nullptr;
+  bool is_float32 = false;
+  int64_t stride[3] = {0, 0, 0};  // in bytes
+
+  // Problem b (n x d, row-major) into out as doubles; false (out unusable) if any value is NaN,
+  // Inf or beyond +-1e100: the scans need finite, moderate distances (dead clusters sit behind a
+  // 1e300 sentinel), and NaN would make them run past the row. accelprune.cluster checks this
+  // too, but direct callers of the extension must not be able to crash it.
+  bool gather(int64_t b, int64_t n, int64_t d, std::vector<double>& out) const {
+    return is_float32 ? gather_as<float>(b, n, d, out) : gather_as<double>(b, n, d, out);
+  }
+
+  template <typename T>
+  bool gather_as(int64_t b, int64_t n, int64_t d, std::vector<double>& out) const {
+    out.resize(static_cast<size_t>(n * d));
+    bool moderate = true;  // (|v| <= 1e100 is false for NaN and Inf too)
+    for (int64_t i = 0; i < n; ++i) {
+      const char* point = data + b * stride[0] + i * stride[1];
+      for (int64_t k = 0; k < d; ++k) {
+        T v;
+        std::memcpy(&v, point + k * stride[2], sizeof v);  // (no alignment assumed)
+        out[i * d + k] = static_cast<double>(v);
+        moderate &= std::fabs(static_cast<double>(v)) <= 1e100;
+      }
+    }
+    return moderate;
+  }
+};
+
 // A checked batch of Ward problems: X (B, n, d), the method to use and the threads worth using.
 struct ProblemBatch {
-  py::array_t<double, py::array::c_style> X;
-  const double* x;
+  PointsView X;
   int64_t B, n, d;
   accelprune::WardMethod method;
   int threads;
@@ -176,30 +212,36 @@ struct ProblemBatch {
 
 // Checks X, the thread count and the method; refuses what cannot fit in memory (the output, at
 // output_bytes_per_merge for each of the B (n - 1) merges, and one workspace per thread) before
-// anything is allocated.
+// anything is allocated. X's values are checked as each problem is copied (PointsView::gather).
 ProblemBatch checked_problems(const py::object& X_obj, const py::object& threads_obj,
                               const std::string& method_name, double output_bytes_per_merge) {
-  ProblemBatch p{exact_array<double>(X_obj, "X", "float64"), nullptr, 0, 0, 0,
-                 accelprune::WardMethod::kAuto, 1};
+  const bool is_float32 = py::isinstance<py::array_t<float>>(X_obj) &&
+                          py::reinterpret_borrow<py::array>(X_obj).dtype().is(py::dtype::of<float>());
+  const bool is_float64 = py::isinstance<py::array_t<double>>(X_obj) &&
+                          py::reinterpret_borrow<py::array>(X_obj).dtype().is(py::dtype::of<double>());
+  if (!is_float32 && !is_float64) {
+    std::string got = py::isinstance<py::array>(X_obj)
+                          ? std::string(py::str(X_obj.attr("dtype"))) + " array"
+                          : std::string(py::str(py::type::of(X_obj).attr("__name__")));
+    throw py::type_error("X must be a float32 or float64 numpy array, got " + got +
+                         " (accelprune.cluster converts other inputs)");
+  }
+  ProblemBatch p{PointsView{}, 0, 0, 0, accelprune::WardMethod::kAuto, 1};
+  p.X.array = py::reinterpret_borrow<py::array>(X_obj);
+  p.X.is_float32 = is_float32;
   const int n_threads = parse_threads(threads_obj);
   p.method = parse_method(method_name);
-  require(p.X.ndim() == 3, "X must be 3-D (problems, points, dims)");
-  p.B = p.X.shape(0);
-  p.n = p.X.shape(1);
-  p.d = p.X.shape(2);
+  require(p.X.array.ndim() == 3, "X must be 3-D (problems, points, dims)");
+  p.B = p.X.array.shape(0);
+  p.n = p.X.array.shape(1);
+  p.d = p.X.array.shape(2);
   require(p.B >= 1 && p.n >= 1 && p.d >= 1,
           "X needs at least one problem of at least one point of dimension >= 1");
+  for (int i = 0; i < 3; ++i) p.X.stride[i] = p.X.array.strides(i);
+  p.X.data = static_cast<const char*>(p.X.array.data());
   if (p.method == accelprune::WardMethod::kAuto) p.method = accelprune::choose_method(p.n, p.d);
   require(p.method != accelprune::WardMethod::kSorted || p.d == 1,
           "method 'sorted' needs 1-D points (d == 1)");
-  p.x = p.X.data();
-  // The scans rely on finite, moderate distances (dead clusters sit behind a 1e300 sentinel);
-  // NaN would make them run past the row. accelprune.cluster checks this too, with the same
-  // message, but direct callers of the extension must not be able to crash it.
-  // (|v| <= 1e100 is false for NaN and Inf too; one flag for all keeps the loop vectorised)
-  bool moderate = true;
-  for (int64_t i = 0, size = p.B * p.n * p.d; i < size; ++i) moderate &= std::fabs(p.x[i]) <= 1e100;
-  require(moderate, "X has NaN, Inf or values beyond +-1e100");
   p.threads = useful_threads(p.B, p.n, p.d, p.method, n_threads);
   const double physical = physical_memory_bytes();
   const double output =
@@ -223,12 +265,13 @@ py::array_t<double> ward_linkage_batched(const py::object& X_obj, const py::obje
   const int64_t B = p.B, n = p.n, d = p.d;
   py::array_t<double> Z({B, n - 1, static_cast<int64_t>(4)});
   double* z = Z.mutable_data();
-  const double* x = p.x;
+  const PointsView& X = p.X;
   const accelprune::WardMethod method = p.method;
   {
     py::gil_scoped_release release;
     parallel_over_problems(B, p.threads, [&](int64_t b, accelprune::WardWorkspace& ws) {
-      accelprune::ward_linkage(x + b * n * d, n, d, ws, z + b * (n - 1) * 4, method);
+      if (!X.gather(b, n, d, ws.input)) throw std::invalid_argument(kImmoderate);
+      accelprune::ward_linkage(ws.input.data(), n, d, ws, z + b * (n - 1) * 4, method);
     });
   }
   return Z;
@@ -263,7 +306,7 @@ py::tuple ward_layer_merges(const py::object& X_obj, int64_t merges_needed,
   py::array_t<double> heights({B, n - 1});
   int32_t* pair_out = pairs.mutable_data();
   double* height_out = heights.mutable_data();
-  const double* x = p.x;
+  const PointsView& X = p.X;
   const accelprune::WardMethod method = p.method;
   // The running maximum, shared by the threads (heights are >= 0, so their bit patterns order as
   // the values do). The final value is the maximum whatever the order the problems finish in.
@@ -271,7 +314,8 @@ py::tuple ward_layer_merges(const py::object& X_obj, int64_t merges_needed,
   {
     py::gil_scoped_release release;
     parallel_over_problems(B, p.threads, [&](int64_t b, accelprune::WardWorkspace& ws) {
-      accelprune::ward_merges(x + b * n * d, n, d, ws, method);
+      if (!X.gather(b, n, d, ws.input)) throw std::invalid_argument(kImmoderate);
+      accelprune::ward_merges(ws.input.data(), n, d, ws, method);
       uint64_t seen = highest.load(std::memory_order_relaxed);
       const double h = accelprune::keep_merges(ws, n, merges_needed, bits_to_double(seen),
                                                pair_out + b * (n - 1) * 2,

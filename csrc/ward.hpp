@@ -153,6 +153,7 @@ struct CostBound {
 // Per-thread work buffers, reused across the problems one thread solves (never one per problem:
 // a 2048-filter layer would need 32 MB each for the matrix path).
 struct WardWorkspace {
+  std::vector<double> input;  // the problem being solved, as the caller copied it in
   // shared by the solvers
   std::vector<int64_t> chain, ids;
   std::vector<int32_t> cut_parent;      // the layer cut's union-find

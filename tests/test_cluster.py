@@ -408,8 +408,10 @@ def test_layer_cut_raw_extension_checks_its_own_inputs():
     for merges in (0, 6):
         with pytest.raises(ValueError, match="merges_needed"):
             native.ward_layer_merges(X, merges, 1)
-    with pytest.raises(TypeError, match="float64"):
-        native.ward_layer_merges(X.astype(np.float32), 3, 1)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        native.ward_layer_merges(X.astype(np.float16), 3, 1)
+    with pytest.raises(ValueError, match="NaN, Inf"):
+        native.ward_layer_merges(np.where(X > 1, np.nan, X), 3, 2)
     labels = native.cut_merges(pairs, heights, height, 1)
     assert labels.shape == (2, 6)
     broken = pairs.copy()

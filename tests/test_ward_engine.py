@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from accelprune import cut_linkage, cut_linkage_ref, ward_linkage, ward_linkage_batched
 from accelprune._backend import available, native_module
-from accelprune.cluster import WARD_METHODS, ward_method
+from accelprune.cluster import WARD_METHODS, ward_cut_layer, ward_method
 
 pytestmark = pytest.mark.skipif(not available("native"), reason="accelprune._native not built")
 
@@ -386,10 +386,18 @@ def test_the_raw_extension_checks_its_own_inputs():
     good = np.random.default_rng(6).standard_normal((2, 5, 3))
     Z = native.ward_linkage_batched(good, 1)
     assert Z.shape == (2, 4, 4)
-    for bad in (good > 0, good.astype(complex), good.astype(object), good.astype(np.float32),
-                np.asfortranarray(good), good.tolist()):
-        with pytest.raises(TypeError, match="C-contiguous float64"):
+    for bad in (good > 0, good.astype(complex), good.astype(object), good.astype(np.float16),
+                good.tolist()):
+        with pytest.raises(TypeError, match="float32 or float64 numpy array"):
             native.ward_linkage_batched(bad, 1)
+    # float32 and any memory layout are read as they are (float32 -> float64 is exact)
+    exact = good.astype(np.float32).astype(np.float64)
+    for view in (good.astype(np.float32), np.asfortranarray(exact), exact[:, ::-1][:, ::-1],
+                 np.asfortranarray(exact.astype(np.float32)).transpose(0, 1, 2)):
+        np.testing.assert_array_equal(native.ward_linkage_batched(view, 1),
+                                      native.ward_linkage_batched(exact, 1))
+    with pytest.raises(ValueError, match="NaN, Inf or values beyond"):
+        native.ward_linkage_batched(np.where(good > 1, np.inf, good).astype(np.float32), 2)
     for threads in (0, 2**40, 2**70, -1):
         with pytest.raises(ValueError, match="n_threads"):
             native.ward_linkage_batched(good, threads)
@@ -504,3 +512,19 @@ def test_fuzz_cut_linkage(kind_and_points, data):
     candidates = [0.0, *Z[:, 2], *(Z[:, 2] * 1.5)] if n > 1 else [0.0, 1.0]
     h = data.draw(st.sampled_from(candidates))
     np.testing.assert_array_equal(cut_linkage(Z, height=h), cut_linkage_ref(Z, height=h))
+
+
+def test_layer_cut_reads_a_transposed_float32_view_of_the_weights_without_a_copy():
+    """REPrune's problems are a view of the conv weight (c_in, n, kh*kw over n, c_in, kh, kw):
+    the engine reads its strides and float32 values, with the float64 copy's result."""
+    from accelprune.selection import ward_problems
+
+    weight = np.random.default_rng(8).standard_normal((48, 20, 3, 3)).astype(np.float32)
+    view = ward_problems(weight)
+    assert view.dtype == np.float32 and np.shares_memory(view, weight)
+    copy = np.ascontiguousarray(view, dtype=np.float64)
+    got, expected = ward_cut_layer(view, 20), ward_cut_layer(copy, 20)
+    np.testing.assert_array_equal(got.labels, expected.labels)
+    assert got.height == expected.height
+    reference = ward_cut_layer(view, 20, backend="reference")
+    np.testing.assert_array_equal(got.labels, reference.labels)
