@@ -264,8 +264,10 @@ class CSGD:
         if not isinstance(strict, bool):
             raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
         self.groups, self.skipped = [], []
+        with self.graph.unchanged():
+            blockers = {g.name: fold_blockers(g) for g in self.graph.groups}
         for g in self.graph.groups:
-            reasons = fold_blockers(g)
+            reasons = blockers[g.name]
             if reasons:
                 self.skipped.append(SkippedGroup(g.name, reasons))
             else:

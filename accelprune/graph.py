@@ -19,6 +19,7 @@ other groups are pruned: indices are recomputed from the root module at prune ti
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from accelprune import surgery
 from accelprune._validation import as_int_array
 from accelprune.attention import find_head_groups, unsupported_attention
-from accelprune.group_search import find_groups, pruning_group
+from accelprune.group_search import find_groups, graph_search, pruning_group
 from accelprune.hf import sync_config
 from accelprune.layers import (
     BATCHNORM_TYPES,
@@ -118,7 +119,8 @@ class ChannelGroup:
             idxs = range(int(DG.get_out_channels(self._root)))
         # Torch-Pruning's own get_pruning_group never ends on some graphs (e.g. LLaMA's rotary
         # embedding): accelprune.group_search walks the same edges in linear time
-        return pruning_group(DG, self._root, self._root_fn, [int(i) for i in idxs])
+        return pruning_group(DG, self._root, self._root_fn, [int(i) for i in idxs],
+                             search=self._graph._search)
 
 
 class ModelGraph:
@@ -171,10 +173,24 @@ class ModelGraph:
         self._order = {n: i for i, n in enumerate(self._names.values())}
         self.ignored_layers = self._resolve_ignored(ignored_layers)
 
+        self._search = None  # one group search shared inside unchanged()
         with tqdm(total=None, desc="tracing model", disable=not progress, leave=False):
             self.DG = self._build_dependency()
         self.head_groups = find_head_groups(model, self.ignored_layers)
         self.groups, self.all_groups = self._find_groups(progress)
+
+    @contextlib.contextmanager
+    def unchanged(self):
+        """A block in which the graph is only read: the groups' ``tp_group()`` calls share one
+        group search (widths and index mappings read once, not once a group). Surgery inside
+        it is refused."""
+        outer = self._search
+        if outer is None:
+            self._search = graph_search(self.DG)
+        try:
+            yield self
+        finally:
+            self._search = outer
 
     # -- construction ------------------------------------------------------------------------
 

@@ -82,7 +82,8 @@ from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch_pruning.dependency.dependency import Dependency
 from tqdm.auto import tqdm
 
-__all__ = ["find_groups", "find_groups_ref", "pruning_group", "overridden_mappings"]
+__all__ = ["find_groups", "find_groups_ref", "pruning_group", "graph_search", "GraphSearch",
+           "overridden_mappings"]
 
 _log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def find_groups(
         for m in list(DG.module2node)
         if id(m) not in ignored and isinstance(m, root_types) and _out_channels(DG, m) is not None
     ]
-    search = _Search(DG)
+    search = GraphSearch(DG)
     while True:
         groups, used = _all_groups(DG, search, roots, ignored, progress)
         # a group found before an op was switched off may have used its mapping: search again
@@ -195,16 +196,31 @@ def find_groups_ref(
     )
 
 
-def pruning_group(DG: tp.DependencyGraph, module, pruning_fn, idxs) -> tp.dependency.Group:
+def pruning_group(DG: tp.DependencyGraph, module, pruning_fn, idxs, *,
+                  search: GraphSearch | None = None) -> tp.dependency.Group:
     """Drop-in for ``DG.get_pruning_group(module, pruning_fn, idxs)``: the group that pruning
     ``idxs`` of ``module`` with ``pruning_fn`` implies, in linear time. Use it at pruning time
-    too, so that ops switched off by :func:`find_groups` stay switched off."""
+    too, so that ops switched off by :func:`find_groups` stay switched off.
+
+    ``search``: a :func:`graph_search` of ``DG`` to reuse (several groups, no pruning between).
+    """
     _check_graph(DG)
     if module not in DG.module2node:
         raise ValueError(f"module {module} is not in the dependency graph")
+    if search is not None and search.DG is not DG:
+        raise ValueError("search belongs to another dependency graph")
     if isinstance(idxs, Number):
         idxs = [idxs]
-    return _Search(DG).group(module, pruning_fn, idxs)
+    return (search or GraphSearch(DG)).group(module, pruning_fn, idxs)
+
+
+def graph_search(DG: tp.DependencyGraph) -> GraphSearch:
+    """A group search over ``DG`` to pass to several :func:`pruning_group` calls while the graph
+    does not change: it refreshes Torch-Pruning's index mappings and reads every layer's width
+    once, which is most of one group's cost (ResNet-50: 0.4 ms a group alone). Stale as soon as
+    anything is pruned: build a new one then."""
+    _check_graph(DG)
+    return GraphSearch(DG)
 
 
 def overridden_mappings(DG: tp.DependencyGraph) -> list[str]:
@@ -249,7 +265,7 @@ class _State:
         return idx, root
 
 
-class _Search:
+class GraphSearch:
     """Group search over one dependency graph (index mappings refreshed once, as TP does per
     call; widths cached for the search's lifetime: build a new one after pruning)."""
 

@@ -254,9 +254,10 @@ def _rank(graph: ModelGraph, scorer, sparsity: float, global_ranking: bool,
 def _unit_scores(graph: ModelGraph, scorer) -> list:
     """Per ranked group: (group, blocks B, per-unit scores); a unit = one channel in each
     block. Groups the scorer returns None for (e.g. "bn" without BatchNorm) are left out."""
+    with graph.unchanged():  # one group search for all groups (scorers only read)
+        raw = [(g, scorer(g.tp_group())) for g in graph.groups]
     units = []
-    for g in graph.groups:
-        scores = scorer(g.tp_group())
+    for g, scores in raw:
         if scores is None:  # e.g. "bn" on a group without BatchNorm: not ranked, not pruned
             continue
         scores = torch.as_tensor(scores).detach().double().cpu()

@@ -226,10 +226,12 @@ class REPrune:
                                 prune_coupled=True, progress=progress)
         stem = None if prune_stem else self.graph.first_run(nn.modules.conv._ConvNd)
         self.groups, self.skipped = [], {}
+        with self.graph.unchanged():
+            attention = {g.name: feeds_attention(g) for g in self.graph.groups}
         for g in self.graph.groups:
             if any(self.graph.module(p) is stem for p in g.producers):
                 continue
-            if feeds_attention(g):  # q/k/v channels (heads), or a residual stream with MHA in it
+            if attention[g.name]:  # q/k/v channels (heads), or a residual stream with MHA in it
                 self.skipped[g.name] = ("its channels go through attention (q·kᵀ, softmax): "
                                         "single channels of q/k/v cannot be removed, only heads")
             elif g.coupled and not (prune_coupled or g.gated):

@@ -36,11 +36,12 @@ class ModelSnapshot:
         self.graph = graph
         DG = graph.DG
         modules = {}
-        for g in groups:
-            for dep, _ in g.tp_group():
-                m = dep.target.module
-                if isinstance(m, nn.Module):
-                    modules[id(m)] = m
+        with graph.unchanged():
+            for g in groups:
+                for dep, _ in g.tp_group():
+                    m = dep.target.module
+                    if isinstance(m, nn.Module):
+                        modules[id(m)] = m
         # unwrapped parameters are replaced on their parent module: keep every module's params
         self.params = {m: dict(m._parameters) for m in graph.model.modules()}
         self.buffers = {m: dict(m._buffers) for m in modules.values()}
@@ -128,6 +129,12 @@ def check_forward(graph) -> None:
         raise RuntimeError(f"output shapes changed from {graph.reference_shapes} to {shapes}")
 
 
+def refuse_inside_unchanged(graph) -> None:
+    """Surgery inside ``ModelGraph.unchanged()`` would leave its shared group search stale."""
+    if graph._search is not None:
+        raise RuntimeError("surgery inside ModelGraph.unchanged(): the graph is only read there")
+
+
 def cut_group(graph, group, keep: np.ndarray) -> None:
     """Remove every channel of ``group`` not in ``keep`` (sorted current indices); unchecked."""
     n = group.n_channels
@@ -143,6 +150,7 @@ def cut_group(graph, group, keep: np.ndarray) -> None:
 def apply_checked(graph, groups, change: Callable[[], None]) -> None:
     """Run ``change()`` (surgery on ``groups``) and check the model; on any failure restore the
     model exactly and raise a ValueError naming the first of ``groups``."""
+    refuse_inside_unchanged(graph)
     snapshot = ModelSnapshot(graph, groups)
     try:
         change()
@@ -156,6 +164,7 @@ def prune_groups(graph, plan) -> None:
     """Cut several groups (``plan``: ``(group, sorted keep)`` pairs) with one check. All or
     nothing: on failure the model is restored and the groups are retried one by one to name the
     culprit, after which everything is restored again."""
+    refuse_inside_unchanged(graph)
     if not plan:
         return
     snapshot = ModelSnapshot(graph, [g for g, _ in plan])

@@ -501,3 +501,34 @@ def test_first_run_is_the_first_module_the_input_meets():
     graph = ModelGraph(model, torch.randn(1, 3, 8, 8))
     assert graph.first_run(nn.Conv2d) is model.early
     assert graph.first_run(nn.Linear) is None
+
+
+def _as_sets(tp_group):
+    return [(dep.target.name, str(dep.handler), sorted(int(i) for i in idxs))
+            for dep, idxs in tp_group]
+
+
+@pytest.mark.parametrize("build, x", [
+    (lambda: torchvision.models.resnet18(weights=None), torch.randn(1, 3, 64, 64)),
+    (lambda: ChunkCat(), torch.randn(2, 3, 8, 8)),
+    (lambda: tiny_llama(), torch.randint(0, 64, (1, 8))),
+])
+def test_unchanged_shares_one_group_search_with_the_same_groups(build, x):
+    """Inside ``unchanged()`` the groups' Torch-Pruning groups come from one shared search and
+    are the ones each would get alone; surgery inside it is refused and changes nothing."""
+    torch.manual_seed(0)
+    graph = ModelGraph(build().eval(), x)
+    alone = [_as_sets(g.tp_group()) for g in graph.groups]
+    with graph.unchanged():
+        shared = [_as_sets(g.tp_group()) for g in graph.groups]
+        with graph.unchanged():  # nested: the same search
+            assert graph._search is not None
+    assert shared == alone and graph._search is None
+    g = graph.groups[0]
+    before = {k: v.clone() for k, v in graph.model.state_dict().items()}
+    with graph.unchanged(), pytest.raises(RuntimeError, match="unchanged"):
+        graph.prune_channels(g, np.arange(g.n_channels - 1))
+    after = graph.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert graph._search is None  # refused before anything was shared or changed
