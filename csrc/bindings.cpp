@@ -215,10 +215,9 @@ struct ProblemBatch {
 // anything is allocated. X's values are checked as each problem is copied (PointsView::gather).
 ProblemBatch checked_problems(const py::object& X_obj, const py::object& threads_obj,
                               const std::string& method_name, double output_bytes_per_merge) {
-  const bool is_float32 = py::isinstance<py::array_t<float>>(X_obj) &&
-                          py::reinterpret_borrow<py::array>(X_obj).dtype().is(py::dtype::of<float>());
-  const bool is_float64 = py::isinstance<py::array_t<double>>(X_obj) &&
-                          py::reinterpret_borrow<py::array>(X_obj).dtype().is(py::dtype::of<double>());
+  // (numpy's type equivalence: native byte order, any dtype object of that type)
+  const bool is_float32 = py::isinstance<py::array_t<float>>(X_obj);
+  const bool is_float64 = py::isinstance<py::array_t<double>>(X_obj);
   if (!is_float32 && !is_float64) {
     std::string got = py::isinstance<py::array>(X_obj)
                           ? std::string(py::str(X_obj.attr("dtype"))) + " array"

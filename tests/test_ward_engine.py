@@ -4,6 +4,7 @@ Every path (centroids, matrix, sorted) against scipy; data far from the origin; 
 a subprocess; the raw extension's own checks; bounded Hypothesis fuzzing of the public entry
 points against scipy.
 """
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -398,6 +399,12 @@ def test_the_raw_extension_checks_its_own_inputs():
                                       native.ward_linkage_batched(exact, 1))
     with pytest.raises(ValueError, match="NaN, Inf or values beyond"):
         native.ward_linkage_batched(np.where(good > 1, np.inf, good).astype(np.float32), 2)
+    # any float64 dtype object (an unpickled array has its own); big-endian is converted above it
+    np.testing.assert_array_equal(native.ward_linkage_batched(pickle.loads(pickle.dumps(good)), 1),
+                                  Z)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        native.ward_linkage_batched(good.astype(">f8"), 1)
+    np.testing.assert_array_equal(ward_linkage_batched(good.astype(">f8"), n_threads=1), Z)
     for threads in (0, 2**40, 2**70, -1):
         with pytest.raises(ValueError, match="n_threads"):
             native.ward_linkage_batched(good, threads)
