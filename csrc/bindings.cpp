@@ -135,8 +135,8 @@ void parallel_over_problems(int64_t n_problems, int n_threads, Body body) {
 // Threads worth using for B problems of n points in d dimensions. Waking OpenMP's pooled threads
 // costs microseconds on an idle machine and up to a scheduler tick (~10 ms) on a busy one, where
 // problems are handed out one at a time, so a late thread delays the batch by at most one
-// problem. Layers under ~2 ms of work stay on one thread (at 20 ms, ResNet-50's 256-filter layers,
-// ~40 ms each, ran on one thread: a REPrune event's clustering took 0.75 s instead of 0.56 s).
+// problem. Layers under ~0.5 ms of work stay on one thread (at 20 ms, ResNet-50's 256-filter
+// layers, ~40 ms each, ran on one thread: a REPrune event's clustering took 0.75 s, not 0.55 s).
 // The estimate is in rough nanoseconds of single-thread work.
 int useful_threads(int64_t B, int64_t n, int64_t d, accelprune::WardMethod method, int n_threads) {
   const double nd = static_cast<double>(n);
@@ -147,7 +147,7 @@ int useful_threads(int64_t B, int64_t n, int64_t d, accelprune::WardMethod metho
     case accelprune::WardMethod::kMatrix: per_problem = nd * nd * (dims + 4.0); break;
     default: per_problem = nd * nd * (0.2 * dims + 0.4); break;
   }
-  const double min_work_per_thread = 2e6;  // ~2 ms
+  const double min_work_per_thread = 5e5;  // ~0.5 ms
   const double useful = static_cast<double>(B) * per_problem / min_work_per_thread;
   return static_cast<int>(std::max(1.0, std::min<double>(n_threads, std::floor(useful))));
 }
@@ -350,10 +350,10 @@ py::array_t<int32_t> cut_merges(const py::object& pairs_obj, const py::object& h
   const double* height_in = heights.data();
   py::array_t<int32_t> labels({B, n});
   int32_t* out = labels.mutable_data();
-  // ~10 ns a merge; a second thread only pays beyond a few milliseconds of work
+  // ~10 ns a merge; a second thread pays from about half a millisecond of work (see useful_threads)
   const double work_ns = 10.0 * static_cast<double>(B) * static_cast<double>(n);
   const int threads =
-      static_cast<int>(std::max(1.0, std::min<double>(n_threads, std::floor(work_ns / 2e6))));
+      static_cast<int>(std::max(1.0, std::min<double>(n_threads, std::floor(work_ns / 5e5))));
   {
     py::gil_scoped_release release;
     parallel_over_problems(B, threads, [&](int64_t b, accelprune::WardWorkspace& ws) {
