@@ -282,7 +282,7 @@ def ward_linkage_batched(X, *, backend: str = "auto", n_threads: int | None = No
     The native path runs the problems in parallel on ``n_threads`` threads (default: all cores)
     with one work buffer per thread, and the result does not depend on the thread count.
     ``method="auto"`` takes the exact O(n log n) path for 1-D points (e.g. 1x1 conv kernels), the
-    stored-matrix chain for n <= 1024 and d >= max(24, n / 16), and the O(n d)-memory centroid
+    stored-matrix chain for n <= 1024 and d >= n^2 / 2048, and the O(n d)-memory centroid
     chain otherwise (see the module docstring). A problem that cannot fit in memory is refused
     with a ValueError before anything is allocated; a failed allocation raises MemoryError.
     """

@@ -537,34 +537,20 @@ inline typename NativeVector<T, kWidth>::type fma_lanes(typename NativeVector<T,
   return out;
 }
 #if defined(__x86_64__) && defined(__GNUC__)
-template <>
-__attribute__((target("avx2,fma"))) inline NativeVector<double, 4>::type fma_lanes<double, 4>(
-    NativeVector<double, 4>::type a, NativeVector<double, 4>::type b,
-    NativeVector<double, 4>::type c) {
-  return reinterpret_cast<NativeVector<double, 4>::type>(_mm256_fmadd_pd(
-      reinterpret_cast<__m256d>(a), reinterpret_cast<__m256d>(b), reinterpret_cast<__m256d>(c)));
-}
-template <>
-__attribute__((target("avx512f"))) inline NativeVector<double, 8>::type fma_lanes<double, 8>(
-    NativeVector<double, 8>::type a, NativeVector<double, 8>::type b,
-    NativeVector<double, 8>::type c) {
-  return reinterpret_cast<NativeVector<double, 8>::type>(_mm512_fmadd_pd(
-      reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b), reinterpret_cast<__m512d>(c)));
-}
-template <>
-__attribute__((target("avx2,fma"))) inline NativeVector<float, 8>::type fma_lanes<float, 8>(
-    NativeVector<float, 8>::type a, NativeVector<float, 8>::type b,
-    NativeVector<float, 8>::type c) {
-  return reinterpret_cast<NativeVector<float, 8>::type>(_mm256_fmadd_ps(
-      reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(c)));
-}
-template <>
-__attribute__((target("avx512f"))) inline NativeVector<float, 16>::type fma_lanes<float, 16>(
-    NativeVector<float, 16>::type a, NativeVector<float, 16>::type b,
-    NativeVector<float, 16>::type c) {
-  return reinterpret_cast<NativeVector<float, 16>::type>(_mm512_fmadd_ps(
-      reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
-}
+// One instruction per register: fma_lanes<T, W> for the vector widths the scans use.
+#define ACCELPRUNE_FMA_LANES(T, W, TARGET, INTRINSIC, REGISTER)                              \
+  template <>                                                                                \
+  __attribute__((target(TARGET))) inline NativeVector<T, W>::type fma_lanes<T, W>(          \
+      NativeVector<T, W>::type a, NativeVector<T, W>::type b, NativeVector<T, W>::type c) { \
+    return reinterpret_cast<NativeVector<T, W>::type>(                                      \
+        INTRINSIC(reinterpret_cast<REGISTER>(a), reinterpret_cast<REGISTER>(b),             \
+                  reinterpret_cast<REGISTER>(c)));                                          \
+  }
+ACCELPRUNE_FMA_LANES(double, 4, "avx2,fma", _mm256_fmadd_pd, __m256d)
+ACCELPRUNE_FMA_LANES(double, 8, "avx512f", _mm512_fmadd_pd, __m512d)
+ACCELPRUNE_FMA_LANES(float, 8, "avx2,fma", _mm256_fmadd_ps, __m256)
+ACCELPRUNE_FMA_LANES(float, 16, "avx512f", _mm512_fmadd_ps, __m512)
+#undef ACCELPRUNE_FMA_LANES
 #endif
 
 // What a scan or a row's minimum reports: the smallest value, the lowest index that has it, and
