@@ -428,9 +428,10 @@ void add_scan_versions(py::dict& out, const std::vector<double>& points, const d
                        const std::vector<double>& sizes, double size_x, int64_t m, int64_t d,
                        const char* suffix) {
   const int64_t padded = accelprune::round_up_block<T>(m);
+  const T hidden =
+      std::is_same<T, float>::value ? T(accelprune::kHidden32) : T(accelprune::kHidden);
   std::vector<T> blocked(static_cast<size_t>(padded) * d, T(0)), size(padded, T(1)),
-      mask(padded, std::is_same<T, float>::value ? T(accelprune::kHidden32) : T(accelprune::kHidden)),
-      q(d);
+      mask(padded, hidden), q(d);
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t k = 0; k < d; ++k)
       blocked[accelprune::centroid_index<T>(i, k, d)] = static_cast<T>(points[i * d + k]);

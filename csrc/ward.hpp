@@ -189,9 +189,9 @@ inline double workspace_bytes(int64_t n, int64_t d, WardMethod method) {
   const double per_point = 8.0 * 24 + 8.0 * static_cast<double>(d);  // the O(n) vectors
   if (method == WardMethod::kMatrix) return nd * (nd + 8) * 8.0 + nd * per_point;
   if (method == WardMethod::kCentroids) {
-    // + the kept rows, and the float prefilter's copies
-    return (nd + 16) * (8.0 * (static_cast<double>(d) + 17.0) + 4.0 * (static_cast<double>(d) + 3.0)) +
-           nd * per_point;
+    // centroids and the kept rows, in double and in the float prefilter's copies
+    const double dims = static_cast<double>(d);
+    return (nd + 16) * (8.0 * (dims + 17.0) + 4.0 * (dims + 3.0)) + nd * per_point;
   }
   return nd * per_point;
 }
@@ -473,7 +473,7 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
 // x86-64 Linux; elsewhere one version for the compiler's target): per register 2 doubles or 4
 // floats in the SSE2 baseline, 4 or 8 with AVX2, 8 or 16 with AVX-512. Two element types:
 //  * double, the exact scan: its costs are ward_cost's bits;
-//  * float, the prefilter of the centroid chain (scan_with_prefilter): twice the lanes and a
+//  * float, the prefilter of the centroid chain (see settle_nearest): twice the lanes and a
 //    cheaper division, about 2.9x faster at 512 clusters in 9-D; its costs come with an error
 //    bound, and the few clusters the bound cannot rule out are costed again in double.
 // Every version of one type does the same lane-wise arithmetic (the one fused multiply-add is
