@@ -69,6 +69,7 @@ Where the result differs from Torch-Pruning's
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from collections.abc import Iterable, Sequence
@@ -275,8 +276,13 @@ class GraphSearch:
         self.off = _OVERRIDDEN.setdefault(DG, set())
         self.used: set = set()
         self._widths: dict = {}
-        self.bound = 1 + sum(
-            w for node in DG.module2node.values() if node.type not in _OP_TYPES
+
+    @functools.cached_property
+    def bound(self) -> int:
+        """1 + every layer's widths: no valid index reaches it. Summed on first use, i.e. only
+        when indices come through an index mapping (most of a search's start-up otherwise)."""
+        return 1 + sum(
+            w for node in self.DG.module2node.values() if node.type not in _OP_TYPES
             for w in (self._width(node, True), self._width(node, False)) if w
         )
 
