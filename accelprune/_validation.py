@@ -20,10 +20,17 @@ def as_float64_array(x, name: str, *, ndim: int | tuple[int, ...]) -> np.ndarray
     return np.asarray(arr, dtype=np.float64, order="C")  # ascontiguousarray would make 0-d 1-d
 
 
+def as_float_array(x, name: str, *, ndim: int | tuple[int, ...]) -> np.ndarray:
+    """The checks of :func:`as_float64_array`, keeping float32 and float64 as they are (a view of
+    the caller's memory where it can be; other dtypes become float64): for consumers that read
+    either, such as the native Ward engine, so that no float64 copy of a weight is made."""
+    arr = as_real_array(x, name, ndim=ndim)
+    return arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float64)
+
+
 def as_real_array(x, name: str, *, ndim: int | tuple[int, ...]) -> np.ndarray:
     """The checks of :func:`as_float64_array` without its conversion: ``x`` as a numpy array of
-    its own real dtype (a view where it can be), for callers that convert while they copy
-    anyway (a transposed float64 copy of float32 weights in one pass instead of two)."""
+    its own real dtype (a view where it can be)."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
         x = _tensor_to_numpy(x, name)
     arr = np.asarray(x)

@@ -44,7 +44,7 @@ import numpy as np
 import scipy.cluster.hierarchy as sch
 
 from accelprune._backend import native_module, resolve, thread_count
-from accelprune._validation import as_float64_array, as_real_array, check_int
+from accelprune._validation import as_float64_array, as_float_array, check_int
 
 __all__ = [
     "WARD_METHODS",
@@ -72,9 +72,7 @@ def _points(X, *, batched: bool) -> np.ndarray:
     those (a transposed view of a conv weight stays a view: the native engine reads any strides,
     and float32 values are exact in float64), else as float64."""
     name = "X"
-    arr = as_real_array(X, name, ndim=3 if batched else 2)
-    if arr.dtype not in (np.float32, np.float64):
-        arr = arr.astype(np.float64)
+    arr = as_float_array(X, name, ndim=3 if batched else 2)
     n = arr.shape[-2]
     if n == 0:
         raise ValueError(f"{name} has no points (shape {arr.shape}); Ward needs n >= 1")

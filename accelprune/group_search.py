@@ -217,9 +217,9 @@ def pruning_group(DG: tp.DependencyGraph, module, pruning_fn, idxs, *,
 
 def graph_search(DG: tp.DependencyGraph) -> GraphSearch:
     """A group search over ``DG`` to pass to several :func:`pruning_group` calls while the graph
-    does not change: it refreshes Torch-Pruning's index mappings and reads every layer's width
-    once, which is most of one group's cost (ResNet-50: 0.4 ms a group alone). Stale as soon as
-    anything is pruned: build a new one then."""
+    does not change: it refreshes Torch-Pruning's index mappings and reads layer widths once,
+    about half of one group's cost (ResNet-50: 0.23 ms a group alone, 0.11 ms shared). Stale as
+    soon as anything is pruned: build a new one then."""
     _check_graph(DG)
     return GraphSearch(DG)
 

@@ -28,7 +28,7 @@ import torch
 from scipy.cluster.vq import kmeans2
 
 from accelprune._backend import resolve
-from accelprune._validation import as_float64_array, as_real_array, check_fraction, check_int
+from accelprune._validation import as_float64_array, as_float_array, check_fraction, check_int
 from accelprune.cluster import relabel_first_appearance, ward_cut_layer
 from accelprune.coverage import max_coverage
 from accelprune.kmeans import kmeans, split_until_k
@@ -63,13 +63,11 @@ def ward_problems(weight, name: str = "weight") -> np.ndarray:
     """A producer's weight (n, c_in, *kernel) as Ward problems (c_in, n, prod(kernel)): a
     transposed view of the weight where it can be (float32 or float64 kept; other dtypes become
     float64). The native Ward engine reads the view as it is: no copy of the layer."""
-    arr = as_real_array(weight, name, ndim=tuple(range(2, 6)))
+    arr = as_float_array(weight, name, ndim=tuple(range(2, 6)))
     n, c_in = arr.shape[:2]
     if n == 0 or c_in == 0:
         raise ValueError(f"{name} has shape {arr.shape}; it needs at least one filter and one "
                          "input channel")
-    if arr.dtype not in (np.float32, np.float64):
-        arr = arr.astype(np.float64)
     return arr.reshape(n, c_in, -1).transpose(1, 0, 2)
 
 
