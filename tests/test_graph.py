@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from failsafe import leaves_unchanged
 from torch import nn
 from toy_models import ChunkCat, Detached, tiny_llama
 
 from accelprune import models
 from accelprune.csgd import fold_and_prune
 from accelprune.graph import ChannelGroup, ModelGraph, prune_channels
+from accelprune.group_search import graph_search, pruning_group
 
 
 def _randomise_bn(model, seed=0):
@@ -520,15 +522,21 @@ def test_unchanged_shares_one_group_search_with_the_same_groups(build, x):
     graph = ModelGraph(build().eval(), x)
     alone = [_as_sets(g.tp_group()) for g in graph.groups]
     with graph.unchanged():
+        search = graph._search
         shared = [_as_sets(g.tp_group()) for g in graph.groups]
         with graph.unchanged():  # nested: the same search
-            assert graph._search is not None
+            assert graph._search is search
     assert shared == alone and graph._search is None
     g = graph.groups[0]
-    before = {k: v.clone() for k, v in graph.model.state_dict().items()}
-    with graph.unchanged(), pytest.raises(RuntimeError, match="unchanged"):
+    with graph.unchanged(), leaves_unchanged(graph.model, x, raises=RuntimeError,
+                                             match="unchanged", backward=False):
         graph.prune_channels(g, np.arange(g.n_channels - 1))
-    after = graph.model.state_dict()
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert graph._search is None  # refused before anything was shared or changed
+    assert graph._search is None
+
+
+def test_a_group_search_of_another_graph_is_refused():
+    x = torch.randn(1, 3, 32, 32)
+    one, other = ModelGraph(models.resnet20(), x), ModelGraph(models.resnet20(), x)
+    g = one.groups[0]
+    with pytest.raises(ValueError, match="another dependency graph"):
+        pruning_group(one.DG, g._root, g._root_fn, [0], search=graph_search(other.DG))
