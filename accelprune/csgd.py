@@ -265,13 +265,12 @@ class CSGD:
             raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
         self.groups, self.skipped = [], []
         with self.graph.unchanged():
-            blockers = {g.name: fold_blockers(g) for g in self.graph.groups}
-        for g in self.graph.groups:
-            reasons = blockers[g.name]
-            if reasons:
-                self.skipped.append(SkippedGroup(g.name, reasons))
-            else:
-                self.groups.append(g)
+            for g in self.graph.groups:
+                reasons = fold_blockers(g)
+                if reasons:
+                    self.skipped.append(SkippedGroup(g.name, reasons))
+                else:
+                    self.groups.append(g)
         self.head_groups: list[HeadGroup] = []
         if self.head_sparsity > 0:
             self.head_groups, refused = csgd_heads.foldable_head_groups(self.graph)

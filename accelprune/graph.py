@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from accelprune import surgery
 from accelprune._validation import as_int_array
 from accelprune.attention import find_head_groups, unsupported_attention
-from accelprune.group_search import find_groups, graph_search, pruning_group
+from accelprune.group_search import GraphSearch, find_groups, pruning_group
 from accelprune.hf import sync_config
 from accelprune.layers import (
     BATCHNORM_TYPES,
@@ -113,7 +113,8 @@ class ChannelGroup:
 
     def tp_group(self, idxs=None) -> tp.dependency.Group:
         """Torch-Pruning's group for these channels (all of them by default), rebuilt from the
-        root module so that it reflects earlier pruning."""
+        root module so that it reflects earlier pruning (inside :meth:`ModelGraph.unchanged`, by
+        the block's shared search: nothing is pruned there)."""
         DG = self._graph.DG
         if idxs is None:
             idxs = range(int(DG.get_out_channels(self._root)))
@@ -182,15 +183,20 @@ class ModelGraph:
     @contextlib.contextmanager
     def unchanged(self):
         """A block in which the graph is only read: the groups' ``tp_group()`` calls share one
-        group search (widths and index mappings read once, not once a group). Surgery inside
-        it is refused."""
+        group search (widths and index mappings read once, not once a group). Checked surgery
+        inside it (every path takes a :class:`~accelprune.surgery.ModelSnapshot`) is refused."""
         outer = self._search
         if outer is None:
-            self._search = graph_search(self.DG)
+            self._search = GraphSearch(self.DG)
         try:
             yield self
         finally:
             self._search = outer
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the caller is inside :meth:`unchanged` (surgery must wait)."""
+        return self._search is not None
 
     # -- construction ------------------------------------------------------------------------
 

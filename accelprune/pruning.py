@@ -254,22 +254,23 @@ def _rank(graph: ModelGraph, scorer, sparsity: float, global_ranking: bool,
 def _unit_scores(graph: ModelGraph, scorer) -> list:
     """Per ranked group: (group, blocks B, per-unit scores); a unit = one channel in each
     block. Groups the scorer returns None for (e.g. "bn" without BatchNorm) are left out."""
-    with graph.unchanged():  # one group search for all groups (scorers only read)
-        raw = [(g, scorer(g.tp_group())) for g in graph.groups]
     units = []
-    for g, scores in raw:
-        if scores is None:  # e.g. "bn" on a group without BatchNorm: not ranked, not pruned
-            continue
-        scores = torch.as_tensor(scores).detach().double().cpu()
-        if scores.shape != (g.n_channels,):
-            raise ValueError(
-                f"importance {scorer!r} returned {tuple(scores.shape)} scores for group {g.name!r} "
-                f"of {g.n_channels} channels"
-            )
-        if not torch.isfinite(scores).all():
-            raise ValueError(f"importance {scorer!r} returned NaN/Inf scores for group {g.name!r}")
-        B = g.blocks  # grouped convs: every block must lose the same local channels
-        units.append((g, B, scores.view(B, -1).mean(0).numpy()))
+    with graph.unchanged():  # one group search for all groups (scorers only read)
+        for g in graph.groups:
+            scores = scorer(g.tp_group())
+            if scores is None:  # e.g. "bn" on a group without BatchNorm: not ranked, not pruned
+                continue
+            scores = torch.as_tensor(scores).detach().double().cpu()
+            if scores.shape != (g.n_channels,):
+                raise ValueError(
+                    f"importance {scorer!r} returned {tuple(scores.shape)} scores for group "
+                    f"{g.name!r} of {g.n_channels} channels"
+                )
+            if not torch.isfinite(scores).all():
+                raise ValueError(
+                    f"importance {scorer!r} returned NaN/Inf scores for group {g.name!r}")
+            B = g.blocks  # grouped convs: every block must lose the same local channels
+            units.append((g, B, scores.view(B, -1).mean(0).numpy()))
     return units
 
 

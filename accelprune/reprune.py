@@ -227,18 +227,18 @@ class REPrune:
         stem = None if prune_stem else self.graph.first_run(nn.modules.conv._ConvNd)
         self.groups, self.skipped = [], {}
         with self.graph.unchanged():
-            attention = {g.name: feeds_attention(g) for g in self.graph.groups}
-        for g in self.graph.groups:
-            if any(self.graph.module(p) is stem for p in g.producers):
-                continue
-            if attention[g.name]:  # q/k/v channels (heads), or a residual stream with MHA in it
-                self.skipped[g.name] = ("its channels go through attention (q·kᵀ, softmax): "
-                                        "single channels of q/k/v cannot be removed, only heads")
-            elif g.coupled and not (prune_coupled or g.gated):
-                self.skipped[g.name] = ("residual-coupled (outputs summed); pass "
-                                        "prune_coupled=True to prune it")
-            else:
-                self.groups.append(g)
+            for g in self.graph.groups:
+                if any(self.graph.module(p) is stem for p in g.producers):
+                    continue
+                if feeds_attention(g):  # q/k/v channels (heads), or a residual stream with MHA
+                    self.skipped[g.name] = ("its channels go through attention (q·kᵀ, softmax): "
+                                            "single channels of q/k/v cannot be removed, only "
+                                            "heads")
+                elif g.coupled and not (prune_coupled or g.gated):
+                    self.skipped[g.name] = ("residual-coupled (outputs summed); pass "
+                                            "prune_coupled=True to prune it")
+                else:
+                    self.groups.append(g)
         if not self.groups:
             skipped = "".join(f"; {name}: {why}" for name, why in self.skipped.items())
             raise ValueError("the model has no prunable layers (after ignored_layers, the stem and "
@@ -307,7 +307,8 @@ class REPrune:
                                         round((1 - sparsity) * n0)))
                   for g, n0 in zip(self.groups, self.original_widths, strict=True)]
             return ks, -math.inf, ["uniform"] * len(ks)
-        kinds, scores = zip(*(self._score(g) for g in self.groups), strict=True)
+        with self.graph.unchanged():  # scoring only reads the graph
+            kinds, scores = zip(*(self._score(g) for g in self.groups), strict=True)
         if any(k != "bn" for k in kinds):  # comparable across layers: each layer averages 1
             scores = [s / s.mean() if s.mean() > 0 else np.ones_like(s) for s in scores]
         ks, gamma_star = layer_keep_counts(list(scores), self.original_widths, target,

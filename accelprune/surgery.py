@@ -33,6 +33,7 @@ class ModelSnapshot:
     """
 
     def __init__(self, graph, groups):
+        refuse_inside_unchanged(graph)  # every checked surgery starts here
         self.graph = graph
         DG = graph.DG
         modules = {}
@@ -113,8 +114,8 @@ class ModuleSnapshot:
 
 
 def _plain_attrs(obj) -> dict:
-    """Public attributes of plain types (sizes, flags, ``training``: restore() deletes those
-    it did not record, so the mode must be among them)."""
+    """Public attributes of plain types (sizes, flags, ``training``: ModuleSnapshot.restore()
+    deletes those it did not record, so the mode must be among them)."""
     return {k: copy.deepcopy(v) for k, v in vars(obj).items()
             if not k.startswith("_") and isinstance(v, _SIMPLE)}
 
@@ -131,7 +132,7 @@ def check_forward(graph) -> None:
 
 def refuse_inside_unchanged(graph) -> None:
     """Surgery inside ``ModelGraph.unchanged()`` would leave its shared group search stale."""
-    if graph._search is not None:
+    if graph.read_only:
         raise RuntimeError("surgery inside ModelGraph.unchanged(): the graph is only read there")
 
 
@@ -150,7 +151,6 @@ def cut_group(graph, group, keep: np.ndarray) -> None:
 def apply_checked(graph, groups, change: Callable[[], None]) -> None:
     """Run ``change()`` (surgery on ``groups``) and check the model; on any failure restore the
     model exactly and raise a ValueError naming the first of ``groups``."""
-    refuse_inside_unchanged(graph)
     snapshot = ModelSnapshot(graph, groups)
     try:
         change()

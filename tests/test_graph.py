@@ -11,7 +11,7 @@ from toy_models import ChunkCat, Detached, tiny_llama
 from accelprune import models
 from accelprune.csgd import fold_and_prune
 from accelprune.graph import ChannelGroup, ModelGraph, prune_channels
-from accelprune.group_search import graph_search, pruning_group
+from accelprune.group_search import GraphSearch, pruning_group
 
 
 def _randomise_bn(model, seed=0):
@@ -539,4 +539,4 @@ def test_a_group_search_of_another_graph_is_refused():
     one, other = ModelGraph(models.resnet20(), x), ModelGraph(models.resnet20(), x)
     g = one.groups[0]
     with pytest.raises(ValueError, match="another dependency graph"):
-        pruning_group(one.DG, g._root, g._root_fn, [0], search=graph_search(other.DG))
+        pruning_group(one.DG, g._root, g._root_fn, [0], search=GraphSearch(other.DG))
