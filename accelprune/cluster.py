@@ -10,7 +10,7 @@ Which native path a problem of n points in d dimensions takes (``method="auto"``
 ``benchmarks/bench_ward.py``, see :data:`WARD_METHODS`):
 
 * ``"sorted"`` when d == 1: sort (32-bit radix keys when the points are float32 values, as
-  REPrune's upcast weights are), then a chain over neighbouring runs; O(n log n) time, O(n)
+  REPrune's float32 weights are), then a chain over neighbouring runs; O(n log n) time, O(n)
   memory (exact: 1-D Ward clusters are runs of the sorted points);
 * ``"matrix"`` when n <= 1024 and d >= n^2 / 2048 (every d up to 64 filters; 3x3 kernels of
   128 filters, 7x7 kernels of 256): a stored n x n matrix of squared distances with

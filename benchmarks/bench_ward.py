@@ -285,7 +285,8 @@ def layer_cut_rows(args, rates, pool) -> list[Row]:
     """REPrune's layer cut (k = n/2) against the Z route and fastcluster + fcluster."""
     rng = np.random.default_rng(2)
     threads = rates["threads"]
-    # float32 weights upcast, as REPrune's are
+    # float32 values in contiguous float64 arrays (REPrune passes float32 views of the weights,
+    # which each thread copies in as doubles: a copy of O(n d) against the O(n^2 d) solve)
     ones = [rng.standard_normal((128 if args.quick else 1024, 2048, 1)).astype(np.float32)
             .astype(np.float64)]
     layer = [rng.standard_normal((64 if args.quick else 512, 512, 9)).astype(np.float32)

@@ -2,11 +2,11 @@
 // C++ exceptions mapped to Python ones (std::invalid_argument -> ValueError, std::bad_alloc ->
 // MemoryError, by pybind11).
 //
-// The Python layer (accelprune/cluster.py) is the documented entry point: it converts any real
-// input to C-contiguous float64. These functions do not convert (a bool, complex, object or
-// non-contiguous array is a TypeError, not a silent cast) and check everything themselves, so a
-// direct caller gets an exception, never a crash. Inputs are read through const pointers, never
-// written.
+// The Python layer (accelprune/cluster.py) is the documented entry point: it converts real input
+// to float32 or float64 (points, in any memory layout) or to the exact dtype each function takes.
+// These functions do not convert (a bool, complex, object or other-dtype array is a TypeError,
+// not a silent cast) and check everything themselves, so a direct caller gets an exception,
+// never a crash. Inputs are read through const pointers, never written.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <unistd.h>
@@ -132,6 +132,12 @@ void parallel_over_problems(int64_t n_problems, int n_threads, Body body) {
   if (error) std::rethrow_exception(error);
 }
 
+// Threads worth using for work_ns nanoseconds of single-thread work: one per ~0.5 ms of it.
+int threads_for_work(double work_ns, int n_threads) {
+  const double useful = std::floor(work_ns / 5e5);
+  return static_cast<int>(std::max(1.0, std::min<double>(n_threads, useful)));
+}
+
 // Threads worth using for B problems of n points in d dimensions. Waking OpenMP's pooled threads
 // costs microseconds on an idle machine and up to a scheduler tick (~10 ms) on a busy one, where
 // problems are handed out one at a time, so a late thread delays the batch by at most one
@@ -147,9 +153,7 @@ int useful_threads(int64_t B, int64_t n, int64_t d, accelprune::WardMethod metho
     case accelprune::WardMethod::kMatrix: per_problem = nd * nd * (dims + 4.0); break;
     default: per_problem = nd * nd * (0.2 * dims + 0.4); break;
   }
-  const double min_work_per_thread = 5e5;  // ~0.5 ms
-  const double useful = static_cast<double>(B) * per_problem / min_work_per_thread;
-  return static_cast<int>(std::max(1.0, std::min<double>(n_threads, std::floor(useful))));
+  return threads_for_work(static_cast<double>(B) * per_problem, n_threads);
 }
 
 // The bits of a double and back (heights, >= 0, order as their bit patterns do).
@@ -283,6 +287,9 @@ py::array_t<double> centroid_linkage(const py::object& X_obj, bool float_prefilt
   const auto X = exact_array<double>(X_obj, "X", "float64");
   require(X.ndim() == 2 && X.shape(0) >= 2 && X.shape(1) >= 1, "X must be (n, d) with n >= 2");
   const int64_t n = X.shape(0), d = X.shape(1);
+  bool moderate = true;  // as PointsView::gather checks
+  for (int64_t i = 0; i < n * d; ++i) moderate &= std::fabs(X.data()[i]) <= 1e100;
+  require(moderate, kImmoderate);
   py::array_t<double> Z({n - 1, static_cast<int64_t>(4)});
   accelprune::WardWorkspace ws;
   ws.float_prefilter = float_prefilter;
@@ -318,7 +325,7 @@ py::tuple ward_layer_merges(const py::object& X_obj, int64_t merges_needed,
       uint64_t seen = highest.load(std::memory_order_relaxed);
       const double h = accelprune::keep_merges(ws, n, merges_needed, bits_to_double(seen),
                                                pair_out + b * (n - 1) * 2,
-                                               height_out + b * (n - 1), ws.heights_scratch);
+                                               height_out + b * (n - 1));
       const uint64_t mine = double_to_bits(h + 0.0);  // + 0.0: -0.0 would order as huge
       while (mine > seen && !highest.compare_exchange_weak(seen, mine)) {
       }
@@ -350,10 +357,9 @@ py::array_t<int32_t> cut_merges(const py::object& pairs_obj, const py::object& h
   const double* height_in = heights.data();
   py::array_t<int32_t> labels({B, n});
   int32_t* out = labels.mutable_data();
-  // ~10 ns a merge; a second thread pays from about half a millisecond of work (see useful_threads)
-  const double work_ns = 10.0 * static_cast<double>(B) * static_cast<double>(n);
-  const int threads =
-      static_cast<int>(std::max(1.0, std::min<double>(n_threads, std::floor(work_ns / 5e5))));
+  // ~10 ns a merge (see useful_threads for why small work stays on one thread)
+  const int threads = threads_for_work(10.0 * static_cast<double>(B) * static_cast<double>(n),
+                                       n_threads);
   {
     py::gil_scoped_release release;
     parallel_over_problems(B, threads, [&](int64_t b, accelprune::WardWorkspace& ws) {
@@ -468,7 +474,7 @@ py::dict ward_scan_versions(const py::object& centroids_obj, const py::object& q
   py::dict out;
   add_scan_versions<double>(out, flat, query.data(), size, size_x, m, d, "");
   add_scan_versions<float>(out, flat, query.data(), size, size_x, m, d, " float32");
-  const int64_t padded = accelprune::round_up_lanes(m);
+  const int64_t padded = accelprune::round_up_block<double>(m);
   std::vector<double> blocked(static_cast<size_t>(padded) * d, 0.0);
   for (int64_t i = 0; i < m; ++i)
     for (int64_t k = 0; k < d; ++k) blocked[accelprune::centroid_index(i, k, d)] = flat[i * d + k];
@@ -500,7 +506,7 @@ PYBIND11_MODULE(_native, m) {
       "through accelprune.cluster, which converts and checks the inputs.";
   m.def("ward_linkage_batched", &ward_linkage_batched, py::arg("X"), py::arg("n_threads"),
         py::arg("method") = "auto",
-        "Ward linkage of every problem in X (B, n, d) float64 -> Z (B, n-1, 4), scipy "
+        "Ward linkage of every problem in X (B, n, d) float32/float64 -> Z (B, n-1, 4), scipy "
         "conventions. method: 'auto', 'centroids', 'matrix' or 'sorted' (d == 1).");
   m.def("ward_layer_merges", &ward_layer_merges, py::arg("X"), py::arg("merges_needed"),
         py::arg("n_threads"), py::arg("method") = "auto",

@@ -35,9 +35,10 @@
 // None writes to its input.
 //
 // Exceptions: only plain functions allocate (std::bad_alloc can leave them). The vectorised
-// kernels, compiled in several versions (target_clones, or target-attribute versions dispatched
-// by hand), never allocate and are noexcept: GCC 12 treats multi-versioned functions as
-// non-throwing, so an exception inside one would end the process instead of reaching Python.
+// kernels, compiled in several versions (target_clones, target-attribute versions dispatched by
+// hand, or GCC's multi-versioning by target attribute), never allocate and are noexcept: GCC 12
+// treats multi-versioned functions as non-throwing, so an exception inside one would end the
+// process instead of reaching Python.
 #pragma once
 
 #include <algorithm>
@@ -158,7 +159,7 @@ struct WardWorkspace {
   std::vector<int64_t> chain, ids;
   std::vector<int32_t> cut_parent;      // the layer cut's union-find
   std::vector<double> heights_scratch;  // the layer cut's selection of the m-th height
-  std::vector<Merge> merges, merges_sorted;
+  std::vector<Merge> merges;
   std::vector<double> formed_height, mask, size_d;
   LinkageUnionFind union_find;
   // stable radix sort
@@ -174,7 +175,6 @@ struct WardWorkspace {
   std::vector<double> centroids, query, neighbour, centre;
   std::vector<float> cost_rows;  // kCachedRows + 1 rows of ld: each chain depth's costs
   std::vector<int64_t> row_owner;  // whose costs each kept row holds (a position; -1: none)
-  std::vector<CostBound> row_bound;
   std::vector<float> centroids32, query32, size32, mask32;  // the float prefilter's copies
   bool float_prefilter = true;  // where its bound allows (the tests turn it off to compare)
   // 1-D path
@@ -186,12 +186,13 @@ struct WardWorkspace {
 // within a few percent, used to refuse problems the machine cannot hold before allocating).
 inline double workspace_bytes(int64_t n, int64_t d, WardMethod method) {
   const double nd = static_cast<double>(n);
-  const double per_point = 8.0 * 24 + 8.0 * static_cast<double>(d);  // the O(n) vectors
+  const double dims = static_cast<double>(d);
+  // the O(n) vectors, the copied-in problem (input) and one more n x d array (points_t)
+  const double per_point = 8.0 * 24 + 16.0 * dims;
   if (method == WardMethod::kMatrix) return nd * (nd + 8) * 8.0 + nd * per_point;
   if (method == WardMethod::kCentroids) {
-    // centroids and the kept rows, in double and in the float prefilter's copies
-    const double dims = static_cast<double>(d);
-    return (nd + 16) * (8.0 * (dims + 17.0) + 4.0 * (dims + 3.0)) + nd * per_point;
+    // centroids in double, and the prefilter's float centroids and 17 float rows of costs
+    return (nd + 16) * (8.0 * dims + 4.0 * (dims + 20.0)) + nd * per_point;
   }
   return nd * per_point;
 }
@@ -334,11 +335,11 @@ inline void fill_distances(const double* X, const double* xt, int64_t n, int64_t
   // Column walks (this mirror, the Lance-Williams updates) step by one row at a time; with a row
   // stride that is a multiple of 2 KiB every step lands in the same L1 cache set and evicts the
   // last, so such strides are padded (padded_stride).
-  constexpr int64_t kBlock = 32;
-  for (int64_t ib = 0; ib < n; ib += kBlock)
-    for (int64_t jb = ib; jb < n; jb += kBlock)
-      for (int64_t i = ib; i < std::min(ib + kBlock, n); ++i)
-        for (int64_t j = std::max(jb, i + 1); j < std::min(jb + kBlock, n); ++j)
+  constexpr int64_t kTile = 32;
+  for (int64_t ib = 0; ib < n; ib += kTile)
+    for (int64_t jb = ib; jb < n; jb += kTile)
+      for (int64_t i = ib; i < std::min(ib + kTile, n); ++i)
+        for (int64_t j = std::max(jb, i + 1); j < std::min(jb + kTile, n); ++j)
           D[j * ld + i] = D[i * ld + j];
 }
 
@@ -483,13 +484,11 @@ inline void nn_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& 
 // Clusters a block holds: one 64-byte line per dimension (8 doubles, 16 floats).
 template <typename T>
 constexpr int64_t kBlock = 64 / static_cast<int64_t>(sizeof(T));
-constexpr int64_t kLanes = kBlock<double>;
 
 template <typename T = double>
 inline int64_t round_up_block(int64_t m) {
   return (m + kBlock<T> - 1) / kBlock<T> * kBlock<T>;
 }
-inline int64_t round_up_lanes(int64_t m) { return round_up_block<double>(m); }
 
 template <typename T, int kWidth>
 struct NativeVector {
@@ -762,9 +761,9 @@ inline const std::vector<WardScanVersion<T>>& ward_scan_versions() {
 // The Ward merge cost of cluster x with every cluster i < m in type T, by the widest version this
 // CPU runs (chosen once): see ward_costs_kernel.
 template <typename T>
+// (Not noexcept: the first call builds the list of versions, which allocates.)
 inline ScanMinimum ward_costs_from(const T* centroids, int64_t d, const T* query, T size_x,
-                                   const T* size, const T* mask, int64_t m,
-                                   T* cost) noexcept {
+                                   const T* size, const T* mask, int64_t m, T* cost) {
   static const WardScan<T> chosen = [] {
     for (const WardScanVersion<T>& v : ward_scan_versions<T>())
       if (v.runs_here) return v.scan;
@@ -919,9 +918,7 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
   ws.position.resize(n);
   ws.chain.resize(n);
   ws.merges.resize(n - 1);
-  ws.cost_rows.resize(static_cast<size_t>(cached_rows + 1) * ld);  // + a scratch row
   ws.row_owner.assign(cached_rows, -1);
-  ws.row_bound.assign(cached_rows, CostBound{});
   column_means(X, n, d, ws.centre);
   double* C = ws.centroids.data();
   double coordinate_bound = 0.0;  // every centroid is a mean of points: none goes beyond it
@@ -937,10 +934,12 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
     ws.ids[i] = i;
     ws.mask[i] = 0.0;
   }
+  // Rows are kept only where the prefilter runs, all with its bound (see kCachedRows).
   CostBound float_bound;
   double scale = 1.0;
   const bool prefilter =
       ws.float_prefilter && float_prefilter_setup(n, d, coordinate_bound, &scale, &float_bound);
+  if (prefilter) ws.cost_rows.resize(static_cast<size_t>(cached_rows + 1) * ld);  // + scratch
   // A cost in the prefilter's units, rounded to float (scaled in two steps: scale^2 alone can
   // overflow where the product does not).
   auto scaled_cost = [scale](double cost) { return static_cast<float>(cost * scale * scale); };
@@ -981,11 +980,11 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
       const bool kept = prefilter && depth < cached_rows;
       x = ws.chain[depth];
       centroid_of(x, ws.query);
-      float* row = cost_row(depth);  // a scratch row beyond the kept depths
-      CostBound bound;
+      float* row = prefilter ? cost_row(depth) : nullptr;  // beyond the kept depths: scratch
+      CostBound bound;  // exact unless the costs came from the prefilter
       ScanMinimum found;
       if (kept && ws.row_owner[depth] == x) {
-        bound = ws.row_bound[depth];
+        bound = float_bound;
         found = first_minimum(row, round_up_block<float>(m));
       } else {
         if (prefilter) {
@@ -999,13 +998,10 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
         } else {
           ws.mask[x] = kHidden;  // an exact scan: no row needed
           found = ward_costs_from<double>(C, d, ws.query.data(), ws.size_d[x], ws.size_d.data(),
-                                          ws.mask.data(), round_up_lanes(m), nullptr);
+                                          ws.mask.data(), round_up_block<double>(m), nullptr);
           ws.mask[x] = 0.0;
         }
-        if (kept) {
-          ws.row_owner[depth] = x;
-          ws.row_bound[depth] = bound;
-        }
+        if (kept) ws.row_owner[depth] = x;
       }
       int64_t nearest = 0;
       current_min = settle_nearest(row, bound, found, m, C, d, ws.query.data(), ws.size_d[x],
@@ -1063,7 +1059,7 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
       row[y] = scaled_cost(
           ward_cost(C, d, ws.neighbour.data(), ws.size_d[y], w, ws.size_d[w], 0.0));
     }
-    if (dead >= kLanes && 8 * dead >= m) {
+    if (dead >= kBlock<double> && 8 * dead >= m) {
       // Compact: live positions move down in increasing order, so nothing is overwritten
       // before it is read.
       const int64_t kept_rows = std::min(chain_length, cached_rows);
@@ -1083,7 +1079,7 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
           ws.size_d[live] = ws.size_d[p];
           ws.formed_height[live] = ws.formed_height[p];
           for (int64_t depth = 0; depth < kept_rows; ++depth)
-            cost_row(depth)[live] = cost_row(depth)[p];
+            if (ws.row_owner[depth] >= 0) cost_row(depth)[live] = cost_row(depth)[p];
         }
         ++live;
       }
@@ -1096,7 +1092,8 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
           ws.size32[p] = 1.0f;
           for (int64_t j = 0; j < d; ++j) C32[centroid_index<float>(p, j, d)] = 0.0f;
         }
-        for (int64_t depth = 0; depth < kept_rows; ++depth) cost_row(depth)[p] = kHidden32;
+        for (int64_t depth = 0; depth < kept_rows; ++depth)
+          if (ws.row_owner[depth] >= 0) cost_row(depth)[p] = kHidden32;
       }
       for (int64_t p = 0; p < live; ++p) {
         ws.mask[p] = 0.0;
@@ -1254,8 +1251,9 @@ inline void ward_linkage(const double* X, int64_t n, int64_t d, WardWorkspace& w
 // it). A layer needs only the largest such height over its problems: when at least m heights are
 // <= floor (the largest found so far), this problem cannot raise it, and a vectorised count
 // replaces the selection (which then runs for a few problems of a layer only).
-inline double keep_merges(const WardWorkspace& ws, int64_t n, int64_t m, double floor,
-                          int32_t* pairs, double* heights, std::vector<double>& scratch) {
+inline double keep_merges(WardWorkspace& ws, int64_t n, int64_t m, double floor,
+                          int32_t* pairs, double* heights) {
+  std::vector<double>& scratch = ws.heights_scratch;
   int64_t at_most_floor = 0;
   for (int64_t k = 0; k < n - 1; ++k) {
     const Merge& merge = ws.merges[k];

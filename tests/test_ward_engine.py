@@ -199,6 +199,11 @@ def test_float_prefilter_gives_the_all_double_chain_to_the_bit(case):
                                   native._centroid_linkage(X, False))
 
 
+def test_the_prefilter_test_hook_checks_its_input():
+    with pytest.raises(ValueError, match="NaN, Inf"):
+        native_module()._centroid_linkage(np.full((4, 2), np.nan), True)
+
+
 def test_the_fused_formula_differs_from_the_unfused_one_somewhere():
     """Guards the test above: on this data one rounding per dimension is visible."""
     rng = np.random.default_rng(0)
