@@ -46,10 +46,10 @@ __all__ = ["HEAD_IMPORTANCES", "HeadGroup", "HeadPrunedMultiheadAttention", "Hea
            "cut_units", "find_head_groups", "head_scores", "prune_heads", "prune_head_groups",
            "unsupported_attention"]
 
-# Attributes holding a head count or an inner width, updated after pruning when present.
 HEAD_IMPORTANCES = ("l1", "l2", "random", "reprune")
 """The named ways :func:`prune_heads` chooses units (besides a callable)."""
 
+# Attributes holding a head count or an inner width, updated after pruning when present.
 _QUERY_HEAD_ATTRS = ("num_heads", "num_attention_heads")
 _KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads")
 _INNER_WIDTH_ATTRS = ("all_head_size", "attn_dim")
@@ -106,10 +106,21 @@ class HeadGroup:
                     "o": q_rows}
         return {"q": q_rows, "k": kv_rows, "v": kv_rows, "o": q_rows}
 
+    def unit_row_table(self, role: str) -> np.ndarray:
+        """(n_units, rows per unit) int64: row ``[u, j]`` is unit u's j-th row of projection
+        ``role`` (``o``: input column)."""
+        return np.stack([self.rows([u])[role] for u in range(self.n_units)])
+
+    def param_names(self, role: str) -> tuple[str, str]:
+        """The weight and bias attribute names of projection ``role``."""
+        if self.layout == "packed" and role == "qkv":
+            return "in_proj_weight", "in_proj_bias"
+        return "weight", "bias"
+
     def unit_rows(self, role: str, tensor: torch.Tensor) -> torch.Tensor:
         """The rows of ``tensor`` (a weight or bias of input projection ``role``) unit by unit:
         (n_units, rows per unit, *the rest of its shape)."""
-        rows = np.stack([self.rows([u])[role] for u in range(self.n_units)])
+        rows = self.unit_row_table(role)
         picked = tensor.index_select(0, torch.as_tensor(rows.reshape(-1), device=tensor.device))
         return picked.reshape(*rows.shape, *tensor.shape[1:])
 
@@ -117,7 +128,7 @@ class HeadGroup:
         """Each unit's q, k and v weight rows: one (n_units, rows per unit, in_features) tensor
         per input projection (``q``, ``k``, ``v``, or the one ``qkv``). A unit's rows seen per
         input column are what REPrune compares (its kernels, :func:`prune_heads`)."""
-        return [self.unit_rows(role, getattr(self.module(role), _param_names(self, role)[0])
+        return [self.unit_rows(role, getattr(self.module(role), self.param_names(role)[0])
                                .detach())
                 for role in self.projections if role != "o"]
 
@@ -226,13 +237,6 @@ def unsupported_attention(model: nn.Module) -> list[str]:
             if isinstance(m, nn.MultiheadAttention) and _describe(model, n, m) is None]
 
 
-def _param_names(group: HeadGroup, role: str) -> tuple[str, str]:
-    """The weight and bias attribute names of projection ``role``."""
-    if group.layout == "packed" and role == "qkv":
-        return "in_proj_weight", "in_proj_bias"
-    return "weight", "bias"
-
-
 @torch.no_grad()
 def head_scores(group: HeadGroup, importance="l1", *, generator=None) -> np.ndarray:
     """One score per unit (key/value group), higher = more important.
@@ -257,7 +261,7 @@ def head_scores(group: HeadGroup, importance="l1", *, generator=None) -> np.ndar
     for u in range(group.n_units):
         for role, rows in group.rows([u]).items():
             m = group.module(role)
-            w_name, b_name = _param_names(group, role)
+            w_name, b_name = group.param_names(role)
             weight, bias = getattr(m, w_name), getattr(m, b_name)
             idx = torch.as_tensor(rows, device=weight.device)
             if role == "o":
@@ -283,7 +287,7 @@ def cut_units(group: HeadGroup, keep_units: np.ndarray) -> None:
                 enc.use_nested_tensor = False
     for role, rows in group.rows(keep_units).items():
         m = group.module(role)
-        w_name, b_name = _param_names(group, role)
+        w_name, b_name = group.param_names(role)
         weight, bias = getattr(m, w_name), getattr(m, b_name)
         idx = torch.as_tensor(rows, device=weight.device)
         dim = 1 if role == "o" else 0

@@ -456,9 +456,11 @@ def _ready(kernel, args) -> None:
     checked one: wide index dtypes, int64 ids), repairing a damaged cache as above.
 
     Typing the arguments costs tens of microseconds, more than a small layer's whole run: a
-    signature is looked up once, then remembered by its array dtypes (the only thing that
-    varies: arrays are C-contiguous, the other arguments ints)."""
-    key = (kernel, *(a.dtype.char for a in args if isinstance(a, np.ndarray)))
+    signature is looked up once, then remembered by its arrays' dtypes and writability (what
+    varies: arrays are C-contiguous, the other arguments ints; Numba types a read-only array,
+    e.g. memory-mapped labels, apart from a writable one)."""
+    key = (kernel, *((a.dtype.char, a.flags.writeable) for a in args
+                     if isinstance(a, np.ndarray)))
     if key in _compiled:
         return
     import numba

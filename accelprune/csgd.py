@@ -108,7 +108,8 @@ _SECONDARY_CENTRIPETAL = 0.1
 
 @dataclasses.dataclass
 class ClusterAssignment:
-    """The clusters of one channel group: ``labels[i]`` is output channel i's cluster."""
+    """The clusters of one channel group (``labels[i]``: output channel i's cluster) or of one
+    attention module's head units (``labels[u]``: unit u's cluster)."""
     name: str               # the group's name (its first producer)
     producers: list[str]    # the layers whose filters were clustered together
     labels: np.ndarray      # (n,) int64, 0..n_clusters-1, numbered by first appearance
@@ -474,8 +475,8 @@ class CSGD:
                 if kernels_only and not t.kernel:
                     continue
                 W = t.param.detach().reshape(t.param.shape[0], -1).double()
+                k = int(labels.max()) + 1  # on the host: no device sync
                 labels = torch.from_numpy(labels).to(W.device)
-                k = int(labels.max()) + 1
                 sums = W.new_zeros(k, W.shape[1]).index_add_(0, labels, W)
                 means = sums / torch.bincount(labels, minlength=k).to(W.dtype)[:, None]
                 name = (self.head_groups if t.head else self.groups)[t.group].name
@@ -596,8 +597,7 @@ class CSGD:
         clusters = []
         for g, c, labels in zip(self.groups, self.clusters, state["labels"], strict=True):
             labels = as_int_array(labels, f"labels of {g.name!r}", ndim=1)
-            if (labels.shape != c.labels.shape
-                    or not np.array_equal(np.unique(labels), np.arange(labels.max() + 1))):
+            if labels.shape != c.labels.shape or not _numbered(labels):
                 raise ValueError(f"the state's labels of {g.name!r} do not fit its "
                                  f"{g.n_channels} channels")
             clusters.append(ClusterAssignment(c.name, list(c.producers), labels,

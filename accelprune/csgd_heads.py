@@ -76,8 +76,7 @@ def head_params(group: HeadGroup) -> list[tuple[str, nn.Module, str, bool]]:
         if role == "o":
             continue
         m = group.module(role)
-        w_attr, b_attr = (("in_proj_weight", "in_proj_bias") if group.layout == "packed"
-                          else ("weight", "bias"))
+        w_attr, b_attr = group.param_names(role)
         out.append((role, m, w_attr, True))
         if isinstance(getattr(m, b_attr, None), torch.Tensor):
             out.append((role, m, b_attr, False))
@@ -89,11 +88,10 @@ def head_row_labels(group: HeadGroup, role: str, unit_labels: np.ndarray) -> np.
     ``unit_labels[u] · L + j`` (L: rows per unit in that projection), so that the transform pulls
     corresponding rows of the units of one cluster together. (rows,) int64."""
     unit_labels = np.asarray(unit_labels, dtype=np.int64)
-    blocks = [group.rows([u])[role] for u in range(group.n_units)]
-    width = len(blocks[0])
-    labels = np.full(sum(len(b) for b in blocks), -1, dtype=np.int64)
-    for u, rows in enumerate(blocks):
-        labels[rows] = unit_labels[u] * width + np.arange(width)
+    table = group.unit_row_table(role)
+    width = table.shape[1]
+    labels = np.full(table.size, -1, dtype=np.int64)
+    labels[table] = unit_labels[:, None] * width + np.arange(width)
     if (labels < 0).any():  # every row belongs to a unit in the layouts attention.py knows
         raise ValueError(f"head group {group.name!r}: projection {role!r} has rows of no unit")
     return labels
@@ -183,9 +181,9 @@ def probe_head_folds(model: nn.Module, example_inputs, groups) -> dict[str, str]
         for g in probed:
             for role, m, attr, _ in head_params(g):
                 t = m._parameters[attr]
-                source = np.empty(t.shape[0], dtype=np.int64)
-                for u in range(g.n_units):
-                    source[g.rows([u])[role]] = g.rows([0])[role]
+                source = np.arange(t.shape[0])  # rows outside the units stay as they are
+                table = g.unit_row_table(role)
+                source[table] = table[0]
                 swapped.append((m, attr, t))
                 m._parameters[attr] = nn.Parameter(
                     t.detach().index_select(0, torch.as_tensor(source, device=t.device)),
@@ -309,7 +307,6 @@ def fold_heads(group: HeadGroup, unit_labels) -> None:
             w[:, into] += w[:, add]
     o.weight = nn.Parameter(w, requires_grad=o.weight.requires_grad)
     cut_units(group, np.sort(np.array(list(kept_of.values()), dtype=np.int64)))
-
 
 
 def fold_checked(graph, channel_folds, head_folds, fold_channels) -> None:

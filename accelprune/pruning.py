@@ -312,7 +312,8 @@ def prune_with(model: nn.Module, example_inputs, sparsity: float, method: str, *
     fraction of channels removed, for every method. ``method_options`` go to that function or
     class as they are (e.g. ``round_to=8`` or ``layer_sparsity=`` for a criterion,
     ``budget="uniform"`` for REPrune); one it does not take is a TypeError naming it, before
-    anything changes.
+    anything changes, whenever the method runs (``"csgd"`` at sparsity 0 does nothing and
+    checks nothing).
     """
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
@@ -352,7 +353,7 @@ def sparsity_for_macs(model: nn.Module, example_inputs, method: str, macs_reduct
     macs_reduction = check_fraction(macs_reduction, "macs_reduction")
     tolerance = check_fraction(tolerance, "tolerance", allow_zero=False)
     max_iterations = check_int(max_iterations, "max_iterations", low=1)
-    refuse_meta_tensors(model)
+    refuse_meta_tensors(model, example_inputs)
     if macs_reduction == 0:
         return 0.0
     target = (1 - macs_reduction) * model_stats(model, example_inputs)["macs"]

@@ -21,7 +21,8 @@ rows above are all after warmup.
 
 Roofline columns (a work model, not counters): ``MB`` is what the fast path must move at least,
 ``BYTES_PER_KERNEL`` per (channel, filter) label: the index build reads the int32 label and
-writes a slot and a member entry (2 bytes each below 65,536 filters); the greedy reads each slot
+writes a slot and a member entry (2 bytes each: slots up to 8,191 filters, members up to 32,767;
+4 beyond; the model below counts 2); the greedy reads each slot
 row it selects and, as every pair is covered once, each member once with its int64 gain read and
 written. ``GB/s`` is that over the Numba time, ``% peak BW`` against a streaming add measured in
 the same run (bench_kernels.stream_gbs). Far below 100%: the greedy waits on scattered member

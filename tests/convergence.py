@@ -23,7 +23,7 @@ def collapse_clusters(csgd: CSGD) -> None:
             kept = c.kept[c.labels]  # each unit's cluster representative
             for role, m, attr, _ in head_params(g):
                 t = getattr(m, attr)
-                source = np.empty(t.shape[0], dtype=np.int64)
-                for u in range(g.n_units):
-                    source[g.rows([u])[role]] = g.rows([int(kept[u])])[role]
+                source = np.arange(t.shape[0])
+                table = g.unit_row_table(role)
+                source[table] = table[kept]
                 t.copy_(t[torch.from_numpy(source).to(t.device)])

@@ -14,14 +14,14 @@ import re
 import numpy as np
 import pytest
 import torch
+from convergence import collapse_clusters
+from failsafe import ModelState, leaves_unchanged
 from torch import nn
+from toy_models import Encoder, tiny_llama
 
 from accelprune import CSGD, surgery
 from accelprune.attention import HeadPrunedMultiheadAttention
 from accelprune.csgd_heads import head_row_labels
-from tests.convergence import collapse_clusters
-from tests.failsafe import ModelState, leaves_unchanged
-from tests.toy_models import Encoder, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from failsafe import leaves_unchanged
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -16,7 +17,6 @@ from torch import nn
 import accelprune
 from accelprune import models
 from accelprune.serialization import _digest
-from tests.failsafe import leaves_unchanged
 
 ROOT = Path(__file__).resolve().parent.parent
 
