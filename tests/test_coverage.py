@@ -528,3 +528,15 @@ def test_warmup_loads_the_kernels_and_is_cheap_afterwards():
     coverage.warmup()
     assert coverage._kernels is not None
     assert coverage.warmup() < 0.05
+
+
+def test_read_only_labels_after_writable_ones():
+    """Numba types a read-only array apart from a writable one: memory-mapped labels after an
+    ordinary call still get checked machine code and the same selection."""
+    labels = np.random.default_rng(3).integers(0, 6, (24, 40)).astype(np.int32)
+    expected = max_coverage(labels, 15, seed=1)
+    frozen = labels.copy()
+    frozen.setflags(write=False)
+    got = max_coverage(frozen, 15, seed=1)
+    np.testing.assert_array_equal(got.selected, expected.selected)
+    np.testing.assert_array_equal(got.gains, expected.gains)
