@@ -307,19 +307,30 @@ def _greedy_py(slot, members, k):
     end = np.empty(_BIG + 1, dtype=np.uint64)
     selected = np.empty(k, dtype=np.int64)
     gains = np.empty(k, dtype=np.int64)
-    bound = c_in  # gains only decrease, so the last step's gain bounds this step's best
+    # The best is the lowest position with the largest gain (first in priority order). Gains
+    # only decrease, so the last step's gain bounds this step's, and no position before the last
+    # best has reached the bound since (it would have been picked): the search for another at
+    # the bound resumes after the last best, and only when none is left is the maximum found
+    # again over all positions.
+    bound, resume = c_in, 0
     total = 0
     for step in range(k):
-        best, best_gain = -1, -1
-        for q in range(n):  # lowest position among the maxima = first in priority order
-            if gain[q] > best_gain:
-                best, best_gain = q, gain[q]
-                if best_gain == bound:  # nothing later can beat it
-                    break
+        best = -1
+        for q in range(resume, n):
+            if gain[q] == bound:
+                best = q
+                break
+        if best < 0:
+            best_gain = -1
+            for q in range(n):
+                if gain[q] > best_gain:
+                    best, best_gain = q, gain[q]
+            bound = best_gain
+        best_gain = bound
+        resume = best + 1
         gain[best] = -1  # taken
         selected[step] = best
         gains[step] = best_gain
-        bound = best_gain
         total += best_gain
         if best_gain == 0:
             continue
