@@ -36,7 +36,6 @@ from accelprune._backend import resolve
 from accelprune._validation import check_fraction
 from accelprune.kernels import filter_scores
 from accelprune.layers import BATCHNORM_TYPES, PRODUCER_TYPES, out_channel_view
-from accelprune.methods import CRITERIA
 from accelprune.selection import reprune_select
 
 __all__ = [
@@ -200,10 +199,11 @@ class RandomImportance(tp.importance.Importance):
         return f"RandomImportance(seed={self.seed})"
 
 
-IMPORTANCES = dict(zip(CRITERIA, (L1Importance, L2Importance, BNScaleImportance,
-                                   TaylorImportance, GradientImportance, RandomImportance),
-                       strict=True))
-"""Each criterion name of :data:`accelprune.methods.CRITERIA` and its class."""
+IMPORTANCES = {"l1": L1Importance, "l2": L2Importance, "bn": BNScaleImportance,
+               "taylor": TaylorImportance, "gradient": GradientImportance,
+               "random": RandomImportance}
+"""Each criterion name of :data:`accelprune.methods.CRITERIA` (the same names in the same order:
+tests/test_architecture.py checks) and its class."""
 
 
 def get_importance(importance, *, seed: int = 0) -> tp.importance.Importance:

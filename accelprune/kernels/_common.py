@@ -15,9 +15,6 @@ from accelprune._backend import resolve, triton_interpreted
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-BACKENDS = ("auto", "triton", "reference")
-
-
 def select_backend(backend, device: torch.device) -> str:
     """``"triton"`` or ``"reference"`` for tensors on ``device``.
 
