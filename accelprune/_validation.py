@@ -20,17 +20,21 @@ def as_float64_array(x, name: str, *, ndim: int | tuple[int, ...]) -> np.ndarray
     return np.asarray(arr, dtype=np.float64, order="C")  # ascontiguousarray would make 0-d 1-d
 
 
-def as_float_array(x, name: str, *, ndim: int | tuple[int, ...]) -> np.ndarray:
+def as_float_array(x, name: str, *, ndim: int | tuple[int, ...],
+                   finite: bool = True) -> np.ndarray:
     """The checks of :func:`as_float64_array`, keeping float32 and float64 as they are (a view of
     the caller's memory where it can be; other dtypes become float64): for consumers that read
-    either, such as the native Ward engine, so that no float64 copy of a weight is made."""
-    arr = as_real_array(x, name, ndim=ndim)
+    either, such as the native Ward engine, so that no float64 copy of a weight is made.
+    ``finite=False`` leaves the values unchecked, for a consumer that checks them as it reads
+    them (one pass over a large weight instead of two)."""
+    arr = as_real_array(x, name, ndim=ndim, finite=finite)
     return arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float64)
 
 
-def as_real_array(x, name: str, *, ndim: int | tuple[int, ...]) -> np.ndarray:
+def as_real_array(x, name: str, *, ndim: int | tuple[int, ...],
+                  finite: bool = True) -> np.ndarray:
     """The checks of :func:`as_float64_array` without its conversion: ``x`` as a numpy array of
-    its own real dtype (a view where it can be)."""
+    its own real dtype (a view where it can be). ``finite=False``: the values are not checked."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
         x = _tensor_to_numpy(x, name)
     arr = np.asarray(x)
@@ -41,7 +45,7 @@ def as_real_array(x, name: str, *, ndim: int | tuple[int, ...]) -> np.ndarray:
     if arr.ndim not in ndims:
         want = " or ".join(f"{d}-D" for d in ndims)
         raise ValueError(f"{name} must be {want}, got shape {arr.shape}")
-    if arr.size and not np.isfinite(arr).all():
+    if finite and arr.size and not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or Inf")
     return arr
 

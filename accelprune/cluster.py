@@ -67,12 +67,16 @@ __all__ = [
 _MAX_ABS = 1e100
 
 
-def _points(X, *, batched: bool) -> np.ndarray:
+def _points(X, *, batched: bool, check_values: bool = True) -> np.ndarray:
     """X checked, as a float32 or float64 array in its own memory layout where it is one of
     those (a transposed view of a conv weight stays a view: the native engine reads any strides,
-    and float32 values are exact in float64), else as float64."""
+    and float32 values are exact in float64), else as float64.
+
+    ``check_values=False`` leaves the values to the native engine, which checks every one as it
+    copies a problem in (a ValueError too, and no result): one pass over a large layer, not two.
+    """
     name = "X"
-    arr = as_float_array(X, name, ndim=3 if batched else 2)
+    arr = as_float_array(X, name, ndim=3 if batched else 2, finite=check_values)
     n = arr.shape[-2]
     if n == 0:
         raise ValueError(f"{name} has no points (shape {arr.shape}); Ward needs n >= 1")
@@ -80,7 +84,8 @@ def _points(X, *, batched: bool) -> np.ndarray:
         raise ValueError(f"{name} has points of dimension 0 (shape {arr.shape})")
     if batched and arr.shape[0] == 0:
         raise ValueError(f"X has no problems (shape {arr.shape})")
-    if arr.dtype == np.float64 and arr.size and max(arr.max(), -arr.min()) > _MAX_ABS:
+    if (check_values and arr.dtype == np.float64 and arr.size
+            and max(arr.max(), -arr.min()) > _MAX_ABS):
         # Squared distances of such points overflow float64 (and the native engine hides merged
         # clusters behind a finite 1e300 sentinel). Finite float32 values never get there.
         raise ValueError(f"X has values beyond +-{_MAX_ABS:g}; rescale the data")
@@ -187,13 +192,13 @@ class LayerCut(NamedTuple):
     height: float
 
 
-def _layer_problems(X, merges) -> tuple[list[np.ndarray], int]:
+def _layer_problems(X, merges, *, check_values: bool = True) -> tuple[list[np.ndarray], int]:
     """X (one (B, n, d) array or a list of them with the same n) as checked arrays (see
     :func:`_points`), and merges checked against n."""
     arrays = list(X) if isinstance(X, (list, tuple)) else [X]
     if not arrays:
         raise ValueError("X is an empty list; give at least one (problems, n, d) array")
-    checked = [_points(x, batched=True) for x in arrays]
+    checked = [_points(x, batched=True, check_values=check_values) for x in arrays]
     widths = [a.shape[1] for a in checked]
     if len(set(widths)) != 1:
         raise ValueError(f"the arrays of X disagree on the number of points n: {widths}")
@@ -269,7 +274,7 @@ def ward_linkage(X, *, backend: str = "auto", method: str = "auto") -> np.ndarra
     ``method`` picks the native path (see :data:`WARD_METHODS`); every path gives scipy's
     partitions and heights to 1e-9.
     """
-    arr = _points(X, batched=False)
+    arr = _points(X, batched=False, check_values=False)  # ward_linkage_batched checks them
     return ward_linkage_batched(arr[None], backend=backend, n_threads=1, method=method)[0]
 
 
@@ -284,12 +289,13 @@ def ward_linkage_batched(X, *, backend: str = "auto", n_threads: int | None = No
     chain otherwise (see the module docstring). A problem that cannot fit in memory is refused
     with a ValueError before anything is allocated; a failed allocation raises MemoryError.
     """
-    arr = _points(X, batched=True)
+    native = resolve(backend, fast="native") == "native"
+    arr = _points(X, batched=True, check_values=not native)
     threads = thread_count(n_threads)
     method = _check_method(method)
     if method == "sorted" and arr.shape[-1] != 1:
         raise ValueError(f"method 'sorted' needs 1-D points, got d = {arr.shape[-1]}")
-    if resolve(backend, fast="native") == "reference":
+    if not native:
         return ward_linkage_batched_ref(arr)
     return native_module().ward_linkage_batched(arr, threads, method)
 
@@ -337,12 +343,13 @@ def ward_cut_layer(X, merges: int, *, backend: str = "auto", n_threads: int | No
     of every merge at or below h (the solvers keep heights non-decreasing up the tree, so that is
     fcluster's partition).
     """
-    arrays, merges = _layer_problems(X, merges)
+    native = resolve(backend, fast="native") == "native"
+    arrays, merges = _layer_problems(X, merges, check_values=not native)
     threads = thread_count(n_threads)
     method = _check_method(method)
     if method == "sorted" and any(a.shape[-1] != 1 for a in arrays):
         raise ValueError("method 'sorted' needs 1-D points")
-    if resolve(backend, fast="native") == "reference":
+    if not native:
         return ward_cut_layer_ref(arrays, merges)
     native = native_module()
     halves = [native.ward_layer_merges(a, merges, threads, method) for a in arrays]

@@ -169,7 +169,7 @@ double bits_to_double(uint64_t u) {
   return v;
 }
 
-constexpr const char* kImmoderate = "X has NaN, Inf or values beyond +-1e100";
+constexpr const char* kImmoderate = "X contains NaN or Inf, or values beyond +-1e100";
 
 // The points of a batch of Ward problems as numpy holds them: float32 or float64, any strides
 // (REPrune passes a transposed view of a conv weight, (c_in, n, kh*kw) over (n, c_in, kh, kw):
