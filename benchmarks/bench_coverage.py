@@ -45,9 +45,10 @@ import numpy as np
 from accelprune._backend import thread_count
 from accelprune.cluster import cut_linkage, ward_linkage_batched
 from accelprune.coverage import _max_coverage_numpy, max_coverage, max_coverage_ref, warmup
+from accelprune.selection import ward_problems
 from benchmarks.bench_kernels import roofline, stream_gbs
 from benchmarks.harness import Row, measure, report
-from benchmarks.model_shapes import conv_weights, ward_problems
+from benchmarks.model_shapes import conv_weights
 
 SPARSITY = 0.5
 REFERENCE_MAX_FILTERS = 128  # the default reference subset: layers this narrow

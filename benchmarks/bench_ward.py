@@ -53,8 +53,9 @@ import scipy.cluster.hierarchy as sch
 
 from accelprune import cut_linkage, ward_linkage_batched
 from accelprune.cluster import ward_cut_layer, ward_method
+from accelprune.selection import ward_problems
 from benchmarks.harness import Row, cpu_model, measure, report
-from benchmarks.model_shapes import conv_weights, ward_problems
+from benchmarks.model_shapes import conv_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,43 +122,45 @@ def run_native(batches, threads, method="auto"):
         ward_linkage_batched(batch, n_threads=threads, method=method)
 
 
-def run_layer_cut(batches, threads, merges_of=lambda n: n - n // 2):
+def layer_merges(n: int) -> int:
+    """The merges a layer cut makes in the benchmarks: REPrune at 50% (k = n/2 filters kept)."""
+    return n - n // 2
+
+
+def run_layer_cut(batches, threads):
     """REPrune's layer cut of each batch (one layer each), as the event runs it."""
     for batch in batches:
-        ward_cut_layer(batch, merges_of(batch.shape[1]), n_threads=threads)
+        ward_cut_layer(batch, layer_merges(batch.shape[1]), n_threads=threads)
 
 
-def run_z_route(batches, threads, merges_of=lambda n: n - n // 2):
+def run_z_route(batches, threads):
     """The route the layer cut replaced: linkage matrices, the height of row m - 1, cut_linkage."""
     for batch in batches:
         Z = ward_linkage_batched(batch, n_threads=threads)
-        cut_linkage(Z, height=Z[:, merges_of(batch.shape[1]) - 1, 2].max())
+        cut_linkage(Z, height=Z[:, layer_merges(batch.shape[1]) - 1, 2].max())
 
 
-def run_fastcluster_cut(batches, pool=None, merges_of=lambda n: n - n // 2):
-    """fastcluster's linkage of each problem, then scipy's fcluster at the layer's height."""
+def fastcluster_linkages(batch, pool=None) -> list:
+    """fastcluster's linkage of every problem of one batch (on the pool's threads if given)."""
     import fastcluster
 
     def one(x):
         return fastcluster.linkage_vector(x, "ward")
 
-    for batch in batches:
-        linkages = [one(x) for x in batch] if pool is None else list(pool.map(one, batch))
-        height = max(Z[merges_of(batch.shape[1]) - 1, 2] for Z in linkages)
-        [sch.fcluster(Z, height, "distance") for Z in linkages]
+    return [one(x) for x in batch] if pool is None else list(pool.map(one, batch))
 
 
 def run_fastcluster(batches, pool=None):
-    import fastcluster
-
-    def one(x):
-        return fastcluster.linkage_vector(x, "ward")
-
     for batch in batches:
-        if pool is None:
-            [one(x) for x in batch]
-        else:
-            list(pool.map(one, batch))
+        fastcluster_linkages(batch, pool)
+
+
+def run_fastcluster_cut(batches, pool=None):
+    """fastcluster's linkage of each problem, then scipy's fcluster at the layer's height."""
+    for batch in batches:
+        linkages = fastcluster_linkages(batch, pool)
+        height = max(Z[layer_merges(batch.shape[1]) - 1, 2] for Z in linkages)
+        [sch.fcluster(Z, height, "distance") for Z in linkages]
 
 
 def run_scipy(batches):
@@ -285,12 +288,11 @@ def layer_cut_rows(args, rates, pool) -> list[Row]:
     """REPrune's layer cut (k = n/2) against the Z route and fastcluster + fcluster."""
     rng = np.random.default_rng(2)
     threads = rates["threads"]
-    # float32 values in contiguous float64 arrays (REPrune passes float32 views of the weights,
-    # which each thread copies in as doubles: a copy of O(n d) against the O(n^2 d) solve)
-    ones = [rng.standard_normal((128 if args.quick else 1024, 2048, 1)).astype(np.float32)
-            .astype(np.float64)]
-    layer = [rng.standard_normal((64 if args.quick else 512, 512, 9)).astype(np.float32)
-             .astype(np.float64)]
+    # as REPrune passes them: transposed float32 views of a weight (filters, c_in, kh, kw)
+    ones = [ward_problems(rng.standard_normal((2048, 128 if args.quick else 1024, 1, 1),
+                                              dtype=np.float32))]
+    layer = [ward_problems(rng.standard_normal((512, 64 if args.quick else 512, 3, 3),
+                                               dtype=np.float32))]
     cases = [(f"layer cut 1-D: {ones[0].shape[0]} x 2048 points, 1 thread", ones, 1),
              (f"layer cut 9-D: {layer[0].shape[0]} x 512 points, 1 thread", layer, 1),
              (f"layer cut 9-D: {layer[0].shape[0]} x 512 points, {threads} threads", layer,
@@ -456,6 +458,10 @@ def merge_rows(name: str, doc: dict, group: str) -> None:
     from benchmarks.harness import RESULTS_DIR
 
     path = RESULTS_DIR / f"{name}.json"
+    if not path.exists():  # nothing to merge into: these rows are the file
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"(saved {len(doc['rows'])} rows as {path.name})")
+        return
     saved = json.loads(path.read_text())
     fresh = {row["case"]: row for row in doc["rows"]}
     saved["rows"] = [fresh.pop(row["case"], row) for row in saved["rows"]] + list(fresh.values())

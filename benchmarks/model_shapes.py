@@ -13,8 +13,3 @@ def conv_weights(model_name: str, *, seed: int = 0) -> list[tuple[str, torch.Ten
     return [(n, m.weight.detach()) for n, m in model.named_modules()
             if isinstance(m, torch.nn.Conv2d)]
 
-
-def ward_problems(weight: torch.Tensor):
-    """The REPrune clustering problems of one conv: (c_in, n_out, kh*kw) float64 numpy array."""
-    n, c = weight.shape[:2]
-    return weight.reshape(n, c, -1).permute(1, 0, 2).contiguous().double().numpy()
