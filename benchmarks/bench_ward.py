@@ -322,7 +322,9 @@ def layer_cut_rows(args, rates, pool) -> list[Row]:
 def crossover_rows(args, rates) -> list[Row]:
     rows = []
     rng = np.random.default_rng(1)
-    cases = [(256, 16), (256, 49), (512, 9), (512, 25), (512, 49), (1024, 49), (2048, 49)]
+    # either side of the rule's boundary d = n^2 / 512 (csrc/ward.hpp, choose_method)
+    cases = [(64, 4), (64, 9), (128, 9), (128, 49), (256, 49), (256, 128), (512, 49),
+             (512, 512), (1024, 49), (2048, 49)]
     if args.quick:
         cases = [(256, 16), (512, 49)]
     for n, d in cases:

@@ -87,15 +87,15 @@ inline const char* method_name(WardMethod m) {
 // The "auto" rule, from measurements on a 2-core AVX-512 x86-64 machine (benchmarks/bench_ward.py,
 // the "crossover" rows): the centroid chain does O(d) work per cluster and chain step (in float
 // lanes, see the prefilter), the matrix O(1) after an O(n^2 d) start, but its rows leave the
-// cache as n grows. The matrix is 1.3-1.8x faster up to n = 64 whatever d, and wins from about
-// d = 9 at n = 128, 32 at n = 256, 150 at n = 512 and not below d = 256 at n = 1024: about where
-// d >= n^2 / 2048. Points on a line take the sorted path. Memory stays O(n d) beyond
+// cache as n grows. The matrix is 1.3-2x faster at n = 32 whatever d, and wins from about d = 9
+// at n = 64, 40 at n = 128, 100 at n = 256 and beyond d = 200 at n = 512 and 1024: about where
+// d >= n^2 / 512. Points on a line take the sorted path. Memory stays O(n d) beyond
 // kMatrixMaxPoints (an 8 MB matrix per thread at most).
 constexpr int64_t kMatrixMaxPoints = 1024;
 
 inline WardMethod choose_method(int64_t n, int64_t d) {
   if (d == 1) return WardMethod::kSorted;
-  if (n <= kMatrixMaxPoints && d * 2048 >= n * n) return WardMethod::kMatrix;
+  if (n <= kMatrixMaxPoints && d * 512 >= n * n) return WardMethod::kMatrix;
   return WardMethod::kCentroids;
 }
 

@@ -75,13 +75,15 @@ def test_auto_rule():
     assert WARD_METHODS == ("auto", "centroids", "matrix", "sorted")
     assert ward_method(2048, 1) == "sorted"
     assert ward_method(512, 9) == "centroids"
-    assert ward_method(512, 49) == "centroids"
-    assert ward_method(512, 160) == "matrix"  # about where d >= n^2 / 2048
-    assert ward_method(256, 25) == "centroids"
-    assert ward_method(256, 32) == "matrix"
-    assert ward_method(128, 9) == "matrix"
-    assert ward_method(64, 2) == "matrix"
-    assert ward_method(1024, 256) == "centroids"
+    assert ward_method(512, 200) == "centroids"
+    assert ward_method(512, 512) == "matrix"  # about where d >= n^2 / 512
+    assert ward_method(256, 100) == "centroids"
+    assert ward_method(256, 128) == "matrix"
+    assert ward_method(128, 9) == "centroids"
+    assert ward_method(128, 32) == "matrix"
+    assert ward_method(64, 9) == "matrix"
+    assert ward_method(32, 2) == "matrix"
+    assert ward_method(1024, 1024) == "centroids"
     assert ward_method(2048, 2048) == "centroids"  # the matrix path stops at 1024 points
     assert ward_method(20_000, 49) == "centroids"  # the matrix would be 3.2 GB
     assert ward_method(100_000, 8) == "centroids"
