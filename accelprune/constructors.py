@@ -56,7 +56,8 @@ def infer(model) -> dict | None:
     if type(model) is models.CifarResNet:
         return {"name": "accelprune:CifarResNet",
                 "kwargs": {"blocks_per_stage": len(model.layer1),
-                           "num_classes": model.fc.out_features}}
+                           "num_classes": model.fc.out_features,
+                           "width": getattr(model, "width", 16)}}
     if type(model) is models.VGGSmall:
         cfg = [m.out_channels if isinstance(m, nn.Conv2d) else "M" for m in model.features
                if isinstance(m, (nn.Conv2d, nn.MaxPool2d))]

@@ -75,6 +75,19 @@ def test_pruned_resnet20_round_trips_without_and_with_a_fresh_instance(tmp_path)
     assert fresh.layer1[0].bn1.num_features == model.layer1[0].bn1.num_features
 
 
+def test_a_cifar_resnet_of_another_width_records_it(tmp_path):
+    torch.manual_seed(0)
+    model = accelprune.prune(models.CifarResNet(1, width=8), torch.randn(1, 3, 32, 32), 0.4,
+                             "l1").eval()
+    path = tmp_path / "r8.pt"
+    accelprune.save(model, path)
+    assert accelprune.serialization.constructor_of(path)["kwargs"]["width"] == 8
+    rebuilt = accelprune.load(path)
+    assert rebuilt.width == 8 and _states_equal(rebuilt, model)
+    x = torch.randn(2, 3, 32, 32)
+    assert _outputs_equal(rebuilt, model, x)
+
+
 def test_torchvision_resnet18_round_trips_through_its_constructor(tmp_path):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=5)
