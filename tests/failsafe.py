@@ -123,15 +123,3 @@ def leaves_unchanged(model, example_inputs=None, *, raises=(ValueError, TypeErro
         yield info
     state.assert_unchanged()
 
-
-def state_copy(model) -> dict[str, torch.Tensor]:
-    """A copy of ``model``'s state_dict, to compare with :func:`assert_same_state` later."""
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_state(model, before: dict[str, torch.Tensor]) -> None:
-    """``model``'s state_dict has the keys, shapes and values of ``before``."""
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for k, v in before.items():
-        assert after[k].shape == v.shape and torch.equal(after[k], v), k

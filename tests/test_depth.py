@@ -7,6 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from failsafe import leaves_unchanged
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.vision_transformer import VisionTransformer
@@ -311,10 +312,8 @@ def test_loading_a_depth_pruned_file_into_the_wrong_model_changes_nothing(tmp_pa
     path = tmp_path / "short.pt"
     accelprune.save(model, path)
     other = torchvision.models.resnet34(weights=None)  # has the block, differs elsewhere
-    before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(ValueError, match="cannot load"):
+    with leaves_unchanged(other, x, match="cannot load"):
         accelprune.load(path, other)
     assert not any(isinstance(m, SkippedBlock) for m in other.modules())
-    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
     with pytest.raises(ValueError, match="lacks"):  # a block the model does not have
         accelprune.load(path, Stack())

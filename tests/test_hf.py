@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import toy_models
-from failsafe import assert_same_state, state_copy
+from failsafe import ModelState
 
 import accelprune
 from accelprune import surgery
@@ -110,8 +110,7 @@ def test_prune_heads_keeps_the_chosen_heads_outputs(ids):
 
 def test_prune_heads_failure_restores_everything(ids, monkeypatch):
     model = tiny_llama()
-    before, cfg = state_copy(model), copy.deepcopy(model.config.to_dict())
-    params = {k: id(p) for k, p in model.named_parameters()}
+    state, cfg = ModelState(model, ids), copy.deepcopy(model.config.to_dict())
 
     def broken(checker):
         raise RuntimeError("boom")
@@ -119,8 +118,7 @@ def test_prune_heads_failure_restores_everything(ids, monkeypatch):
     monkeypatch.setattr(surgery, "check_forward", broken)
     with pytest.raises(ValueError, match="restored unchanged"):
         prune_heads(model, ids, 0.5)
-    assert_same_state(model, before)
-    assert {k: id(p) for k, p in model.named_parameters()} == params
+    state.assert_unchanged()  # weights (the very same tensors), shapes, hooks, modes, outputs
     assert model.config.to_dict() == cfg
     assert [(g.num_heads, g.num_kv_heads) for g in find_head_groups(model)] == [(4, 2)] * 2
 

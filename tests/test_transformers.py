@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 from convergence import collapse_clusters
-from failsafe import assert_same_state, state_copy
+from failsafe import ModelState, leaves_unchanged
 from torch import nn
 from toy_models import Encoder, tiny_llama
 
@@ -185,10 +185,8 @@ def test_transformer_encoder_residual_stream_is_never_clustered():
 
 def test_strict_refuses_at_construction_naming_group_and_reason():
     model, x, _ = build("encoder")
-    before = state_copy(model)
-    with pytest.raises(ValueError, match=r"inp: .*LayerNorm 'enc\.layers\.0\.norm1'"):
+    with leaves_unchanged(model, x, match=r"inp: .*LayerNorm 'enc\.layers\.0\.norm1'"):
         CSGD(model, x, 0.5, strict=True)
-    assert_same_state(model, before)
     with pytest.raises(TypeError, match="strict"):
         CSGD(model, x, 0.5, strict=1)
 
@@ -232,10 +230,8 @@ def test_fold_and_prune_refuses_a_group_it_cannot_fold_exactly():
     csgd = CSGD(model, x, 0.5)
     residual = next(g for g in csgd.graph.groups if g.name == "inp")
     assert fold_blockers(residual)
-    before = state_copy(model)
-    with pytest.raises(ValueError, match="cannot be folded exactly.*LayerNorm"):
+    with leaves_unchanged(model, x, match="cannot be folded exactly.*LayerNorm"):
         fold_and_prune(residual, torch.arange(32) // 2)
-    assert_same_state(model, before)
     mlp = csgd.groups[0]
     assert fold_blockers(mlp) == []
 
@@ -275,11 +271,9 @@ def test_csgd_on_llama_folds_the_mlps_and_generate_works():
 
 def test_csgd_leaves_model_as_it_was_when_nothing_is_foldable():
     torch.manual_seed(0)
-    model = SoftmaxMix()
-    before = state_copy(model)
-    with pytest.raises(ValueError, match="nothing C-SGD can prune.*Softmax"):
-        CSGD(model, torch.randn(3, 8), 0.5)
-    assert_same_state(model, before)
+    model, x = SoftmaxMix(), torch.randn(3, 8)
+    with leaves_unchanged(model, x, match="nothing C-SGD can prune.*Softmax"):
+        CSGD(model, x, 0.5)
     copy.deepcopy(model)(torch.randn(3, 8))
 
 
@@ -458,12 +452,12 @@ def test_reprune_refuses_attention_only_model_naming_why_and_leaves_it_unchanged
     model = nn.Sequential(nn.Linear(4, 16), nn.TransformerEncoder(layer, 1,
                                                                    enable_nested_tensor=False),
                           nn.Linear(16, 3)).eval()
-    before = state_copy(model)
     x = torch.randn(2, 5, 4)
+    state = ModelState(model, x)
     pruner = REPrune(model, x, 0.5, prune_coupled=True)
     assert "attention" in pruner.skipped["0"]
     assert [g.name for g in pruner.groups] == ["1.layers.0.linear1"]
-    assert_same_state(model, before)
+    state.assert_unchanged()  # building a pruner changes nothing
 
 
 def test_llama_with_attention_skips_heads_and_residual_stream():
