@@ -173,6 +173,7 @@ struct WardWorkspace {
   std::vector<double> points_t;
   // centroid path
   std::vector<double> centroids, query, neighbour, centre;
+  std::vector<double> chain_cost;  // chain_cost[i]: the cost between chain[i - 1] and chain[i]
   std::vector<float> cost_rows;  // kCachedRows + 1 rows of ld: each chain depth's costs
   std::vector<int64_t> row_owner;  // whose costs each kept row holds (a position; -1: none)
   std::vector<float> centroids32, query32, size32, mask32;  // the float prefilter's copies
@@ -188,7 +189,7 @@ inline double workspace_bytes(int64_t n, int64_t d, WardMethod method) {
   const double nd = static_cast<double>(n);
   const double dims = static_cast<double>(d);
   // the O(n) vectors, the copied-in problem (input) and one more n x d array (points_t)
-  const double per_point = 8.0 * 24 + 16.0 * dims;
+  const double per_point = 8.0 * 25 + 16.0 * dims;
   if (method == WardMethod::kMatrix) return nd * (nd + 8) * 8.0 + nd * per_point;
   if (method == WardMethod::kCentroids) {
     // centroids in double, and the prefilter's float centroids and 17 float rows of costs
@@ -593,6 +594,13 @@ struct LaneMinimum {
     block[g] = (smaller & (M{} + static_cast<lane_int>(at))) | (~smaller & block[g]);
   }
 
+  // Folds in another running minimum of other blocks (lane by lane: as if its blocks had been
+  // added here, in any order).
+  __attribute__((always_inline)) void merge(const LaneMinimum& other) noexcept {
+    for (int g = 0; g < kGroups; ++g)
+      fold(best[g], block[g], second[g], other.best[g], other.block[g], other.second[g]);
+  }
+
   // The smallest cost over all lanes and its index (the lowest index on ties), and the second:
   // a tree of lane-wise folds (log2 of the lanes, branch-free; a scalar loop over the lanes was
   // a fifth of the chain's time). Exact (min only), so every version gives the same.
@@ -820,15 +828,24 @@ __attribute__((always_inline)) inline ScanMinimum first_minimum_kernel(const flo
   typedef typename NativeVector<float, kWidth>::type V;
   constexpr int64_t kB = kBlock<float>;
   constexpr int kGroups = static_cast<int>(kB) / kWidth;
-  LaneMinimum<float, kWidth> running;
-  for (int64_t block = 0; block < m / kB; ++block) {
+  // Even and odd blocks in two running minima: one alone is a chain of dependent compares.
+  LaneMinimum<float, kWidth> even, odd;
+  auto add = [row](LaneMinimum<float, kWidth>& running, int64_t block) {
     for (int g = 0; g < kGroups; ++g) {
       V v;
       std::memcpy(&v, row + block * kB + g * kWidth, sizeof v);
       running.add(g, v, block);
     }
+  };
+  const int64_t n_blocks = m / kB;
+  int64_t block = 0;
+  for (; block + 2 <= n_blocks; block += 2) {
+    add(even, block);
+    add(odd, block + 1);
   }
-  return running.reduce();
+  if (block < n_blocks) add(even, block);
+  even.merge(odd);
+  return even.reduce();
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
@@ -957,6 +974,7 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
   ws.ids.resize(n);
   ws.position.resize(n);
   ws.chain.resize(n);
+  ws.chain_cost.resize(n);
   ws.merges.resize(n - 1);
   ws.row_owner.assign(cached_rows, -1);
   column_means(X, n, d, ws.centre);
@@ -1047,15 +1065,16 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
       current_min = settle_nearest(row, bound, found, m, C, d, ws.query.data(), ws.size_d[x],
                                    ws.size_d.data(), &nearest);
       // Ties: the previous chain element (so the chain cannot cycle), then the lowest id. The
-      // test is <= with the scalar cost, and also accepts the scan naming the previous element,
-      // so that the chain ends even if the two computations ever differed in the last bit.
+      // cost to the previous element is the one it found when it pushed x (ward_cost is bitwise
+      // symmetric, and neither has merged since: merges pop the chain's top); the test also
+      // accepts the scan naming the previous element.
       const int64_t previous = chain_length > 1 ? ws.chain[chain_length - 2] : -1;
       if (previous >= 0 &&
-          (nearest == previous || ward_cost(C, d, ws.query.data(), ws.size_d[x], previous,
-                                            ws.size_d[previous], 0.0) <= current_min)) {
+          (nearest == previous || ws.chain_cost[chain_length - 1] <= current_min)) {
         break;
       }
       if (chain_length >= n) throw std::logic_error("Ward nearest-neighbour chain did not close");
+      ws.chain_cost[chain_length] = current_min;  // from x to the cluster pushed above it
       ws.chain[chain_length++] = nearest;
     }
     y = ws.chain[chain_length - 2];
