@@ -298,8 +298,9 @@ py::array_t<double> centroid_linkage(const py::object& X_obj, bool float_prefilt
   return Z;
 }
 
-// REPrune's layer cut, first half: every problem's merges (unsorted: a point of each merged
-// cluster, int32 (B, n-1, 2), and the heights, float64 (B, n-1)) and the largest over the problems
+// REPrune's layer cut, first half: every problem's merges (in the order made, not by height: the
+// clusters merged away and kept, named as accelprune::Merge says, int32 (B, n-1, 2), and the
+// heights, float64 (B, n-1)) and the largest over the problems
 // of the height of the merges_needed-th merge in height order, without building linkage
 // matrices. cut_merges() is the second half.
 py::tuple ward_layer_merges(const py::object& X_obj, int64_t merges_needed,
@@ -335,8 +336,9 @@ py::tuple ward_layer_merges(const py::object& X_obj, int64_t merges_needed,
 }
 
 // REPrune's layer cut, second half: labels int32 (B, n), 0..c-1 in order of first appearance,
-// of the partition joining the points of every merge with height <= threshold (fcluster's
+// of the partition joining the clusters of every merge with height <= threshold (fcluster's
 // "distance" partition when heights do not decrease up the tree, as the solvers make them).
+// pairs and heights as ward_layer_merges() returns them; pairs named otherwise are refused.
 py::array_t<int32_t> cut_merges(const py::object& pairs_obj, const py::object& heights_obj,
                                 double threshold, const py::object& threads_obj) {
   const auto pairs = exact_array<int32_t>(pairs_obj, "pairs", "int32");
@@ -357,14 +359,19 @@ py::array_t<int32_t> cut_merges(const py::object& pairs_obj, const py::object& h
   const double* height_in = heights.data();
   py::array_t<int32_t> labels({B, n});
   int32_t* out = labels.mutable_data();
-  // ~10 ns a merge (see useful_threads for why small work stays on one thread)
-  const int threads = threads_for_work(10.0 * static_cast<double>(B) * static_cast<double>(n),
+  // ~5 ns a merge (see useful_threads for why small work stays on one thread)
+  const int threads = threads_for_work(5.0 * static_cast<double>(B) * static_cast<double>(n),
                                        n_threads);
   {
     py::gil_scoped_release release;
     parallel_over_problems(B, threads, [&](int64_t b, accelprune::WardWorkspace& ws) {
-      accelprune::cut_merges(pair_in + b * (n - 1) * 2, height_in + b * (n - 1), n, threshold,
-                             ws.cut_parent, out + b * n);
+      const int32_t* problem_pairs = pair_in + b * (n - 1) * 2;
+      if (!accelprune::merges_well_named(problem_pairs, n, ws.cut_scratch))
+        throw std::invalid_argument(
+            "pairs are not merges as ward_layer_merges names them (each joins two clusters "
+            "that exist, the first merged away)");
+      accelprune::cut_merges(problem_pairs, height_in + b * (n - 1), n, threshold,
+                             ws.cut_scratch, out + b * n);
     });
   }
   return labels;

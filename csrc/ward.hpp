@@ -99,8 +99,9 @@ inline WardMethod choose_method(int64_t n, int64_t d) {
   return WardMethod::kCentroids;
 }
 
-// One merge before relabelling: a and b are any point (or slot) ids that lie in the two merged
-// clusters; finish_linkage() maps them to cluster ids.
+// One merge before relabelling, named as the solvers name clusters (a point or slot id each):
+// a is the cluster merged away, b the merged cluster, which keeps b's name in later merges.
+// finish_linkage() maps them to cluster ids; cut_merges() relies on the naming.
 struct Merge {
   int64_t a;
   int64_t b;
@@ -157,7 +158,7 @@ struct WardWorkspace {
   std::vector<double> input;  // the problem being solved, as the caller copied it in
   // shared by the solvers
   std::vector<int64_t> chain, ids;
-  std::vector<int32_t> cut_parent;      // the layer cut's union-find
+  std::vector<int32_t> cut_scratch;     // the layer cut's roots and labels per root
   std::vector<double> heights_scratch;  // the layer cut's selection of the m-th height
   std::vector<Merge> merges;
   std::vector<double> formed_height, mask, size_d;
@@ -1254,7 +1255,7 @@ inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws) {
     // sort in finish_linkage() always puts a merge after the merges that formed its children.
     const double height =
         std::max({std::sqrt(2.0 * best), ws.formed_height[l], ws.formed_height[r]});
-    ws.merges[k] = Merge{ws.order[l], ws.order[r], height};
+    ws.merges[k] = Merge{ws.order[r], ws.order[l], height};  // run r into run l
     ws.formed_height[l] = height;
     // As in the centroid path: equal means stay exactly equal.
     const double nl = static_cast<double>(ws.count[l]), nr = static_cast<double>(ws.count[r]);
@@ -1327,35 +1328,49 @@ inline double keep_merges(WardWorkspace& ws, int64_t n, int64_t m, double floor,
   return std::max(floor, scratch[m - 1]);
 }
 
-// Labels (0..c-1, in order of first appearance) of the partition that joins the points of every
-// merge with height <= threshold. pairs / heights: n - 1 merges as keep_merges() writes them.
-inline void cut_merges(const int32_t* pairs, const double* heights, int64_t n, double threshold,
-                       std::vector<int32_t>& parent, int32_t* labels) {
-  // The merges at or below the threshold first, compacted without branches (whether a merge is
-  // taken is a coin flip for the branch predictor: a quarter of the cut's time went there).
-  parent.resize(2 * n);
-  int32_t* taken = parent.data() + n;
-  int64_t count = 0;
+// Whether pairs (n - 1 merges as keep_merges() writes them) name clusters as the solvers do:
+// every merge joins two distinct clusters that exist (neither merged away before), and the
+// first is merged away. cut_merges() relies on it.
+inline bool merges_well_named(const int32_t* pairs, int64_t n, std::vector<int32_t>& scratch) {
+  scratch.assign(n, 1);  // 1 while the name is a cluster
+  int32_t* alive = scratch.data();
+  bool ok = true;
   for (int64_t k = 0; k < n - 1; ++k) {
-    taken[count] = static_cast<int32_t>(k);
-    count += heights[k] <= threshold;
+    const int32_t merged_away = pairs[2 * k], kept = pairs[2 * k + 1];
+    ok &= (alive[merged_away] & alive[kept]) != 0 && merged_away != kept;
+    alive[merged_away] = 0;
   }
-  for (int64_t i = 0; i < n; ++i) parent[i] = static_cast<int32_t>(i);
-  auto find = [&parent](int32_t x) {
-    while (parent[x] != x) x = parent[x] = parent[parent[x]];  // path halving
-    return x;
-  };
-  for (int64_t j = 0; j < count; ++j) {
-    const int64_t k = taken[j];
-    const int32_t ra = find(pairs[2 * k]), rb = find(pairs[2 * k + 1]);
-    parent[std::max(ra, rb)] = std::min(ra, rb);  // the root is the cluster's lowest point
+  return ok;
+}
+
+// Labels (0..c-1, in order of first appearance) of the partition that joins the two clusters of
+// every merge with height <= threshold. pairs / heights: n - 1 merges as keep_merges() writes
+// them, in the order they were made (children first), named as Merge says.
+// No union-find: backwards, a merge's kept cluster already knows its root (its later merges came
+// first), and the cluster merged away takes it.
+inline void cut_merges(const int32_t* pairs, const double* heights, int64_t n, double threshold,
+                       std::vector<int32_t>& scratch, int32_t* labels) {
+  scratch.resize(2 * n + 1);
+  int32_t* root = scratch.data();        // n + 1: the last is where untaken merges write
+  int32_t* label_of = root + (n + 1);    // per root: its label, -1 until it appears
+  // Both loops select by masks: whether a merge is taken, or a root seen, is a coin flip that a
+  // branch mispredicts (GCC made branches of the plain ternaries).
+  for (int64_t i = 0; i <= n; ++i) root[i] = static_cast<int32_t>(i);
+  const int32_t sink = static_cast<int32_t>(n);
+  for (int64_t k = n - 2; k >= 0; --k) {
+    const int32_t merged_away = pairs[2 * k], kept = pairs[2 * k + 1];
+    const int32_t taken = -static_cast<int32_t>(heights[k] <= threshold);  // all ones or zero
+    root[sink ^ ((merged_away ^ sink) & taken)] = root[kept];
   }
-  // Roots are the lowest point of their cluster, so a cluster's label is due when the scan meets
-  // its root: first appearance order in one pass.
+  for (int64_t i = 0; i < n; ++i) label_of[i] = -1;
   int32_t next_label = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const int32_t root = find(static_cast<int32_t>(i));
-    labels[i] = root == i ? next_label++ : labels[root];
+    const int32_t r = root[i], seen = label_of[r];
+    const int32_t fresh = seen >> 31;  // all ones while r has no label
+    const int32_t label = (next_label & fresh) | (seen & ~fresh);
+    label_of[r] = label;
+    labels[i] = label;
+    next_label -= fresh;
   }
 }
 

@@ -431,3 +431,10 @@ def test_layer_cut_raw_extension_checks_its_own_inputs():
         native.cut_merges(pairs.astype(np.int64), heights, height, 1)
     with pytest.raises(ValueError, match="heights"):
         native.cut_merges(pairs, heights[:, :3].copy(), height, 1)
+    # merges named otherwise than the solvers name them (the cut relies on the naming): a merge
+    # of a cluster with itself, the kept and merged-away columns swapped, merges out of order
+    itself = pairs.copy()
+    itself[0, 1, 0] = itself[0, 1, 1]
+    for bad_pairs in (itself, pairs[:, :, ::-1].copy(), pairs[:, ::-1].copy()):
+        with pytest.raises(ValueError, match="not merges as ward_layer_merges names them"):
+            native.cut_merges(bad_pairs, heights, height, 2)
