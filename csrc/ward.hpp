@@ -1125,32 +1125,32 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
       const int64_t kept_rows = std::min(chain_length, cached_rows);
       int64_t live = 0;
       for (int64_t p = 0; p < m; ++p) {
-        if (ws.mask[p] != 0.0) continue;
+        // Branch-free (a quarter of the positions, scattered, are dead): every position is copied
+        // down to `live`, which moves on only past a live one, so a dead one's copy is written
+        // over by the next live one, or lands beyond the end.
         ws.position[p] = live;
-        if (live != p) {
+        for (int64_t j = 0; j < d; ++j)
+          C[centroid_index(live, j, d)] = C[centroid_index(p, j, d)];
+        if (prefilter) {
           for (int64_t j = 0; j < d; ++j)
-            C[centroid_index(live, j, d)] = C[centroid_index(p, j, d)];
-          if (prefilter) {
-            for (int64_t j = 0; j < d; ++j)
-              C32[centroid_index<float>(live, j, d)] = C32[centroid_index<float>(p, j, d)];
-            ws.size32[live] = ws.size32[p];
-          }
-          ws.ids[live] = ws.ids[p];
-          ws.size_d[live] = ws.size_d[p];
-          ws.formed_height[live] = ws.formed_height[p];
-          for (int64_t depth = 0; depth < kept_rows; ++depth)
-            if (ws.row_owner[depth] >= 0) cost_row(depth)[live] = cost_row(depth)[p];
+            C32[centroid_index<float>(live, j, d)] = C32[centroid_index<float>(p, j, d)];
+          ws.size32[live] = ws.size32[p];
         }
-        ++live;
+        ws.ids[live] = ws.ids[p];
+        ws.size_d[live] = ws.size_d[p];
+        ws.formed_height[live] = ws.formed_height[p];
+        for (int64_t depth = 0; depth < kept_rows; ++depth)
+          if (ws.row_owner[depth] >= 0) cost_row(depth)[live] = cost_row(depth)[p];
+        live += ws.mask[p] == 0.0;
       }
+      // Positions beyond the live ones are hidden (their stale centroids are finite: hidden
+      // costs stay finite too).
       for (int64_t p = live; p < round_up_block<float>(m); ++p) {
         ws.mask[p] = kHidden;
         ws.size_d[p] = 1.0;
-        for (int64_t j = 0; j < d; ++j) C[centroid_index(p, j, d)] = 0.0;
         if (prefilter) {
           ws.mask32[p] = kHidden32;
           ws.size32[p] = 1.0f;
-          for (int64_t j = 0; j < d; ++j) C32[centroid_index<float>(p, j, d)] = 0.0f;
         }
         for (int64_t depth = 0; depth < kept_rows; ++depth)
           if (ws.row_owner[depth] >= 0) cost_row(depth)[p] = kHidden32;
