@@ -352,10 +352,6 @@ py::array_t<int32_t> cut_merges(const py::object& pairs_obj, const py::object& h
   const int64_t B = pairs.shape(0), n = pairs.shape(1) + 1;
   require(n <= INT32_MAX, "pairs has too many rows for int32 labels");
   const int32_t* pair_in = pairs.data();
-  bool in_range = true;
-  for (int64_t i = 0, size = B * (n - 1) * 2; i < size; ++i)
-    in_range &= pair_in[i] >= 0 && pair_in[i] < n;
-  require(in_range, "pairs names a point outside [0, n)");
   const double* height_in = heights.data();
   py::array_t<int32_t> labels({B, n});
   int32_t* out = labels.mutable_data();
@@ -368,8 +364,8 @@ py::array_t<int32_t> cut_merges(const py::object& pairs_obj, const py::object& h
       const int32_t* problem_pairs = pair_in + b * (n - 1) * 2;
       if (!accelprune::merges_well_named(problem_pairs, n, ws.cut_scratch))
         throw std::invalid_argument(
-            "pairs are not merges as ward_layer_merges names them (each joins two clusters "
-            "that exist, the first merged away)");
+            "pairs are not merges as ward_layer_merges names them (names in [0, n), each "
+            "merge joining two clusters that exist, the first merged away)");
       accelprune::cut_merges(problem_pairs, height_in + b * (n - 1), n, threshold,
                              ws.cut_scratch, out + b * n);
     });

@@ -1329,9 +1329,12 @@ inline double keep_merges(WardWorkspace& ws, int64_t n, int64_t m, double floor,
 }
 
 // Whether pairs (n - 1 merges as keep_merges() writes them) name clusters as the solvers do:
-// every merge joins two distinct clusters that exist (neither merged away before), and the
-// first is merged away. cut_merges() relies on it.
+// names in [0, n), every merge joining two distinct clusters that exist (neither merged away
+// before), the first merged away. cut_merges() relies on it.
 inline bool merges_well_named(const int32_t* pairs, int64_t n, std::vector<int32_t>& scratch) {
+  bool in_range = true;
+  for (int64_t i = 0; i < 2 * (n - 1); ++i) in_range &= pairs[i] >= 0 && pairs[i] < n;
+  if (!in_range) return false;
   scratch.assign(n, 1);  // 1 while the name is a cluster
   int32_t* alive = scratch.data();
   bool ok = true;
