@@ -8,7 +8,8 @@
 // replayed against the naive algorithm: every row must merge two current clusters whose Ward
 // cost is the smallest at that step (to 1e-9), at height sqrt(2 cost), with the right count,
 // in non-decreasing height order; the cuts must give valid first-appearance labels with the
-// right number of clusters. Prints the number of cases and failures; exits 1 on any failure.
+// right number of clusters, and REPrune's layer cut (keep_merges, cut_merges) the labels of the
+// cut of Z at the same height. Prints the number of cases and failures; exits 1 on any failure.
 // Build: benchmarks/fuzz_ward.sh (with -fsanitize=address,undefined).
 #include <chrono>
 #include <cmath>
@@ -151,6 +152,31 @@ std::string check_cuts(const Problem& p, const std::vector<double>& Z, std::mt19
   return "";
 }
 
+// REPrune's layer cut on the same solve (ws.merges, unsorted): keep_merges and cut_merges at a
+// random merge's height must name the merges as cut_merges needs and give the labels of the
+// "distance" cut of Z at that height.
+std::string check_layer_cut(const Problem& p, const std::vector<double>& Z,
+                            accelprune::WardWorkspace& ws, std::mt19937_64& rng) {
+  const int64_t n = p.n;
+  std::vector<int32_t> pairs(2 * (n - 1));
+  std::vector<double> heights(n - 1);
+  const int64_t m = std::uniform_int_distribution<int64_t>(1, n - 1)(rng);
+  const double height = accelprune::keep_merges(ws, n, m, 0.0, pairs.data(), heights.data());
+  if (height != Z[4 * (m - 1) + 2]) return "keep_merges' height is not row m - 1 of Z";
+  std::vector<int32_t> scratch;
+  if (!accelprune::merges_well_named(pairs.data(), n, scratch)) {
+    return "the merges are not named as cut_merges needs";
+  }
+  std::vector<int32_t> labels(n), expected(n);
+  accelprune::cut_merges(pairs.data(), heights.data(), n, height, scratch, labels.data());
+  std::vector<double> max_dist;
+  std::vector<int64_t> size;
+  accelprune::check_linkage(Z.data(), n, max_dist, size);
+  accelprune::cut_at(Z.data(), n, max_dist, height, expected.data());
+  if (labels != expected) return "cut_merges' labels differ from the cut of Z";
+  return "";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -179,6 +205,7 @@ int main(int argc, char** argv) {
       accelprune::ward_linkage(p.X.data(), p.n, p.d, ws, Z.data(), method);
       std::string problem = check_linkage_is_ward(p, Z);
       if (problem.empty() && p.n > 1) problem = check_cuts(p, Z, rng);
+      if (problem.empty() && p.n > 1) problem = check_layer_cut(p, Z, ws, rng);
       if (!problem.empty()) {
         ++failures;
         std::printf("FAIL case %ld (n=%lld d=%lld %s, method %s): %s\n", cases,
