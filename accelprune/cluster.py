@@ -32,8 +32,9 @@ Public functions:
   order of first appearance;
 * :func:`ward_cut_layer`: REPrune's layer-wide cut (ALGORITHMS.md 3.2) in one native pass per
   array, without linkage matrices: each problem's merges stay unsorted, the layer's cut-off (the
-  largest height of merge m over the problems) is found by selection, and each problem is cut by
-  union-find. The same labels and height, to the bit, as ``ward_linkage_batched`` + ``cut_linkage``;
+  largest height of merge m over the problems) is found by selection, and each problem is cut in
+  one backward pass over its merges. The same labels and height, to the bit, as
+  ``ward_linkage_batched`` + ``cut_linkage``;
 * ``*_ref``: the scipy references.
 """
 from __future__ import annotations
@@ -338,10 +339,10 @@ def ward_cut_layer(X, merges: int, *, backend: str = "auto", n_threads: int | No
     merges: 1 <= merges <= n - 1 (REPrune: n - k).
     n_threads, method: as :func:`ward_linkage_batched`; the result does not depend on them.
 
-    The native path never builds linkage matrices: each problem's merges stay unsorted (16 bytes
-    each), the merge height is picked by selection, and the cut joins, by union-find, the points
-    of every merge at or below h (the solvers keep heights non-decreasing up the tree, so that is
-    fcluster's partition).
+    The native path never builds linkage matrices: each problem's merges stay in the order they
+    were made (16 bytes each), the merge height is picked by selection, and the cut joins the
+    clusters of every merge at or below h in one backward pass over them (the solvers keep
+    heights non-decreasing up the tree, so that is fcluster's partition).
     """
     native = resolve(backend, fast="native") == "native"
     arrays, merges = _layer_problems(X, merges, check_values=not native)

@@ -8,10 +8,10 @@ Cases (each row's ``native`` is accelprune with the row's ``threads``):
 * ``one 512x512x3x3 layer``: the 512 problems of one 3x3 conv with 512 filters, 2 threads;
 * ``1-D``: a 2048-filter 1x1 layer's problems (sort + chain);
 * ``layer cut``: REPrune's layer-wide cut (ALGORITHMS.md 3.2, k = n/2) as the REPrune event runs
-  it, :func:`accelprune.cluster.ward_cut_layer` (unsorted merges, selection of the layer height,
-  union-find cut; no linkage matrices), against the route it replaced (``z_route``: native
-  linkage matrices, then ``cut_linkage``) and fastcluster's linkage + scipy's fcluster, on a
-  2048-filter 1x1 conv, a 512x512x3x3 conv and every conv of ResNet-50;
+  it, :func:`accelprune.cluster.ward_cut_layer` (merges in the order made, selection of the layer
+  height, a backward pass for the cut; no linkage matrices), against the route it replaced
+  (``z_route``: native linkage matrices, then ``cut_linkage``) and fastcluster's linkage +
+  scipy's fcluster, on a 2048-filter 1x1 conv, a 512x512x3x3 conv and every conv of ResNet-50;
 * ``crossover``: centroids against matrix at several (n, d), the measurements behind the
   ``method="auto"`` rule;
 * ``memory``: 20,000 x 16 and 100,000 x 8, each in a fresh subprocess: time and peak RSS growth

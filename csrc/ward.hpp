@@ -29,9 +29,9 @@
 // All produce an unsorted list of merges (ward_merges()). Two consumers:
 //  * finish_linkage() sorts them by height and relabels them into scipy's format (ward_linkage);
 //  * REPrune's layer cut (keep_merges(), cut_merges()) needs no linkage matrix: it keeps the
-//    merges unsorted (point ids + height), picks the layer's cut-off by selection, and cuts by a
-//    union-find over the merges at or below it (heights are non-decreasing up the tree, so that is
-//    fcluster's "distance" partition).
+//    merges in the order made (cluster names + height), picks the layer's cut-off by selection,
+//    and joins the clusters of the merges at or below it in one backward pass (heights are
+//    non-decreasing up the tree, so that is fcluster's "distance" partition).
 // None writes to its input.
 //
 // Exceptions: only plain functions allocate (std::bad_alloc can leave them). The vectorised
@@ -1303,7 +1303,7 @@ inline void ward_linkage(const double* X, int64_t n, int64_t d, WardWorkspace& w
 // cut-off h_l = the largest of those heights: no sorted, relabelled Z. Every solver makes its
 // heights monotone up the tree (the max() at each merge), so a merge's subtree holds no higher
 // merge, fcluster's "subtree height <= t" is "height <= t", and the merges at or below t are
-// closed under taking children: joining their points by union-find, in any order, gives
+// closed under taking children: joining the clusters of those merges gives
 // fcluster(Z, t, "distance")'s partition.
 
 // Writes ws.merges (n - 1 of them) as point pairs and heights, and returns max(floor, the height
