@@ -18,6 +18,7 @@ reported beside it.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import json
@@ -106,7 +107,15 @@ def meta_copy(model: nn.Module) -> nn.Module:
         for b in module._buffers.values():
             if b is not None and id(b) not in memo:
                 memo[id(b)] = b.to("meta")
+        # the empty hook dicts and sets every module holds, copied ahead: deepcopy's generic
+        # route for them was half of the copy's time
+        for v in vars(module).values():
+            if type(v) in _EMPTY_COPIES and not v:
+                memo[id(v)] = type(v)()
     return copy.deepcopy(model, memo)
+
+
+_EMPTY_COPIES = (dict, collections.OrderedDict, set)
 
 
 def _to_meta(inputs):

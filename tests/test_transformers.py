@@ -17,7 +17,7 @@ from torch import nn
 from toy_models import Encoder, tiny_llama
 
 from accelprune import CSGD
-from accelprune.csgd import fold_and_prune, fold_blockers
+from accelprune.csgd import attention_free, fold_and_prune, fold_blockers
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -455,6 +455,7 @@ def test_reprune_refuses_attention_only_model_naming_why_and_leaves_it_unchanged
     x = torch.randn(2, 5, 4)
     state = ModelState(model, x)
     pruner = REPrune(model, x, 0.5, prune_coupled=True)
+    assert not attention_free(pruner.graph)  # so every group is searched for attention
     assert "attention" in pruner.skipped["0"]
     assert [g.name for g in pruner.groups] == ["1.layers.0.linear1"]
     state.assert_unchanged()  # building a pruner changes nothing
