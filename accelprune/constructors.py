@@ -57,7 +57,7 @@ def infer(model) -> dict | None:
         return {"name": "accelprune:CifarResNet",
                 "kwargs": {"blocks_per_stage": len(model.layer1),
                            "num_classes": model.fc.out_features,
-                           "width": getattr(model, "width", 16)}}
+                           "width": getattr(model, "_width", 16)}}
     if type(model) is models.VGGSmall:
         cfg = [m.out_channels if isinstance(m, nn.Conv2d) else "M" for m in model.features
                if isinstance(m, (nn.Conv2d, nn.MaxPool2d))]

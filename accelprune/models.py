@@ -51,7 +51,8 @@ class CifarResNet(nn.Module):
         blocks_per_stage = check_int(blocks_per_stage, "blocks_per_stage", low=1)
         num_classes = check_int(num_classes, "num_classes", low=1)
         width = check_int(width, "width", low=1)
-        self.width = width  # as built: pruning changes the layers, not this (saved constructors)
+        # as built, for saved constructors (private: not a width that loading compares or sets)
+        self._width = width
         self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
