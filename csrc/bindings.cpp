@@ -169,7 +169,8 @@ double bits_to_double(uint64_t u) {
   return v;
 }
 
-constexpr const char* kImmoderate = "X contains NaN or Inf, or values beyond +-1e100";
+constexpr const char* kImmoderate =
+    "X contains NaN or Inf, or values beyond +-1e100 (rescale the data)";
 
 // The points of a batch of Ward problems as numpy holds them: float32 or float64, any strides
 // (REPrune passes a transposed view of a conv weight, (c_in, n, kh*kw) over (n, c_in, kh, kw):
@@ -338,7 +339,8 @@ py::tuple ward_layer_merges(const py::object& X_obj, int64_t merges_needed,
 // REPrune's layer cut, second half: labels int32 (B, n), 0..c-1 in order of first appearance,
 // of the partition joining the clusters of every merge with height <= threshold (fcluster's
 // "distance" partition when heights do not decrease up the tree, as the solvers make them).
-// pairs and heights as ward_layer_merges() returns them; pairs named otherwise are refused.
+// pairs and heights as ward_layer_merges() returns them; pairs that are not a valid merge
+// sequence (merges_well_named) are refused.
 py::array_t<int32_t> cut_merges(const py::object& pairs_obj, const py::object& heights_obj,
                                 double threshold, const py::object& threads_obj) {
   const auto pairs = exact_array<int32_t>(pairs_obj, "pairs", "int32");
@@ -468,6 +470,8 @@ py::dict ward_scan_versions(const py::object& centroids_obj, const py::object& q
   require(points.ndim() == 2 && points.shape(0) >= 1 && points.shape(1) >= 1,
           "centroids must be (m, d) with m, d >= 1");
   const int64_t m = points.shape(0), d = points.shape(1);
+  // the float scans index lanes in int32, as the chain runs them only for n <= 2^24
+  require(m <= (int64_t{1} << 24), "centroids must have at most 2**24 rows");
   require(query.ndim() == 1 && query.shape(0) == d, "query must be (d,)");
   require(sizes.ndim() == 1 && sizes.shape(0) == m, "sizes must be (m,)");
   require(size_x >= 1.0, "size_x must be >= 1");
@@ -514,11 +518,13 @@ PYBIND11_MODULE(_native, m) {
   m.def("ward_layer_merges", &ward_layer_merges, py::arg("X"), py::arg("merges_needed"),
         py::arg("n_threads"), py::arg("method") = "auto",
         "REPrune's layer cut, first half: (pairs int32 (B, n-1, 2), heights (B, n-1), the largest "
-        "over the problems of the height of the merges_needed-th merge), merges unsorted.");
+        "over the problems of the height of the merges_needed-th merge); merges in the order "
+        "made, each pair (merged-away name, kept name).");
   m.def("cut_merges", &cut_merges, py::arg("pairs"), py::arg("heights"), py::arg("threshold"),
         py::arg("n_threads"),
         "Labels (B, n) of the partition joining every merge with height <= threshold, in order "
-        "of first appearance.");
+        "of first appearance. pairs and heights as ward_layer_merges returns them; pairs that "
+        "are not a valid merge sequence raise ValueError.");
   m.def("cut_linkage_height", &cut_linkage_height, py::arg("Z"), py::arg("heights"),
         "fcluster 'distance' partition of each problem, labels in order of first appearance.");
   m.def("cut_linkage_maxclust", &cut_linkage_maxclust, py::arg("Z"), py::arg("counts"),

@@ -88,8 +88,8 @@ inline const char* method_name(WardMethod m) {
 // the "crossover" rows): the centroid chain does O(d) work per cluster and chain step (in float
 // lanes, see the prefilter), the matrix O(1) after an O(n^2 d) start, but its rows leave the
 // cache as n grows. The matrix is 1.3-2x faster at n = 32 whatever d, and wins from about d = 9
-// at n = 64, 40 at n = 128, 100 at n = 256 and beyond d = 200 at n = 512 and 1024: about where
-// d >= n^2 / 512. Points on a line take the sorted path. Memory stays O(n d) beyond
+// at n = 64, 40 at n = 128 and 100 at n = 256; at n = 512 and 1024 it had not won by d = 200.
+// The rule, d >= n^2 / 512, fits the measured crossovers and extrapolates beyond them. Points on a line take the sorted path. Memory stays O(n d) beyond
 // kMatrixMaxPoints (an 8 MB matrix per thread at most).
 constexpr int64_t kMatrixMaxPoints = 1024;
 
@@ -533,7 +533,7 @@ template <typename T, int kWidth>
 inline typename NativeVector<T, kWidth>::type fma_lanes(typename NativeVector<T, kWidth>::type a,
                                                         typename NativeVector<T, kWidth>::type b,
                                                         typename NativeVector<T, kWidth>::type c) {
-  typename NativeVector<T, kWidth>::type out;
+  typename NativeVector<T, kWidth>::type out{};  // every lane is written below
   for (int l = 0; l < kWidth; ++l) out[l] = std::fma(a[l], b[l], c[l]);
   return out;
 }
@@ -595,8 +595,9 @@ struct LaneMinimum {
     block[g] = (smaller & (M{} + static_cast<lane_int>(at))) | (~smaller & block[g]);
   }
 
-  // Folds in another running minimum of other blocks (lane by lane: as if its blocks had been
-  // added here, in any order).
+  // Folds in another running minimum, of other blocks (each running minimum having added its own
+  // blocks in increasing order): lane by lane, the smaller (cost, block) wins, so the result is
+  // that of one running minimum over all the blocks.
   __attribute__((always_inline)) void merge(const LaneMinimum& other) noexcept {
     for (int g = 0; g < kGroups; ++g)
       fold(best[g], block[g], second[g], other.best[g], other.block[g], other.second[g]);
@@ -634,8 +635,10 @@ struct LaneMinimum {
   // cost.
   __attribute__((always_inline)) static void fold(V& value, M& index, V& runner_up, V v, M i,
                                                   V r) noexcept {
-    // i < index as the sign of i - index (indices are >= 0: no overflow). GCC 12 makes scalar
-    // code of a float compare's mask combined with an integer compare's.
+    // i < index as the sign of i - index (indices are >= 0 and below 2^31 for floats, as float
+    // scans run only for n <= 2^24: no overflow; >> of a negative value is arithmetic on GCC
+    // and Clang, defined so from C++20). GCC 12 makes scalar code of a float compare's mask
+    // combined with an integer compare's.
     const M earlier = (i - index) >> static_cast<lane_int>(8 * sizeof(lane_int) - 1);
     const M take = (v < value) | (~(value < v) & earlier);  // no cost is NaN
     runner_up = select(take, select(r < value, r, value), select(v < runner_up, v, runner_up));
@@ -1306,7 +1309,8 @@ inline void ward_linkage(const double* X, int64_t n, int64_t d, WardWorkspace& w
 // closed under taking children: joining the clusters of those merges gives
 // fcluster(Z, t, "distance")'s partition.
 
-// Writes ws.merges (n - 1 of them) as point pairs and heights, and returns max(floor, the height
+// Writes ws.merges (n - 1 of them, in the order made) as pairs (merged-away name, kept name)
+// and heights, and returns max(floor, the height
 // of the m-th merge in height order (1 <= m <= n - 1), as row m - 1 of the sorted linkage holds
 // it). A layer needs only the largest such height over its problems: when at least m heights are
 // <= floor (the largest found so far), this problem cannot raise it, and a vectorised count
@@ -1328,9 +1332,11 @@ inline double keep_merges(WardWorkspace& ws, int64_t n, int64_t m, double floor,
   return std::max(floor, scratch[m - 1]);
 }
 
-// Whether pairs (n - 1 merges as keep_merges() writes them) name clusters as the solvers do:
-// names in [0, n), every merge joining two distinct clusters that exist (neither merged away
-// before), the first merged away. cut_merges() relies on it.
+// Whether pairs (n - 1 merges as keep_merges() writes them) are a valid merge sequence named as
+// the solvers name clusters: names in [0, n), every merge joining two distinct clusters that
+// exist (neither merged away before), the first merged away. cut_merges() needs it (and writes
+// root[merged_away] unchecked); a valid sequence in another order than the solver's is not
+// caught, and gives the partition of the taken merges.
 inline bool merges_well_named(const int32_t* pairs, int64_t n, std::vector<int32_t>& scratch) {
   bool in_range = true;
   for (int64_t i = 0; i < 2 * (n - 1); ++i) in_range &= pairs[i] >= 0 && pairs[i] < n;
@@ -1348,9 +1354,9 @@ inline bool merges_well_named(const int32_t* pairs, int64_t n, std::vector<int32
 
 // Labels (0..c-1, in order of first appearance) of the partition that joins the two clusters of
 // every merge with height <= threshold. pairs / heights: n - 1 merges as keep_merges() writes
-// them, in the order they were made (children first), named as Merge says.
-// No union-find: backwards, a merge's kept cluster already knows its root (its later merges came
-// first), and the cluster merged away takes it.
+// them, in the order they were made (children first), named as Merge says; precondition:
+// merges_well_named(pairs, n). No union-find: backwards, a merge's kept cluster already knows
+// its root (its later merges came first), and the cluster merged away takes it.
 inline void cut_merges(const int32_t* pairs, const double* heights, int64_t n, double threshold,
                        std::vector<int32_t>& scratch, int32_t* labels) {
   scratch.resize(2 * n + 1);
@@ -1369,7 +1375,7 @@ inline void cut_merges(const int32_t* pairs, const double* heights, int64_t n, d
   int32_t next_label = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int32_t r = root[i], seen = label_of[r];
-    const int32_t fresh = seen >> 31;  // all ones while r has no label
+    const int32_t fresh = -static_cast<int32_t>(seen < 0);  // all ones while r has no label
     const int32_t label = (next_label & fresh) | (seen & ~fresh);
     label_of[r] = label;
     labels[i] = label;

@@ -431,10 +431,15 @@ def test_layer_cut_raw_extension_checks_its_own_inputs():
         native.cut_merges(pairs.astype(np.int64), heights, height, 1)
     with pytest.raises(ValueError, match="heights"):
         native.cut_merges(pairs, heights[:, :3].copy(), height, 1)
-    # merges named otherwise than the solvers name them (the cut relies on the naming): a merge
-    # of a cluster with itself, the kept and merged-away columns swapped, merges out of order
-    itself = pairs.copy()
-    itself[0, 1, 0] = itself[0, 1, 1]
-    for bad_pairs in (itself, pairs[:, :, ::-1].copy(), pairs[:, ::-1].copy()):
+    # pairs that are not a valid merge sequence named as the solvers name clusters (the cut
+    # relies on it): 1 into 0, 3 into 2, then 2 into 0 is one; a merge of a cluster with itself,
+    # the columns swapped (0 merged away, then merged again) or the last merge first (2 merged
+    # away before 3 is merged into it) are not
+    valid = np.array([[[1, 0], [3, 2], [2, 0]]], dtype=np.int32)
+    four = np.array([[0.5, 0.7, 1.0]])
+    np.testing.assert_array_equal(native.cut_merges(valid, four, 0.8, 1), [[0, 0, 1, 1]])
+    itself = valid.copy()
+    itself[0, 1] = [2, 2]
+    for bad_pairs in (itself, valid[:, :, ::-1], valid[:, [2, 0, 1]]):
         with pytest.raises(ValueError, match="not merges as ward_layer_merges names them"):
-            native.cut_merges(bad_pairs, heights, height, 2)
+            native.cut_merges(np.ascontiguousarray(bad_pairs), four, 0.8, 2)

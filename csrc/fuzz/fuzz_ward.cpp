@@ -9,7 +9,7 @@
 // cost is the smallest at that step (to 1e-9), at height sqrt(2 cost), with the right count,
 // in non-decreasing height order; the cuts must give valid first-appearance labels with the
 // right number of clusters, and REPrune's layer cut (keep_merges, cut_merges) the labels of the
-// cut of Z at the same height. Prints the number of cases and failures; exits 1 on any failure.
+// cut of Z at the same heights. Prints the number of cases and failures; exits 1 on any failure.
 // Build: benchmarks/fuzz_ward.sh (with -fsanitize=address,undefined).
 #include <chrono>
 #include <cmath>
@@ -152,28 +152,35 @@ std::string check_cuts(const Problem& p, const std::vector<double>& Z, std::mt19
   return "";
 }
 
-// REPrune's layer cut on the same solve (ws.merges, unsorted): keep_merges and cut_merges at a
-// random merge's height must name the merges as cut_merges needs and give the labels of the
-// "distance" cut of Z at that height.
+// REPrune's layer cut on the same solve (ws.merges, in the order made): keep_merges must give
+// row m - 1's height of Z (or a larger floor), name the merges as cut_merges needs, and
+// cut_merges at a merge's height, just below it, at 0 and between two heights must give the
+// labels of the "distance" cut of Z there.
 std::string check_layer_cut(const Problem& p, const std::vector<double>& Z,
                             accelprune::WardWorkspace& ws, std::mt19937_64& rng) {
   const int64_t n = p.n;
   std::vector<int32_t> pairs(2 * (n - 1));
   std::vector<double> heights(n - 1);
   const int64_t m = std::uniform_int_distribution<int64_t>(1, n - 1)(rng);
-  const double height = accelprune::keep_merges(ws, n, m, 0.0, pairs.data(), heights.data());
-  if (height != Z[4 * (m - 1) + 2]) return "keep_merges' height is not row m - 1 of Z";
+  const double row = Z[4 * (m - 1) + 2];
+  const double floor = std::uniform_int_distribution<int>(0, 1)(rng) ? 0.0 : Z[4 * (n - 2) + 2] *
+      std::uniform_real_distribution<double>(0.0, 1.5)(rng);
+  const double height = accelprune::keep_merges(ws, n, m, floor, pairs.data(), heights.data());
+  if (height != std::max(floor, row)) return "keep_merges' height is not max(floor, row m - 1)";
   std::vector<int32_t> scratch;
   if (!accelprune::merges_well_named(pairs.data(), n, scratch)) {
     return "the merges are not named as cut_merges needs";
   }
-  std::vector<int32_t> labels(n), expected(n);
-  accelprune::cut_merges(pairs.data(), heights.data(), n, height, scratch, labels.data());
   std::vector<double> max_dist;
   std::vector<int64_t> size;
   accelprune::check_linkage(Z.data(), n, max_dist, size);
-  accelprune::cut_at(Z.data(), n, max_dist, height, expected.data());
-  if (labels != expected) return "cut_merges' labels differ from the cut of Z";
+  const double other = Z[4 * std::uniform_int_distribution<int64_t>(0, n - 2)(rng) + 2];
+  for (double t : {row, std::nextafter(row, -1.0), 0.0, 0.5 * (row + other)}) {
+    std::vector<int32_t> labels(n), expected(n);
+    accelprune::cut_merges(pairs.data(), heights.data(), n, t, scratch, labels.data());
+    accelprune::cut_at(Z.data(), n, max_dist, t, expected.data());
+    if (labels != expected) return "cut_merges' labels differ from the cut of Z";
+  }
   return "";
 }
 
