@@ -89,7 +89,7 @@ def _points(X, *, batched: bool, check_values: bool = True) -> np.ndarray:
             and max(arr.max(), -arr.min()) > _MAX_ABS):
         # Squared distances of such points overflow float64 (and the native engine hides merged
         # clusters behind a finite 1e300 sentinel). Finite float32 values never get there.
-        raise ValueError(f"X has values beyond +-{_MAX_ABS:g}; rescale the data")
+        raise ValueError("X contains values beyond +-1e100 (rescale the data)")
     return arr
 
 
@@ -290,13 +290,13 @@ def ward_linkage_batched(X, *, backend: str = "auto", n_threads: int | None = No
     chain otherwise (see the module docstring). A problem that cannot fit in memory is refused
     with a ValueError before anything is allocated; a failed allocation raises MemoryError.
     """
-    native = resolve(backend, fast="native") == "native"
-    arr = _points(X, batched=True, check_values=not native)
+    use_native = resolve(backend, fast="native") == "native"
+    arr = _points(X, batched=True, check_values=not use_native)
     threads = thread_count(n_threads)
     method = _check_method(method)
     if method == "sorted" and arr.shape[-1] != 1:
         raise ValueError(f"method 'sorted' needs 1-D points, got d = {arr.shape[-1]}")
-    if not native:
+    if not use_native:
         return ward_linkage_batched_ref(arr)
     return native_module().ward_linkage_batched(arr, threads, method)
 
@@ -344,13 +344,13 @@ def ward_cut_layer(X, merges: int, *, backend: str = "auto", n_threads: int | No
     clusters of every merge at or below h in one backward pass over them (the solvers keep
     heights non-decreasing up the tree, so that is fcluster's partition).
     """
-    native = resolve(backend, fast="native") == "native"
-    arrays, merges = _layer_problems(X, merges, check_values=not native)
+    use_native = resolve(backend, fast="native") == "native"
+    arrays, merges = _layer_problems(X, merges, check_values=not use_native)
     threads = thread_count(n_threads)
     method = _check_method(method)
     if method == "sorted" and any(a.shape[-1] != 1 for a in arrays):
         raise ValueError("method 'sorted' needs 1-D points")
-    if not native:
+    if not use_native:
         return ward_cut_layer_ref(arrays, merges)
     native = native_module()
     halves = [native.ward_layer_merges(a, merges, threads, method) for a in arrays]

@@ -455,6 +455,10 @@ def main(argv=None):
         merge_rows(name, doc, args.only)
 
 
+# The case names of the groups whose rows all start alike (merge_rows replaces them as a whole).
+GROUP_PREFIXES = {"crossover": "crossover:", "memory": "memory:", "layer-cut": "layer cut"}
+
+
 def merge_rows(name: str, doc: dict, group: str) -> None:
     """Replace the rows of one group in results/{name}.json, noting when and in what load."""
     from benchmarks.harness import RESULTS_DIR
@@ -466,7 +470,11 @@ def merge_rows(name: str, doc: dict, group: str) -> None:
         return
     saved = json.loads(path.read_text())
     fresh = {row["case"]: row for row in doc["rows"]}
-    saved["rows"] = [fresh.pop(row["case"], row) for row in saved["rows"]] + list(fresh.values())
+    # a group whose cases changed leaves no rows of the old cases behind
+    prefix = GROUP_PREFIXES.get(group)
+    kept = [row for row in saved["rows"]
+            if row["case"] in fresh or prefix is None or not row["case"].startswith(prefix)]
+    saved["rows"] = [fresh.pop(row["case"], row) for row in kept] + list(fresh.values())
     saved["notes"].setdefault("remeasured", []).append({
         "group": group, "date": doc["date"], "cases": [row["case"] for row in doc["rows"]],
         "load_average_before_after": doc["notes"]["load_average_before_after"]})

@@ -10,6 +10,7 @@ from accelprune.reporting import (
     Report,
     layer_widths,
     measure_latency,
+    meta_copy,
     model_stats,
     plot_importance,
     plot_layer_widths,
@@ -46,6 +47,20 @@ def test_model_stats_match_hand_count(width):
     assert stats["params"] == params
     assert stats["macs"] == macs  # per sample, although X holds 3
     assert stats["macs"] == model_stats(tiny(width), X[:1])["macs"]
+
+
+def test_meta_copy_shares_no_container_or_tensor_with_the_model():
+    model = tiny()
+    copy = meta_copy(model)
+    assert all(p.is_meta for p in copy.parameters()) and all(b.is_meta for b in copy.buffers())
+    containers = {id(v) for m in model.modules() for v in vars(m).values()
+                  if isinstance(v, (dict, set))}
+    assert not any(id(v) in containers for m in copy.modules() for v in vars(m).values()
+                   if isinstance(v, (dict, set)))
+    copy[0].register_forward_hook(lambda *args: None)  # a hook on the copy stays there
+    assert not model[0]._forward_hooks
+    assert [tuple(p.shape) for p in copy.parameters()] == [tuple(p.shape)
+                                                            for p in model.parameters()]
 
 
 def test_model_stats_counts_masked_zeros_and_leaves_model_alone():

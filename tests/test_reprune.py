@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from accelprune import REPruneImportance, layer_keep_counts, reprune_select
-from accelprune.csgd import attention_free
+from accelprune.csgd import attention_free, feeds_attention
 from accelprune.optim_state import track_parameters
 
 
@@ -366,7 +366,9 @@ def test_one_event_reaches_the_global_target(build, gamma):
     widths_before = _out_channels(model)
     pruner = REPrune(model, x, 0.5)
     assert all(not g.coupled for g in pruner.groups)
-    assert attention_free(pruner.graph)  # a CNN: no group is searched for attention
+    # a CNN: no group is searched for attention, and none would have been found
+    assert attention_free(pruner.graph)
+    assert not any(feeds_attention(g) for g in pruner.graph.groups)
     original = pruner.original_channels
     pruner.prune()
     assert _n_kept(pruner) == round(0.5 * original)

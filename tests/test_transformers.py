@@ -185,7 +185,8 @@ def test_transformer_encoder_residual_stream_is_never_clustered():
 
 def test_strict_refuses_at_construction_naming_group_and_reason():
     model, x, _ = build("encoder")
-    with leaves_unchanged(model, x, match=r"inp: .*LayerNorm 'enc\.layers\.0\.norm1'"):
+    with leaves_unchanged(model, x, raises=ValueError,
+                          match=r"inp: .*LayerNorm 'enc\.layers\.0\.norm1'"):
         CSGD(model, x, 0.5, strict=True)
     with pytest.raises(TypeError, match="strict"):
         CSGD(model, x, 0.5, strict=1)
@@ -230,7 +231,8 @@ def test_fold_and_prune_refuses_a_group_it_cannot_fold_exactly():
     csgd = CSGD(model, x, 0.5)
     residual = next(g for g in csgd.graph.groups if g.name == "inp")
     assert fold_blockers(residual)
-    with leaves_unchanged(model, x, match="cannot be folded exactly.*LayerNorm"):
+    with leaves_unchanged(model, x, raises=ValueError,
+                          match="cannot be folded exactly.*LayerNorm"):
         fold_and_prune(residual, torch.arange(32) // 2)
     mlp = csgd.groups[0]
     assert fold_blockers(mlp) == []
@@ -272,7 +274,7 @@ def test_csgd_on_llama_folds_the_mlps_and_generate_works():
 def test_csgd_leaves_model_as_it_was_when_nothing_is_foldable():
     torch.manual_seed(0)
     model, x = SoftmaxMix(), torch.randn(3, 8)
-    with leaves_unchanged(model, x, match="nothing C-SGD can prune.*Softmax"):
+    with leaves_unchanged(model, x, raises=ValueError, match="nothing C-SGD can prune.*Softmax"):
         CSGD(model, x, 0.5)
     copy.deepcopy(model)(torch.randn(3, 8))
 
@@ -473,5 +475,6 @@ def test_llama_with_attention_skips_heads_and_residual_stream():
     assert "model.layers.0.self_attn.q_proj" not in skipped
     assert any("Embedding 'model.embed_tokens'" in why for why in skipped.values())
     pruner = REPrune(model, tokens(), 0.5)
+    assert not attention_free(pruner.graph)  # its groups are searched one by one
     assert {g.name for g in pruner.groups} == mlps
     assert "model.layers.0.self_attn.q_proj" not in pruner.skipped
