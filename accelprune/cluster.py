@@ -259,11 +259,15 @@ def ward_method(n: int, d: int) -> str:
     return "sorted" if d == 1 else "reference"
 
 
-def _check_method(method) -> str:
+def _check_method(method, arrays: list[np.ndarray]) -> str:
+    """``method`` checked, and against the points of ``arrays`` ("sorted" needs them 1-D)."""
     if not isinstance(method, str):
         raise TypeError(f"method must be a string, got {type(method).__name__}")
     if method not in WARD_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(WARD_METHODS)}")
+    dims = sorted({a.shape[-1] for a in arrays} - {1})
+    if method == "sorted" and dims:
+        raise ValueError(f"method 'sorted' needs 1-D points, got d = {dims[0]}")
     return method
 
 
@@ -293,9 +297,7 @@ def ward_linkage_batched(X, *, backend: str = "auto", n_threads: int | None = No
     use_native = resolve(backend, fast="native") == "native"
     arr = _points(X, batched=True, check_values=not use_native)
     threads = thread_count(n_threads)
-    method = _check_method(method)
-    if method == "sorted" and arr.shape[-1] != 1:
-        raise ValueError(f"method 'sorted' needs 1-D points, got d = {arr.shape[-1]}")
+    method = _check_method(method, [arr])
     if not use_native:
         return ward_linkage_batched_ref(arr)
     return native_module().ward_linkage_batched(arr, threads, method)
@@ -347,9 +349,7 @@ def ward_cut_layer(X, merges: int, *, backend: str = "auto", n_threads: int | No
     use_native = resolve(backend, fast="native") == "native"
     arrays, merges = _layer_problems(X, merges, check_values=not use_native)
     threads = thread_count(n_threads)
-    method = _check_method(method)
-    if method == "sorted" and any(a.shape[-1] != 1 for a in arrays):
-        raise ValueError("method 'sorted' needs 1-D points")
+    method = _check_method(method, arrays)
     if not use_native:
         return ward_cut_layer_ref(arrays, merges)
     native = native_module()

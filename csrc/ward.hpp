@@ -1310,9 +1310,8 @@ inline void ward_linkage(const double* X, int64_t n, int64_t d, WardWorkspace& w
 // fcluster(Z, t, "distance")'s partition.
 
 // Writes ws.merges (n - 1 of them, in the order made) as pairs (merged-away name, kept name)
-// and heights, and returns max(floor, the height
-// of the m-th merge in height order (1 <= m <= n - 1), as row m - 1 of the sorted linkage holds
-// it). A layer needs only the largest such height over its problems: when at least m heights are
+// and heights, and returns max(floor, the height of the m-th merge in height order
+// (1 <= m <= n - 1), as row m - 1 of the sorted linkage holds it). A layer needs only the largest such height over its problems: when at least m heights are
 // <= floor (the largest found so far), this problem cannot raise it, and a vectorised count
 // replaces the selection (which then runs for a few problems of a layer only).
 inline double keep_merges(WardWorkspace& ws, int64_t n, int64_t m, double floor,
@@ -1330,6 +1329,25 @@ inline double keep_merges(WardWorkspace& ws, int64_t n, int64_t m, double floor,
   scratch.assign(heights, heights + (n - 1));
   std::nth_element(scratch.begin(), scratch.begin() + (m - 1), scratch.end());
   return std::max(floor, scratch[m - 1]);
+}
+
+// labels[i] (0..c-1, in order of first appearance) from root[i], each point's cluster named by
+// any id in [0, n); label_of: n entries of scratch. Branch-free: whether a root is new is a coin
+// flip that a branch mispredicts.
+template <typename Root>
+inline void first_appearance_labels(const Root* root, int64_t n, int32_t* label_of,
+                                    int32_t* labels) {
+  for (int64_t i = 0; i < n; ++i) label_of[i] = -1;
+  int32_t next_label = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const Root r = root[i];
+    const int32_t seen = label_of[r];
+    const int32_t fresh = -static_cast<int32_t>(seen < 0);  // all ones while r has no label
+    const int32_t label = (next_label & fresh) | (seen & ~fresh);
+    label_of[r] = label;
+    labels[i] = label;
+    next_label -= fresh;
+  }
 }
 
 // Whether pairs (n - 1 merges as keep_merges() writes them) are a valid merge sequence named as
@@ -1362,8 +1380,8 @@ inline void cut_merges(const int32_t* pairs, const double* heights, int64_t n, d
   scratch.resize(2 * n + 1);
   int32_t* root = scratch.data();        // n + 1: the last is where untaken merges write
   int32_t* label_of = root + (n + 1);    // per root: its label, -1 until it appears
-  // Both loops select by masks: whether a merge is taken, or a root seen, is a coin flip that a
-  // branch mispredicts (GCC made branches of the plain ternaries).
+  // Selects by masks: whether a merge is taken is a coin flip that a branch mispredicts (GCC made
+  // a branch of the plain ternary).
   for (int64_t i = 0; i <= n; ++i) root[i] = static_cast<int32_t>(i);
   const int32_t sink = static_cast<int32_t>(n);
   for (int64_t k = n - 2; k >= 0; --k) {
@@ -1371,16 +1389,7 @@ inline void cut_merges(const int32_t* pairs, const double* heights, int64_t n, d
     const int32_t taken = -static_cast<int32_t>(heights[k] <= threshold);  // all ones or zero
     root[sink ^ ((merged_away ^ sink) & taken)] = root[kept];
   }
-  for (int64_t i = 0; i < n; ++i) label_of[i] = -1;
-  int32_t next_label = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t r = root[i], seen = label_of[r];
-    const int32_t fresh = -static_cast<int32_t>(seen < 0);  // all ones while r has no label
-    const int32_t label = (next_label & fresh) | (seen & ~fresh);
-    label_of[r] = label;
-    labels[i] = label;
-    next_label -= fresh;
-  }
+  first_appearance_labels(root, n, label_of, labels);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1441,13 +1450,10 @@ inline void cut_at(const double* Z, int64_t n, const std::vector<double>& max_di
     rep[n + r] = a;
     if (max_dist[r] <= threshold) parent[find(b)] = find(a);
   }
-  std::vector<int32_t> label_of_root(n, -1);
-  int32_t next_label = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    int64_t root = find(i);
-    if (label_of_root[root] < 0) label_of_root[root] = next_label++;
-    labels[i] = label_of_root[root];
-  }
+  std::vector<int64_t> root(n);
+  for (int64_t i = 0; i < n; ++i) root[i] = find(i);
+  std::vector<int32_t> label_of(n);
+  first_appearance_labels(root.data(), n, label_of.data(), labels);
 }
 
 // The lowest threshold among the subtree heights that leaves at most k clusters (k in 1..n).
