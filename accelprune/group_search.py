@@ -215,7 +215,6 @@ def pruning_group(DG: tp.DependencyGraph, module, pruning_fn, idxs, *,
     return (search or GraphSearch(DG)).group(module, pruning_fn, idxs)
 
 
-
 def overridden_mappings(DG: tp.DependencyGraph) -> list[str]:
     """Names of the ops whose Torch-Pruning index mapping was switched off for ``DG`` because
     it sent channels outside a layer's width (empty on graphs TP handles correctly)."""
