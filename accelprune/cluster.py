@@ -352,8 +352,5 @@ def ward_cut_layer(X, merges: int, *, backend: str = "auto", n_threads: int | No
     method = _check_method(method, arrays)
     if not use_native:
         return ward_cut_layer_ref(arrays, merges)
-    native = native_module()
-    halves = [native.ward_layer_merges(a, merges, threads, method) for a in arrays]
-    height = float(max(highest for _, _, highest in halves))
-    labels = [native.cut_merges(pairs, heights, height, threads) for pairs, heights, _ in halves]
-    return LayerCut(labels[0] if len(labels) == 1 else np.concatenate(labels), height)
+    labels, height = native_module().ward_cut_layer(arrays, merges, threads, method)
+    return LayerCut(labels, height)

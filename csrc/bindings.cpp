@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <new>
 #include <string>
 #include <type_traits>
@@ -299,80 +300,69 @@ py::array_t<double> centroid_linkage(const py::object& X_obj, bool float_prefilt
   return Z;
 }
 
-// REPrune's layer cut, first half: every problem's merges (in the order made, not by height: the
-// clusters merged away and kept, named as accelprune::Merge says, int32 (B, n-1, 2), and the
-// heights, float64 (B, n-1)) and the largest over the problems
-// of the height of the merges_needed-th merge in height order, without building linkage
-// matrices. cut_merges() is the second half.
-py::tuple ward_layer_merges(const py::object& X_obj, int64_t merges_needed,
-                            const py::object& threads_obj, const std::string& method_name) {
-  const ProblemBatch p = checked_problems(X_obj, threads_obj, method_name, 16.0);
-  const int64_t B = p.B, n = p.n, d = p.d;
+// REPrune's layer cut (ALGORITHMS.md 3.2) in one call, without linkage matrices: every
+// problem's merges in the order made (accelprune::keep_merges), the layer's cut-off h = the
+// largest over the problems of the height of the merges_needed-th merge in height order, then
+// every problem's partition at h (accelprune::cut_merges). X: a list of (B, n, d) batches with
+// the same n (residual-coupled producers share one cut; d may differ). Returns (labels int32
+// (sum of B, n), 0..c-1 in order of first appearance, the batches' problems in order; h).
+// The merges stay in this call's buffers: the cut trusts their naming because the solvers made
+// them.
+py::tuple ward_cut_layer(const py::list& X_list, int64_t merges_needed,
+                         const py::object& threads_obj, const std::string& method_name) {
+  std::vector<ProblemBatch> batches;
+  // a merge's pair and height (16 bytes) and a point's label (4)
+  for (const py::handle X : X_list) {
+    batches.push_back(checked_problems(py::reinterpret_borrow<py::object>(X), threads_obj,
+                                       method_name, 20.0));
+  }
+  require(!batches.empty(), "X is an empty list; give at least one (problems, n, d) array");
+  const int64_t n = batches[0].n;
+  int64_t total = 0;
+  for (const ProblemBatch& p : batches) {
+    require(p.n == n, "the arrays of X disagree on the number of points n");
+    total += p.B;
+  }
   require(n >= 2 && n <= INT32_MAX, "the layer cut needs 2 <= n <= 2**31 - 1 points");
   require(merges_needed >= 1 && merges_needed <= n - 1, "merges_needed must be in [1, n - 1]");
-  py::array_t<int32_t> pairs({B, n - 1, static_cast<int64_t>(2)});
-  py::array_t<double> heights({B, n - 1});
-  int32_t* pair_out = pairs.mutable_data();
-  double* height_out = heights.mutable_data();
-  const PointsView& X = p.X;
-  const accelprune::WardMethod method = p.method;
+  const int n_threads = parse_threads(threads_obj);
+  py::array_t<int32_t> labels({total, n});
+  int32_t* label_out = labels.mutable_data();
+  // numpy's allocator (not zeroed; large buffers get huge pages where the kernel allows)
+  py::array_t<int32_t> pair_buffer(total * (n - 1) * 2);
+  py::array_t<double> height_buffer(total * (n - 1));
+  int32_t* pairs = pair_buffer.mutable_data();
+  double* heights = height_buffer.mutable_data();
   // The running maximum, shared by the threads (heights are >= 0, so their bit patterns order as
   // the values do). The final value is the maximum whatever the order the problems finish in.
   std::atomic<uint64_t> highest{0};
   {
     py::gil_scoped_release release;
-    parallel_over_problems(B, p.threads, [&](int64_t b, accelprune::WardWorkspace& ws) {
-      if (!X.gather(b, n, d, ws.input)) throw std::invalid_argument(kImmoderate);
-      accelprune::ward_merges(ws.input.data(), n, d, ws, method);
-      uint64_t seen = highest.load(std::memory_order_relaxed);
-      const double h = accelprune::keep_merges(ws, n, merges_needed, bits_to_double(seen),
-                                               pair_out + b * (n - 1) * 2,
-                                               height_out + b * (n - 1));
-      const uint64_t mine = double_to_bits(h + 0.0);  // + 0.0: -0.0 would order as huge
-      while (mine > seen && !highest.compare_exchange_weak(seen, mine)) {
-      }
+    int64_t first = 0;  // the batch's first problem among all
+    for (const ProblemBatch& p : batches) {
+      parallel_over_problems(p.B, p.threads, [&](int64_t b, accelprune::WardWorkspace& ws) {
+        if (!p.X.gather(b, n, p.d, ws.input)) throw std::invalid_argument(kImmoderate);
+        accelprune::ward_merges(ws.input.data(), n, p.d, ws, p.method);
+        uint64_t seen = highest.load(std::memory_order_relaxed);
+        const double h = accelprune::keep_merges(ws, n, merges_needed, bits_to_double(seen),
+                                                 pairs + (first + b) * (n - 1) * 2,
+                                                 heights + (first + b) * (n - 1));
+        const uint64_t mine = double_to_bits(h + 0.0);  // + 0.0: -0.0 would order as huge
+        while (mine > seen && !highest.compare_exchange_weak(seen, mine)) {
+        }
+      });
+      first += p.B;
+    }
+    const double threshold = bits_to_double(highest.load());
+    // ~5 ns a merge (see useful_threads for why small work stays on one thread)
+    const int threads = threads_for_work(5.0 * static_cast<double>(total) *
+                                             static_cast<double>(n), n_threads);
+    parallel_over_problems(total, threads, [&](int64_t b, accelprune::WardWorkspace& ws) {
+      accelprune::cut_merges(pairs + b * (n - 1) * 2, heights + b * (n - 1), n,
+                             threshold, ws.cut_scratch, label_out + b * n);
     });
   }
-  return py::make_tuple(pairs, heights, bits_to_double(highest.load()));
-}
-
-// REPrune's layer cut, second half: labels int32 (B, n), 0..c-1 in order of first appearance,
-// of the partition joining the clusters of every merge with height <= threshold (fcluster's
-// "distance" partition when heights do not decrease up the tree, as the solvers make them).
-// pairs and heights as ward_layer_merges() returns them; pairs that are not a valid merge
-// sequence (merges_well_named) are refused.
-py::array_t<int32_t> cut_merges(const py::object& pairs_obj, const py::object& heights_obj,
-                                double threshold, const py::object& threads_obj) {
-  const auto pairs = exact_array<int32_t>(pairs_obj, "pairs", "int32");
-  const auto heights = exact_array<double>(heights_obj, "heights", "float64");
-  const int n_threads = parse_threads(threads_obj);
-  require(pairs.ndim() == 3 && pairs.shape(2) == 2, "pairs must have shape (problems, n-1, 2)");
-  require(heights.ndim() == 2 && heights.shape(0) == pairs.shape(0) &&
-              heights.shape(1) == pairs.shape(1),
-          "heights must have shape (problems, n-1), as pairs");
-  require(threshold >= 0.0, "the cut height must be >= 0 (not NaN)");
-  const int64_t B = pairs.shape(0), n = pairs.shape(1) + 1;
-  require(n <= INT32_MAX, "pairs has too many rows for int32 labels");
-  const int32_t* pair_in = pairs.data();
-  const double* height_in = heights.data();
-  py::array_t<int32_t> labels({B, n});
-  int32_t* out = labels.mutable_data();
-  // ~5 ns a merge (see useful_threads for why small work stays on one thread)
-  const int threads = threads_for_work(5.0 * static_cast<double>(B) * static_cast<double>(n),
-                                       n_threads);
-  {
-    py::gil_scoped_release release;
-    parallel_over_problems(B, threads, [&](int64_t b, accelprune::WardWorkspace& ws) {
-      const int32_t* problem_pairs = pair_in + b * (n - 1) * 2;
-      if (!accelprune::merges_well_named(problem_pairs, n, ws.cut_scratch))
-        throw std::invalid_argument(
-            "pairs are not merges as ward_layer_merges names them (names in [0, n), each "
-            "merge joining two clusters that exist, the first merged away)");
-      accelprune::cut_merges(problem_pairs, height_in + b * (n - 1), n, threshold,
-                             ws.cut_scratch, out + b * n);
-    });
-  }
-  return labels;
+  return py::make_tuple(labels, bits_to_double(highest.load()));
 }
 
 // Shared driver of the two cuts: threshold_of(b, max_dist, n) gives problem b's threshold.
@@ -515,16 +505,11 @@ PYBIND11_MODULE(_native, m) {
         py::arg("method") = "auto",
         "Ward linkage of every problem in X (B, n, d) float32/float64 -> Z (B, n-1, 4), scipy "
         "conventions. method: 'auto', 'centroids', 'matrix' or 'sorted' (d == 1).");
-  m.def("ward_layer_merges", &ward_layer_merges, py::arg("X"), py::arg("merges_needed"),
+  m.def("ward_cut_layer", &ward_cut_layer, py::arg("X"), py::arg("merges_needed"),
         py::arg("n_threads"), py::arg("method") = "auto",
-        "REPrune's layer cut, first half: (pairs int32 (B, n-1, 2), heights (B, n-1), the largest "
-        "over the problems of the height of the merges_needed-th merge); merges in the order "
-        "made, each pair (merged-away name, kept name).");
-  m.def("cut_merges", &cut_merges, py::arg("pairs"), py::arg("heights"), py::arg("threshold"),
-        py::arg("n_threads"),
-        "Labels (B, n) of the partition joining every merge with height <= threshold, in order "
-        "of first appearance. pairs and heights as ward_layer_merges returns them; pairs that "
-        "are not a valid merge sequence raise ValueError.");
+        "REPrune's layer cut: X a list of (B, n, d) float32/float64 batches with the same n -> "
+        "(labels int32 (sum of B, n) in order of first appearance, the cut-off height: the "
+        "largest over the problems of the height of the merges_needed-th merge).");
   m.def("cut_linkage_height", &cut_linkage_height, py::arg("Z"), py::arg("heights"),
         "fcluster 'distance' partition of each problem, labels in order of first appearance.");
   m.def("cut_linkage_maxclust", &cut_linkage_maxclust, py::arg("Z"), py::arg("counts"),

@@ -1350,31 +1350,12 @@ inline void first_appearance_labels(const Root* root, int64_t n, int32_t* label_
   }
 }
 
-// Whether pairs (n - 1 merges as keep_merges() writes them) are a valid merge sequence named as
-// the solvers name clusters: names in [0, n), every merge joining two distinct clusters that
-// exist (neither merged away before), the first merged away. cut_merges() needs it (and writes
-// root[merged_away] unchecked); a valid sequence in another order than the solver's is not
-// caught, and gives the partition of the taken merges.
-inline bool merges_well_named(const int32_t* pairs, int64_t n, std::vector<int32_t>& scratch) {
-  bool in_range = true;
-  for (int64_t i = 0; i < 2 * (n - 1); ++i) in_range &= pairs[i] >= 0 && pairs[i] < n;
-  if (!in_range) return false;
-  scratch.assign(n, 1);  // 1 while the name is a cluster
-  int32_t* alive = scratch.data();
-  bool ok = true;
-  for (int64_t k = 0; k < n - 1; ++k) {
-    const int32_t merged_away = pairs[2 * k], kept = pairs[2 * k + 1];
-    ok &= (alive[merged_away] & alive[kept]) != 0 && merged_away != kept;
-    alive[merged_away] = 0;
-  }
-  return ok;
-}
-
 // Labels (0..c-1, in order of first appearance) of the partition that joins the two clusters of
 // every merge with height <= threshold. pairs / heights: n - 1 merges as keep_merges() writes
-// them, in the order they were made (children first), named as Merge says; precondition:
-// merges_well_named(pairs, n). No union-find: backwards, a merge's kept cluster already knows
-// its root (its later merges came first), and the cluster merged away takes it.
+// them, in the order they were made (children first), named as Merge says: the caller passes
+// what a solver made, as root[merged_away] is written unchecked. No union-find: backwards, a
+// merge's kept cluster already knows its root (its later merges came first), and the cluster
+// merged away takes it.
 inline void cut_merges(const int32_t* pairs, const double* heights, int64_t n, double threshold,
                        std::vector<int32_t>& scratch, int32_t* labels) {
   scratch.resize(2 * n + 1);

@@ -411,35 +411,25 @@ def test_layer_cut_rejects_bad_input_and_leaves_input_alone():
 def test_layer_cut_raw_extension_checks_its_own_inputs():
     native = native_module()
     X = np.random.default_rng(10).standard_normal((2, 6, 3))
-    pairs, heights, height = native.ward_layer_merges(X, 3, 1)
-    assert pairs.shape == (2, 5, 2) and pairs.dtype == np.int32 and heights.shape == (2, 5)
+    labels, height = native.ward_cut_layer([X, X[:1, :, :2].copy()], 3, 1)
+    assert labels.shape == (3, 6) and labels.dtype == np.int32
+    expected = ward_cut_layer([X, X[:1, :, :2]], 3, backend="reference")
+    np.testing.assert_array_equal(labels, expected.labels)
+    assert height == pytest.approx(expected.height, rel=1e-9)
     for merges in (0, 6):
         with pytest.raises(ValueError, match="merges_needed"):
-            native.ward_layer_merges(X, merges, 1)
+            native.ward_cut_layer([X], merges, 1)
     with pytest.raises(TypeError, match="float32 or float64"):
-        native.ward_layer_merges(X.astype(np.float16), 3, 1)
+        native.ward_cut_layer([X.astype(np.float16)], 3, 1)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        native.ward_cut_layer([X, "not an array"], 3, 1)
+    with pytest.raises(TypeError):
+        native.ward_cut_layer(X, 3, 1)  # an array, not a list of them
     with pytest.raises(ValueError, match="NaN or Inf"):
-        native.ward_layer_merges(np.where(X > 1, np.nan, X), 3, 2)
-    labels = native.cut_merges(pairs, heights, height, 1)
-    assert labels.shape == (2, 6)
-    broken = pairs.copy()
-    broken[1, 2, 0] = 6
-    for bad_pairs, bad_height in ((broken, height), (pairs, float("nan")), (pairs, -1.0)):
-        with pytest.raises(ValueError):
-            native.cut_merges(bad_pairs, heights, bad_height, 1)
-    with pytest.raises(TypeError, match="int32"):
-        native.cut_merges(pairs.astype(np.int64), heights, height, 1)
-    with pytest.raises(ValueError, match="heights"):
-        native.cut_merges(pairs, heights[:, :3].copy(), height, 1)
-    # pairs that are not a valid merge sequence named as the solvers name clusters (the cut
-    # relies on it): 1 into 0, 3 into 2, then 2 into 0 is one; a merge of a cluster with itself,
-    # the columns swapped (0 merged away, then merged again) or the last merge first (2 merged
-    # away before 3 is merged into it) are not
-    valid = np.array([[[1, 0], [3, 2], [2, 0]]], dtype=np.int32)
-    four = np.array([[0.5, 0.7, 1.0]])
-    np.testing.assert_array_equal(native.cut_merges(valid, four, 0.8, 1), [[0, 0, 1, 1]])
-    itself = valid.copy()
-    itself[0, 1] = [2, 2]
-    for bad_pairs in (itself, valid[:, :, ::-1], valid[:, [2, 0, 1]]):
-        with pytest.raises(ValueError, match="not merges as ward_layer_merges names them"):
-            native.cut_merges(np.ascontiguousarray(bad_pairs), four, 0.8, 2)
+        native.ward_cut_layer([X, np.where(X > 1, np.nan, X)], 3, 2)
+    with pytest.raises(ValueError, match="number of points"):
+        native.ward_cut_layer([X, X[:, :5]], 3, 1)
+    with pytest.raises(ValueError, match="empty list"):
+        native.ward_cut_layer([], 3, 1)
+    with pytest.raises(ValueError, match="n_threads"):
+        native.ward_cut_layer([X], 3, 0)

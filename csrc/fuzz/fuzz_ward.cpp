@@ -134,6 +134,7 @@ std::string check_linkage_is_ward(const Problem& p, const std::vector<double>& Z
 // The cuts on Z: labels 0..c-1 in first-appearance order, c clusters as asked (or fewer on ties).
 std::string check_cuts(const Problem& p, const std::vector<double>& Z, std::mt19937_64& rng) {
   const int64_t n = p.n;
+  std::vector<int32_t> scratch;
   std::vector<double> max_dist;
   std::vector<int64_t> size;
   accelprune::check_linkage(Z.data(), n, max_dist, size);
@@ -152,6 +153,21 @@ std::string check_cuts(const Problem& p, const std::vector<double>& Z, std::mt19
   return "";
 }
 
+// Whether pairs (n - 1 merges as keep_merges() writes them) are a valid merge sequence named as
+// the solvers name clusters, as cut_merges() needs (it writes root[merged_away] unchecked):
+// names in [0, n), every merge joining two distinct clusters that exist (neither merged away
+// before), the first merged away.
+bool merges_well_named(const std::vector<int32_t>& pairs, int64_t n) {
+  std::vector<char> alive(n, 1);  // 1 while the name is a cluster
+  for (int64_t k = 0; k < n - 1; ++k) {
+    const int32_t merged_away = pairs[2 * k], kept = pairs[2 * k + 1];
+    if (merged_away < 0 || merged_away >= n || kept < 0 || kept >= n) return false;
+    if (!alive[merged_away] || !alive[kept] || merged_away == kept) return false;
+    alive[merged_away] = 0;
+  }
+  return true;
+}
+
 // REPrune's layer cut on the same solve (ws.merges, in the order made): keep_merges must give
 // row m - 1's height of Z (or a larger floor), name the merges as cut_merges needs, and
 // cut_merges at a merge's height, just below it, at 0 and between two heights must give the
@@ -167,10 +183,10 @@ std::string check_layer_cut(const Problem& p, const std::vector<double>& Z,
       std::uniform_real_distribution<double>(0.0, 1.5)(rng);
   const double height = accelprune::keep_merges(ws, n, m, floor, pairs.data(), heights.data());
   if (height != std::max(floor, row)) return "keep_merges' height is not max(floor, row m - 1)";
-  std::vector<int32_t> scratch;
-  if (!accelprune::merges_well_named(pairs.data(), n, scratch)) {
+  if (!merges_well_named(pairs, n)) {
     return "the merges are not named as cut_merges needs";
   }
+  std::vector<int32_t> scratch;
   std::vector<double> max_dist;
   std::vector<int64_t> size;
   accelprune::check_linkage(Z.data(), n, max_dist, size);
