@@ -930,12 +930,14 @@ inline bool float_prefilter_setup(int64_t n, int64_t d, double coordinate_bound,
 constexpr float kHidden32 = 0x1p120f;
 
 // The nearest cluster to x from a row of costs to every position < m whose lowest entries
-// `found` describes: the lowest position with the smallest ward_cost() and that cost. An exact
-// scan answers directly; otherwise every entry that the bound cannot rule out is costed again by
-// ward_cost (usually just the smallest), so the answer is a double scan's, to the bit.
+// `found` describes: the position with the smallest ward_cost(), the lowest id among equal
+// costs, and that cost. Only a prefilter's row is read (an exact scan's answer is final): every
+// entry that its bound cannot rule out is costed again by ward_cost (usually just the smallest),
+// so the answer is a double scan's, to the bit.
 inline double settle_nearest(const float* row, const CostBound& bound, const ScanMinimum& found,
                              int64_t m, const double* centroids, int64_t d, const double* query,
-                             double size_x, const double* size, int64_t* nearest) {
+                             double size_x, const double* size, const int64_t* ids,
+                             int64_t* nearest) {
   *nearest = found.argmin;
   if (bound.exact()) return found.smallest;
   // A cost c with entry v lies in [(v - a) / (1 + r), (v + a) / (1 - r)]: an entry above `limit`
@@ -951,7 +953,7 @@ inline double settle_nearest(const float* row, const CostBound& bound, const Sca
   for (int64_t p = 0; p < m; ++p) {
     if (!(static_cast<double>(row[p]) <= limit)) continue;
     const double cost = cost_of(p);
-    if (cost < best) {
+    if (cost < best || (cost == best && ids[p] < ids[*nearest])) {
       best = cost;
       *nearest = p;
     }
@@ -959,13 +961,30 @@ inline double settle_nearest(const float* row, const CostBound& bound, const Sca
   return best;
 }
 
+// The lowest id among the clusters whose cost an exact scan found equal to the smallest, when
+// the scan found a tie (its argmin is the lowest position, and positions are not in id order).
+// Costs are recomputed as the scan computed them (ward_cost() plus the mask, the same bits).
+inline int64_t lowest_id_among_ties(const ScanMinimum& found, int64_t m, const double* centroids,
+                                    int64_t d, const double* query, double size_x,
+                                    const double* size, const double* mask, const int64_t* ids) {
+  if (found.second != found.smallest) return found.argmin;
+  int64_t nearest = found.argmin;
+  for (int64_t p = 0; p < m; ++p) {
+    const double cost = ward_cost(centroids, d, query, size_x, p, size[p], 0.0) + mask[p];
+    if (cost == found.smallest && ids[p] < ids[nearest]) nearest = p;
+  }
+  return nearest;
+}
+
 // Nearest-neighbour chain Ward on centroids: O(n d) memory. Leaves the n - 1 merges, unsorted,
 // in ws.merges.
 inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorkspace& ws) {
   // Clusters live at positions 0..m-1 (m rounded up to whole blocks; the padding is hidden);
-  // ids[p] is the scipy slot id at position p. Dead positions are hidden by the mask until a
-  // quarter of the positions is dead, then compacted (keeping the order, hence the tie rule). A
-  // compaction moves every live cluster: compacting at an eighth was 1.06x slower overall.
+  // ids[p] is the scipy slot id at position p, which decides ties (the lowest id wins, as in
+  // scipy). A merge frees one position and the last cluster moves into it, so every scan covers
+  // live clusters only (a periodic compaction left an eighth of the scanned positions dead on
+  // average, and moved every cluster each time); positions are then in no particular order, and
+  // ties are settled by id wherever they occur.
   // The float prefilter keeps its own copy of the centroids, sizes and mask, in blocks of 16.
   const int64_t ld = round_up_block<float>(n);
   const int64_t cached_rows = std::min<int64_t>(kCachedRows, n);
@@ -976,7 +995,6 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
   ws.mask.assign(ld, kHidden);
   ws.formed_height.assign(n, 0.0);
   ws.ids.resize(n);
-  ws.position.resize(n);
   ws.chain.resize(n);
   ws.chain_cost.resize(n);
   ws.merges.resize(n - 1);
@@ -1025,13 +1043,14 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
   auto cost_row = [&](int64_t depth) {
     return ws.cost_rows.data() + std::min(depth, cached_rows) * ld;
   };
-  int64_t m = n, dead = 0;
+  int64_t m = n;
 
   int64_t chain_length = 0;
   for (int64_t k = 0; k < n - 1; ++k) {
     if (chain_length == 0) {
-      int64_t first = 0;
-      while (ws.mask[first] != 0.0) ++first;  // the lowest live position
+      int64_t first = 0;  // the lowest id, as scipy starts its chains
+      for (int64_t p = 1; p < m; ++p)
+        if (ws.ids[p] < ws.ids[first]) first = p;
       ws.chain[0] = first;
       chain_length = 1;
     }
@@ -1061,13 +1080,15 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
           ws.mask[x] = kHidden;  // an exact scan: no row needed
           found = ward_costs_from<double>(C, d, ws.query.data(), ws.size_d[x], ws.size_d.data(),
                                           ws.mask.data(), round_up_block<double>(m), nullptr);
+          found.argmin = lowest_id_among_ties(found, m, C, d, ws.query.data(), ws.size_d[x],
+                                              ws.size_d.data(), ws.mask.data(), ws.ids.data());
           ws.mask[x] = 0.0;
         }
         if (kept) ws.row_owner[depth] = x;
       }
       int64_t nearest = 0;
       current_min = settle_nearest(row, bound, found, m, C, d, ws.query.data(), ws.size_d[x],
-                                   ws.size_d.data(), &nearest);
+                                   ws.size_d.data(), ws.ids.data(), &nearest);
       // Ties: the previous chain element (so the chain cannot cycle), then the lowest id. The
       // cost to the previous element is the one it found when it pushed x (ward_cost is bitwise
       // symmetric, and neither has merged since: merges pop the chain's top); the test also
@@ -1085,7 +1106,8 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
     chain_length -= 2;
     for (int64_t depth = chain_length; depth < std::min(chain_length + 2, cached_rows); ++depth)
       ws.row_owner[depth] = -1;
-    if (x > y) std::swap(x, y);  // the merged cluster lives on at position y, as in scipy
+    // The merged cluster keeps the larger id, as in scipy (its slot), and lives on at y.
+    if (ws.ids[x] > ws.ids[y]) std::swap(x, y);
     const double nx = ws.size_d[x], ny = ws.size_d[y];
     // Ward heights never decrease up the tree; max() keeps rounding from breaking that.
     const double height = std::max(
@@ -1110,7 +1132,6 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
       ws.size32[y] = static_cast<float>(nx + ny);  // exact: n <= 2^24
       ws.mask32[x] = kHidden32;
     }
-    ++dead;
     // The kept rows of the clusters still on the chain: x is gone, y is the merged cluster (its
     // exact cost, scaled and rounded to float: within the rows' bound).
     centroid_of(y, ws.neighbour);
@@ -1122,52 +1143,41 @@ inline void centroid_chain_ward(const double* X, int64_t n, int64_t d, WardWorks
       row[y] = scaled_cost(
           ward_cost(C, d, ws.neighbour.data(), ws.size_d[y], w, ws.size_d[w], 0.0));
     }
-    if (dead >= kBlock<double> && 4 * dead >= m) {
-      // Compact: live positions move down in increasing order, so nothing is overwritten
-      // before it is read.
-      const int64_t kept_rows = std::min(chain_length, cached_rows);
-      int64_t live = 0;
-      for (int64_t p = 0; p < m; ++p) {
-        // Branch-free (a quarter of the positions, scattered, are dead): every position is copied
-        // down to `live`, which moves on only past a live one, so a dead one's copy is written
-        // over by the next live one, or lands beyond the end.
-        ws.position[p] = live;
+    // Position x is free: the last cluster moves into it (its centroid, size, id, height, and
+    // its column of the kept rows; the chain and the rows' owners follow it).
+    const int64_t last = m - 1;
+    const int64_t kept_rows = std::min(chain_length, cached_rows);
+    if (x != last) {
+      for (int64_t j = 0; j < d; ++j) C[centroid_index(x, j, d)] = C[centroid_index(last, j, d)];
+      ws.size_d[x] = ws.size_d[last];
+      ws.mask[x] = 0.0;
+      if (prefilter) {
         for (int64_t j = 0; j < d; ++j)
-          C[centroid_index(live, j, d)] = C[centroid_index(p, j, d)];
-        if (prefilter) {
-          for (int64_t j = 0; j < d; ++j)
-            C32[centroid_index<float>(live, j, d)] = C32[centroid_index<float>(p, j, d)];
-          ws.size32[live] = ws.size32[p];
-        }
-        ws.ids[live] = ws.ids[p];
-        ws.size_d[live] = ws.size_d[p];
-        ws.formed_height[live] = ws.formed_height[p];
-        for (int64_t depth = 0; depth < kept_rows; ++depth)
-          if (ws.row_owner[depth] >= 0) cost_row(depth)[live] = cost_row(depth)[p];
-        live += ws.mask[p] == 0.0;
+          C32[centroid_index<float>(x, j, d)] = C32[centroid_index<float>(last, j, d)];
+        ws.size32[x] = ws.size32[last];
+        ws.mask32[x] = 0.0f;
       }
-      // Positions beyond the live ones are hidden (their stale centroids are finite: hidden
-      // costs stay finite too).
-      for (int64_t p = live; p < round_up_block<float>(m); ++p) {
-        ws.mask[p] = kHidden;
-        ws.size_d[p] = 1.0;
-        if (prefilter) {
-          ws.mask32[p] = kHidden32;
-          ws.size32[p] = 1.0f;
-        }
-        for (int64_t depth = 0; depth < kept_rows; ++depth)
-          if (ws.row_owner[depth] >= 0) cost_row(depth)[p] = kHidden32;
+      ws.ids[x] = ws.ids[last];
+      ws.formed_height[x] = ws.formed_height[last];
+      for (int64_t depth = 0; depth < kept_rows; ++depth) {
+        if (ws.row_owner[depth] < 0) continue;
+        float* row = cost_row(depth);
+        row[x] = row[last];
+        if (ws.row_owner[depth] == last) ws.row_owner[depth] = x;
       }
-      for (int64_t p = 0; p < live; ++p) {
-        ws.mask[p] = 0.0;
-        if (prefilter) ws.mask32[p] = 0.0f;
-      }
-      for (int64_t c = 0; c < chain_length; ++c) ws.chain[c] = ws.position[ws.chain[c]];
-      for (int64_t depth = 0; depth < kept_rows; ++depth)
-        if (ws.row_owner[depth] >= 0) ws.row_owner[depth] = ws.chain[depth];
-      m = live;
-      dead = 0;
+      for (int64_t c = 0; c < chain_length; ++c)
+        if (ws.chain[c] == last) ws.chain[c] = x;
     }
+    // The freed last position is hidden (its stale centroid is finite: hidden costs stay finite).
+    ws.mask[last] = kHidden;
+    ws.size_d[last] = 1.0;
+    if (prefilter) {
+      ws.mask32[last] = kHidden32;
+      ws.size32[last] = 1.0f;
+    }
+    for (int64_t depth = 0; depth < kept_rows; ++depth)
+      if (ws.row_owner[depth] >= 0) cost_row(depth)[last] = kHidden32;
+    m = last;
   }
 }
 
