@@ -20,6 +20,7 @@ other groups are pruned: indices are recomputed from the root module at prune ti
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -121,7 +122,7 @@ class ChannelGroup:
         # Torch-Pruning's own get_pruning_group never ends on some graphs (e.g. LLaMA's rotary
         # embedding): accelprune.group_search walks the same edges in linear time
         return pruning_group(DG, self._root, self._root_fn, [int(i) for i in idxs],
-                             search=self._graph._search)
+                             search=self._graph._shared_search())
 
 
 class ModelGraph:
@@ -174,7 +175,7 @@ class ModelGraph:
         self._order = {n: i for i, n in enumerate(self._names.values())}
         self.ignored_layers = self._resolve_ignored(ignored_layers)
 
-        self._search = None  # one group search shared inside unchanged()
+        self._reading: _ReadBlock | None = None  # the unchanged() block we are in, if any
         with tqdm(total=None, desc="tracing model", disable=not progress, leave=False):
             self.DG = self._build_dependency()
         self.head_groups = find_head_groups(model, self.ignored_layers)
@@ -184,19 +185,25 @@ class ModelGraph:
     def unchanged(self):
         """A block in which the graph is only read: the groups' ``tp_group()`` calls share one
         group search (widths and index mappings read once, not once a group). Checked surgery
-        inside it (every path takes a :class:`~accelprune.surgery.ModelSnapshot`) is refused."""
-        outer = self._search
+        inside it (every path takes a :class:`~accelprune.surgery.ModelSnapshot`) is refused.
+        The search is built on the first group read: a block that reads none costs nothing."""
+        outer = self._reading
         if outer is None:
-            self._search = GraphSearch(self.DG)
+            self._reading = _ReadBlock(self.DG)
         try:
             yield self
         finally:
-            self._search = outer
+            self._reading = outer  # nested blocks share the outermost block's search
 
     @property
     def read_only(self) -> bool:
         """Whether the caller is inside :meth:`unchanged` (surgery must wait)."""
-        return self._search is not None
+        return self._reading is not None
+
+    def _shared_search(self) -> GraphSearch | None:
+        """Inside :meth:`unchanged`, the block's group search; outside, None (each group read
+        then builds its own, so that it sees earlier pruning)."""
+        return None if self._reading is None else self._reading.search
 
     # -- construction ------------------------------------------------------------------------
 
@@ -393,6 +400,19 @@ class ModelGraph:
         plan = [(g, self.check_keep(g, keep)) for g, keep in plan]
         surgery.prune_groups(self, [(g, keep) for g, keep in plan if len(keep) < g.n_channels])
         sync_config(self.model)  # a Hugging Face config follows the new widths
+
+
+class _ReadBlock:
+    """One (outermost) :meth:`ModelGraph.unchanged` block. Its group search caches widths and
+    refreshes Torch-Pruning's index mappings once, so it is valid only while nothing is pruned:
+    hence built on the block's first group read and dropped when the block ends."""
+
+    def __init__(self, DG: tp.DependencyGraph):
+        self.DG = DG
+
+    @functools.cached_property
+    def search(self) -> GraphSearch:
+        return GraphSearch(self.DG)
 
 
 def _joined_by(tp_group, ops: tuple[str, ...]) -> bool:

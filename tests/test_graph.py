@@ -510,28 +510,64 @@ def _as_sets(tp_group):
             for dep, idxs in tp_group]
 
 
+def _count_searches(monkeypatch) -> list:
+    """The group searches ModelGraph builds from now on, as they are built."""
+    built = []
+
+    class Counted(GraphSearch):
+        def __init__(self, DG):
+            super().__init__(DG)
+            built.append(self)
+
+    monkeypatch.setattr("accelprune.graph.GraphSearch", Counted)
+    return built
+
+
 @pytest.mark.parametrize("build, x", [
     (lambda: torchvision.models.resnet18(weights=None), torch.randn(1, 3, 64, 64)),
     (lambda: ChunkCat(), torch.randn(2, 3, 8, 8)),
     (lambda: tiny_llama(), torch.randint(0, 64, (1, 8))),
 ])
-def test_unchanged_shares_one_group_search_with_the_same_groups(build, x):
-    """Inside ``unchanged()`` the groups' Torch-Pruning groups come from one shared search and
-    are the ones each would get alone; surgery inside it is refused and changes nothing."""
+def test_unchanged_shares_one_group_search_with_the_same_groups(build, x, monkeypatch):
+    """Inside ``unchanged()`` the groups' Torch-Pruning groups come from one shared search, built
+    on the first group read (nested blocks share it), and are the ones each would get alone;
+    surgery inside it is refused and changes nothing."""
     torch.manual_seed(0)
     graph = ModelGraph(build().eval(), x)
     alone = [_as_sets(g.tp_group()) for g in graph.groups]
+    built = _count_searches(monkeypatch)
     with graph.unchanged():
-        search = graph._search
-        shared = [_as_sets(g.tp_group()) for g in graph.groups]
+        assert graph.read_only and not built  # nothing read yet: no search
+        shared = [_as_sets(g.tp_group()) for g in graph.groups[:1]]
         with graph.unchanged():  # nested: the same search
-            assert graph._search is search
-    assert shared == alone and graph._search is None
+            shared += [_as_sets(g.tp_group()) for g in graph.groups[1:]]
+        shared += [_as_sets(g.tp_group()) for g in graph.groups[:1]]
+    assert shared == alone + alone[:1] and len(built) == 1 and not graph.read_only
     g = graph.groups[0]
     with graph.unchanged(), leaves_unchanged(graph.model, x, raises=RuntimeError,
                                              match="unchanged", backward=False):
         graph.prune_channels(g, np.arange(g.n_channels - 1))
-    assert graph._search is None
+    assert not graph.read_only
+
+
+def test_unchanged_builds_no_group_search_when_no_group_is_read(monkeypatch):
+    """A block that reads no group (nested or not, or a snapshot of no groups) builds no search;
+    the next block that reads one builds its own, over the graph as pruned since."""
+    from accelprune.surgery import ModelSnapshot
+
+    graph = ModelGraph(models.resnet20(), torch.randn(1, 3, 32, 32))
+    built = _count_searches(monkeypatch)
+    with graph.unchanged():
+        with graph.unchanged():
+            assert [g.n_channels for g in graph.groups]  # plain attributes: no search
+    ModelSnapshot(graph, [])
+    assert not built
+    g = graph.groups[0]
+    graph.prune_channels(g, np.arange(g.n_channels - 1))  # its snapshot reads the group
+    assert len(built) == 1
+    with graph.unchanged():
+        assert len(g.tp_group()[0][1]) == g.n_channels
+    assert len(built) == 2
 
 
 def test_a_group_search_of_another_graph_is_refused():
