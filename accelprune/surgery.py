@@ -3,7 +3,9 @@
 Torch-Pruning's ``group.prune()`` replaces the parameters of every member layer and edits
 attributes (``out_channels``, ``num_features``...). A :class:`ModelSnapshot` keeps what one
 surgery can change (the parameter and buffer *objects*, which are only referenced, not copied,
-and the small attributes) so that :meth:`ModelSnapshot.restore` puts the very same objects back.
+and the small attributes) so that :meth:`ModelSnapshot.restore` puts the very same objects back;
+its module part is a :class:`ModuleSnapshot`, which also serves changes that are not a channel
+group's (attention heads).
 :func:`apply_checked` runs any change under a snapshot and checks the model afterwards: the
 output shapes must be those seen when the graph was traced.
 """
@@ -24,72 +26,16 @@ __all__ = ["ModelSnapshot", "ModuleSnapshot", "apply_checked", "check_forward", 
            "prune_groups", "surgery_error"]
 
 
-class ModelSnapshot:
-    """Everything surgery on some groups can change, to be restored exactly (same objects).
-
-    Holds references to the current parameters and buffers, not copies: the surgery replaces
-    them with new, smaller tensors, so the old ones stay intact. Memory cost: the pruned members'
-    old tensors are kept alive until the snapshot is dropped.
-    """
-
-    def __init__(self, graph, groups):
-        refuse_inside_unchanged(graph)  # every checked surgery starts here
-        self.graph = graph
-        DG = graph.DG
-        modules = {}
-        with graph.unchanged():
-            for g in groups:
-                for dep, _ in g.tp_group():
-                    m = dep.target.module
-                    if isinstance(m, nn.Module):
-                        modules[id(m)] = m
-        # unwrapped parameters are replaced on their parent module: keep every module's params
-        self.params = {m: dict(m._parameters) for m in graph.model.modules()}
-        self.buffers = {m: dict(m._buffers) for m in modules.values()}
-        self.attrs = {m: _plain_attrs(m) for m in modules.values()}
-        self.module2node = dict(DG.module2node)
-        self.node_modules = {node: node.module for node in DG.module2node.values()}
-        self.param_to_name = dict(getattr(DG, "_param_to_name", {}))
-        self.history = list(DG._pruning_history)
-        self.widths = {id(g): g.n_channels for g in graph.all_groups}
-
-    def restore(self) -> None:
-        DG = self.graph.DG
-        _put_back_tensors(self.params, self.buffers)
-        for m, attrs in self.attrs.items():
-            for k, v in attrs.items():
-                m.__dict__[k] = copy.deepcopy(v)
-        DG.module2node.clear()
-        DG.module2node.update(self.module2node)
-        for node, module in self.node_modules.items():
-            node.module = module
-        if hasattr(DG, "_param_to_name"):
-            DG._param_to_name.clear()
-            DG._param_to_name.update(self.param_to_name)
-        DG._pruning_history[:] = self.history
-        for g in self.graph.all_groups:
-            g.n_channels = self.widths[id(g)]
-
-
-_SIMPLE = (int, float, bool, str, type(None), tuple, list, dict)
-
-
-def _put_back_tensors(params: dict, buffers: dict) -> None:
-    """Each module's parameter and buffer dicts as they were (the very same tensor objects)."""
-    for m, saved in params.items():
-        m._parameters.clear()
-        m._parameters.update(saved)
-    for m, saved in buffers.items():
-        m._buffers.clear()
-        m._buffers.update(saved)
-_PRIVATE_FLAGS = ("_qkv_same_embed_dim",)
-
-
 class ModuleSnapshot:
-    """What a surgery on some modules can change, for a change that is not a channel group's
-    (e.g. removing attention heads): each module's parameter and buffer objects (references)
-    and its plain attributes, and the plain attributes of ``extra`` objects (a Hugging Face
-    config, shared by every layer)."""
+    """What a change to some modules can alter, to be put back exactly (same objects): each
+    module's parameter and buffer objects (references, not copies: a surgery replaces them with
+    new, smaller tensors, so the old ones stay intact), its class and plain attributes, and the
+    plain attributes of ``extra`` objects (a Hugging Face config, shared by every layer).
+
+    Used alone for a change that is not a channel group's (e.g. removing attention heads) and as
+    the module part of :class:`ModelSnapshot`. Memory cost: the replaced tensors are kept alive
+    until the snapshot is dropped.
+    """
 
     def __init__(self, modules, extra=()):
         modules = list({id(m): m for m in modules}.values())
@@ -111,6 +57,63 @@ class ModuleSnapshot:
                 del obj.__dict__[k]  # added by the change
             for k, v in attrs.items():
                 obj.__dict__[k] = copy.deepcopy(v)
+
+
+class ModelSnapshot:
+    """Everything surgery on some channel groups can change, to be restored exactly (same
+    objects): the member modules (a :class:`ModuleSnapshot`), every other module's parameter
+    dict, the dependency graph's module maps and pruning history, and the groups' widths."""
+
+    def __init__(self, graph, groups):
+        refuse_inside_unchanged(graph)  # every checked surgery starts here
+        self.graph = graph
+        DG = graph.DG
+        members = {}
+        with graph.unchanged():
+            for g in groups:
+                for dep, _ in g.tp_group():
+                    m = dep.target.module
+                    if isinstance(m, nn.Module):
+                        members[id(m)] = m
+        self.modules = ModuleSnapshot(members.values())
+        # an unwrapped parameter is replaced on its parent, which need not be a member, and
+        # retie() rebinds every holder of a tied parameter: keep the other modules' params too
+        self.other_params = {m: dict(m._parameters) for m in graph.model.modules()
+                             if id(m) not in members}
+        self.module2node = dict(DG.module2node)
+        self.node_modules = {node: node.module for node in DG.module2node.values()}
+        self.param_to_name = dict(getattr(DG, "_param_to_name", {}))
+        self.history = list(DG._pruning_history)
+        self.widths = {id(g): g.n_channels for g in graph.all_groups}
+
+    def restore(self) -> None:
+        DG = self.graph.DG
+        self.modules.restore()
+        _put_back_tensors(self.other_params, {})
+        DG.module2node.clear()
+        DG.module2node.update(self.module2node)
+        for node, module in self.node_modules.items():
+            node.module = module
+        if hasattr(DG, "_param_to_name"):
+            DG._param_to_name.clear()
+            DG._param_to_name.update(self.param_to_name)
+        DG._pruning_history[:] = self.history
+        for g in self.graph.all_groups:
+            g.n_channels = self.widths[id(g)]
+
+
+_SIMPLE = (int, float, bool, str, type(None), tuple, list, dict)
+_PRIVATE_FLAGS = ("_qkv_same_embed_dim",)
+
+
+def _put_back_tensors(params: dict, buffers: dict) -> None:
+    """Each module's parameter and buffer dicts as they were (the very same tensor objects)."""
+    for m, saved in params.items():
+        m._parameters.clear()
+        m._parameters.update(saved)
+    for m, saved in buffers.items():
+        m._buffers.clear()
+        m._buffers.update(saved)
 
 
 def _plain_attrs(obj) -> dict:

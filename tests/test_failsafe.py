@@ -239,3 +239,29 @@ def test_module_snapshot_puts_back_attributes_and_mode(training):
     assert layer.weight is weight and layer.out_features == 3
     assert not hasattr(layer, "added") and layer.training is training
     assert layer(torch.randn(1, 4)).shape == (1, 3)
+
+
+def test_a_failed_checked_change_puts_back_members_and_other_modules():
+    """apply_checked's snapshot (ModelSnapshot: a ModuleSnapshot of the group's members, the
+    other modules' parameters, the graph's maps, the widths): after a change that cut the group,
+    added an attribute to a member, rebound a non-member's parameter and switched a mode, then
+    failed, every object is back and the graph prunes as before."""
+    model, x = Net(), _inputs()
+    graph = accelprune.ModelGraph(model, x)
+    group = next(g for g in graph.groups if g.name == "c1")
+    widths = [g.n_channels for g in graph.all_groups]
+
+    def change():
+        surgery.cut_group(graph, group, [0, 2, 4])
+        model.c2.scratch = 1  # c2 is a member (a consumer of c1's channels)
+        model.fc.weight = nn.Parameter(torch.zeros(3, 6))  # fc is not
+        model.b1.train(not model.b1.training)
+        raise RuntimeError("injected")
+
+    with leaves_unchanged(model, x, match="injected"):
+        surgery.apply_checked(graph, [group], change)
+    assert not hasattr(model.c2, "scratch")
+    assert [g.n_channels for g in graph.all_groups] == widths
+    graph.prune_channels(group, [1, 3])
+    assert model.c1.out_channels == model.c2.in_channels == 2
+    assert model(x).shape == (2, 3)
