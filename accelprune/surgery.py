@@ -167,10 +167,9 @@ def prune_groups(graph, plan) -> None:
     """Cut several groups (``plan``: ``(group, sorted keep)`` pairs) with one check. All or
     nothing: on failure the model is restored and the groups are retried one by one to name the
     culprit, after which everything is restored again."""
-    refuse_inside_unchanged(graph)
+    snapshot = ModelSnapshot(graph, [g for g, _ in plan])  # refuses surgery inside unchanged()
     if not plan:
-        return
-    snapshot = ModelSnapshot(graph, [g for g, _ in plan])
+        return  # after the snapshot: an empty plan is refused there too, as any surgery
     ties = shared_parameters(graph.model)
     try:
         for g, keep in plan:

@@ -547,6 +547,8 @@ def test_unchanged_shares_one_group_search_with_the_same_groups(build, x, monkey
     with graph.unchanged(), leaves_unchanged(graph.model, x, raises=RuntimeError,
                                              match="unchanged", backward=False):
         graph.prune_channels(g, np.arange(g.n_channels - 1))
+    with graph.unchanged(), pytest.raises(RuntimeError, match="unchanged"):
+        graph.prune_channels(g, np.arange(g.n_channels))  # keeps all: an empty plan, refused too
     assert not graph.read_only
 
 
