@@ -77,6 +77,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import re
+import weakref
 
 import numpy as np
 import torch
@@ -752,7 +753,18 @@ def feeds_attention(group: ChannelGroup) -> bool:
     """Whether the group's channels go through attention: a MultiheadAttention member, a
     scaled-dot-product attention or softmax, or a matrix product that is not a consumer's own
     (q·kᵀ). Such channels are heads' q/k/v or the residual stream; removing single channels of
-    q/k/v breaks the reshape into heads, so only whole heads could go."""
+    q/k/v breaks the reshape into heads, so only whole heads could go.
+
+    On a graph with no attention-like node at all (:func:`attention_free`, answered once per
+    graph) no group is searched: False at once, as the search would find."""
+    if attention_free(group._graph):
+        return False
+    return _group_feeds_attention(group)
+
+
+def _group_feeds_attention(group: ChannelGroup) -> bool:
+    """The search of :func:`feeds_attention` through the group's members (the reference its
+    graph-wide shortcut must agree with)."""
     members, consumers = _members(group)
     for node, _ in members:
         kind = _attention_kind(node)
@@ -764,11 +776,23 @@ def feeds_attention(group: ChannelGroup) -> bool:
     return False
 
 
+# attention_free's answer per traced graph (its DependencyGraph). Weak keys: an entry goes with
+# its graph, and a graph traced anew is a new key. The answer cannot go stale: which nodes are
+# attention-like is fixed by the trace (surgery swaps the tensors a node holds, never the node's
+# operation; a packed MultiheadAttention whose heads are cut stays a MultiheadAttention).
+_ATTENTION_FREE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def attention_free(graph: ModelGraph) -> bool:
     """Whether no node of the traced model is one :func:`feeds_attention` looks for: then no
     group feeds attention, and the groups need not be searched one by one (a ResNet-50's would
-    cost 4 ms)."""
-    return all(_attention_kind(node) is None for node in graph.DG.module2node.values())
+    cost 4 ms). Looked at once per graph, then remembered."""
+    DG = graph.DG
+    free = _ATTENTION_FREE.get(DG)
+    if free is None:
+        free = all(_attention_kind(node) is None for node in DG.module2node.values())
+        _ATTENTION_FREE[DG] = free
+    return free
 
 
 def _attention_kind(node) -> str | None:

@@ -33,7 +33,7 @@ from accelprune._backend import resolve
 from accelprune._distributed import on_rank0
 from accelprune._validation import check_fraction, check_int, check_saved_state
 from accelprune.coverage import warmup
-from accelprune.csgd import attention_free, feeds_attention
+from accelprune.csgd import feeds_attention
 from accelprune.graph import ModelGraph
 from accelprune.layers import BATCHNORM_TYPES, PRODUCER_TYPES, out_channel_view
 from accelprune.optim_state import track_parameters
@@ -226,12 +226,11 @@ class REPrune:
                                 prune_coupled=True, progress=progress)
         stem = None if prune_stem else self.graph.first_run(nn.modules.conv._ConvNd)
         self.groups, self.skipped = [], {}
-        may_attend = not attention_free(self.graph)
         with self.graph.unchanged():
             for g in self.graph.groups:
                 if any(self.graph.module(p) is stem for p in g.producers):
                     continue
-                if may_attend and feeds_attention(g):  # q/k/v (heads), or a stream with MHA
+                if feeds_attention(g):  # q/k/v (heads), or a stream with MHA
                     self.skipped[g.name] = ("its channels go through attention (q·kᵀ, softmax): "
                                             "single channels of q/k/v cannot be removed, only "
                                             "heads")

@@ -2,6 +2,9 @@
 Torch-Pruning adapter, and the pipeline on real models (ALGORITHMS.md section 3)."""
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import scipy.cluster.hierarchy as sch
@@ -13,7 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from accelprune import REPruneImportance, layer_keep_counts, reprune_select
+from accelprune import csgd as csgd_mod
 from accelprune.csgd import attention_free, feeds_attention
+from accelprune.graph import ModelGraph
 from accelprune.optim_state import track_parameters
 
 
@@ -396,6 +401,64 @@ def test_native_and_reference_pipelines_prune_alike():
         pruner.prune()
         kept[backend] = [(r.name, r.kept_indices) for r in pruner.events[-1].layers]
     assert kept["auto"] == kept["reference"]
+
+
+def _count_group_searches(monkeypatch) -> list[str]:
+    """The names of the groups feeds_attention searches one by one from now on."""
+    searched = []
+    search = csgd_mod._group_feeds_attention
+
+    def counted(group):
+        searched.append(group.name)
+        return search(group)
+
+    monkeypatch.setattr(csgd_mod, "_group_feeds_attention", counted)
+    return searched
+
+
+def test_feeds_attention_searches_no_group_of_a_cnn(monkeypatch):
+    from accelprune.models import resnet20
+
+    torch.manual_seed(0)
+    graph = ModelGraph(resnet20(), torch.randn(2, 3, 16, 16), prune_coupled=True)
+    searched = _count_group_searches(monkeypatch)
+    with graph.unchanged():
+        assert not any(feeds_attention(g) for g in graph.groups)
+        assert searched == []  # the graph-wide answer stands for every group
+        assert not any(csgd_mod._group_feeds_attention(g) for g in graph.groups)  # as searched
+    assert len(searched) == len(graph.groups) > 0
+
+
+def test_feeds_attention_on_a_llama_searches_every_group_as_before(monkeypatch):
+    pytest.importorskip("transformers")
+    from toy_models import tiny_llama
+
+    model = tiny_llama(layers=2)
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    graph = ModelGraph(model, tokens, prune_coupled=True)
+    searched = _count_group_searches(monkeypatch)
+    with graph.unchanged():  # all_groups: the heads' q/k (kept out of groups) feed attention
+        answers = {g.name: feeds_attention(g) for g in graph.all_groups}
+    assert searched == [g.name for g in graph.all_groups]
+    assert {n for n, a in answers.items() if a} == {f"model.layers.{i}.self_attn.q_proj"
+                                                    for i in range(2)}
+    assert not answers["model.layers.0.self_attn.o_proj"]  # the residual stream
+
+
+def test_attention_free_is_remembered_per_graph_and_goes_with_it():
+    from accelprune.models import resnet20
+
+    torch.manual_seed(0)
+    graph = ModelGraph(resnet20(), torch.randn(2, 3, 16, 16))
+    assert attention_free(graph)
+    DG = weakref.ref(graph.DG)
+    assert DG() in csgd_mod._ATTENTION_FREE
+    graph.prune_channels(graph.groups[0], [0, 1])
+    del csgd_mod._ATTENTION_FREE[graph.DG]
+    assert attention_free(graph)  # looked at anew after surgery: the same answer
+    del graph
+    gc.collect()
+    assert DG() is None  # the remembered answer kept no graph alive
 
 
 def test_schedule_never_prunes_past_its_target_nor_compounds():
