@@ -492,9 +492,10 @@ class CSGD:
 
         Lossless once the clusters have converged (:meth:`deviation` ≈ 0, and the BN running
         statistics with them). The model is changed in place, all groups or none: if any fold
-        fails the model is restored exactly and a ValueError names the group. The optimizer and
-        any DistributedDataParallel wrapper must be rebuilt for the new params. Every rank
-        prunes its own replica with the shared clusters, so DDP replicas stay identical.
+        fails the model is restored exactly and a ValueError names the fold and the reason
+        (:func:`accelprune.csgd_heads.fold_checked`). The optimizer and any
+        DistributedDataParallel wrapper must be rebuilt for the new params. Every rank prunes its
+        own replica with the shared clusters, so DDP replicas stay identical.
         """
         self._check_live()
         for g, c in zip(self.groups, self.clusters, strict=True):
@@ -514,13 +515,9 @@ class CSGD:
                    if c.n_clusters < g.n_channels]
         head_folding = [(g, c) for g, c in zip(self.head_groups, self.head_clusters, strict=True)
                         if c.n_clusters < g.n_units]
-        if head_folding:
+        if folding or head_folding:  # one surgery, one check, one wording of its failures
             csgd_heads.fold_checked(self.graph, [(g, c.labels) for g, c in folding],
                                     [(g, c.labels) for g, c in head_folding], _fold)
-        elif folding:
-            surgery.apply_checked(self.graph, [g for g, _ in folding],
-                                  lambda: [_fold(self.graph, g, c.labels) for g, c in folding])
-        if folding or head_folding:
             sync_config(self.model)  # a Hugging Face config follows the new widths and heads
         self.pruned = True  # the clusters no longer describe the model
         for h in self._hooks:
@@ -848,7 +845,8 @@ def fold_and_prune(group: ChannelGroup, clusters) -> None:
 
     clusters: 1-D int labels, one per current channel (any integers; equal = same cluster).
     Lossless once the producers' filters (and BN entries) of each cluster are identical. All or
-    nothing: checked by a forward pass; on failure the model is restored exactly. A group whose
+    nothing: checked by a forward pass; on failure the model is restored exactly and a ValueError
+    says why, as :meth:`CSGD.prune` does (:func:`accelprune.csgd_heads.fold_checked`). A group whose
     fold cannot be exact (:func:`fold_blockers`) is refused with a ValueError giving the reasons.
     """
     if not isinstance(group, ChannelGroup):
@@ -862,12 +860,12 @@ def fold_and_prune(group: ChannelGroup, clusters) -> None:
         raise ValueError(f"group {group.name!r} cannot be folded exactly: {'; '.join(reasons)}")
     if len(np.unique(labels)) == group.n_channels:
         return
-    graph = group._graph
-    surgery.apply_checked(graph, [group], lambda: _fold(graph, group, labels))
+    csgd_heads.fold_checked(group._graph, [(group, labels)], [], _fold)
 
 
 def _fold(graph: ModelGraph, group: ChannelGroup, labels: np.ndarray) -> None:
-    """Fold and cut one group (unchecked: callers run it under :func:`surgery.apply_checked`)."""
+    """Fold and cut one group (unchecked: callers run it under
+    :func:`accelprune.csgd_heads.fold_checked`)."""
     kept_of = dict(zip(*np.unique(labels, return_index=True), strict=True))
     merge = [(c, int(kept_of[lab])) for c, lab in enumerate(labels) if kept_of[lab] != c]
     for item in group.tp_group():

@@ -40,6 +40,8 @@ fold is exact for the attention output and everything computed from it.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import nn
@@ -313,21 +315,32 @@ def fold_checked(graph, channel_folds, head_folds, fold_channels) -> None:
     """Channel folds (``(ChannelGroup, labels)``, done by ``fold_channels(graph, group,
     labels)``) and head folds (``(HeadGroup, unit labels)``, :func:`fold_heads`) in one
     surgery, checked by one forward pass. All or nothing: on any failure every module,
-    attribute, config value and head count is put back and a ValueError names the step."""
+    attribute, config value and head count is put back and a ValueError says what failed and
+    why, always in one shape: ``folding <what> failed (<error>); the model was restored
+    unchanged``, <what> naming the fold (``channel group 'name'``, ``the heads of 'name'``) or,
+    when the check fails, the folds it checked."""
     channels = surgery.ModelSnapshot(graph, [g for g, _ in channel_folds])
     heads = HeadSnapshot(graph.model, [g for g, _ in head_folds])
-    where = "the model"
+    steps = [(f"channel group {g.name!r}", functools.partial(fold_channels, graph, g, labels))
+             for g, labels in channel_folds]
+    steps += [(f"the heads of {g.name!r}", functools.partial(fold_heads, g, labels))
+              for g, labels in head_folds]
     try:
-        for g, labels in channel_folds:
-            where = f"channel group {g.name!r}"
-            fold_channels(graph, g, labels)
-        for g, labels in head_folds:
-            where = f"the heads of {g.name!r}"
-            fold_heads(g, labels)
-        where = "the model (checked after every fold)"
+        for name, fold in steps:
+            what = name
+            fold()
+        what = _checked(steps)
         surgery.check_forward(graph)
     except Exception as e:
         heads.restore()
         channels.restore()
-        raise ValueError(f"folding {where} failed ({type(e).__name__}: {e}); the model was "
+        raise ValueError(f"folding {what} failed ({type(e).__name__}: {e}); the model was "
                          "restored unchanged") from e
+
+
+def _checked(steps) -> str:
+    """What the forward check after the folds covers, for its error message."""
+    if not steps:
+        return "nothing (the forward check)"
+    more = f" and {len(steps) - 1} more" if len(steps) > 1 else ""
+    return f"{steps[0][0]}{more} (the forward check after folding)"

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from convergence import collapse_clusters
+from failsafe import leaves_unchanged
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.cluster.vq import kmeans2
@@ -22,6 +23,7 @@ from torch import nn
 
 import accelprune
 from accelprune import selection as selection_mod
+from accelprune import surgery
 from accelprune.csgd import CSGD
 from accelprune.models import resnet20, vgg_small
 from accelprune.selection import cluster_filters
@@ -559,6 +561,54 @@ def test_after_prune_the_csgd_is_spent(resnet_csgd):
     # the hook was removed: the old optimizer steps without the stale clusters
     backward_once(model)
     opt.step()
+
+
+def _raise_on_call(monkeypatch, owner, name, n):
+    """``owner.name`` raises RuntimeError("injected") on its n-th call (1-based)."""
+    real, calls = getattr(owner, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == n:
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+RESTORED = "; the model was restored unchanged"
+
+
+def test_a_failing_fold_is_named_with_its_reason(resnet_csgd, monkeypatch):
+    csgd, model = fresh(resnet_csgd)
+    folded = [g.name for g, c in zip(csgd.groups, csgd.clusters, strict=True)
+              if c.n_clusters < g.n_channels]
+    assert len(folded) >= 2
+    _raise_on_call(monkeypatch, surgery, "cut_group", 2)
+    with leaves_unchanged(model, cifar_batch()[0], raises=ValueError) as failure:
+        csgd.prune()
+    # the fold that failed, not the first one
+    assert str(failure.value) == (f"folding channel group {folded[1]!r} failed "
+                                  f"(RuntimeError: injected){RESTORED}")
+    assert not csgd.pruned
+
+
+def test_a_failing_check_after_the_folds_is_worded_alike(resnet_csgd, monkeypatch):
+    csgd, model = fresh(resnet_csgd)
+    folded = [g.name for g, c in zip(csgd.groups, csgd.clusters, strict=True)
+              if c.n_clusters < g.n_channels]
+    _raise_on_call(monkeypatch, surgery, "check_forward", 1)
+    with pytest.raises(ValueError) as failure:
+        csgd.prune()
+    assert str(failure.value) == (
+        f"folding channel group {folded[0]!r} and {len(folded) - 1} more (the forward check "
+        f"after folding) failed (RuntimeError: injected){RESTORED}")
+    _raise_on_call(monkeypatch, surgery, "check_forward", 1)
+    g, c = csgd.groups[0], csgd.clusters[0]
+    with pytest.raises(ValueError) as failure:  # fold_and_prune: one fold, the same shape
+        accelprune.fold_and_prune(g, c.labels)
+    assert str(failure.value) == (f"folding channel group {g.name!r} (the forward check after "
+                                  f"folding) failed (RuntimeError: injected){RESTORED}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from failsafe import ModelState, leaves_unchanged
 from torch import nn
 from toy_models import Encoder, tiny_llama
 
-from accelprune import CSGD, surgery
+from accelprune import CSGD, csgd_heads, surgery
 from accelprune.attention import HeadPrunedMultiheadAttention
 from accelprune.csgd_heads import head_row_labels
 
@@ -314,7 +314,10 @@ def test_failed_fold_restores_model_heads_and_config(monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(surgery, "check_forward", broken)
-    with leaves_unchanged(model, x, match="restored unchanged"):
+    # worded as a failure on the channel-only path is (tests/test_csgd.py)
+    with leaves_unchanged(model, x, match=r"^folding channel group 'model\.layers\.0\.mlp\."
+                          r"gate_proj' and 1 more \(the forward check after folding\) failed "
+                          r"\(RuntimeError: boom\); the model was restored unchanged$"):
         csgd.prune()
     assert model.config.to_dict() == config and not csgd.pruned
     assert [(g.num_heads, g.num_kv_heads) for g in csgd.head_groups] == counts
@@ -322,6 +325,21 @@ def test_failed_fold_restores_model_heads_and_config(monkeypatch):
     before = output(model, x)
     csgd.prune()  # a retry succeeds
     torch.testing.assert_close(output(model, x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_a_failing_head_fold_is_named_with_its_reason(monkeypatch):
+    model, x = llama(layers=1), tokens()
+    csgd = CSGD(model, x, 0.5, head_sparsity=0.5)
+    collapse_clusters(csgd)
+
+    def broken(group, keep_units):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(csgd_heads, "cut_units", broken)
+    with leaves_unchanged(model, x, raises=ValueError) as failure:
+        csgd.prune()
+    assert str(failure.value) == ("folding the heads of 'model.layers.0.self_attn' failed "
+                                  "(RuntimeError: boom); the model was restored unchanged")
 
 
 def test_bad_head_sparsity():
