@@ -52,7 +52,6 @@ from accelprune.attention import (
     HeadSnapshot,
     cut_units,
     find_head_groups,
-    unsupported_attention,
 )
 from accelprune.selection import cluster_filters
 from accelprune.tracing import call_model, eval_mode
@@ -223,25 +222,26 @@ def probe_head_folds(model: nn.Module, example_inputs, groups) -> dict[str, str]
 
 def unrecognised_attention(model: nn.Module, ignored=()) -> list[tuple[str, str]]:
     """(name, reason) for attention modules whose heads C-SGD cannot fold: the
-    ``nn.MultiheadAttention`` layouts attention.py cannot cut, and modules with parameters whose
-    class name says attention but which neither are, contain nor sit inside a recognised one
-    (:func:`accelprune.attention.find_head_groups`). ``ignored``: modules not to list."""
-    known = [g.name for g in find_head_groups(model)]  # ignored or not: they are recognised
+    ``nn.MultiheadAttention`` layouts attention.py cannot cut (those
+    :func:`accelprune.attention.unsupported_attention` names), then modules with parameters whose
+    class name says attention but which neither are, contain nor sit inside a recognised one.
+    One discovery (:func:`accelprune.attention.find_head_groups`) answers both: a
+    MultiheadAttention it does not return is one it cannot cut. ``ignored``: modules not to
+    list."""
+    known = {g.name for g in find_head_groups(model)}  # ignored or not: they are recognised
     ignored = {id(m) for m in ignored}
-    out = [(n, "nn.MultiheadAttention with separate key/value widths, bias_k/bias_v or "
-               "add_zero_attn: its heads cannot be cut") for n in unsupported_attention(model)
-           if id(model.get_submodule(n)) not in ignored]
-    listed = {n for n, _ in out}
-    for name, m in model.named_modules():
-        if ("attention" not in _kind(m).lower() or name in listed or id(m) in ignored
-                or not any(True for _ in m.parameters())):
-            continue
-        if any(_nested(name, k) or _nested(k, name) for k in known):
-            continue
-        out.append((name, f"{_kind(m)} {name!r} is an attention layout C-SGD's head fold does "
-                          "not recognise (separate q/k/v/o Linear layers with head_dim, BERT's "
-                          "query/key/value, timm's fused qkv, nn.MultiheadAttention)"))
-        listed.add(name)
+    candidates = [(name, m) for name, m in model.named_modules()
+                  if name not in known and id(m) not in ignored]
+    out = [(name, "nn.MultiheadAttention with separate key/value widths, bias_k/bias_v or "
+                  "add_zero_attn: its heads cannot be cut")
+           for name, m in candidates if isinstance(m, nn.MultiheadAttention)]
+    out += [(name, f"{_kind(m)} {name!r} is an attention layout C-SGD's head fold does not "
+                   "recognise (separate q/k/v/o Linear layers with head_dim, BERT's "
+                   "query/key/value, timm's fused qkv, nn.MultiheadAttention)")
+            for name, m in candidates
+            if not isinstance(m, nn.MultiheadAttention) and "attention" in _kind(m).lower()
+            and any(True for _ in m.parameters())
+            and not any(_nested(name, k) or _nested(k, name) for k in known)]
     return out
 
 

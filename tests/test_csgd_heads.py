@@ -20,8 +20,12 @@ from torch import nn
 from toy_models import Encoder, tiny_llama
 
 from accelprune import CSGD, csgd_heads, surgery
-from accelprune.attention import HeadPrunedMultiheadAttention
-from accelprune.csgd_heads import head_row_labels
+from accelprune.attention import (
+    HeadPrunedMultiheadAttention,
+    find_head_groups,
+    unsupported_attention,
+)
+from accelprune.csgd_heads import head_row_labels, unrecognised_attention
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -301,6 +305,65 @@ def test_unrecognised_attention_layout_is_listed():
     assert any(s.name == "attn" and "does not recognise" in s.reasons[0] for s in csgd.skipped)
     with leaves_unchanged(model, x, match="GPT2LikeAttention 'attn'"):
         CSGD(model, x, 0.5, head_sparsity=0.5, strict=True)
+
+
+def _unrecognised_reference(model, ignored=()):
+    """unrecognised_attention as first written: three walks of the model (the head groups, the
+    MultiheadAttention modules they leave out, the attention-named rest)."""
+    known = [g.name for g in find_head_groups(model)]
+    ignored = {id(m) for m in ignored}
+    out = [(n, "nn.MultiheadAttention with separate key/value widths, bias_k/bias_v or "
+               "add_zero_attn: its heads cannot be cut") for n in unsupported_attention(model)
+           if id(model.get_submodule(n)) not in ignored]
+    listed = {n for n, _ in out}
+    for name, m in model.named_modules():
+        kind = type(m).__name__
+        if ("attention" not in kind.lower() or name in listed or id(m) in ignored
+                or not any(True for _ in m.parameters())):
+            continue
+        if any(n == name or not n or n.startswith(f"{name}.") or not name
+               or name.startswith(f"{n}.") for n in known):
+            continue
+        out.append((name, f"{kind} {name!r} is an attention layout C-SGD's head fold does "
+                          "not recognise (separate q/k/v/o Linear layers with head_dim, BERT's "
+                          "query/key/value, timm's fused qkv, nn.MultiheadAttention)"))
+        listed.add(name)
+    return out
+
+
+class OuterAttention(nn.Module):
+    """Attention by its class name, with parameters, around a recognised layout."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.gate = inner, nn.Linear(16, 16)
+
+
+class MixedAttentionNet(nn.Module):
+    """A MultiheadAttention that can be cut, two that cannot (bias_k/bias_v, separate key/value
+    widths), an unknown layout, one around a recognised layout and one around an unknown one."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2)
+        self.biased = nn.MultiheadAttention(16, 2, add_bias_kv=True)
+        self.kdim = nn.MultiheadAttention(16, 2, kdim=8, vdim=8)
+        self.gpt = GPT2LikeAttention()
+        self.outer = OuterAttention(ToyAttention())
+        self.outer_gpt = OuterAttention(GPT2LikeAttention())
+
+
+@pytest.mark.parametrize("build, ignore", [
+    (MixedAttentionNet, ()), (MixedAttentionNet, ("biased", "outer.inner.q_proj")),
+    (MixedAttentionNet, ("outer.inner", "mha.out_proj", "outer_gpt.inner")),
+    (MixedAttentionNet, ("outer_gpt",)), (UnknownNet, ()), (UnknownNet, ("attn.c_attn",)),
+    (toy, ()), (toy, ("attn.q_proj",)), (encoder, ()), (bert, ()),
+    (bert, ("encoder.layer.0.attention.self",)), (timm_vit, ()), (tv_vit, ()), (llama, ()),
+], ids=lambda v: ",".join(v) if isinstance(v, tuple) else getattr(v, "__name__", str(v)))
+def test_unrecognised_attention_is_its_reference(build, ignore):
+    model = build()
+    ignored = [m for n in ignore for m in model.get_submodule(n).modules()]  # as ModelGraph's
+    assert unrecognised_attention(model, ignored) == _unrecognised_reference(model, ignored)
 
 
 def test_failed_fold_restores_model_heads_and_config(monkeypatch):
