@@ -150,6 +150,22 @@ class LinkageUnionFind {
 struct CostBound {
   double relative = 0.0, absolute = 0.0;
   bool exact() const { return relative == 0.0 && absolute == 0.0; }
+
+  // The largest entry whose cost can equal that of an entry `smallest`: a cost c with entry v
+  // lies in [(v - a) / (1 + r), (v + a) / (1 - r)], so an entry above the limit has a larger
+  // cost (the factor 1 + 2^-40 covers the rounding of these lines; the ratio is set once, not
+  // divided on every settle of a chain).
+  double limit(double smallest) const {
+    return ((smallest + absolute) * growth + absolute) * (1.0 + 0x1p-40);
+  }
+  void set(double r, double a) {
+    relative = r;
+    absolute = a;
+    growth = (1.0 + r) / (1.0 - r);
+  }
+
+ private:
+  double growth = 1.0;
 };
 
 // Per-thread work buffers, reused across the problems one thread solves (never one per problem:
@@ -180,8 +196,8 @@ struct WardWorkspace {
   std::vector<float> centroids32, query32, size32, mask32;  // the float prefilter's copies
   bool float_prefilter = true;  // where its bound allows (the tests turn it off to compare)
   // 1-D path
-  std::vector<int64_t> order, prev, next, count;
-  std::vector<double> mean, cost_left;
+  std::vector<int64_t> order, prev, next;
+  std::vector<double> count, mean, cost_left;  // count: a run's points (exact in double)
 };
 
 // Bytes of workspace one thread needs for a problem of n points in d dimensions (an estimate
@@ -921,8 +937,8 @@ inline bool float_prefilter_setup(int64_t n, int64_t d, double coordinate_bound,
   const double nd = static_cast<double>(n) * static_cast<double>(d);
   const double scaled = coordinate_bound * *scale;  // in [1, 2)
   if (n > (int64_t{1} << 24) || nd > 0x1p60) return false;  // sizes exact in float; no overflow
-  bound->relative = 0x1p-12 + (static_cast<double>(d) + 16.0) * 0x1p-23;
-  bound->absolute = nd * scaled * scaled * 0x1p-32 + nd * 0x1p-130;
+  bound->set(0x1p-12 + (static_cast<double>(d) + 16.0) * 0x1p-23,
+             nd * scaled * scaled * 0x1p-32 + nd * 0x1p-130);
   return bound->relative <= 0x1p-4;
 }
 
@@ -940,11 +956,7 @@ inline double settle_nearest(const float* row, const CostBound& bound, const Sca
                              int64_t* nearest) {
   *nearest = found.argmin;
   if (bound.exact()) return found.smallest;
-  // A cost c with entry v lies in [(v - a) / (1 + r), (v + a) / (1 - r)]: an entry above `limit`
-  // has a larger cost than the smallest entry's cluster (the factor 1 + 2^-40 covers the
-  // rounding of this line).
-  const double r = bound.relative, a = bound.absolute;
-  const double limit = ((found.smallest + a) * (1.0 + r) / (1.0 - r) + a) * (1.0 + 0x1p-40);
+  const double limit = bound.limit(found.smallest);
   const auto cost_of = [&](int64_t p) {
     return ward_cost(centroids, d, query, size_x, p, size[p], 0.0);
   };
@@ -1216,7 +1228,7 @@ inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws) {
   }
   ws.prev.resize(n);
   ws.next.resize(n);
-  ws.count.assign(n, 1);
+  ws.count.assign(n, 1.0);
   ws.mean.resize(n);
   ws.formed_height.assign(n, 0.0);
   // Runs keep their mean, not their sum, and the points are centred first: means of data far
@@ -1230,7 +1242,7 @@ inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws) {
   }
   // Ward cost of merging neighbouring runs l < r: n_l n_r / (n_l + n_r) * (m_l - m_r)^2.
   auto cost = [&ws](int64_t l, int64_t r) {
-    const double nl = static_cast<double>(ws.count[l]), nr = static_cast<double>(ws.count[r]);
+    const double nl = ws.count[l], nr = ws.count[r];
     const double diff = ws.mean[r] - ws.mean[l];
     return nl * nr / (nl + nr) * diff * diff;
   };
@@ -1242,28 +1254,19 @@ inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws) {
   ws.cost_left[0] = ws.cost_left[n] = kNone;
   for (int64_t p = 1; p < n; ++p) ws.cost_left[p] = cost(p - 1, p);
 
-  ws.chain.resize(n);
+  // The nearest-neighbour chain starts at run 0 (the leftmost, which never dies: merges keep
+  // the left name) and can only grow to the right: a run's nearest is a neighbour, and if it is
+  // the left one, that is the run below it on the chain, a reciprocal pair. So the chain is
+  // always the runs from 0 to the top `a`, and needs no stack: the top moves right while its
+  // right neighbour is strictly nearer (ties go to the left run, the one below on the chain, so
+  // the chain cannot cycle), then merges with its left neighbour, and the chain goes on from the
+  // run left of the pair (or from run 0 again).
   ws.merges.resize(n - 1);
-  int64_t chain_length = 0;
+  int64_t a = 0;
   for (int64_t k = 0; k < n - 1; ++k) {
-    if (chain_length == 0) ws.chain[chain_length++] = 0;  // run 0 (the leftmost) never dies
-    int64_t a = 0, b = 0;
-    double best = 0.0;
-    while (true) {
-      a = ws.chain[chain_length - 1];
-      const int64_t previous = chain_length > 1 ? ws.chain[chain_length - 2] : -1;
-      const int64_t left = ws.prev[a], right = ws.next[a];
-      const double to_left = ws.cost_left[a], to_right = ws.cost_left[right];
-      // Ties prefer the previous chain element (so the chain cannot cycle), then the left run.
-      // (bitwise & and |: no branches on these coin flips; the compiler selects by cmov)
-      const bool go_left = (to_left < to_right) | ((to_left == to_right) & (previous != right));
-      b = go_left ? left : right;
-      best = go_left ? to_left : to_right;
-      if (b == previous) break;
-      ws.chain[chain_length++] = b;
-    }
-    chain_length -= 2;
-    const int64_t l = std::min(a, b), r = std::max(a, b);
+    while (ws.cost_left[a] > ws.cost_left[ws.next[a]]) a = ws.next[a];
+    const double best = ws.cost_left[a];
+    const int64_t l = ws.prev[a], r = a;
     // Ward heights never decrease up the tree; max() keeps rounding from breaking that, so the
     // sort in finish_linkage() always puts a merge after the merges that formed its children.
     const double height =
@@ -1271,7 +1274,7 @@ inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws) {
     ws.merges[k] = Merge{ws.order[r], ws.order[l], height};  // run r into run l
     ws.formed_height[l] = height;
     // As in the centroid path: equal means stay exactly equal.
-    const double nl = static_cast<double>(ws.count[l]), nr = static_cast<double>(ws.count[r]);
+    const double nl = ws.count[l], nr = ws.count[r];
     ws.mean[l] += (ws.mean[r] - ws.mean[l]) * (nr / (nl + nr));
     ws.count[l] += ws.count[r];
     ws.next[l] = ws.next[r];
@@ -1280,6 +1283,7 @@ inline void ward_1d(const double* x, int64_t n, WardWorkspace& ws) {
       ws.cost_left[ws.next[l]] = cost(l, ws.next[l]);
     }
     if (l > 0) ws.cost_left[l] = cost(ws.prev[l], l);
+    a = l > 0 ? ws.prev[l] : 0;  // both merged runs leave the chain
   }
 }
 
