@@ -97,9 +97,10 @@ std::string gigabytes(double bytes) {
 }
 
 // Runs body(problem, workspace) for every problem on n_threads threads, each thread owning one
-// workspace. Exceptions cannot cross an OpenMP region, so the first one is kept and rethrown.
+// workspace, handing out `chunk` consecutive problems at a time. Exceptions cannot cross an
+// OpenMP region, so the first one is kept and rethrown.
 template <typename Body>
-void parallel_over_problems(int64_t n_problems, int n_threads, Body body) {
+void parallel_over_problems(int64_t n_problems, int n_threads, Body body, int chunk = 1) {
   std::exception_ptr error = nullptr;
   std::atomic<bool> failed{false};
 #ifdef _OPENMP
@@ -109,7 +110,7 @@ void parallel_over_problems(int64_t n_problems, int n_threads, Body body) {
     try {
       accelprune::WardWorkspace ws;
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, chunk)
 #endif
       for (int64_t b = 0; b < n_problems; ++b) {
         if (failed.load(std::memory_order_relaxed)) continue;
@@ -130,6 +131,7 @@ void parallel_over_problems(int64_t n_problems, int n_threads, Body body) {
     }
   }
   (void)n_threads;
+  (void)chunk;
   if (error) std::rethrow_exception(error);
 }
 
@@ -214,6 +216,10 @@ struct ProblemBatch {
   int64_t B, n, d;
   accelprune::WardMethod method;
   int threads;
+  // Problems a thread takes at a time: 1-D problems are a strided column each, so 16
+  // consecutive ones share every cache line of float32 input (3-4% of the sorted path's time
+  // on ResNet-50's 1x1 layers); the others take one, as a problem's time varies too much.
+  int chunk;
 };
 
 // Checks X, the thread count and the method; refuses what cannot fit in memory (the output, at
@@ -231,7 +237,7 @@ ProblemBatch checked_problems(const py::object& X_obj, const py::object& threads
     throw py::type_error("X must be a float32 or float64 numpy array, got " + got +
                          " (accelprune.cluster converts other inputs)");
   }
-  ProblemBatch p{PointsView{}, 0, 0, 0, accelprune::WardMethod::kAuto, 1};
+  ProblemBatch p{PointsView{}, 0, 0, 0, accelprune::WardMethod::kAuto, 1, 1};
   p.X.array = py::reinterpret_borrow<py::array>(X_obj);
   p.X.is_float32 = is_float32;
   const int n_threads = parse_threads(threads_obj);
@@ -248,6 +254,7 @@ ProblemBatch checked_problems(const py::object& X_obj, const py::object& threads
   require(p.method != accelprune::WardMethod::kSorted || p.d == 1,
           "method 'sorted' needs 1-D points (d == 1)");
   p.threads = useful_threads(p.B, p.n, p.d, p.method, n_threads);
+  p.chunk = p.method == accelprune::WardMethod::kSorted ? 16 : 1;
   const double physical = physical_memory_bytes();
   const double output =
       static_cast<double>(p.B) * static_cast<double>(p.n - 1) * output_bytes_per_merge;
@@ -277,7 +284,7 @@ py::array_t<double> ward_linkage_batched(const py::object& X_obj, const py::obje
     parallel_over_problems(B, p.threads, [&](int64_t b, accelprune::WardWorkspace& ws) {
       if (!X.gather(b, n, d, ws.input)) throw std::invalid_argument(kImmoderate);
       accelprune::ward_linkage(ws.input.data(), n, d, ws, z + b * (n - 1) * 4, method);
-    });
+    }, p.chunk);
   }
   return Z;
 }
@@ -350,7 +357,7 @@ py::tuple ward_cut_layer(const py::list& X_list, int64_t merges_needed,
         const uint64_t mine = double_to_bits(h + 0.0);  // + 0.0: -0.0 would order as huge
         while (mine > seen && !highest.compare_exchange_weak(seen, mine)) {
         }
-      });
+      }, p.chunk);
       first += p.B;
     }
     const double threshold = bits_to_double(highest.load());
