@@ -12,8 +12,8 @@ Which native path a problem of n points in d dimensions takes (``method="auto"``
 * ``"sorted"`` when d == 1: sort (32-bit radix keys when the points are float32 values, as
   REPrune's float32 weights are), then a chain over neighbouring runs; O(n log n) time, O(n)
   memory (exact: 1-D Ward clusters are runs of the sorted points);
-* ``"matrix"`` when n <= 1024 and d >= n^2 / 512 (every d up to 32 filters; 3x3 kernels of 64
-  filters, 7x7 kernels of 128): a stored n x n matrix of squared distances with
+* ``"matrix"`` when n <= 256 and d >= n^2 / 256 (every d from 4 at 32 filters; 5x5 kernels of
+  64 filters, 7x7 kernels of 112): a stored n x n matrix of squared distances with
   Lance-Williams updates; O(n^2 d + n^2) time, 8 n^2 bytes per thread (it stops fitting in cache
   as n grows, hence the bound);
 * ``"centroids"`` otherwise: the Ward cost recomputed from cluster sizes and centroids on every
@@ -290,7 +290,7 @@ def ward_linkage_batched(X, *, backend: str = "auto", n_threads: int | None = No
     The native path runs the problems in parallel on ``n_threads`` threads (default: all cores)
     with one work buffer per thread, and the result does not depend on the thread count.
     ``method="auto"`` takes the exact O(n log n) path for 1-D points (e.g. 1x1 conv kernels), the
-    stored-matrix chain for n <= 1024 and d >= n^2 / 512, and the O(n d)-memory centroid
+    stored-matrix chain for n <= 256 and d >= n^2 / 256, and the O(n d)-memory centroid
     chain otherwise (see the module docstring). A problem that cannot fit in memory is refused
     with a ValueError before anything is allocated; a failed allocation raises MemoryError.
     """

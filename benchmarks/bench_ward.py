@@ -322,9 +322,10 @@ def layer_cut_rows(args, rates, pool) -> list[Row]:
 def crossover_rows(args, rates) -> list[Row]:
     rows = []
     rng = np.random.default_rng(1)
-    # either side of the rule's boundary d = n^2 / 512 (csrc/ward.hpp, choose_method)
-    cases = [(64, 4), (64, 9), (128, 9), (128, 49), (256, 49), (256, 128), (512, 49),
-             (512, 512), (1024, 49), (2048, 49)]
+    # either side of the rule's boundary d = n^2 / 256 up to n = 256 (csrc/ward.hpp,
+    # choose_method), and beyond it
+    cases = [(64, 9), (64, 25), (128, 49), (128, 128), (256, 128), (256, 256), (512, 512),
+             (512, 2048), (1024, 49), (2048, 49)]
     if args.quick:
         cases = [(256, 16), (512, 49)]
     for n, d in cases:

@@ -87,15 +87,16 @@ inline const char* method_name(WardMethod m) {
 // The "auto" rule, from measurements on a 2-core AVX-512 x86-64 machine (benchmarks/bench_ward.py,
 // the "crossover" rows): the centroid chain does O(d) work per cluster and chain step (in float
 // lanes, see the prefilter), the matrix O(1) after an O(n^2 d) start, but its rows leave the
-// cache as n grows. The matrix is 1.3-2x faster at n = 32 whatever d, and wins from about d = 9
-// at n = 64, 40 at n = 128 and 100 at n = 256; at n = 512 and 1024 it had not won by d = 200.
-// The rule, d >= n^2 / 512, fits the measured crossovers and extrapolates beyond them. Points on a line take the sorted path. Memory stays O(n d) beyond
-// kMatrixMaxPoints (an 8 MB matrix per thread at most).
-constexpr int64_t kMatrixMaxPoints = 1024;
+// cache as n grows. The matrix is 1.2-2.4x faster at n = 32 whatever d, and wins from about
+// d = 20 at n = 64, 100 at n = 128 and 160 at n = 256; at n = 512 it had not won by d = 2048
+// (0.8-0.9x the chain's time from d = 512 on). The rule, d >= n^2 / 256 up to 256 points, fits
+// those crossovers. Points on a line take the sorted path. Memory stays O(n d) beyond
+// kMatrixMaxPoints (a 512 KB matrix per thread at most).
+constexpr int64_t kMatrixMaxPoints = 256;
 
 inline WardMethod choose_method(int64_t n, int64_t d) {
   if (d == 1) return WardMethod::kSorted;
-  if (n <= kMatrixMaxPoints && d * 512 >= n * n) return WardMethod::kMatrix;
+  if (n <= kMatrixMaxPoints && d * 256 >= n * n) return WardMethod::kMatrix;
   return WardMethod::kCentroids;
 }
 

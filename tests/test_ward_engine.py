@@ -75,16 +75,15 @@ def test_auto_rule():
     assert WARD_METHODS == ("auto", "centroids", "matrix", "sorted")
     assert ward_method(2048, 1) == "sorted"
     assert ward_method(512, 9) == "centroids"
-    assert ward_method(512, 200) == "centroids"
-    assert ward_method(512, 512) == "matrix"  # about where d >= n^2 / 512
-    assert ward_method(256, 100) == "centroids"
-    assert ward_method(256, 128) == "matrix"
-    assert ward_method(128, 9) == "centroids"
-    assert ward_method(128, 32) == "matrix"
-    assert ward_method(64, 9) == "matrix"
-    assert ward_method(32, 2) == "matrix"
+    assert ward_method(512, 2048) == "centroids"  # the matrix path stops at 256 points
+    assert ward_method(256, 255) == "centroids"
+    assert ward_method(256, 256) == "matrix"  # where d >= n^2 / 256
+    assert ward_method(128, 63) == "centroids"
+    assert ward_method(128, 64) == "matrix"
+    assert ward_method(64, 9) == "centroids"
+    assert ward_method(64, 16) == "matrix"
+    assert ward_method(32, 4) == "matrix"
     assert ward_method(1024, 1024) == "centroids"
-    assert ward_method(2048, 2048) == "centroids"  # the matrix path stops at 1024 points
     assert ward_method(20_000, 49) == "centroids"  # the matrix would be 3.2 GB
     assert ward_method(100_000, 8) == "centroids"
 
