@@ -51,6 +51,25 @@ def measure(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5,
     return Timing(statistics.median(times), min(times), repeats)
 
 
+def measure_alternating(fns: dict[str, Callable[[], object]], *, warmup: int = 1,
+                        repeats: int = 5,
+                        between: Callable[[], object] | None = None) -> dict[str, Timing]:
+    """:func:`measure` of several functions whose ratio is the point, run in turn, round by
+    round (``warmup`` rounds first): a slow spell of a shared machine then falls on all of them
+    rather than on whichever ran during it. ``between`` runs untimed before every call (e.g.
+    ``gc.collect``, so that one function's garbage is not collected inside the next's time)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            if between is not None:
+                between()
+            t0 = time.perf_counter()
+            fn()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: Timing(statistics.median(t), min(t), repeats) for name, t in times.items()}
+
+
 @dataclasses.dataclass
 class Row:
     """One benchmark case: named timings (seconds) plus free-form extra columns."""
