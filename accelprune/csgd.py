@@ -76,8 +76,6 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import re
-import weakref
 
 import numpy as np
 import torch
@@ -89,7 +87,7 @@ from accelprune._backend import resolve
 from accelprune._distributed import on_rank0
 from accelprune._validation import as_int_array, check_fraction, check_int, check_saved_state
 from accelprune.attention import HeadGroup
-from accelprune.graph import ChannelGroup, ModelGraph
+from accelprune.graph import MATMUL_OPS, ChannelGroup, ModelGraph, attention_kind, op_name
 from accelprune.hf import sync_config
 from accelprune.layers import BATCHNORM_TYPES, PRODUCER_TYPES, conv_groups, is_depthwise
 from accelprune.reporting import size_stats
@@ -97,8 +95,7 @@ from accelprune.selection import CLUSTERINGS, cluster_filters
 from accelprune.tables import format_table
 
 __all__ = ["CSGD", "CSGDReport", "ClusterAssignment", "Deviation", "SkippedGroup",
-           "TransformedParam", "attention_free", "feeds_attention", "fold_and_prune",
-           "fold_blockers"]
+           "TransformedParam", "feeds_attention", "fold_and_prune", "fold_blockers"]
 
 # Biases and BN affine params are pulled together 10x more gently than kernels, and not decayed.
 _SECONDARY_CENTRIPETAL = 0.1
@@ -653,10 +650,9 @@ _PER_CHANNEL_OPS = frozenset("""
     AdaptiveAvgPool3D AdaptiveMaxPool2D AdaptiveMaxPool3D UpsampleNearest1D UpsampleNearest2D
     UpsampleBilinear2D
 """.split())
-# Matrix products: exact only as a consumer's own product (Linear on a 3-D input runs an addmm
-# Torch-Pruning lists separately); elsewhere they contract the channels with something that is
-# not a weight (attention's q·kᵀ, attention-weighted values).
-_MATMUL_OPS = frozenset("Mm Addmm Bmm Baddbmm Matmul Mv Dot".split())
+# Matrix products (accelprune.graph.MATMUL_OPS): exact only as a consumer's own product (Linear
+# on a 3-D input runs an addmm Torch-Pruning lists separately); elsewhere they contract the
+# channels with something that is not a weight (attention's q·kᵀ, attention-weighted values).
 # Reductions: exact when the reduced dims are not the channels' (global average pooling).
 _REDUCTION_OPS = frozenset("Mean Sum Amax Amin Max Min Prod Std Var".split())
 
@@ -671,12 +667,6 @@ _WHY_MODULE = {
                           "(then softmax): attention is not linear in them",
     "Embedding": "produces these channels from a lookup table C-SGD does not pull together",
 }
-
-
-def _op_name(node) -> str:
-    fn = node.grad_fn
-    name = fn.name() if hasattr(fn, "name") else type(fn).__name__
-    return re.sub(r"Backward\d*$", "", name)
 
 
 def _module_blocker(graph: ModelGraph, m: nn.Module, name: str, fn) -> str | None:
@@ -711,10 +701,10 @@ def _op_blocker(graph: ModelGraph, group: ChannelGroup, node, consumers: set) ->
         return None  # data moves: channel identity is kept (Torch-Pruning maps the indices)
     if node.type != tp.ops.OPTYPE.ELEMENTWISE or node.grad_fn is None:
         return f"operation {node.name} is not known to act on each channel separately"
-    op = _op_name(node)
+    op = op_name(node)
     if op in _PER_CHANNEL_OPS:
         return None
-    if op in _MATMUL_OPS:
+    if op in MATMUL_OPS:
         if node.outputs and all(o.module in consumers for o in node.outputs):
             return None  # the consumer's own product (Linear on 3-D inputs)
         return (f"a matrix product ({op}) contracts these channels with something other than a "
@@ -752,9 +742,9 @@ def feeds_attention(group: ChannelGroup) -> bool:
     (q·kᵀ). Such channels are heads' q/k/v or the residual stream; removing single channels of
     q/k/v breaks the reshape into heads, so only whole heads could go.
 
-    On a graph with no attention-like node at all (:func:`attention_free`, answered once per
-    graph) no group is searched: False at once, as the search would find."""
-    if attention_free(group._graph):
+    On a graph with no attention-like node at all (:attr:`ModelGraph.attention_free`, answered
+    once per graph) no group is searched: False at once, as the search would find."""
+    if group._graph.attention_free:
         return False
     return _group_feeds_attention(group)
 
@@ -764,45 +754,13 @@ def _group_feeds_attention(group: ChannelGroup) -> bool:
     graph-wide shortcut must agree with)."""
     members, consumers = _members(group)
     for node, _ in members:
-        kind = _attention_kind(node)
+        kind = attention_kind(node)
         if kind == "attention":
             return True
         if kind == "matmul" and not (node.outputs
                                      and all(o.module in consumers for o in node.outputs)):
             return True
     return False
-
-
-# attention_free's answer per traced graph (its DependencyGraph). Weak keys: an entry goes with
-# its graph, and a graph traced anew is a new key. The answer cannot go stale: which nodes are
-# attention-like is fixed by the trace (surgery swaps the tensors a node holds, never the node's
-# operation; a packed MultiheadAttention whose heads are cut stays a MultiheadAttention).
-_ATTENTION_FREE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def attention_free(graph: ModelGraph) -> bool:
-    """Whether no node of the traced model is one :func:`feeds_attention` looks for: then no
-    group feeds attention, and the groups need not be searched one by one (a ResNet-50's would
-    cost 4 ms). Looked at once per graph, then remembered."""
-    DG = graph.DG
-    free = _ATTENTION_FREE.get(DG)
-    if free is None:
-        free = all(_attention_kind(node) is None for node in DG.module2node.values())
-        _ATTENTION_FREE[DG] = free
-    return free
-
-
-def _attention_kind(node) -> str | None:
-    """"attention" for a MultiheadAttention, scaled-dot-product attention, softmax or attention
-    node, "matmul" for a matrix product (attention's q·kᵀ, or a layer's own), else None."""
-    if isinstance(node.module, nn.MultiheadAttention):
-        return "attention"
-    if node.type != tp.ops.OPTYPE.ELEMENTWISE or node.grad_fn is None:
-        return None
-    op = _op_name(node)
-    if "ScaledDotProduct" in op or "Softmax" in op or "Attention" in op:
-        return "attention"
-    return "matmul" if op in _MATMUL_OPS else None
 
 
 def fold_blockers(group: ChannelGroup) -> list[str]:

@@ -2,9 +2,6 @@
 Torch-Pruning adapter, and the pipeline on real models (ALGORITHMS.md section 3)."""
 from __future__ import annotations
 
-import gc
-import weakref
-
 import numpy as np
 import pytest
 import scipy.cluster.hierarchy as sch
@@ -17,7 +14,7 @@ from hypothesis import strategies as st
 
 from accelprune import REPruneImportance, layer_keep_counts, reprune_select
 from accelprune import csgd as csgd_mod
-from accelprune.csgd import attention_free, feeds_attention
+from accelprune.csgd import feeds_attention
 from accelprune.graph import ModelGraph
 from accelprune.optim_state import track_parameters
 
@@ -372,7 +369,7 @@ def test_one_event_reaches_the_global_target(build, gamma):
     pruner = REPrune(model, x, 0.5)
     assert all(not g.coupled for g in pruner.groups)
     # a CNN: no group is searched for attention, and none would have been found
-    assert attention_free(pruner.graph)
+    assert pruner.graph.attention_free
     assert not any(feeds_attention(g) for g in pruner.graph.groups)
     original = pruner.original_channels
     pruner.prune()
@@ -445,20 +442,17 @@ def test_feeds_attention_on_a_llama_searches_every_group_as_before(monkeypatch):
     assert not answers["model.layers.0.self_attn.o_proj"]  # the residual stream
 
 
-def test_attention_free_is_remembered_per_graph_and_goes_with_it():
+def test_attention_free_is_worked_out_once_per_graph():
     from accelprune.models import resnet20
 
     torch.manual_seed(0)
     graph = ModelGraph(resnet20(), torch.randn(2, 3, 16, 16))
-    assert attention_free(graph)
-    DG = weakref.ref(graph.DG)
-    assert DG() in csgd_mod._ATTENTION_FREE
+    assert "attention_free" not in vars(graph)  # not at construction: only when asked
+    assert graph.attention_free
+    assert vars(graph)["attention_free"] is True  # remembered on the graph
     graph.prune_channels(graph.groups[0], [0, 1])
-    del csgd_mod._ATTENTION_FREE[graph.DG]
-    assert attention_free(graph)  # looked at anew after surgery: the same answer
-    del graph
-    gc.collect()
-    assert DG() is None  # the remembered answer kept no graph alive
+    del graph.attention_free
+    assert graph.attention_free  # looked at anew after surgery: the same answer
 
 
 def test_schedule_never_prunes_past_its_target_nor_compounds():

@@ -17,7 +17,7 @@ from torch import nn
 from toy_models import Encoder, tiny_llama
 
 from accelprune import CSGD
-from accelprune.csgd import attention_free, fold_and_prune, fold_blockers
+from accelprune.csgd import fold_and_prune, fold_blockers
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -457,7 +457,7 @@ def test_reprune_refuses_attention_only_model_naming_why_and_leaves_it_unchanged
     x = torch.randn(2, 5, 4)
     state = ModelState(model, x)
     pruner = REPrune(model, x, 0.5, prune_coupled=True)
-    assert not attention_free(pruner.graph)  # so every group is searched for attention
+    assert not pruner.graph.attention_free  # so every group is searched for attention
     assert "attention" in pruner.skipped["0"]
     assert [g.name for g in pruner.groups] == ["1.layers.0.linear1"]
     state.assert_unchanged()  # building a pruner changes nothing
@@ -475,6 +475,6 @@ def test_llama_with_attention_skips_heads_and_residual_stream():
     assert "model.layers.0.self_attn.q_proj" not in skipped
     assert any("Embedding 'model.embed_tokens'" in why for why in skipped.values())
     pruner = REPrune(model, tokens(), 0.5)
-    assert not attention_free(pruner.graph)  # its groups are searched one by one
+    assert not pruner.graph.attention_free  # its groups are searched one by one
     assert {g.name for g in pruner.groups} == mlps
     assert "model.layers.0.self_attn.q_proj" not in pruner.skipped
