@@ -37,23 +37,12 @@ def measure(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5,
 
     ``sync`` (e.g. ``torch.cuda.synchronize``) is called before each clock read, for GPU work.
     """
-    for _ in range(warmup):
-        fn()
-    if sync:
-        sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t0)
-    return Timing(statistics.median(times), min(times), repeats)
+    return measure_alternating({"fn": fn}, warmup=warmup, repeats=repeats, sync=sync)["fn"]
 
 
 def measure_alternating(fns: dict[str, Callable[[], object]], *, warmup: int = 1,
-                        repeats: int = 5,
-                        between: Callable[[], object] | None = None) -> dict[str, Timing]:
+                        repeats: int = 5, between: Callable[[], object] | None = None,
+                        sync: Callable[[], None] | None = None) -> dict[str, Timing]:
     """:func:`measure` of several functions whose ratio is the point, run in turn, round by
     round (``warmup`` rounds first): a slow spell of a shared machine then falls on all of them
     rather than on whichever ran during it. ``between`` runs untimed before every call (e.g.
@@ -63,8 +52,12 @@ def measure_alternating(fns: dict[str, Callable[[], object]], *, warmup: int = 1
         for name, fn in fns.items():
             if between is not None:
                 between()
+            if sync:
+                sync()
             t0 = time.perf_counter()
             fn()
+            if sync:
+                sync()
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: Timing(statistics.median(t), min(t), repeats) for name, t in times.items()}
