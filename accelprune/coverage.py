@@ -212,7 +212,7 @@ def _max_coverage_numpy(labels, k, *, tie_break: str = "random", seed: int = 0) 
 # concurrent calls are safe under every layer (workqueue aborts on concurrent parallel
 # regions), there is no thread count to set and restore, and compiling is faster.
 
-_TILE = 16  # channels per tile in the index build: one 64-byte line of int32 slots per row
+_TILE = 16  # channels per tile in the index build: 32 bytes of each uint16 slot row
 _BIG = 7  # size classes fit in the low 3 bits of a slot
 _KERNELS_PER_THREAD = 1 << 17  # ~0.3 ms of index building; handing a block over costs ~0.04 ms
 _UINT16_SLOT_FILTERS = (np.iinfo(np.uint16).max + 1) // 8 - 1  # local slots fit in uint16
@@ -235,13 +235,14 @@ def _pair_index_py(labels, rank, j_begin, j_end, slot, members):
 
     Each channel is one counting sort of its filters by cluster id, reading the labels row in
     filter order (contiguous) and scattering positions through ``rank``. Slots are gathered per
-    tile of _TILE channels and written to ``slot`` as one cache line per position.
+    tile of _TILE channels, position-major (``tile[q]`` is position q's run of slots), so that
+    each slot row receives the tile as one contiguous copy.
     """
     n = labels.shape[1]
     un = np.uint64(n)
     last = members.dtype.type(1) << members.dtype.type(8 * members.itemsize - 1)
     sign = labels.dtype.type(1) << labels.dtype.type(8 * labels.itemsize - 1)
-    tile = np.empty((_TILE, n), dtype=slot.dtype)
+    tile = np.empty((n, _TILE), dtype=slot.dtype)
     renumbered = np.empty(n, dtype=labels.dtype)
     start = np.empty(n + 1, dtype=np.uint64)  # per cluster: its list's start, then its cursor
     code = np.empty(n, dtype=np.uint64)  # per cluster: its slot value
@@ -277,18 +278,17 @@ def _pair_index_py(labels, rank, j_begin, j_end, slot, members):
                 if size >= _U7:  # rare: a branch is cheaper than a store every time
                     big_ends[n_big] = base + start[c + 1] - _U1
                     n_big += 1
-            tile_row = tile[jj]
             for i in range(n):
                 c, q = ids[i], rank[i]
                 members[base + start[c]] = q
                 start[c] += _U1
-                tile_row[q] = code[c]
+                tile[q, jj] = code[c]
             for t in range(n_big):
                 members[big_ends[t]] |= last
         for q in range(n):  # row q receives the tile's channels as one contiguous run
             slot_row = slot[q]
             for jj in range(width):
-                slot_row[uj0 + np.uint64(jj)] = tile[jj, q]
+                slot_row[uj0 + np.uint64(jj)] = tile[q, jj]
     return 0
 
 
