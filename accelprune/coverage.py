@@ -38,6 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from accelprune._backend import available, resolve, thread_count
+from accelprune._numba_cache import KernelsUnavailable, load_or_repair
 from accelprune._validation import as_int_array, check_int
 
 __all__ = ["CoverageResult", "max_coverage", "max_coverage_ref", "warmup"]
@@ -373,10 +374,6 @@ def _index_dtypes(c_in: int, n: int) -> tuple[type, type]:
     return slot_dtype, member_dtype
 
 
-class _KernelsUnavailable(RuntimeError):
-    """Numba could neither load nor compile the kernels (the caller falls back)."""
-
-
 _LOAD_LOCK = threading.RLock()  # one thread loads, compiles or repairs the kernels at a time
 _POOL_LOCK = threading.Lock()
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -390,11 +387,6 @@ def _new_kernels():
     pair_index = numba.njit(cache=True, nogil=True)(_pair_index_py)
     greedy = numba.njit(cache=True, nogil=True)(_greedy_py)
     return pair_index, greedy
-
-
-def _cache_dir(kernel) -> str:
-    cache = getattr(kernel, "_cache", None)
-    return str(getattr(cache, "_cache_path", "(no cache directory)"))
 
 
 def _self_check(kernels) -> None:
@@ -416,50 +408,19 @@ def _self_check(kernels) -> None:
 def _numba_kernels():
     """The two kernels as checked Numba dispatchers, created on first use.
 
-    When loading them fails, or they fail the self-check, the cache index of both functions is
-    emptied (Numba's ``flush``; the recompile writes a fresh cache) with a warning naming the
-    cache directory; if that fails too, the cache is bypassed, and as a last resort
-    :class:`_KernelsUnavailable` is raised (:func:`max_coverage` then falls back, with a
+    When loading them fails, or they fail the self-check, the cache is repaired (a warning
+    naming its directory, then a recompile; see :mod:`accelprune._numba_cache`), and as a last
+    resort :class:`KernelsUnavailable` is raised (:func:`max_coverage` then falls back, with a
     warning).
     """
     global _kernels
     if _kernels is not None:
         return _kernels
     with _LOAD_LOCK:
-        if _kernels is not None:
-            return _kernels
-        kernels = _new_kernels()
-        try:
-            _self_check(kernels)
-        except Exception as exc:  # noqa: BLE001  (any failure to load is handled the same way)
-            warnings.warn(
-                f"accelprune.coverage: Numba's cache in {_cache_dir(kernels[0])} could not be "
-                f"used ({type(exc).__name__}: {exc}); recompiling and rewriting it",
-                RuntimeWarning, stacklevel=3)
-            kernels = _repaired_kernels()
-        _kernels = kernels
-        return kernels
-
-
-def _repaired_kernels():
-    try:
-        for kernel in _new_kernels():
-            kernel._cache.flush()  # an empty index for this function
-        kernels = _new_kernels()
-        _self_check(kernels)
-        return kernels
-    except Exception:  # noqa: BLE001  (e.g. an unwritable cache directory)
-        pass
-    try:
-        from numba.core.caching import NullCache
-
-        kernels = _new_kernels()  # last resort: compile without the cache
-        for kernel in kernels:
-            kernel._cache = NullCache()
-        _self_check(kernels)
-        return kernels
-    except Exception as exc:  # noqa: BLE001
-        raise _KernelsUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if _kernels is None:
+            _kernels = load_or_repair(_new_kernels, _self_check, "accelprune.coverage",
+                                      stacklevel=3)
+        return _kernels
 
 
 def _ready(kernel, args) -> None:
@@ -479,32 +440,9 @@ def _ready(kernel, args) -> None:
     signature = tuple(numba.typeof(a) for a in args)
     with _LOAD_LOCK:
         if signature not in kernel.overloads:
-            _compile(kernel, signature)
+            load_or_repair(lambda: (kernel,), lambda kernels: kernel.compile(signature),
+                           "accelprune.coverage", stacklevel=5)
         _compiled.add(key)
-
-
-def _compile(kernel, signature) -> None:
-    try:
-        kernel.compile(signature)
-        return
-    except Exception as exc:  # noqa: BLE001
-        warnings.warn(
-            f"accelprune.coverage: Numba's cache in {_cache_dir(kernel)} could not be used "
-            f"for {kernel.py_func.__name__} ({type(exc).__name__}: {exc}); recompiling and "
-            "rewriting it", RuntimeWarning, stacklevel=5)
-    try:
-        kernel._cache.flush()
-        kernel.compile(signature)
-        return
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        from numba.core.caching import NullCache
-
-        kernel._cache = NullCache()
-        kernel.compile(signature)
-    except Exception as exc:  # noqa: BLE001
-        raise _KernelsUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -601,7 +539,7 @@ def warmup() -> float:
     if available("numba"):
         try:
             _numba_kernels()
-        except _KernelsUnavailable:
+        except KernelsUnavailable:
             pass  # max_coverage warns and falls back when it is called
     return time.perf_counter() - t0
 
@@ -639,7 +577,7 @@ def max_coverage(labels, k, *, tie_break: str = "random", seed: int = 0, backend
         return max_coverage_ref(labels, k, tie_break=tie_break, seed=seed)
     try:
         return _max_coverage_numba(labels, k, order, threads)
-    except _KernelsUnavailable as exc:
+    except KernelsUnavailable as exc:
         # same selection, by the NumPy greedy (exact, and far faster than the set reference)
         warnings.warn(f"accelprune.coverage: Numba kernels unavailable ({exc}); using the NumPy "
                       "greedy (same result, slower)", RuntimeWarning, stacklevel=2)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from accelprune import coverage
 from accelprune._backend import available
+from accelprune._numba_cache import KernelsUnavailable
 from accelprune.cluster import cut_linkage, ward_linkage_batched
 from accelprune.coverage import CoverageResult, max_coverage, max_coverage_ref
 
@@ -484,7 +485,7 @@ def test_a_damaged_numba_cache_is_rebuilt_with_a_warning(tmp_path, pristine_cach
 @needs_numba
 def test_unusable_numba_falls_back_to_the_same_selection(monkeypatch):
     def broken():
-        raise coverage._KernelsUnavailable("compiler broken")
+        raise KernelsUnavailable("compiler broken")
 
     monkeypatch.setattr(coverage, "_numba_kernels", broken)
     labels = np.random.default_rng(12).integers(0, 5, (10, 30))

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import os
 import threading
-import warnings
 
 import numpy as np
 import torch
 
 from accelprune._backend import available as backend_available
+from accelprune._backend import thread_count
+from accelprune._numba_cache import KernelsUnavailable, load_or_repair
 
 SUPPORTED = (torch.float32, torch.float64)
 _WORK_PER_THREAD = 1 << 18  # elements: below this a thread costs more than it saves
@@ -80,8 +80,9 @@ _unusable: set = set()  # dtypes whose kernel could not be loaded nor compiled
 def ready(dtype: torch.dtype) -> bool:
     """Load or compile the kernel for ``dtype`` now, before any gradient is touched.
 
-    A damaged on-disk cache is flushed and the kernel recompiled, with a RuntimeWarning naming
-    the cache directory; False (the caller uses the torch path) if even that fails.
+    A damaged on-disk cache is repaired (a RuntimeWarning naming the cache directory, then a
+    recompile; see :mod:`accelprune._numba_cache`); False (the caller uses the torch path) if
+    the kernel can be neither loaded nor compiled.
     """
     import numba
 
@@ -96,18 +97,10 @@ def ready(dtype: torch.dtype) -> bool:
         if dtype in _unusable:
             return False
         try:
-            kernel.compile(signature)
+            load_or_repair(lambda: (kernel,), lambda kernels: kernel.compile(signature),
+                           "accelprune.kernels", stacklevel=4)
             return True
-        except Exception as exc:  # noqa: BLE001  (a damaged cache fails in many ways)
-            cache = getattr(getattr(kernel, "_cache", None), "_cache_path", "(unknown)")
-            warnings.warn(f"accelprune.kernels: Numba's cache in {cache} could not be used "
-                          f"({type(exc).__name__}: {exc}); recompiling and rewriting it",
-                          RuntimeWarning, stacklevel=4)
-        try:
-            kernel._cache.flush()
-            kernel.compile(signature)
-            return True
-        except Exception:  # noqa: BLE001
+        except KernelsUnavailable:
             _unusable.add(dtype)
             return False
 
@@ -116,9 +109,8 @@ def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
             _pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=cpus or os.cpu_count() or 1, thread_name_prefix="accelprune-csgd")
+                max_workers=thread_count(None), thread_name_prefix="accelprune-csgd")
         return _pool
 
 
