@@ -78,16 +78,44 @@ def model_stats(model: nn.Module, example_inputs) -> dict:
 
 def size_stats(model: nn.Module, example_inputs) -> dict:
     """``{"params": int, "macs": int}`` as :func:`model_stats` counts them; also works on a model
-    whose tensors are on the meta device (see :func:`meta_copy`)."""
+    whose tensors are on the meta device (see :func:`meta_copy`), even one whose forward cannot
+    run on meta tensors: it is then counted on a zero-filled real copy."""
     _check_model(model)
     inputs = first_sample(check_example_inputs(example_inputs))
     with torch.no_grad(), eval_mode(model):
         try:
             macs = _count_macs(meta_copy(model), _to_meta(inputs))
         except Exception:  # any failure on meta tensors: count on real ones
-            macs = _count_macs(model, inputs)
+            macs = _count_macs(_materialised(model, inputs), inputs)
     params = sum(p.numel() for p in model.parameters())
     return {"params": int(params), "macs": int(round(macs))}
+
+
+def _materialised(model: nn.Module, inputs) -> nn.Module:
+    """``model`` itself when it holds real tensors; for a model on the meta device (e.g. REPrune's
+    record of the model before pruning) a copy with zero-filled tensors on the inputs' device:
+    MACs depend on shapes, and a forward that needs real values (a Hugging Face model reading its
+    attention mask with ``.item()``) can then run. Allocates the model's size, only here."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if not any(t.is_meta for t in tensors):
+        return model
+    device = next((t.device for t in _tensors_in(inputs)), torch.device("cpu"))
+    real = meta_copy(model).to_empty(device=device)
+    with torch.no_grad():
+        for t in [*real.parameters(), *real.buffers()]:
+            t.zero_()
+    return real
+
+
+def _tensors_in(inputs):
+    if isinstance(inputs, torch.Tensor):
+        yield inputs
+    elif isinstance(inputs, dict):
+        for v in inputs.values():
+            yield from _tensors_in(v)
+    elif isinstance(inputs, (tuple, list)):
+        for v in inputs:
+            yield from _tensors_in(v)
 
 
 def _count_macs(model: nn.Module, inputs) -> float:
