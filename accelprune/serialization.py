@@ -353,6 +353,7 @@ def apply_payload(model: nn.Module, payload: dict, where: str = "the file") -> N
     swaps = _skip_blocks(model, meta.get("skipped_blocks") or {}, where)
     undo = []
     try:
+        undo += _follow_fusion(model, meta["modules"], state)
         plan = _reshape_plan(model, meta, state, extra, where)
         for m, attr, value in plan["attrs"]:
             undo.append(("attr", m, attr, getattr(m, attr)))
@@ -374,6 +375,10 @@ def apply_payload(model: nn.Module, payload: dict, where: str = "the file") -> N
                 setattr(item[1], item[2], item[3])
             elif item[0] == "param":
                 item[1].data = item[2]
+            elif item[0] == "module":
+                item[1]._modules[item[2]] = item[3]
+            elif item[0] == "bias":
+                item[1].register_parameter("bias", None)
             else:
                 item[1]._buffers[item[2]] = item[3]
         for parent, child, block in reversed(swaps):
@@ -413,6 +418,33 @@ def _skip_blocks(model: nn.Module, skipped: dict, where: str) -> list:
         parent._modules[child] = SkippedBlock(spec["replaced"], spec["input_name"],
                                               spec["output_length"])
     return done
+
+
+_IDENTITY = _type_name(nn.Identity())
+
+
+def _follow_fusion(model: nn.Module, records: dict, state: dict) -> list:
+    """Where the saved model had its BatchNorms folded into the convs
+    (:func:`accelprune.fuse_conv_bn`), make ``model`` the same: each such BatchNorm becomes an
+    ``nn.Identity`` and a conv or Linear without a bias gains the one the file holds. Only these
+    two changes, to torch's own modules (nothing from the file runs); returns their undo items."""
+    undo = []
+    modules = dict(model.named_modules())
+    for name, m in modules.items():
+        rec = records.get(name) if name else None
+        if not isinstance(rec, dict):
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and rec.get("type") == _IDENTITY:
+            parent_name, _, child = name.rpartition(".")
+            undo.append(("module", modules[parent_name], child, m))
+            modules[parent_name]._modules[child] = nn.Identity()
+        elif (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and m.bias is None
+              and isinstance(state.get(f"{name}.bias"), torch.Tensor)):
+            like = state[f"{name}.bias"]
+            undo.append(("bias", m))
+            m.bias = nn.Parameter(torch.empty(like.shape, dtype=like.dtype,
+                                              device=m.weight.device))
+    return undo
 
 
 def _reshape_plan(model, meta, state, extra, where) -> dict:
