@@ -77,9 +77,11 @@ def check_csgd(ns, out, shown):
 
 def check_classic(ns, out, shown):
     assert 0 < ns["sparsity"] < 1
-    x = ns["x"]
-    ns["fused"].eval(), ns["small"].eval()
-    torch.testing.assert_close(ns["small"](x), ns["fused"](x))
+    x, fused, small = ns["x"], ns["fused"].eval(), ns["small"]
+    assert isinstance(small.bn1, torch.nn.Identity) and not small.training
+    torch.testing.assert_close(small(x), fused(x), rtol=0, atol=0)
+    fresh = ns["accelprune"].load("small.pt", ns["resnet20"]())  # an unfused fresh instance too
+    torch.testing.assert_close(fresh(x), fused(x), rtol=0, atol=0)
 
 
 def check_depth(ns, out, shown):
