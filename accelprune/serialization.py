@@ -17,7 +17,8 @@ without unpickling any Python object. It holds
 * a SHA-256 digest over all of the above, checked on load: a corrupted file is refused.
 
 ``accelprune.load(path, model)`` reshapes ``model`` (a fresh instance of the same architecture)
-to the saved widths and fills its weights; ``accelprune.load(path)`` rebuilds the model from the
+to the saved widths (and folds away the BatchNorms the saved model had fused into its convs) and
+fills its weights; ``accelprune.load(path)`` rebuilds the model from the
 constructor named in the file (files written by the ``accelprune`` CLI name theirs). Loading
 never runs code from the file: at most it calls a constructor of torchvision, timm, Hugging Face
 transformers (never ``trust_remote_code``) or accelprune with plain-data arguments, and it never
