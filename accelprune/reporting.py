@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -34,7 +35,13 @@ from torch import nn
 
 from accelprune._validation import check_int
 from accelprune.tables import format_table
-from accelprune.tracing import call_model, check_example_inputs, eval_mode, first_sample
+from accelprune.tracing import (
+    call_model,
+    check_example_inputs,
+    eval_mode,
+    first_sample,
+    output_tensors,
+)
 
 __all__ = [
     "LayerWidth",
@@ -79,43 +86,35 @@ def model_stats(model: nn.Module, example_inputs) -> dict:
 def size_stats(model: nn.Module, example_inputs) -> dict:
     """``{"params": int, "macs": int}`` as :func:`model_stats` counts them; also works on a model
     whose tensors are on the meta device (see :func:`meta_copy`), even one whose forward cannot
-    run on meta tensors: it is then counted on a zero-filled real copy."""
+    run on meta tensors (it is then counted on :func:`_zeros_of_its_shapes`)."""
     _check_model(model)
     inputs = first_sample(check_example_inputs(example_inputs))
     with torch.no_grad(), eval_mode(model):
         try:
             macs = _count_macs(meta_copy(model), _to_meta(inputs))
         except Exception:  # any failure on meta tensors: count on real ones
-            macs = _count_macs(_materialised(model, inputs), inputs)
+            on_meta = any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+            macs = _count_macs(_zeros_of_its_shapes(model, inputs) if on_meta else model, inputs)
     params = sum(p.numel() for p in model.parameters())
     return {"params": int(params), "macs": int(round(macs))}
 
 
-def _materialised(model: nn.Module, inputs) -> nn.Module:
-    """``model`` itself when it holds real tensors; for a model on the meta device (e.g. REPrune's
-    record of the model before pruning) a copy with zero-filled tensors on the inputs' device:
-    MACs depend on shapes, and a forward that needs real values (a Hugging Face model reading its
-    attention mask with ``.item()``) can then run. Allocates the model's size, only here."""
-    tensors = [*model.parameters(), *model.buffers()]
-    if not any(t.is_meta for t in tensors):
-        return model
-    device = next((t.device for t in _tensors_in(inputs)), torch.device("cpu"))
-    real = meta_copy(model).to_empty(device=device)
-    with torch.no_grad():
-        for t in [*real.parameters(), *real.buffers()]:
-            t.zero_()
-    return real
-
-
-def _tensors_in(inputs):
-    if isinstance(inputs, torch.Tensor):
-        yield inputs
-    elif isinstance(inputs, dict):
-        for v in inputs.values():
-            yield from _tensors_in(v)
-    elif isinstance(inputs, (tuple, list)):
-        for v in inputs:
-            yield from _tensors_in(v)
+def _zeros_of_its_shapes(model: nn.Module, inputs) -> nn.Module:
+    """A copy of a meta-device model (e.g. REPrune's record of the model before pruning) whose
+    parameters and buffers are real zeros on the inputs' device, each one element expanded to
+    its shape: a forward that needs values (a Hugging Face model reading its attention mask with
+    ``.item()``) can run, and MACs depend only on shapes, without allocating the model's size.
+    They are kept as plain tensors, whose deep copies (Torch-Pruning's counter makes one) stay
+    one element; a Parameter's would be materialised."""
+    found = output_tensors(inputs)
+    device = found[0].device if found else torch.device("cpu")
+    zeros = meta_copy(model)
+    for module in zeros.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    table[name] = torch.zeros((), dtype=t.dtype, device=device).expand(t.shape)
+    return zeros
 
 
 def _count_macs(model: nn.Module, inputs) -> float:

@@ -1,6 +1,8 @@
 """MACs are counted on a meta-device twin (no second copy of the weights) and agree with
 Torch-Pruning's counter on the real model; models that cannot run on meta tensors fall back."""
 
+import copy
+
 import torch
 import torch_pruning as tp
 import torchvision
@@ -35,3 +37,34 @@ def test_data_dependent_forward_falls_back_to_a_real_copy():
     stats = model_stats(model, torch.randn(3, 4))
     assert stats["macs"] == 16 + 4 and stats["params"] == 20
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class ReadsAWeight(nn.Module):
+    """A forward that needs a value from the model's own tensors (as a Hugging Face model reads
+    its attention mask with ``.item()``): impossible on meta tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 256), nn.Linear(256, 8)
+
+    def forward(self, x):
+        scale = 1.0 + float(self.fc1.bias.abs().sum().item() >= 0)
+        return self.fc2(torch.relu(self.fc1(x))) * scale
+
+
+def test_a_meta_model_that_cannot_run_on_meta_is_counted_on_zeros_of_its_shapes():
+    """REPrune counts the model as it was before pruning on its meta copy; when that forward
+    needs values it runs on one-element zeros expanded to each shape: the same MACs as the real
+    model, and no storage of the model's size (not even in Torch-Pruning's deep copy)."""
+    from accelprune.reporting import _zeros_of_its_shapes, meta_copy, size_stats
+
+    real, x = ReadsAWeight(), torch.randn(2, 64)
+    on_meta = meta_copy(real)
+    counted = size_stats(on_meta, x)
+    assert counted == size_stats(real, x) and counted["params"] == 64 * 256 + 256 + 256 * 8 + 8
+    zeros = _zeros_of_its_shapes(on_meta, x)
+    tensors = [*zeros.parameters(), *zeros.buffers()]
+    assert all(t.untyped_storage().nbytes() == t.element_size() for t in tensors)
+    assert all(t.untyped_storage().nbytes() == t.element_size()
+               for t in copy.deepcopy(zeros).parameters())
+    assert all(p.is_meta for p in on_meta.parameters())  # the record itself is unchanged
