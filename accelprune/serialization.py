@@ -42,6 +42,7 @@ from torch import nn
 
 from accelprune import constructors
 from accelprune.depth import SkippedBlock
+from accelprune.fusion import find_conv_bn_pairs
 
 __all__ = ["save", "load", "constructor_of"]
 
@@ -425,26 +426,33 @@ _IDENTITY = _type_name(nn.Identity())
 
 
 def _follow_fusion(model: nn.Module, records: dict, state: dict) -> list:
-    """Where the saved model had its BatchNorms folded into the convs
-    (:func:`accelprune.fuse_conv_bn`), make ``model`` the same: each such BatchNorm becomes an
-    ``nn.Identity`` and a conv or Linear without a bias gains the one the file holds. Only these
-    two changes, to torch's own modules (nothing from the file runs); returns their undo items."""
-    undo = []
+    """Where the file's model had conv -> BatchNorm pairs folded (:func:`accelprune.fuse_conv_bn`)
+    and ``model`` still has them, make ``model`` the same: each such BatchNorm becomes an
+    ``nn.Identity`` and its conv, if it has no bias, gains one (the file's values are loaded
+    into it later). Only pairs that ``fuse_conv_bn`` itself finds in ``model`` are followed, so a
+    BatchNorm or a bias the file lacks for any other reason is still refused by name. Changes
+    only torch's own modules (nothing from the file runs); returns their undo items."""
     modules = dict(model.named_modules())
-    for name, m in modules.items():
-        rec = records.get(name) if name else None
-        if not isinstance(rec, dict):
-            continue
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and rec.get("type") == _IDENTITY:
-            parent_name, _, child = name.rpartition(".")
-            undo.append(("module", modules[parent_name], child, m))
-            modules[parent_name]._modules[child] = nn.Identity()
-        elif (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and m.bias is None
-              and isinstance(state.get(f"{name}.bias"), torch.Tensor)):
-            like = state[f"{name}.bias"]
-            undo.append(("bias", m))
-            m.bias = nn.Parameter(torch.empty(like.shape, dtype=like.dtype,
-                                              device=m.weight.device))
+    folded = {name for name, m in modules.items()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and (records.get(name) or {}).get("type") == _IDENTITY}
+    if not folded:
+        return []
+    try:
+        pairs = [(conv, bn) for conv, bn in find_conv_bn_pairs(model) if bn in folded]
+    except ValueError:  # not traceable: the structure check below names the difference
+        return []
+    undo = []
+    for conv_name, bn_name in pairs:
+        parent_name, _, child = bn_name.rpartition(".")
+        parent = modules[parent_name]
+        undo.append(("module", parent, child, modules[bn_name]))
+        parent._modules[child] = nn.Identity()
+        conv, bias = modules[conv_name], state.get(f"{conv_name}.bias")
+        if conv.bias is None and isinstance(bias, torch.Tensor):
+            undo.append(("bias", conv))
+            conv.bias = nn.Parameter(torch.empty(bias.shape, dtype=bias.dtype,
+                                                 device=conv.weight.device))
     return undo
 
 

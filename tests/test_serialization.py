@@ -378,6 +378,52 @@ def test_a_model_of_another_architecture_is_refused_and_left_unchanged(tmp_path)
         accelprune.load(path, wider_kernel)
 
 
+def _fused_resnet18_file(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=5)
+    accelprune.prune(model, torch.randn(1, 3, 64, 64), 0.3, "l2")
+    fused = accelprune.fuse_conv_bn(model)
+    path = tmp_path / "fused.pt"
+    accelprune.save(fused, path, constructor="torchvision:resnet18",
+                    constructor_kwargs={"num_classes": 5})
+    return fused, path
+
+
+def test_a_fused_model_loads_from_its_constructor_and_into_an_unfused_instance(tmp_path):
+    fused, path = _fused_resnet18_file(tmp_path)
+    x = torch.randn(2, 3, 64, 64)
+    fresh = torchvision.models.resnet18(weights=None, num_classes=5)
+    for loaded in (accelprune.load(path), accelprune.load(path, fresh)):
+        assert _states_equal(loaded, fused) and _outputs_equal(loaded, fused, x)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in loaded.modules())
+        assert loaded.conv1.bias is not None
+
+
+def test_a_fused_file_into_another_architecture_is_refused_and_left_unchanged(tmp_path):
+    _, path = _fused_resnet18_file(tmp_path)
+    other = torchvision.models.resnet34(weights=None, num_classes=5)  # the BatchNorms fold, then
+    with leaves_unchanged(other, torch.randn(2, 3, 64, 64), match="module"):  # depth differs
+        accelprune.load(path, other)
+    assert isinstance(other.bn1, nn.BatchNorm2d) and other.conv1.bias is None
+
+
+def test_a_batchnorm_the_file_lacks_outside_a_fused_pair_is_refused_by_name(tmp_path):
+    """Only BatchNorms that fuse_conv_bn would fold are folded on load: one after a ReLU was not
+    fused, so its absence from the file is an architecture difference."""
+    def build():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
+
+    saved = build()
+    saved[2] = nn.Identity()
+    path = tmp_path / "no_bn.pt"
+    accelprune.save(saved, path)
+    target = build()
+    message = ("module '2' is torch.nn.modules.batchnorm.BatchNorm2d in the model but "
+               "torch.nn.modules.linear.Identity in the file")
+    with leaves_unchanged(target, torch.randn(2, 3, 8, 8), match=message):
+        accelprune.load(path, target)
+
+
 def test_save_refuses_bad_input_and_leaves_no_file(tmp_path):
     with pytest.raises(TypeError, match="model"):
         accelprune.save({"not": "a module"}, tmp_path / "x.pt")
