@@ -137,6 +137,29 @@ def _norm_scales(group) -> list[torch.Tensor]:
     return list(found.values())
 
 
+def _bn_scales(group) -> list[torch.Tensor]:
+    """|γ| of each BatchNorm over the group's channels, at those channels, in channel order.
+    A BatchNorm after a concat (DenseNet's norm1 over all earlier layers' outputs) is wider
+    than the group: the group's channels are a slice of it, found through Torch-Pruning's
+    index mapping (``idxs``: positions in that BatchNorm, ``root_idxs``: the group's own)."""
+    wanted = {id(group.module(b)) for b in group.bns}
+    found: dict[int, torch.Tensor] = {}
+    for item in group.tp_group():
+        m = item.dep.target.module
+        if id(m) not in wanted or id(m) in found:
+            continue
+        pairs = [(int(i), int(r)) for i, r in zip(item.idxs, item.root_idxs, strict=True)
+                 if 0 <= int(r) < group.n_channels]
+        if not pairs:
+            continue
+        local, root = (torch.as_tensor(v) for v in zip(*pairs, strict=True))
+        scale = torch.full((group.n_channels,), float("nan"), dtype=torch.float64)
+        scale[root] = m.weight.detach().abs().cpu().double()[local]
+        if not torch.isnan(scale).any():  # a BatchNorm over only part of them scores none
+            found[id(m)] = scale
+    return list(found.values())
+
+
 class REPrune:
     """REPrune on a model: ``prune()`` once, or ``step(epoch, optimizer)`` every epoch.
 
@@ -287,8 +310,8 @@ class REPrune:
 
     def _score(self, g) -> tuple[str, np.ndarray]:
         """(kind, per-channel score) of a group for the layer budget (see the class docstring)."""
-        if g.bns:
-            scales = [self.graph.module(b).weight.detach().abs().cpu().double() for b in g.bns]
+        scales = _bn_scales(g) if g.bns else []
+        if scales:
             return "bn", torch.stack(scales).mean(0).numpy()
         norms = _norm_scales(g)
         if norms:

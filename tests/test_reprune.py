@@ -601,3 +601,38 @@ def test_pipeline_rejects_bad_input():
     assert {r.score for r in no_bn_pruner.report().layers} == {"filter"}
     with pytest.raises(TypeError, match="Module"):
         REPrune("resnet", x, 0.5)
+
+
+class _DenseConcat(nn.Module):
+    """DenseNet's pattern: a conv's outputs are concatenated with its input and one BatchNorm
+    normalises the concat, so that BatchNorm is wider than the conv's channel group."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(14)
+        self.head = nn.Conv2d(14, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.relu(self.bn(torch.cat([x, self.conv(x)], 1)))).mean((2, 3))
+
+
+def test_batchnorm_after_a_concat_scores_the_group_by_its_slice():
+    """Regression (zoo sweep, DenseNet-121): REPrune stacked the |γ| of BatchNorms of different
+    widths and crashed; a BatchNorm over a concat scores a group by the group's slice of it."""
+    from accelprune import REPrune
+
+    torch.manual_seed(0)
+    model, x = _DenseConcat().eval(), torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        model.bn.weight.copy_(torch.arange(1.0, 15.0))
+    pruner = REPrune(model, x, 0.3, prune_stem=True)
+    scores = {g.name: pruner._score(g) for g in pruner.groups}
+    assert scores["conv"][0] == "bn"
+    np.testing.assert_array_equal(scores["conv"][1], np.arange(9.0, 15.0))  # channels 8..13
+    np.testing.assert_array_equal(scores["stem"][1], np.arange(1.0, 9.0))   # channels 0..7
+    pruner.prune()
+    assert model.conv.out_channels + model.stem.out_channels == model.bn.num_features < 14
+    assert model(x).shape == (1, 4)
