@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from accelprune._validation import check_fraction, check_int
+from accelprune.csgd import feeds_attention
 from accelprune.graph import ModelGraph
 from accelprune.importance import BNScaleImportance, RandomImportance, get_importance
 from accelprune.methods import METHODS
@@ -110,12 +111,22 @@ def prune(
         prune_coupled=prune_coupled,
         progress=progress,
     )
+    _drop_attention_inner_groups(graph)
     controls.check_names(graph)
     if (sparsity == 0 and not controls.layer_sparsity) or not graph.groups:
         return model
     plan = _rank(graph, scorer, sparsity, global_ranking, controls)
     graph.prune_groups(plan)
     return model
+
+
+def _drop_attention_inner_groups(graph: ModelGraph) -> None:
+    """Leave out the groups whose channels are an attention layer's inner width (q, k or v
+    rows): ModelGraph drops those of the attention layouts it recognises, but q·kᵀ also runs in
+    layouts it does not (timm's Swin and LeViT, OPT), and removing single channels there shifts
+    the head boundaries. Residual streams that reach attention stay as they were."""
+    with graph.unchanged():
+        graph.groups = [g for g in graph.groups if g.residual or not feeds_attention(g)]
 
 
 NORMALIZERS = ("auto", "mean", "max", None)

@@ -508,3 +508,38 @@ def test_layer_sparsity_names_any_producer_of_a_coupled_group():
     # the residual stream of stage 1: the stem and every block's conv2 shrink together
     assert model.conv1.out_channels == 8 and model.layer1[2].conv2.out_channels == 8
     assert model.layer1[0].conv1.out_channels == 16 and model(x).shape == (1, 10)
+
+
+class _UnlistedAttention(nn.Module):
+    """Self-attention in a layout find_head_groups does not recognise (as timm's Swin and
+    LeViT, or OPT): q·kᵀ still runs on to_q's and to_k's channels."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.out = nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 32), nn.Linear(32, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+
+        def split(y):
+            return y.view(b, t, self.heads, -1).transpose(1, 2)
+
+        q, k, v = split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x))
+        a = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        x = x + self.out(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_prune_leaves_the_inner_width_of_unlisted_attention_alone():
+    """Regression (zoo sweep: timm Swin and LeViT, HF OPT): prune() ranked q/k/v rows of an
+    attention layout it does not recognise as channel groups, so every call was refused; the
+    groups whose channels meet q·kᵀ are left out, as REPrune and C-SGD leave them."""
+    torch.manual_seed(0)
+    model, x = _UnlistedAttention(), torch.randn(1, 5, 16)
+    accelprune.prune(model, x, 0.5)
+    assert model.fc1.out_features == 16
+    assert [m.out_features for m in (model.to_q, model.to_k, model.to_v)] == [16, 16, 16]
+    assert model(x).shape == (1, 5, 16)
