@@ -286,20 +286,39 @@ class ModelGraph:
         return DG
 
     def _find_groups(self, progress: bool) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
-        groups, to_output = [], set()
+        groups, to_output, split_ties = [], set(), set()
+        ties = [{id(m) for m, _ in places} for places in surgery.shared_parameters(self.model)]
         for tp_group in find_groups(self.DG, ignored_layers=self.ignored_layers,
                                     root_module_types=PRODUCER_TYPES, progress=progress):
             g = self._describe(tp_group)
             groups.append(g)
             if self._reaches_output(tp_group):
                 to_output.add(g.name)
+            if ties and self._splits_a_tie(tp_group, ties):
+                split_ties.add(g.name)
         groups.sort(key=lambda g: self._order[g.name])
         inner = {n for h in self.head_groups for r, n in h.projections.items() if r != "o"}
         inner |= {f"{n}.out_proj" for n in unsupported_attention(self.model)}
         prunable = [g for g in groups
-                    if g.name not in to_output and (self.prune_coupled or not g.residual)
+                    if g.name not in to_output and g.name not in split_ties
+                    and (self.prune_coupled or not g.residual)
                     and not inner.intersection(g.producers)]
         return prunable, groups
+
+    def _splits_a_tie(self, tp_group, ties: list[set[int]]) -> bool:
+        """Whether the group reaches some but not all holders of a tied parameter (BERT's MLM
+        head: its transform's channels are the input columns of a decoder whose weight is the
+        word embedding, which the group does not reach): pruning it would untie them, which
+        the surgery refuses, so the group is not prunable."""
+        members = set()
+        for dep, _ in tp_group:
+            m = dep.target.module
+            if isinstance(m, nn.Parameter):
+                name = self._owner_name(m)
+                m = self.module(name) if name is not None else None
+            if isinstance(m, nn.Module):
+                members.add(id(m))
+        return any(members & holders and not holders <= members for holders in ties)
 
     def _owner_name(self, m) -> str | None:
         """The module name of a group member: a module's own name, or for an unwrapped parameter

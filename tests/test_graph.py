@@ -8,6 +8,7 @@ from failsafe import leaves_unchanged
 from torch import nn
 from toy_models import ChunkCat, Detached, tiny_llama
 
+import accelprune
 from accelprune import models
 from accelprune.csgd import fold_and_prune
 from accelprune.graph import ChannelGroup, ModelGraph, prune_channels
@@ -578,3 +579,35 @@ def test_a_group_search_of_another_graph_is_refused():
     g = one.groups[0]
     with pytest.raises(ValueError, match="another dependency graph"):
         pruning_group(one.DG, g._root, g._root_fn, [0], search=GraphSearch(other.DG))
+
+
+class _TiedHead(nn.Module):
+    """BERT's MLM head in small: a transform (dense, LayerNorm) before a decoder whose weight
+    is the word embedding; the transform's channels reach the decoder but not the embedding."""
+
+    def __init__(self, vocab=12, dim=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 16), nn.Linear(16, dim)
+        self.dense, self.norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
+        self.decoder = nn.Linear(dim, vocab)
+        self.decoder.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.decoder(self.norm(torch.relu(self.dense(h))))
+
+
+def test_a_group_reaching_only_one_holder_of_a_tied_weight_is_not_prunable():
+    """Regression (zoo sweep, HF BertForMaskedLM): prune() chose the MLM transform's group,
+    whose cut would untie the decoder from the embedding, and every call was refused."""
+    torch.manual_seed(0)
+    model, ids = _TiedHead(), torch.randint(0, 12, (1, 6))
+    graph = ModelGraph(model, ids)
+    assert [g.name for g in graph.groups] == ["fc1"]
+    assert "dense" in [g.name for g in graph.all_groups]
+    accelprune.prune(model, ids, 0.5)
+    assert model.fc1.out_features == 8 and model.dense.out_features == 8
+    assert model.decoder.weight is model.emb.weight
+    assert model(ids).shape == (1, 6, 12)
