@@ -126,6 +126,98 @@ class ChannelGroup:
                              search=self._graph._shared_search())
 
 
+def _where_tracing_failed(error: BaseException, names: dict) -> str:
+    """Where in the traced graph Torch-Pruning failed, for the error message: the node it was
+    handling when it raised (the innermost frame with a Node argument) and the nearest named
+    module upstream of it; "" when the traceback holds no node."""
+    node, tb = None, error.__traceback__
+    while tb is not None:
+        code, local = tb.tb_frame.f_code, tb.tb_frame.f_locals
+        for arg in code.co_varnames[:code.co_argcount]:
+            if isinstance(local.get(arg), tp.dependency.Node):
+                node = local[arg]
+        tb = tb.tb_next
+    if node is None:
+        return ""
+    op = (type(node.grad_fn).__name__ if node.grad_fn is not None and node.module not in names
+          else type(node.module).__name__)
+    after, seen, frontier = None, set(), [node]
+    while frontier and after is None:  # breadth-first, towards the input
+        nxt = []
+        for n in frontier:
+            if n.module in names and n is not node:
+                after = names[n.module]
+                break
+            seen.add(id(n))
+            nxt += [i for i in n.inputs if id(i) not in seen]
+        frontier = nxt
+    where = f" at {op}" + (f" after module {after!r}" if after else "")
+    hint = ""
+    if re.search("view|reshape", op, re.IGNORECASE):
+        hint = (": Torch-Pruning follows channels through a reshape only when it flattens or "
+                "unflattens them; a reshape that splits the channels into groups to reorder "
+                "them (a channel shuffle, as in ShuffleNet) is not supported, so this model "
+                "cannot be pruned structurally")
+    return where + hint
+
+
+def _where_tracing_failed(error: BaseException, names: dict) -> str:
+    """Where in the traced graph Torch-Pruning failed, for the error message: the node it was
+    handling when it raised (the innermost frame with a Node argument) and the nearest named
+    module upstream of it; "" when the traceback holds no node."""
+    node, tb = None, error.__traceback__
+    while tb is not None:
+        code, local = tb.tb_frame.f_code, tb.tb_frame.f_locals
+        for arg in code.co_varnames[:code.co_argcount]:
+            if isinstance(local.get(arg), tp.dependency.Node):
+                node = local[arg]
+        tb = tb.tb_next
+    if node is None:
+        return ""
+    op = (type(node.grad_fn).__name__ if node.grad_fn is not None and node.module not in names
+          else type(node.module).__name__)
+    after, seen, frontier = None, set(), [node]
+    while frontier and after is None:  # breadth-first, towards the input
+        nxt = []
+        for n in frontier:
+            if n.module in names and n is not node:
+                after = names[n.module]
+                break
+            seen.add(id(n))
+            nxt += [i for i in n.inputs if id(i) not in seen]
+        frontier = nxt
+    where = f" at {op}" + (f" after module {after!r}" if after else "")
+    hint = ""
+    if re.search("view|reshape", op, re.IGNORECASE):
+        hint = (": Torch-Pruning follows channels through a reshape only when it flattens or "
+                "unflattens them; a reshape that splits the channels into groups to reorder "
+                "them (a channel shuffle, as in ShuffleNet) is not supported, so this model "
+                "cannot be pruned structurally")
+    return where + hint
+
+
+def _shuffles_channels(node) -> bool:
+    """Whether ``node`` is the transpose of a channel shuffle (ShuffleNet's
+    ``x.view(n, g, c // g, h, w).transpose(1, 2)``): a swap of dims 1 and 2 right after a view
+    that took an (N, C, H, W) tensor to rank 5. Torch-Pruning treats the transpose as
+    element-wise, so a cut through it runs but pairs the wrong channels afterwards: such
+    groups are not prunable."""
+    grad_fn = node.grad_fn
+    name = type(grad_fn).__name__
+    if name.startswith("TransposeBackward"):
+        swapped = {getattr(grad_fn, "_saved_dim0", 0) % 5, getattr(grad_fn, "_saved_dim1", 0) % 5}
+    elif name.startswith("PermuteBackward"):
+        dims = tuple(d % 5 for d in getattr(grad_fn, "_saved_dims", ()))
+        swapped = {1, 2} if dims == (0, 2, 1, 3, 4) else set()
+    else:
+        return False
+    if swapped != {1, 2}:
+        return False
+    return any(len(getattr(i.grad_fn, "_saved_self_sym_sizes", ())) == 4
+               and type(i.grad_fn).__name__.startswith(("View", "Reshape", "UnsafeView"))
+               for i in node.inputs)
+
+
 class ModelGraph:
     """The prunable channel groups of ``model`` and checked surgery on them.
 
@@ -266,7 +358,8 @@ class ModelGraph:
             raise
         except Exception as e:  # Torch-Pruning failed on some op of the autograd graph
             raise ValueError(
-                f"Torch-Pruning could not trace the model: {type(e).__name__}: {e}") from e
+                f"Torch-Pruning could not trace the model: {type(e).__name__}: {e}"
+                f"{_where_tracing_failed(e, self._names)}") from e
         finally:
             hooks.restore()  # Torch-Pruning leaves its hooks behind when the forward fails
             for p, flag in grads.items():
@@ -286,7 +379,7 @@ class ModelGraph:
         return DG
 
     def _find_groups(self, progress: bool) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
-        groups, to_output, split_ties = [], set(), set()
+        groups, to_output, not_prunable = [], set(), set()
         ties = [{id(m) for m, _ in places} for places in surgery.shared_parameters(self.model)]
         for tp_group in find_groups(self.DG, ignored_layers=self.ignored_layers,
                                     root_module_types=PRODUCER_TYPES, progress=progress):
@@ -295,12 +388,12 @@ class ModelGraph:
             if self._reaches_output(tp_group):
                 to_output.add(g.name)
             if ties and self._splits_a_tie(tp_group, ties):
-                split_ties.add(g.name)
+                not_prunable.add(g.name)
         groups.sort(key=lambda g: self._order[g.name])
         inner = {n for h in self.head_groups for r, n in h.projections.items() if r != "o"}
         inner |= {f"{n}.out_proj" for n in unsupported_attention(self.model)}
         prunable = [g for g in groups
-                    if g.name not in to_output and g.name not in split_ties
+                    if g.name not in to_output and g.name not in not_prunable
                     and (self.prune_coupled or not g.residual)
                     and not inner.intersection(g.producers)]
         return prunable, groups

@@ -611,3 +611,14 @@ def test_a_group_reaching_only_one_holder_of_a_tied_weight_is_not_prunable():
     assert model.fc1.out_features == 8 and model.dense.out_features == 8
     assert model.decoder.weight is model.emb.weight
     assert model(ids).shape == (1, 6, 12)
+
+
+def test_shufflenet_refusal_names_the_op_and_the_module():
+    """Zoo sweep: Torch-Pruning fails with a bare ZeroDivisionError on ShuffleNet-v2's channel
+    shuffle; the ValueError says where and why."""
+    model = torchvision.models.shufflenet_v2_x0_5(weights=None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"at ViewBackward0 after module 'stage\d\.\d\.branch2"
+                                         r".*channel shuffle"):
+        accelprune.prune(model, torch.randn(1, 3, 32, 32), 0.3)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
