@@ -161,41 +161,6 @@ def _where_tracing_failed(error: BaseException, names: dict) -> str:
     return where + hint
 
 
-def _where_tracing_failed(error: BaseException, names: dict) -> str:
-    """Where in the traced graph Torch-Pruning failed, for the error message: the node it was
-    handling when it raised (the innermost frame with a Node argument) and the nearest named
-    module upstream of it; "" when the traceback holds no node."""
-    node, tb = None, error.__traceback__
-    while tb is not None:
-        code, local = tb.tb_frame.f_code, tb.tb_frame.f_locals
-        for arg in code.co_varnames[:code.co_argcount]:
-            if isinstance(local.get(arg), tp.dependency.Node):
-                node = local[arg]
-        tb = tb.tb_next
-    if node is None:
-        return ""
-    op = (type(node.grad_fn).__name__ if node.grad_fn is not None and node.module not in names
-          else type(node.module).__name__)
-    after, seen, frontier = None, set(), [node]
-    while frontier and after is None:  # breadth-first, towards the input
-        nxt = []
-        for n in frontier:
-            if n.module in names and n is not node:
-                after = names[n.module]
-                break
-            seen.add(id(n))
-            nxt += [i for i in n.inputs if id(i) not in seen]
-        frontier = nxt
-    where = f" at {op}" + (f" after module {after!r}" if after else "")
-    hint = ""
-    if re.search("view|reshape", op, re.IGNORECASE):
-        hint = (": Torch-Pruning follows channels through a reshape only when it flattens or "
-                "unflattens them; a reshape that splits the channels into groups to reorder "
-                "them (a channel shuffle, as in ShuffleNet) is not supported, so this model "
-                "cannot be pruned structurally")
-    return where + hint
-
-
 def _shuffles_channels(node) -> bool:
     """Whether ``node`` is the transpose of a channel shuffle (ShuffleNet's
     ``x.view(n, g, c // g, h, w).transpose(1, 2)``): a swap of dims 1 and 2 right after a view
@@ -389,6 +354,8 @@ class ModelGraph:
                 to_output.add(g.name)
             if ties and self._splits_a_tie(tp_group, ties):
                 not_prunable.add(g.name)
+            if any(_shuffles_channels(dep.target) for dep, _ in tp_group):
+                not_prunable.add(g.name)  # Torch-Pruning maps a channel shuffle wrongly
         groups.sort(key=lambda g: self._order[g.name])
         inner = {n for h in self.head_groups for r, n in h.projections.items() if r != "o"}
         inner |= {f"{n}.out_proj" for n in unsupported_attention(self.model)}

@@ -613,6 +613,30 @@ def test_a_group_reaching_only_one_holder_of_a_tied_weight_is_not_prunable():
     assert model(ids).shape == (1, 6, 12)
 
 
+class _ChannelShuffle(nn.Module):
+    """ShuffleNet's channel shuffle between two convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        n, c, h, w = y.shape
+        return self.b(y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w))
+
+
+def test_a_channel_shuffle_is_not_pruned_through():
+    """Regression (found while reducing the zoo sweep's ShuffleNet failure): Torch-Pruning
+    treats the shuffle's transpose as element-wise, so the cut ran and gave a model whose conv
+    `b` read the wrong channels (0.36 away from the original with the same channels zeroed)."""
+    torch.manual_seed(0)
+    model, x = _ChannelShuffle(), torch.randn(1, 3, 4, 4)
+    assert ModelGraph(model, x).groups == []
+    accelprune.prune(model, x, 0.25)
+    assert model.a.out_channels == 8
+
+
 def test_shufflenet_refusal_names_the_op_and_the_module():
     """Zoo sweep: Torch-Pruning fails with a bare ZeroDivisionError on ShuffleNet-v2's channel
     shuffle; the ValueError says where and why."""
