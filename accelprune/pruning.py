@@ -392,7 +392,9 @@ def sparsity_for_macs(model: nn.Module, example_inputs, method: str, macs_reduct
 def _copy_with_grads(model: nn.Module) -> nn.Module:
     """A deep copy that keeps the parameters' ``.grad`` (deepcopy drops them), so gradient
     criteria (taylor, gradient) score the trial copies as they would score the model."""
-    twin = copy.deepcopy(model)
+    from accelprune.reporting import non_leaf_memo
+
+    twin = copy.deepcopy(model, non_leaf_memo(model, lambda t: t.detach().clone()))
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         if p.grad is not None:
             q.grad = p.grad.detach().clone()

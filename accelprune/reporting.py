@@ -139,7 +139,33 @@ def meta_copy(model: nn.Module) -> nn.Module:
         for v in vars(module).values():
             if type(v) in _EMPTY_COPIES and not v:
                 memo[id(v)] = type(v)()
+    memo.update(non_leaf_memo(model, lambda t: t.detach().to("meta")))
     return copy.deepcopy(model, memo)
+
+
+def non_leaf_memo(model: nn.Module, convert) -> dict:
+    """``copy.deepcopy`` memo entries for the tensors with autograd history that modules keep
+    in plain attributes (or dicts, lists and tuples of them): deepcopy refuses such tensors.
+    timm's LeViT caches its attention biases in eval mode, and a forward pass with gradients
+    on (the trace of every pruner) leaves the cache holding graph tensors."""
+    memo = {}
+
+    def visit(v):
+        if isinstance(v, torch.Tensor):
+            if v.grad_fn is not None and id(v) not in memo:
+                memo[id(v)] = convert(v)
+        elif isinstance(v, dict):
+            for w in v.values():
+                visit(w)
+        elif isinstance(v, (list, tuple)):
+            for w in v:
+                visit(w)
+
+    for module in model.modules():
+        for k, v in vars(module).items():
+            if k not in ("_parameters", "_buffers", "_modules"):
+                visit(v)
+    return memo
 
 
 _EMPTY_COPIES = (dict, collections.OrderedDict, set)

@@ -636,3 +636,41 @@ def test_batchnorm_after_a_concat_scores_the_group_by_its_slice():
     pruner.prune()
     assert model.conv.out_channels + model.stem.out_channels == model.bn.num_features < 14
     assert model(x).shape == (1, 4)
+
+
+class _EvalCache(nn.Module):
+    """timm LeViT's habit: in eval mode the forward caches a tensor computed from a parameter
+    in a plain dict attribute; under a traced forward (gradients on) it has autograd history."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.bias = nn.Parameter(torch.zeros(8))
+        self.cache = {}
+
+    def forward(self, x):
+        if self.training:
+            b = self.bias * 2
+        else:
+            b = self.cache.setdefault("b", self.bias * 2)
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return (torch.relu(self.bn2(self.conv2(x))) + b[:, None, None]).mean((2, 3))
+
+
+def test_a_module_caching_graph_tensors_can_be_copied_and_pruned():
+    """Regression (zoo sweep, timm LeViT): REPrune's meta copy (and prune_to_macs' trial
+    copies) deep-copied a cache holding tensors with autograd history and crashed."""
+    from accelprune import REPrune, prune_to_macs
+    from accelprune.reporting import meta_copy
+
+    torch.manual_seed(0)
+    model, x = _EvalCache().eval(), torch.randn(1, 3, 8, 8)
+    model(x)  # the cache now holds a tensor with a grad_fn
+    assert meta_copy(model).cache["b"].is_meta
+    REPrune(model, x, 0.3, prune_stem=True).prune()
+    assert model.conv1.out_channels < 8
+    twin = _EvalCache().eval()
+    twin(x)
+    prune_to_macs(twin, x, "l1", 0.2, max_iterations=3, tolerance=0.2)
+    assert twin.conv1.out_channels < 8
