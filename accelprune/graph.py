@@ -163,10 +163,10 @@ def _where_tracing_failed(error: BaseException, names: dict) -> str:
 
 def _shuffles_channels(node) -> bool:
     """Whether ``node`` is the transpose of a channel shuffle (ShuffleNet's
-    ``x.view(n, g, c // g, h, w).transpose(1, 2)``): a swap of dims 1 and 2 right after a view
-    that took an (N, C, H, W) tensor to rank 5. Torch-Pruning treats the transpose as
-    element-wise, so a cut through it runs but pairs the wrong channels afterwards: such
-    groups are not prunable."""
+    ``x.view(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w)``): a swap of dims 1 and 2
+    between a view of an (N, C, H, W) tensor and a reshape of a rank-5 one. Torch-Pruning
+    treats the transpose as element-wise, so a cut through it runs but pairs the wrong
+    channels afterwards: such groups are not prunable."""
     grad_fn = node.grad_fn
     name = type(grad_fn).__name__
     if name.startswith("TransposeBackward"):
@@ -178,9 +178,17 @@ def _shuffles_channels(node) -> bool:
         return False
     if swapped != {1, 2}:
         return False
-    return any(len(getattr(i.grad_fn, "_saved_self_sym_sizes", ())) == 4
-               and type(i.grad_fn).__name__.startswith(("View", "Reshape", "UnsafeView"))
-               for i in node.inputs)
+    return (any(_reshape_rank(i) == 4 for i in node.inputs)  # (N, C, H, W) in, ...
+            and any(_reshape_rank(o) == 5 or (type(o.grad_fn).__name__.startswith("Clone")
+                                             and any(_reshape_rank(p) == 5 for p in o.outputs))
+                    for o in node.outputs))  # ... and a rank-5 tensor transposed (not a flatten)
+
+
+def _reshape_rank(node) -> int | None:
+    """The rank of the input of a view / reshape node (None for other nodes)."""
+    if not type(node.grad_fn).__name__.startswith(("View", "Reshape", "UnsafeView")):
+        return None
+    return len(getattr(node.grad_fn, "_saved_self_sym_sizes", ()))
 
 
 class ModelGraph:
