@@ -48,6 +48,7 @@ from accelprune.tracing import (
     TraceError,
     check_example_inputs,
     eval_mode,
+    no_kv_cache,
     refuse_meta_tensors,
 )
 
@@ -318,7 +319,8 @@ class ModelGraph:
         try:
             for p in grads:  # frozen layers fed by plain inputs would have no grad_fn to trace
                 p.requires_grad_(True)
-            with torch.enable_grad(), eval_mode(model), warnings.catch_warnings():
+            with (torch.enable_grad(), eval_mode(model), no_kv_cache(model),
+                  warnings.catch_warnings()):
                 # Torch-Pruning warns about ops it treats as element-wise; the surgery check
                 # is what tells whether that was right.
                 warnings.simplefilter("ignore")

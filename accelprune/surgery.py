@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from accelprune.layers import conv_groups
-from accelprune.tracing import call_model, eval_mode, output_shapes
+from accelprune.tracing import call_model, eval_mode, no_kv_cache, output_shapes
 
 __all__ = ["ModelSnapshot", "ModuleSnapshot", "apply_checked", "check_forward", "cut_group",
            "prune_groups", "surgery_error"]
@@ -126,7 +126,7 @@ def _plain_attrs(obj) -> dict:
 def check_forward(graph) -> None:
     """Run the model on its example inputs (eval mode, no grad): the output shapes must be
     those seen when it was traced."""
-    with eval_mode(graph.model), torch.no_grad():
+    with eval_mode(graph.model), no_kv_cache(graph.model), torch.no_grad():  # as traced
         out = call_model(graph.model, graph.example_inputs)
     shapes = output_shapes(out, graph.output_transform)
     if shapes != graph.reference_shapes:

@@ -30,6 +30,7 @@ __all__ = [
     "call_model",
     "check_example_inputs",
     "eval_mode",
+    "no_kv_cache",
     "first_sample",
     "output_shapes",
     "output_tensors",
@@ -118,6 +119,22 @@ def eval_mode(model: nn.Module):
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@contextlib.contextmanager
+def no_kv_cache(model: nn.Module):
+    """Hugging Face models with ``config.use_cache`` off for the block (restored afterwards,
+    whatever happens): a traced forward must not build a KV cache, whose ``torch.cat`` onto the
+    empty cache of the first step Torch-Pruning cannot map (GPT-2 failed to trace with it)."""
+    configs = {id(c): c for m in model.modules()
+               if getattr(c := getattr(m, "config", None), "use_cache", False) is True}
+    try:
+        for c in configs.values():
+            c.use_cache = False
+        yield model
+    finally:
+        for c in configs.values():
+            c.use_cache = True
 
 
 class ForwardDiagnosis:

@@ -478,3 +478,25 @@ def test_llama_with_attention_skips_heads_and_residual_stream():
     assert not pruner.graph.attention_free  # its groups are searched one by one
     assert {g.name for g in pruner.groups} == mlps
     assert "model.layers.0.self_attn.q_proj" not in pruner.skipped
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_layer=1, n_embd=32, n_head=4, n_positions=16,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval(), torch.randint(0, 64, (1, 8))
+
+
+def test_gpt2_traces_with_its_kv_cache_left_off():
+    """Regression (zoo sweep, HF GPT-2): the traced forward built a KV cache whose torch.cat
+    Torch-Pruning cannot map ('int' + 'NoneType'); the trace now runs with use_cache off, and
+    the config is put back."""
+    from accelprune.graph import ModelGraph
+
+    model, ids = _tiny_gpt2()
+    assert model.config.use_cache is True
+    ModelGraph(model, ids)
+    assert model.config.use_cache is True
+
