@@ -87,7 +87,14 @@ from accelprune._backend import resolve
 from accelprune._distributed import on_rank0
 from accelprune._validation import as_int_array, check_fraction, check_int, check_saved_state
 from accelprune.attention import HeadGroup
-from accelprune.graph import MATMUL_OPS, ChannelGroup, ModelGraph, attention_kind, op_name
+from accelprune.graph import (
+    MATMUL_OPS,
+    ChannelGroup,
+    ModelGraph,
+    attention_kind,
+    op_name,
+    unsupported_hint,
+)
 from accelprune.hf import sync_config
 from accelprune.layers import BATCHNORM_TYPES, PRODUCER_TYPES, conv_groups, is_depthwise
 from accelprune.reporting import size_stats
@@ -284,7 +291,8 @@ class CSGD:
                        if self.skipped else "")
             raise ValueError("the model has nothing C-SGD can prune: the dependency graph found no "
                              "prunable channel groups (after ignored_layers"
-                             f"{'' if prune_coupled else ' and coupled groups'}){skipped}")
+                             f"{'' if prune_coupled else ' and coupled groups'}){skipped}"
+                             f"{unsupported_hint(model)}")
         self._transformed = self._collect_params()
 
         labels = on_rank0(self._cluster_all, self.process_group)

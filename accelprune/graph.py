@@ -52,7 +52,7 @@ from accelprune.tracing import (
     refuse_meta_tensors,
 )
 
-__all__ = ["ChannelGroup", "ModelGraph", "prune_channels"]
+__all__ = ["ChannelGroup", "ModelGraph", "prune_channels", "unsupported_layers"]
 
 
 @dataclass(eq=False)
@@ -125,6 +125,33 @@ class ChannelGroup:
         # embedding): accelprune.group_search walks the same edges in linear time
         return pruning_group(DG, self._root, self._root_fn, [int(i) for i in idxs],
                              search=self._graph._shared_search())
+
+
+def unsupported_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """``(name, class)`` of the leaf modules that hold a weight matrix but are not Conv/Linear
+    layers (nor embeddings or norms): Hugging Face's ``Conv1D`` in GPT-2, for instance.
+    Torch-Pruning has no pruner for them, so their channels are never a channel group."""
+    found = []
+    for name, m in model.named_modules():
+        w = m._parameters.get("weight")
+        if (w is None or w.dim() < 2 or next(m.children(), None) is not None
+                or isinstance(m, (*PRODUCER_TYPES, nn.Embedding, nn.EmbeddingBag,
+                                  nn.MultiheadAttention, BATCHNORM_TYPES)) or is_norm(m)):
+            continue
+        found.append((name, type(m).__name__))
+    return found
+
+
+def unsupported_hint(model: nn.Module) -> str:
+    """The end of a "nothing to prune" message when :func:`unsupported_layers` found some."""
+    layers = unsupported_layers(model)
+    if not layers:
+        return ""
+    kinds = sorted({cls for _, cls in layers})
+    names = ", ".join(repr(n) for n, _ in layers[:3]) + (", ..." if len(layers) > 3 else "")
+    return (f"; its weight layers {names} are {'/'.join(kinds)} modules, which accelprune "
+            f"cannot prune (it prunes nn.Conv1d/2d/3d and nn.Linear layers: Torch-Pruning has "
+            f"no pruner for {'/'.join(kinds)})")
 
 
 def _where_tracing_failed(error: BaseException, names: dict) -> str:

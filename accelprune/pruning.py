@@ -21,7 +21,7 @@ from torch import nn
 
 from accelprune._validation import check_fraction, check_int
 from accelprune.csgd import feeds_attention
-from accelprune.graph import ModelGraph
+from accelprune.graph import ModelGraph, unsupported_hint
 from accelprune.importance import BNScaleImportance, RandomImportance, get_importance
 from accelprune.methods import METHODS
 from accelprune.tracing import refuse_meta_tensors
@@ -112,6 +112,8 @@ def prune(
         progress=progress,
     )
     _drop_attention_inner_groups(graph)
+    if not graph.groups and (hint := unsupported_hint(model)):
+        raise ValueError(f"the model has no channel group prune() can remove{hint}")
     controls.check_names(graph)
     if (sparsity == 0 and not controls.layer_sparsity) or not graph.groups:
         return model

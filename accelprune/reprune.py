@@ -34,7 +34,7 @@ from accelprune._distributed import on_rank0
 from accelprune._validation import check_fraction, check_int, check_saved_state
 from accelprune.coverage import warmup
 from accelprune.csgd import feeds_attention
-from accelprune.graph import ModelGraph
+from accelprune.graph import ModelGraph, unsupported_hint
 from accelprune.layers import BATCHNORM_TYPES, PRODUCER_TYPES, out_channel_view
 from accelprune.optim_state import track_parameters
 from accelprune.reporting import meta_copy, size_stats
@@ -265,7 +265,7 @@ class REPrune:
         if not self.groups:
             skipped = "".join(f"; {name}: {why}" for name, why in self.skipped.items())
             raise ValueError("the model has no prunable layers (after ignored_layers, the stem and "
-                             f"coupled groups are left out){skipped}")
+                             f"coupled groups are left out){skipped}{unsupported_hint(model)}")
         for g in self.groups:
             self._check_group(g)
         self.original_widths = [g.n_channels for g in self.groups]

@@ -500,3 +500,16 @@ def test_gpt2_traces_with_its_kv_cache_left_off():
     ModelGraph(model, ids)
     assert model.config.use_cache is True
 
+
+def test_gpt2_conv1d_layers_are_refused_by_name():
+    """Zoo sweep: GPT-2's layers are Hugging Face Conv1D (no Torch-Pruning pruner): prune() did
+    nothing, silently; every method now says which layers and why, and changes nothing."""
+    from accelprune import REPrune, prune
+
+    model, ids = _tiny_gpt2()
+    with leaves_unchanged(model, ids, raises=ValueError,
+                          match=r"'transformer.h.0.attn.c_attn'.*Conv1D modules"):
+        prune(model, ids, 0.3)
+    for method in (REPrune, CSGD):
+        with pytest.raises(ValueError, match="Conv1D"):
+            method(model, ids, 0.3)
