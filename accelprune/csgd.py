@@ -788,7 +788,10 @@ def fold_blockers(group: ChannelGroup) -> list[str]:
         raise TypeError(f"group must be a ChannelGroup, got {type(group).__name__}")
     graph = group._graph
     members, consumers = _members(group)
-    reasons: list[str] = []
+    reasons: list[str] = [
+        f"{type(group.module(name)).__name__} {name!r} has {width} channels, the group "
+        f"{group.n_channels} (a concat): its rows are not the group's channels"
+        for name, width in group.partial_members]
     for node, fn in members:
         m = node.module
         name = graph._names.get(m) if isinstance(m, nn.Module) else None

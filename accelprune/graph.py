@@ -108,6 +108,23 @@ class ChannelGroup:
         return [p for p in self.producers if not is_depthwise(self.module(p))]
 
     @property
+    def partial_members(self) -> list[tuple[str, int]]:
+        """``(name, width)`` of the producers and BatchNorms whose own channels are not exactly
+        the group's: a layer over a concat of these channels with others (DenseNet's norm1,
+        GhostNet's depthwise conv after its ghost concat), or a producer of only part of them.
+        Their rows are a slice of the group (or the group a slice of theirs)."""
+        out = []
+        for name in self.producers + self.bns:
+            m = self.module(name)
+            if isinstance(m, BATCHNORM_TYPES):
+                width = m.num_features
+            else:
+                width = m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+            if width != self.n_channels:
+                out.append((name, int(width)))
+        return out
+
+    @property
     def blocks(self) -> int:
         """How many equal blocks grouped convs (producing or consuming) split the channels into:
         each block must keep the same local channels (see :func:`accelprune.layers.blocks_of`)."""

@@ -257,6 +257,11 @@ class REPrune:
                     self.skipped[g.name] = ("its channels go through attention (q·kᵀ, softmax): "
                                             "single channels of q/k/v cannot be removed, only "
                                             "heads")
+                elif partial := [n for n, _ in g.partial_members if n in g.filter_producers]:
+                    self.skipped[g.name] = (
+                        f"producers {partial} make more or fewer channels than the group's "
+                        f"{g.n_channels} (a concat): a channel's filter is not a whole row of "
+                        "each producer, so the filters cannot be clustered together")
                 elif g.coupled and not (prune_coupled or g.gated):
                     self.skipped[g.name] = ("residual-coupled (outputs summed); pass "
                                             "prune_coupled=True to prune it")

@@ -693,3 +693,24 @@ def test_nan_filters_name_the_group(resnet_csgd):
         model.layer2[0].conv1.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="layer2.0.conv1.*NaN"):
         CSGD(model, cifar_batch()[0], 0.5)
+
+
+def test_layers_over_a_concat_are_skipped_not_fatal():
+    """Regression (zoo sweep, DenseNet-121 and GhostNet): a BatchNorm or producer wider than its
+    group (over a concat) made CSGD refuse the whole model ('has 96 rows but group ... has 64
+    channels'); such groups are now skipped with the layer named (strict=True raises)."""
+    from toy_models import GhostSE
+
+    torch.manual_seed(0)
+    model, x = GhostSE().eval(), torch.randn(1, 3, 8, 8)
+    csgd = CSGD(model, x, 0.5)
+    reasons = {s.name: " ".join(s.reasons) for s in csgd.skipped}
+    assert "Conv2d 'expand' has 8 channels, the group 4" in reasons["primary"]
+    assert "stem" in [g.name for g in csgd.groups]
+    collapse_clusters(csgd)
+    reference = model(x)
+    csgd.prune()
+    assert model.stem.out_channels == 3
+    torch.testing.assert_close(model(x), reference, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="'expand' has 8 channels"):
+        CSGD(GhostSE(), x, 0.5, strict=True)

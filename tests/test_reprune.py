@@ -674,3 +674,19 @@ def test_a_module_caching_graph_tensors_can_be_copied_and_pruned():
     twin(x)
     prune_to_macs(twin, x, "l1", 0.2, max_iterations=3, tolerance=0.2)
     assert twin.conv1.out_channels < 8
+
+
+def test_a_producer_over_a_concat_is_skipped_by_name():
+    """Regression (zoo sweep, timm GhostNet): a group whose producers make different numbers of
+    channels (SE's expand conv over the ghost concat) stopped REPrune with 'weights disagree on
+    the number of filters: [18, 36]'; it is now skipped, with the producer named."""
+    from toy_models import GhostSE
+
+    from accelprune import REPrune
+
+    torch.manual_seed(0)
+    model, x = GhostSE().eval(), torch.randn(1, 3, 8, 8)
+    pruner = REPrune(model, x, 0.3, prune_stem=True)
+    assert "expand" in pruner.skipped["primary"]
+    pruner.prune()
+    assert model.primary.out_channels == 4 and model(x).shape == (1, 5)

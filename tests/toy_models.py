@@ -56,3 +56,24 @@ class Encoder(nn.Module):
 
     def forward(self, x):
         return self.head(self.enc(self.inp(x)))
+
+
+class GhostSE(nn.Module):
+    """GhostNet's ghost module and squeeze-and-excitation, in small: ``primary``'s 4 channels
+    are concatenated with their depthwise ``cheap`` copies (8), and the SE's ``expand`` (8
+    rows) multiplies the concat, so it sits in ``primary``'s group making twice its channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.primary = nn.Conv2d(6, 4, 1)
+        self.cheap = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.reduce, self.expand = nn.Conv2d(8, 2, 1), nn.Conv2d(2, 8, 1)
+        self.head = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        p = self.primary(x)
+        y = torch.cat([p, self.cheap(p)], 1)
+        y = y * torch.sigmoid(self.expand(torch.relu(self.reduce(y.mean((2, 3), keepdim=True)))))
+        return self.head(y).mean((2, 3))
