@@ -145,9 +145,11 @@ def _int_attr(m, name):
 
 def _describe(model: nn.Module, name: str, m: nn.Module) -> HeadGroup | None:
     """The head group of module ``m`` if it is an attention layout this module knows."""
-    if all(_linear(m, r) for r in ("q_proj", "k_proj", "v_proj", "o_proj")) and _int_attr(
-            m, "head_dim"):
-        names = {r: f"{name}.{r}_proj" for r in "qkvo"}
+    # the output projection's name: LLaMA-style o_proj, OPT's out_proj, Phi's dense
+    o_name = next((o for o in ("o_proj", "out_proj", "dense") if _linear(m, o)), None)
+    if (o_name and all(_linear(m, r) for r in ("q_proj", "k_proj", "v_proj"))
+            and _int_attr(m, "head_dim")):
+        names = {**{r: f"{name}.{r}_proj" for r in "qkv"}, "o": f"{name}.{o_name}"}
         D = m.head_dim
         layout = "separate"
         q, k = m.q_proj.out_features, m.k_proj.out_features

@@ -198,3 +198,31 @@ def test_torchvision_convnext_norms_and_residual_stream():
     accelprune.prune(model, x, 0.25, "l1", prune_coupled=True)
     assert model.features[0][1].weight.shape == (12,)  # the stem's LayerNorm2d
     assert model(x).shape == (1, 3)
+
+
+def _tiny_hf(config_cls, model_cls, **kw):
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(vocab_size=64, num_hidden_layers=1, hidden_size=32,
+                                               num_attention_heads=4, **kw)
+    return getattr(transformers, model_cls)(config).eval(), torch.randint(0, 64, (1, 6))
+
+
+@pytest.mark.parametrize("config_cls, model_cls, o_proj, kw", [
+    ("OPTConfig", "OPTForCausalLM", "out_proj", dict(ffn_dim=64, word_embed_proj_dim=32)),
+    ("PhiConfig", "PhiForCausalLM", "dense", dict(intermediate_size=64)),
+], ids=["opt", "phi"])
+def test_hf_attention_with_out_proj_or_dense_is_recognised(config_cls, model_cls, o_proj, kw):
+    """Zoo sweep: OPT's (out_proj) and Phi's (dense) attention were not recognised, so
+    prune_heads refused them ('no attention module whose heads can be pruned') and prune()
+    took their q/k/v rows for channel groups."""
+    model, ids = _tiny_hf(config_cls, model_cls, **kw)
+    groups = find_head_groups(model)
+    assert len(groups) == 1 and groups[0].projections["o"].endswith(o_proj)
+    shape = model(ids).logits.shape
+    with pytest.warns(UserWarning, match="config cannot describe"):  # no head_dim in the config
+        prune_heads(model, ids, 0.5)
+    attn = model.get_submodule(groups[0].name)
+    assert attn.q_proj.out_features == 16 and getattr(attn, o_proj).in_features == 16
+    assert model(ids).logits.shape == shape
