@@ -801,7 +801,29 @@ def fold_blockers(group: ChannelGroup) -> list[str]:
             why = _op_blocker(graph, group, node, consumers)
         if why is not None and why not in reasons:
             reasons.append(why)
+    reasons += _uneven_consumers(group)
     return reasons
+
+
+def _uneven_consumers(group: ChannelGroup) -> list[str]:
+    """Consumers whose input columns are not the same number for every channel of the group
+    (Torch-Pruning's mapping through a strided reshape, as in LeViT's attention subsample):
+    the fold adds one channel's columns onto another's, so it needs blocks of equal size.
+    Found here, before training, rather than when :meth:`CSGD.prune` folds."""
+    graph, out = group._graph, []
+    for item in group.tp_group():
+        m = item.dep.target.module
+        if not (isinstance(m, PRODUCER_TYPES)
+                and graph.DG.is_in_channel_pruning_fn(item.dep.handler) and not is_depthwise(m)):
+            continue
+        counts: dict[int, int] = {}
+        for root in item.root_idxs:
+            counts[int(root)] = counts.get(int(root), 0) + 1
+        if len(set(counts.values())) > 1 or len(counts) not in (0, group.n_channels):
+            out.append(f"consumer {graph.name_of(m)!r} sees the channels through column blocks "
+                       "of different sizes (a reshape Torch-Pruning maps unevenly): the fold "
+                       "cannot add one channel's columns onto another's")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -714,3 +714,35 @@ def test_layers_over_a_concat_are_skipped_not_fatal():
     torch.testing.assert_close(model(x), reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="'expand' has 8 channels"):
         CSGD(GhostSE(), x, 0.5, strict=True)
+
+
+class _StridedSubsample(nn.Module):
+    """LeViT's attention subsample in small: tokens viewed as a 4x4 grid, every other row and
+    column kept, then a Linear: Torch-Pruning maps a's channels to b's columns unevenly."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        n, _, c = y.shape
+        y = y.view(n, 4, 4, c)[:, ::2, ::2].reshape(n, -1, c)
+        return self.c(torch.relu(self.b(y))).mean(1)
+
+
+def test_an_uneven_consumer_mapping_is_skipped_at_construction():
+    """Regression (zoo sweep, timm LeViT): C-SGD clustered a group whose fold could not work and
+    failed only in prune(), after training ('sees channels 29 and 20 through blocks of different
+    sizes'); the group is now skipped when C-SGD is built, with the consumer named."""
+    torch.manual_seed(0)
+    model, x = _StridedSubsample(), torch.randn(1, 16, 4)
+    csgd = CSGD(model, x, 0.5)
+    reasons = {s.name: " ".join(s.reasons) for s in csgd.skipped}
+    assert "consumer 'b' sees the channels through column blocks" in reasons["a"]
+    assert [g.name for g in csgd.groups] == ["b"]
+    collapse_clusters(csgd)
+    reference = model(x)
+    csgd.prune()
+    assert model.b.out_features == 4 and model.a.out_features == 8
+    torch.testing.assert_close(model(x), reference, rtol=1e-5, atol=1e-5)
