@@ -239,6 +239,34 @@ def unsupported_attention(model: nn.Module) -> list[str]:
             if isinstance(m, nn.MultiheadAttention) and _describe(model, n, m) is None]
 
 
+_HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
+
+
+def unrecognised_attention(model: nn.Module) -> list[tuple[str, str, str]]:
+    """``(name, class, reason)`` of the modules that look like attention (an integer head count
+    attribute) but are not a layout :func:`find_head_groups` knows, outermost only: why
+    ``prune_heads`` leaves them alone, for its error message."""
+    found, inside = [], ()
+    for name, m in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if isinstance(m, nn.MultiheadAttention) or _describe(model, name, m) is not None:
+            continue
+        if not any(_int_attr(m, a) for a in _HEAD_COUNT_ATTRS) or not any(
+                p.dim() >= 2 for p in m.parameters()):
+            continue
+        tables = [n for n, p in m.named_parameters(recurse=False)
+                  if "bias" in n and p.dim() >= 1 and n not in ("bias", "in_proj_bias")]
+        if tables:
+            why = f"per-head position biases {tables} are not cut with the heads"
+        else:
+            children = [n for n, c in m.named_children() if any(True for _ in c.parameters())]
+            why = f"projection layout {children} not recognised"
+        found.append((name, type(m).__name__, why))
+        inside = (f"{name}.",) if name else ("",)
+    return found
+
+
 @torch.no_grad()
 def head_scores(group: HeadGroup, importance="l1", *, generator=None) -> np.ndarray:
     """One score per unit (key/value group), higher = more important.
@@ -421,6 +449,11 @@ def prune_heads(model: nn.Module, example_inputs, sparsity: float = 0.25, import
     if not groups:
         extra = unsupported_attention(model)
         hint = (f" (unsupported nn.MultiheadAttention: {extra[:3]})" if extra else "")
+        unknown = unrecognised_attention(model)
+        if unknown:
+            hint += "; not recognised: " + ", ".join(
+                f"{n!r} ({cls}: {why})" for n, cls, why in unknown[:3]) + (
+                ", ..." if len(unknown) > 3 else "")
         raise ValueError(f"the model has no attention module whose heads can be pruned{hint}")
     generator = torch.Generator().manual_seed(seed)
     plan = []

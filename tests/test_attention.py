@@ -226,3 +226,29 @@ def test_hf_attention_with_out_proj_or_dense_is_recognised(config_cls, model_cls
     attn = model.get_submodule(groups[0].name)
     assert attn.q_proj.out_features == 16 and getattr(attn, o_proj).in_features == 16
     assert model(ids).logits.shape == shape
+
+
+class _BiasedAttention(nn.Module):
+    """Swin's window attention in small: fused qkv and proj, plus a position-bias table with
+    one column per head, which head pruning would have to cut too."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.num_heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(5, heads))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-1, -2)) + self.relative_position_bias_table[:t, :].T[None, :, None]
+        return self.proj((a.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d))
+
+
+def test_unrecognised_attention_is_named_with_its_reason():
+    """Zoo sweep (Swin, LeViT, GPT-2): prune_heads said only 'no attention module whose heads can
+    be pruned'; it now names the modules that look like attention and why they are left."""
+    model = nn.Sequential(_BiasedAttention())
+    with pytest.raises(ValueError, match=r"not recognised: '0' \(_BiasedAttention: per-head "
+                                         r"position biases \['relative_position_bias_table'\]"):
+        prune_heads(model, torch.randn(1, 5, 8), 0.5)
