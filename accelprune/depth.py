@@ -15,6 +15,7 @@ parameters are gone. What is removed is returned (names, scores and the modules 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import warnings
@@ -404,8 +405,10 @@ def prune_layers(model: nn.Module, example_inputs, n: int, *, importance: str = 
             default the loss is label-free: the model's own ``output.loss`` when it returns one
             (a Hugging Face model given ``labels``), else cross-entropy against its own argmax
             predictions over the last dim.
-        blocks: restrict the candidates to these names (each must be one :func:`find_blocks`
-            lists).
+        blocks: restrict the candidates to these names: ones :func:`find_blocks` lists, or
+            any other non-leaf module that runs once and keeps its input's shape (blocks kept
+            as plain attributes, such as timm RegNet's ``s3.b2``, which find_blocks does not
+            look for).
 
     Returns:
         :class:`LayerPruneResult`: the removed names (least important first), every candidate's
@@ -427,13 +430,18 @@ def prune_layers(model: nn.Module, example_inputs, n: int, *, importance: str = 
     batches = _check_batches(data, inputs, loss_fn)
 
     candidates = _container_children(model)
+    if blocks is not None:
+        candidates.update(_named_blocks(model, blocks, candidates))
     calls, out = _record_calls(model, candidates, inputs)
     names = _removable(calls)
     if blocks is not None:
         names = _restrict(names, blocks, candidates, calls)
     if n > len(names):
+        hint = ("" if blocks is not None else "; blocks kept as plain attributes rather than in "
+                "an nn.Sequential / nn.ModuleList (timm's RegNet stages, for one) are found "
+                "only when named in blocks=[...]")
         raise ValueError(f"cannot remove {n} blocks: the model has {len(names)} removable "
-                         f"blocks (same input and output shape): {names}")
+                         f"blocks (same input and output shape): {names}{hint}")
     reference_shapes = output_shapes(out)
     chosen = {name: candidates[name] for name in names}
     skipped = {name: SkippedBlock(type(m).__name__, calls[name].input_name,
@@ -463,16 +471,34 @@ def prune_layers(model: nn.Module, example_inputs, n: int, *, importance: str = 
                             {r: chosen[r] for r in removed})
 
 
-def _restrict(names, blocks, candidates, calls) -> list[str]:
+def _block_names(blocks) -> list[str]:
     if isinstance(blocks, str) or not isinstance(blocks, Iterable):
         raise TypeError(f"blocks must be an iterable of module names, got {type(blocks).__name__}")
     wanted = list(blocks)
     for b in wanted:
         if not isinstance(b, str):
             raise TypeError(f"blocks must hold module names, got {type(b).__name__}")
+    return wanted
+
+
+def _named_blocks(model: nn.Module, blocks, candidates) -> dict[str, nn.Module]:
+    """The non-leaf modules named in ``blocks`` that are not container members (timm's RegNet
+    keeps a stage's blocks as attributes ``b1``, ``b2``...): named by the caller, they are
+    candidates too, under the same checks (run once, keep the shape)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    holders = collections.Counter(id(m) for m in modules.values())
+    shared = {i for i, count in holders.items() if count > 1}
+    return {b: modules[b] for b in _block_names(blocks)
+            if b in modules and b not in candidates and b
+            and any(True for _ in modules[b].children()) and id(modules[b]) not in shared}
+
+
+def _restrict(names, blocks, candidates, calls) -> list[str]:
+    wanted = _block_names(blocks)
+    for b in wanted:
         if b not in names:
             if b not in candidates:
-                why = "is not a non-leaf member of an nn.Sequential / nn.ModuleList"
+                why = "is not a non-leaf module of the model (nor one shared by several parents)"
             elif calls[b].calls != 1:
                 why = f"ran {calls[b].calls} times on example_inputs, not once"
             elif calls[b].in_shape != calls[b].out_shape:

@@ -242,7 +242,7 @@ def test_zero_blocks_is_a_no_op():
     ({"data": [torch.randn(3, 6)], "loss_fn": F.cross_entropy}, ValueError, "pair"),
     ({"importance": "cosine", "loss_fn": F.cross_entropy}, ValueError, "only used"),
     ({"blocks": ["widen.0"]}, ValueError, "changes the shape"),
-    ({"blocks": ["head"]}, ValueError, "not a non-leaf member"),
+    ({"blocks": ["head"]}, ValueError, "not a non-leaf module"),
     ({"blocks": "blocks.0"}, TypeError, "iterable"),
     ({"data": [(torch.randn(3, 6), torch.tensor([0, 1, 2]))]}, ValueError, "needs loss_fn"),
     ({"data": [torch.randn(3, 5)], "importance": "cosine"}, ValueError, "data batch 0"),
@@ -317,3 +317,38 @@ def test_loading_a_depth_pruned_file_into_the_wrong_model_changes_nothing(tmp_pa
     assert not any(isinstance(m, SkippedBlock) for m in other.modules())
     with pytest.raises(ValueError, match="lacks"):  # a block the model does not have
         accelprune.load(path, Stack())
+
+
+class _AttributeStage(nn.Module):
+    """timm's RegNet stage in small: its blocks are attributes b1, b2, b3, run in order, not
+    members of an nn.Sequential / nn.ModuleList."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        for i in (1, 2, 3):
+            setattr(self, f"b{i}", nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for i in (1, 2, 3):
+            x = x + getattr(self, f"b{i}")(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_blocks_kept_as_attributes_can_be_named():
+    """Zoo sweep (timm RegNetX-002): find_blocks looks only in Sequential / ModuleList, so a
+    RegNet had 0 removable blocks and naming them in blocks= was refused too; a named non-leaf
+    module is now a candidate under the same checks, and the refusal says to name them."""
+    from accelprune import prune_layers
+
+    torch.manual_seed(0)
+    model, x = _AttributeStage().eval(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"0 removable blocks.*named in blocks="):
+        prune_layers(model, x, 1)
+    result = prune_layers(model, x, 1, blocks=["b2", "b3"], importance="output")
+    assert result.removed[0] in ("b2", "b3") and set(result.scores) == {"b2", "b3"}
+    assert model(x).shape == (1, 4)
+    with pytest.raises(ValueError, match="'head' cannot be removed: it is not a non-leaf"):
+        prune_layers(_AttributeStage(), x, 1, blocks=["head"])
