@@ -44,7 +44,7 @@ from accelprune.tracing import call_model, check_example_inputs, eval_mode, outp
 
 __all__ = ["HEAD_IMPORTANCES", "HeadGroup", "HeadPrunedMultiheadAttention", "HeadSnapshot",
            "cut_units", "find_head_groups", "head_scores", "prune_heads", "prune_head_groups",
-           "unsupported_attention"]
+           "unrecognised_attention", "unsupported_attention"]
 
 HEAD_IMPORTANCES = ("l1", "l2", "random", "reprune")
 """The named ways :func:`prune_heads` chooses units (besides a callable)."""
@@ -242,29 +242,49 @@ def unsupported_attention(model: nn.Module) -> list[str]:
 _HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
 
 
-def unrecognised_attention(model: nn.Module) -> list[tuple[str, str, str]]:
-    """``(name, class, reason)`` of the modules that look like attention (an integer head count
-    attribute) but are not a layout :func:`find_head_groups` knows, outermost only: why
-    ``prune_heads`` leaves them alone, for its error message."""
-    found, inside = [], ()
-    for name, m in model.named_modules():
-        if inside and name.startswith(inside):
-            continue
-        if isinstance(m, nn.MultiheadAttention) or _describe(model, name, m) is not None:
-            continue
-        if not any(_int_attr(m, a) for a in _HEAD_COUNT_ATTRS) or not any(
-                p.dim() >= 2 for p in m.parameters()):
-            continue
-        tables = [n for n, p in m.named_parameters(recurse=False)
-                  if "bias" in n and p.dim() >= 1 and n not in ("bias", "in_proj_bias")]
-        if tables:
-            why = f"per-head position biases {tables} are not cut with the heads"
-        else:
-            children = [n for n, c in m.named_children() if any(True for _ in c.parameters())]
-            why = f"projection layout {children} not recognised"
-        found.append((name, type(m).__name__, why))
-        inside = (f"{name}.",) if name else ("",)
-    return found
+def unrecognised_attention(model: nn.Module, ignored=()) -> list[tuple[str, str]]:
+    """``(name, reason)`` for the modules that look like attention but whose heads accelprune
+    cannot cut: the ``nn.MultiheadAttention`` layouts :func:`unsupported_attention` names, then
+    modules with parameters whose class name says attention or that hold an integer head count,
+    which neither are, contain nor sit inside a recognised layout (GPT-2's ``c_attn`` Conv1D,
+    Swin's and LeViT's attention with per-head position biases). One discovery
+    (:func:`find_head_groups`) answers both: a MultiheadAttention it does not return is one it
+    cannot cut. ``ignored``: modules not to list. Used by :func:`prune_heads`' refusal and by
+    C-SGD's head fold (:func:`accelprune.csgd_heads.foldable_head_groups`)."""
+    known = {g.name for g in find_head_groups(model)}  # ignored or not: they are recognised
+    ignored = {id(m) for m in ignored}
+    candidates = [(name, m) for name, m in model.named_modules()
+                  if name not in known and id(m) not in ignored]
+    out = [(name, "nn.MultiheadAttention with separate key/value widths, bias_k/bias_v or "
+                  "add_zero_attn: its heads cannot be cut")
+           for name, m in candidates if isinstance(m, nn.MultiheadAttention)]
+    out += [(name, _why_not_recognised(name, m)) for name, m in candidates
+            if not isinstance(m, nn.MultiheadAttention) and _looks_like_attention(m)
+            and any(True for _ in m.parameters())
+            and not any(_nested(name, k) or _nested(k, name) for k in known)]
+    return out
+
+
+def _looks_like_attention(m: nn.Module) -> bool:
+    return ("attention" in type(m).__name__.lower()
+            or any(_int_attr(m, a) for a in _HEAD_COUNT_ATTRS))
+
+
+def _why_not_recognised(name: str, m: nn.Module) -> str:
+    kind = type(m).__name__
+    tables = [n for n, p in m.named_parameters(recurse=False)
+              if "bias" in n and p.dim() >= 1 and n not in ("bias", "in_proj_bias")]
+    if tables:
+        return (f"{kind} {name!r} has per-head position biases {tables}, which are not cut with "
+                "the heads")
+    return (f"{kind} {name!r} is an attention layout accelprune does not recognise (separate "
+            "q/k/v/o Linear layers with head_dim, BERT's query/key/value, timm's fused qkv, "
+            "nn.MultiheadAttention)")
+
+
+def _nested(inner: str, outer: str) -> bool:
+    """Whether module ``inner`` is ``outer`` or inside it ("" is the model itself)."""
+    return inner == outer or not outer or inner.startswith(f"{outer}.")
 
 
 @torch.no_grad()
@@ -447,13 +467,9 @@ def prune_heads(model: nn.Module, example_inputs, sparsity: float = 0.25, import
                          f"{list(HEAD_IMPORTANCES)} or a callable")
     groups = find_head_groups(model, ignored_layers)
     if not groups:
-        extra = unsupported_attention(model)
-        hint = (f" (unsupported nn.MultiheadAttention: {extra[:3]})" if extra else "")
         unknown = unrecognised_attention(model)
-        if unknown:
-            hint += "; not recognised: " + ", ".join(
-                f"{n!r} ({cls}: {why})" for n, cls, why in unknown[:3]) + (
-                ", ..." if len(unknown) > 3 else "")
+        hint = ("; not recognised: " + "; ".join(f"{n!r}: {why}" for n, why in unknown[:3])
+                + ("; ..." if len(unknown) > 3 else "")) if unknown else ""
         raise ValueError(f"the model has no attention module whose heads can be pruned{hint}")
     generator = torch.Generator().manual_seed(seed)
     plan = []

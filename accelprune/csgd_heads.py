@@ -30,9 +30,10 @@ by name, with the reason, in ``CSGD.skipped``; ``strict=True`` raises):
   code in a forward (ALiBi slopes computed on the fly, per-head masks). ``nn.MultiheadAttention``
   is not probed (its output projection is not called as a module); its forward is PyTorch's own,
   uniform over heads;
-* ``nn.MultiheadAttention`` layouts :func:`accelprune.attention.unsupported_attention` names, and
-  other modules whose class name says attention but whose layout is not recognised (GPT-2's
-  ``c_attn`` Conv1D, fused ``query_key_value`` layouts...).
+* what :func:`accelprune.attention.unrecognised_attention` lists: ``nn.MultiheadAttention``
+  layouts that cannot be cut, and other modules that look like attention but whose layout is
+  not recognised (GPT-2's ``c_attn`` Conv1D, fused ``query_key_value`` layouts, per-head
+  position biases...).
 
 What stays per head: attention *weights* a model returns (Hugging Face ``output_attentions``,
 ``nn.MultiheadAttention``'s head-averaged ``need_weights``) describe the remaining heads; the
@@ -51,14 +52,14 @@ from accelprune.attention import (
     HeadGroup,
     HeadSnapshot,
     cut_units,
-    find_head_groups,
+    unrecognised_attention,
 )
 from accelprune.selection import cluster_filters
 from accelprune.tracing import call_model, eval_mode
 
 __all__ = ["cluster_heads", "fold_checked", "fold_heads", "foldable_head_groups",
            "head_fold_blockers", "head_params", "head_row_labels", "head_unit_features",
-           "probe_head_folds", "shared_parameter_ids", "unrecognised_attention"]
+           "probe_head_folds", "shared_parameter_ids"]
 
 # Relative tolerance of the probe (at least 4 ulps of the activations' dtype): identical heads
 # computed by the same batched kernels agree to rounding; heads treated differently differ by more.
@@ -218,36 +219,6 @@ def probe_head_folds(model: nn.Module, example_inputs, groups) -> dict[str, str]
                                f"differ by {gap:.3g} (scale {scale:.3g}) on the example inputs "
                                "(per-head biases such as ALiBi, per-head masks, head mixing)")
     return reasons
-
-
-def unrecognised_attention(model: nn.Module, ignored=()) -> list[tuple[str, str]]:
-    """(name, reason) for attention modules whose heads C-SGD cannot fold: the
-    ``nn.MultiheadAttention`` layouts attention.py cannot cut (those
-    :func:`accelprune.attention.unsupported_attention` names), then modules with parameters whose
-    class name says attention but which neither are, contain nor sit inside a recognised one.
-    One discovery (:func:`accelprune.attention.find_head_groups`) answers both: a
-    MultiheadAttention it does not return is one it cannot cut. ``ignored``: modules not to
-    list."""
-    known = {g.name for g in find_head_groups(model)}  # ignored or not: they are recognised
-    ignored = {id(m) for m in ignored}
-    candidates = [(name, m) for name, m in model.named_modules()
-                  if name not in known and id(m) not in ignored]
-    out = [(name, "nn.MultiheadAttention with separate key/value widths, bias_k/bias_v or "
-                  "add_zero_attn: its heads cannot be cut")
-           for name, m in candidates if isinstance(m, nn.MultiheadAttention)]
-    out += [(name, f"{_kind(m)} {name!r} is an attention layout C-SGD's head fold does not "
-                   "recognise (separate q/k/v/o Linear layers with head_dim, BERT's "
-                   "query/key/value, timm's fused qkv, nn.MultiheadAttention)")
-            for name, m in candidates
-            if not isinstance(m, nn.MultiheadAttention) and "attention" in _kind(m).lower()
-            and any(True for _ in m.parameters())
-            and not any(_nested(name, k) or _nested(k, name) for k in known)]
-    return out
-
-
-def _nested(inner: str, outer: str) -> bool:
-    """Whether module ``inner`` is ``outer`` or inside it ("" is the model itself)."""
-    return inner == outer or not outer or inner.startswith(f"{outer}.")
 
 
 def foldable_head_groups(graph) -> tuple[list[HeadGroup], list[tuple[str, list[str]]]]:

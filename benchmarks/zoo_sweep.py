@@ -30,8 +30,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.harness import RESULTS_DIR, machine_info
 
 LOSSLESS_TOL = 1e-4
@@ -208,30 +206,12 @@ def hooks_of(model) -> dict:
 
 
 def collapse_clusters(csgd) -> None:
-    """What converged centripetal training ends at: every cluster member a copy of its kept
-    channel (rows, BN params and running stats, clustered heads' q/k/v rows). The same as
-    tests/convergence.py."""
-    import torch
+    """What converged centripetal training ends at, at once: the tests' own helper
+    (tests/convergence.py), so that the sweep checks the fold on the same collapse."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from convergence import collapse_clusters as collapse
 
-    from accelprune.csgd_heads import head_params
-
-    with torch.no_grad():
-        for g, c in zip(csgd.groups, csgd.clusters, strict=True):
-            source = torch.from_numpy(c.kept[c.labels])
-            for name in list(g.producers) + list(g.bns):
-                m = csgd.graph.module(name)
-                for attr in ("weight", "bias", "running_mean", "running_var"):
-                    t = getattr(m, attr, None)
-                    if isinstance(t, torch.Tensor):
-                        t.copy_(t[source.to(t.device)])
-        for g, c in zip(csgd.head_groups, csgd.head_clusters, strict=True):
-            kept = c.kept[c.labels]
-            for role, m, attr, _ in head_params(g):
-                t = getattr(m, attr)
-                source = np.arange(t.shape[0])
-                table = g.unit_row_table(role)
-                source[table] = table[kept]
-                t.copy_(t[torch.from_numpy(source).to(t.device)])
+    collapse(csgd)
 
 
 # a method that changes the model on purpose before its last call (C-SGD trains, then prunes)

@@ -23,9 +23,10 @@ from accelprune import CSGD, csgd_heads, surgery
 from accelprune.attention import (
     HeadPrunedMultiheadAttention,
     find_head_groups,
+    unrecognised_attention,
     unsupported_attention,
 )
-from accelprune.csgd_heads import head_row_labels, unrecognised_attention
+from accelprune.csgd_heads import head_row_labels
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -307,9 +308,16 @@ def test_unrecognised_attention_layout_is_listed():
         CSGD(model, x, 0.5, head_sparsity=0.5, strict=True)
 
 
+def _looks_like_attention(m):
+    counts = [getattr(m, a, None) for a in ("num_heads", "num_attention_heads", "n_head",
+                                            "n_heads", "heads")]
+    return "attention" in type(m).__name__.lower() or any(
+        isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in counts)
+
+
 def _unrecognised_reference(model, ignored=()):
     """unrecognised_attention as first written: three walks of the model (the head groups, the
-    MultiheadAttention modules they leave out, the attention-named rest)."""
+    MultiheadAttention modules they leave out, the attention-like rest)."""
     known = [g.name for g in find_head_groups(model)]
     ignored = {id(m) for m in ignored}
     out = [(n, "nn.MultiheadAttention with separate key/value widths, bias_k/bias_v or "
@@ -318,14 +326,18 @@ def _unrecognised_reference(model, ignored=()):
     listed = {n for n, _ in out}
     for name, m in model.named_modules():
         kind = type(m).__name__
-        if ("attention" not in kind.lower() or name in listed or id(m) in ignored
+        if (not _looks_like_attention(m) or name in listed or id(m) in ignored
                 or not any(True for _ in m.parameters())):
             continue
         if any(n == name or not n or n.startswith(f"{name}.") or not name
                or name.startswith(f"{n}.") for n in known):
             continue
-        out.append((name, f"{kind} {name!r} is an attention layout C-SGD's head fold does "
-                          "not recognise (separate q/k/v/o Linear layers with head_dim, BERT's "
+        tables = [n for n, p in m.named_parameters(recurse=False)
+                  if "bias" in n and p.dim() >= 1 and n not in ("bias", "in_proj_bias")]
+        out.append((name, f"{kind} {name!r} has per-head position biases {tables}, which are "
+                          "not cut with the heads" if tables else
+                          f"{kind} {name!r} is an attention layout accelprune does not "
+                          "recognise (separate q/k/v/o Linear layers with head_dim, BERT's "
                           "query/key/value, timm's fused qkv, nn.MultiheadAttention)"))
         listed.add(name)
     return out
