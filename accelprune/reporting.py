@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -76,7 +75,9 @@ def model_stats(model: nn.Module, example_inputs) -> dict:
     modified and its train/eval flags are kept. The counter runs on a twin of the model whose
     tensors live on the ``meta`` device (shapes only, no memory), so counting a large model
     never needs a second copy of its weights; a model whose forward cannot run on meta tensors
-    (data-dependent control flow) is counted on a real copy instead.
+    (control flow on values, ``.item()``) is counted on real zeros of its shapes instead (one
+    element each: :func:`_zeros_of_its_shapes`), so still without a copy; a forward whose work
+    depends on the weights' values (routing) is then counted as zero weights route it.
     """
     stats = size_stats(model, example_inputs)
     nonzero = sum(int(torch.count_nonzero(p.detach() * m)) for p, m in _effective_weights(model))
@@ -92,20 +93,19 @@ def size_stats(model: nn.Module, example_inputs) -> dict:
     with torch.no_grad(), eval_mode(model):
         try:
             macs = _count_macs(meta_copy(model), _to_meta(inputs))
-        except Exception:  # any failure on meta tensors: count on real ones
-            on_meta = any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
-            macs = _count_macs(_zeros_of_its_shapes(model, inputs) if on_meta else model, inputs)
+        except Exception:  # any failure on meta tensors: count on real ones, without a copy
+            macs = _count_macs(_zeros_of_its_shapes(model, inputs), inputs)
     params = sum(p.numel() for p in model.parameters())
     return {"params": int(params), "macs": int(round(macs))}
 
 
 def _zeros_of_its_shapes(model: nn.Module, inputs) -> nn.Module:
-    """A copy of a meta-device model (e.g. REPrune's record of the model before pruning) whose
-    parameters and buffers are real zeros on the inputs' device, each one element expanded to
-    its shape: a forward that needs values (a Hugging Face model reading its attention mask with
-    ``.item()``) can run, and MACs depend only on shapes, without allocating the model's size.
-    They are kept as plain tensors, whose deep copies (Torch-Pruning's counter makes one) stay
-    one element; a Parameter's would be materialised."""
+    """A copy of ``model`` (real or on the meta device, as REPrune's record of the model before
+    pruning) whose parameters and buffers are real zeros on the inputs' device, each one element
+    expanded to its shape: a forward that needs values (a Hugging Face model reading its
+    attention mask with ``.item()``) can run, and MACs depend only on shapes, without allocating
+    the model's size. They are kept as plain tensors, whose deep copies (Torch-Pruning's counter
+    makes one) stay one element; a Parameter's would be materialised."""
     found = output_tensors(inputs)
     device = found[0].device if found else torch.device("cpu")
     zeros = meta_copy(model)

@@ -68,3 +68,19 @@ def test_a_meta_model_that_cannot_run_on_meta_is_counted_on_zeros_of_its_shapes(
     assert all(t.untyped_storage().nbytes() == t.element_size()
                for t in copy.deepcopy(zeros).parameters())
     assert all(p.is_meta for p in on_meta.parameters())  # the record itself is unchanged
+
+
+def test_a_real_model_that_cannot_run_on_meta_is_counted_without_a_copy(monkeypatch):
+    """The same fallback for a model with real weights: Torch-Pruning's counter deep-copies what
+    it counts, which for the model itself was a second full copy of a large model."""
+    from accelprune import reporting
+
+    counted, count = [], reporting._count_macs
+    monkeypatch.setattr(reporting, "_count_macs",
+                        lambda model, inputs: counted.append(model) or count(model, inputs))
+    real = ReadsAWeight()
+    stats = reporting.size_stats(real, torch.randn(2, 64))
+    assert stats == reporting.size_stats(reporting.meta_copy(real), torch.randn(2, 64))
+    assert len(counted) >= 2 and counted[1] is not real  # [0]: the failed meta count
+    assert all(t.untyped_storage().nbytes() == t.element_size()
+               for t in [*counted[1].parameters(), *counted[1].buffers()])
