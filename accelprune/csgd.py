@@ -74,6 +74,7 @@ What is clustered, and how (this module's decisions where the paper leaves thing
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import numbers
 
@@ -735,10 +736,12 @@ def _op_blocker(graph: ModelGraph, group: ChannelGroup, node, consumers: set) ->
             "attention), or is not known to act on each one separately")
 
 
-def _members(group: ChannelGroup):
-    """(node, handler) of every member of the group, and the consumers' modules."""
+def _members(group: ChannelGroup, tp_group=None):
+    """(node, handler) of every member of the group, and the consumers' modules.
+    ``tp_group``: the group's :meth:`~ChannelGroup.tp_group` when the caller has it already."""
     DG = group._graph.DG
-    members = [(dep.target, dep.handler) for dep, _ in group.tp_group()]
+    tp_group = group.tp_group() if tp_group is None else tp_group
+    members = [(dep.target, dep.handler) for dep, _ in tp_group]
     consumers = {node.module for node, fn in members
                  if isinstance(node.module, PRODUCER_TYPES) and DG.is_in_channel_pruning_fn(fn)}
     return members, consumers
@@ -786,8 +789,8 @@ def fold_blockers(group: ChannelGroup) -> list[str]:
     """
     if not isinstance(group, ChannelGroup):
         raise TypeError(f"group must be a ChannelGroup, got {type(group).__name__}")
-    graph = group._graph
-    members, consumers = _members(group)
+    graph, tp_group = group._graph, group.tp_group()
+    members, consumers = _members(group, tp_group)
     reasons: list[str] = [
         f"{type(group.module(name)).__name__} {name!r} has {width} channels, the group "
         f"{group.n_channels} (a concat): its rows are not the group's channels"
@@ -801,24 +804,22 @@ def fold_blockers(group: ChannelGroup) -> list[str]:
             why = _op_blocker(graph, group, node, consumers)
         if why is not None and why not in reasons:
             reasons.append(why)
-    reasons += _uneven_consumers(group)
+    reasons += _uneven_consumers(group, tp_group)
     return reasons
 
 
-def _uneven_consumers(group: ChannelGroup) -> list[str]:
+def _uneven_consumers(group: ChannelGroup, tp_group) -> list[str]:
     """Consumers whose input columns are not the same number for every channel of the group
     (Torch-Pruning's mapping through a strided reshape, as in LeViT's attention subsample):
     the fold adds one channel's columns onto another's, so it needs blocks of equal size.
     Found here, before training, rather than when :meth:`CSGD.prune` folds."""
     graph, out = group._graph, []
-    for item in group.tp_group():
+    for item in tp_group:
         m = item.dep.target.module
         if not (isinstance(m, PRODUCER_TYPES)
                 and graph.DG.is_in_channel_pruning_fn(item.dep.handler) and not is_depthwise(m)):
             continue
-        counts: dict[int, int] = {}
-        for root in item.root_idxs:
-            counts[int(root)] = counts.get(int(root), 0) + 1
+        counts = collections.Counter(int(root) for root in item.root_idxs)  # columns per channel
         if len(set(counts.values())) > 1 or len(counts) not in (0, group.n_channels):
             out.append(f"consumer {graph.name_of(m)!r} sees the channels through column blocks "
                        "of different sizes (a reshape Torch-Pruning maps unevenly): the fold "

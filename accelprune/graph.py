@@ -113,16 +113,10 @@ class ChannelGroup:
         the group's: a layer over a concat of these channels with others (DenseNet's norm1,
         GhostNet's depthwise conv after its ghost concat), or a producer of only part of them.
         Their rows are a slice of the group (or the group a slice of theirs)."""
-        out = []
-        for name in self.producers + self.bns:
-            m = self.module(name)
-            if isinstance(m, BATCHNORM_TYPES):
-                width = m.num_features
-            else:
-                width = m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
-            if width != self.n_channels:
-                out.append((name, int(width)))
-        return out
+        DG = self._graph.DG
+        widths = {name: int(DG.get_out_channels(self.module(name)))
+                  for name in self.producers + self.bns}
+        return [(name, width) for name, width in widths.items() if width != self.n_channels]
 
     @property
     def blocks(self) -> int:
@@ -212,11 +206,10 @@ def _shuffles_channels(node) -> bool:
     between a view of an (N, C, H, W) tensor and a reshape of a rank-5 one. Torch-Pruning
     treats the transpose as element-wise, so a cut through it runs but pairs the wrong
     channels afterwards: such groups are not prunable."""
-    grad_fn = node.grad_fn
-    name = type(grad_fn).__name__
-    if name.startswith("TransposeBackward"):
+    grad_fn, op = node.grad_fn, op_name(node)
+    if op == "Transpose":
         swapped = {getattr(grad_fn, "_saved_dim0", 0) % 5, getattr(grad_fn, "_saved_dim1", 0) % 5}
-    elif name.startswith("PermuteBackward"):
+    elif op == "Permute":
         dims = tuple(d % 5 for d in getattr(grad_fn, "_saved_dims", ()))
         swapped = {1, 2} if dims == (0, 2, 1, 3, 4) else set()
     else:
@@ -224,14 +217,14 @@ def _shuffles_channels(node) -> bool:
     if swapped != {1, 2}:
         return False
     return (any(_reshape_rank(i) == 4 for i in node.inputs)  # (N, C, H, W) in, ...
-            and any(_reshape_rank(o) == 5 or (type(o.grad_fn).__name__.startswith("Clone")
+            and any(_reshape_rank(o) == 5 or (op_name(o) == "Clone"
                                              and any(_reshape_rank(p) == 5 for p in o.outputs))
                     for o in node.outputs))  # ... and a rank-5 tensor transposed (not a flatten)
 
 
 def _reshape_rank(node) -> int | None:
     """The rank of the input of a view / reshape node (None for other nodes)."""
-    if not type(node.grad_fn).__name__.startswith(("View", "Reshape", "UnsafeView")):
+    if not op_name(node).startswith(("View", "Reshape", "UnsafeView")):
         return None
     return len(getattr(node.grad_fn, "_saved_self_sym_sizes", ()))
 

@@ -126,25 +126,19 @@ def example_inputs(kind):
 # checks
 
 
-def output_tensor(out):
-    """The tensor to compare from whatever the model returns."""
-    import torch
+def forward(model, x):
+    """The tensor to compare from whatever the model returns: its first (a Hugging Face
+    model's logits), found as accelprune finds outputs."""
+    from accelprune.tracing import call_model, output_tensors
 
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        if hasattr(out, key) and getattr(out, key) is not None:
-            return getattr(out, key)
-    if isinstance(out, (tuple, list)):
-        return output_tensor(out[0])
-    raise TypeError(f"cannot find a tensor in {type(out).__name__}")
+    return output_tensors(call_model(model, x))[0]
 
 
 def run_model(model, x):
     import torch
 
     with torch.no_grad():
-        return output_tensor(model(**x) if isinstance(x, dict) else model(x)).detach().clone()
+        return forward(model, x).detach().clone()
 
 
 def n_params(model) -> int:
@@ -242,7 +236,7 @@ def _csgd(model, x, head_sparsity):
     csgd = accelprune.CSGD(model, x, SPARSITY, head_sparsity=head_sparsity)
     optimizer = torch.optim.SGD(csgd.param_groups(), lr=1e-3, momentum=0.9)
     model.zero_grad()
-    y = output_tensor(model(**x) if isinstance(x, dict) else model(x))
+    y = forward(model, x)
     y.float().pow(2).mean().backward()
     csgd.apply_gradients()
     optimizer.step()
