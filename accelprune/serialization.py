@@ -43,6 +43,7 @@ from torch import nn
 from accelprune import constructors
 from accelprune.depth import SkippedBlock
 from accelprune.fusion import find_conv_bn_pairs
+from accelprune.layers import BATCHNORM_TYPES
 
 __all__ = ["save", "load", "constructor_of"]
 
@@ -434,7 +435,7 @@ def _follow_fusion(model: nn.Module, records: dict, state: dict) -> list:
     only torch's own modules (nothing from the file runs); returns their undo items."""
     modules = dict(model.named_modules())
     folded = {name for name, m in modules.items()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              if isinstance(m, BATCHNORM_TYPES)
               and (records.get(name) or {}).get("type") == _IDENTITY}
     if not folded:
         return []
